@@ -1,0 +1,1 @@
+"""VRAM estimation, weight residency (GPU / streamed / CPU RAM) and unloading."""

@@ -1,0 +1,43 @@
+"""Test setup: offline Hugging Face caches in a temp folder, the pack imported as
+``hunyuan_image3``, and shared fixtures (the test checkpoint is built once a session)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+_HF_TMP = tempfile.mkdtemp(prefix="hy3-hf-")
+# Read once at `import transformers`: set before anything imports it.
+os.environ.setdefault("HF_HOME", _HF_TMP)
+os.environ.setdefault("HF_MODULES_CACHE", os.path.join(_HF_TMP, "modules"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from hunyuan_loader.standalone import load_pack  # noqa: E402
+
+load_pack()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: long CPU test")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
