@@ -1,0 +1,135 @@
+"""HunyuanModelCache: the one owner of loaded weights in the process.
+
+Nodes pass a light ModelHandle; `get_cache().get(handle)` returns the live model,
+reloading it if something dropped it and bringing it back if it was soft-unloaded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from dataclasses import dataclass
+
+from ..memory import stats
+from ..memory.unload import UnloadReport, collect_garbage, nuke_orphans
+from .loading import LoadedModel, LoadSpec, load_model
+
+log = logging.getLogger(__name__)
+
+_load_counter = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    """What flows between nodes (type HUNYUAN_IMAGE3): a spec, never a tensor."""
+
+    spec: LoadSpec
+    load_id: int = 0
+
+    def __repr__(self) -> str:
+        return f"HunyuanImage3({self.spec.describe()})"
+
+
+class HunyuanModelCache:
+    """Holds at most one loaded model; loading another spec replaces it cleanly."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.loaded: LoadedModel | None = None
+        self.load_count = 0  # how many loads from disk this process did
+
+    # -- loading -----------------------------------------------------------------
+    def load(self, spec: LoadSpec) -> ModelHandle:
+        """Load ``spec`` unless it is already cached; return its handle."""
+        with self._lock:
+            if self.loaded is not None and self.loaded.spec == spec:
+                return ModelHandle(spec, self._load_id)
+            if self.loaded is not None:
+                log.info("replacing %s with %s", self.loaded.spec.describe(), spec.describe())
+                self._drop()
+            self.loaded = load_model(spec)
+            self.load_count += 1
+            self._load_id = next(_load_counter)
+            return ModelHandle(spec, self._load_id)
+
+    def get(self, handle: ModelHandle) -> LoadedModel:
+        """The live model for a handle: reloaded if dropped, restored if soft-unloaded."""
+        with self._lock:
+            if self.loaded is None or self.loaded.spec != handle.spec:
+                self.load(handle.spec)
+            assert self.loaded is not None
+            residency = self.loaded.residency
+            if residency is not None and residency.state == "parked":
+                residency.restore()
+            return self.loaded
+
+    # -- memory ------------------------------------------------------------------
+    def gpu_bytes(self) -> int:
+        """Bytes of weights the cached model holds on the GPU now."""
+        with self._lock:
+            if self.loaded is None or self.loaded.residency is None:
+                return 0
+            return int(self.loaded.residency.gpu_bytes())
+
+    def total_bytes(self) -> int:
+        """Bytes of all weights of the cached model."""
+        with self._lock:
+            return 0 if self.loaded is None else int(self.loaded.info.weight_bytes)
+
+    def free_gpu(self, bytes_to_free: int) -> int:
+        """Give VRAM back (for ComfyUI's own models): park the model off the GPU. Returns bytes freed."""
+        with self._lock:
+            before = self.gpu_bytes()
+            if before == 0 or bytes_to_free <= 0:
+                return 0
+            self.unload("park")
+            return before - self.gpu_bytes()
+
+    def unload(self, mode: str = "drop") -> str:
+        """'drop': forget the model and free its memory; 'park': soft unload to CPU RAM."""
+        with self._lock:
+            if self.loaded is None:
+                return "No HunyuanImage-3 model is loaded."
+            name = self.loaded.spec.describe()
+            if mode == "park":
+                if self.loaded.residency is None:
+                    return f"{name} is already in CPU RAM (no GPU in use)."
+                moved = self.loaded.residency.park()
+                collect_garbage(1)
+                return f"Soft-unloaded {name}: {moved / stats.GIB:.2f} GiB parked in CPU RAM; it comes back on the next Generate."
+            self._drop()
+            collect_garbage()
+            return f"Dropped {name}."
+
+    def force_unload(self, nuke_orphaned_tensors: bool = False) -> UnloadReport:
+        """Drop the cache, optionally hunt orphaned HunyuanImage-3 tensors, free everything."""
+        with self._lock:
+            before = stats.snapshot()
+            dropped = self.loaded.spec.describe() if self.loaded is not None else "nothing cached"
+            self._drop()
+            frames = orphan_bytes = 0
+            if nuke_orphaned_tensors:
+                frames, orphan_bytes = nuke_orphans(live=())
+            collect_garbage()
+            return UnloadReport(before, stats.snapshot(), dropped, frames, orphan_bytes)
+
+    def _drop(self) -> None:
+        loaded, self.loaded = self.loaded, None
+        if loaded is None:
+            return
+        if loaded.residency is not None:
+            loaded.residency.close()
+        loaded.model = None
+        loaded.residency = None
+        del loaded
+
+    _load_id = 0
+
+
+_cache = HunyuanModelCache()
+
+
+def get_cache() -> HunyuanModelCache:
+    """The process-wide model cache."""
+    return _cache

@@ -1,0 +1,104 @@
+"""Turns a LoadSpec and a target resolution into weight placement on the GPU.
+
+The residency engine (memory/residency) executes plans; this module decides them from
+the user's inputs: the loader's offload mode / VRAM budget at load time, and per run the
+inference memory the estimator predicts for the target size (INT8 auto-switch above 1.2 MP,
+streaming extra blocks when a resolution would not fit, a bigger margin on an OOM retry).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..memory import stats
+from ..memory.estimator import estimate_inference_gb, megapixels
+from .loading import LoadedModel, LoadSpec
+
+log = logging.getLogger(__name__)
+
+AUTO_SWITCH_MP = 1.2
+OOM_RETRY_FACTOR = 1.5
+
+
+def decoder_blocks(model: Any) -> torch.nn.ModuleList:
+    """model.model.layers of HunyuanImage3ForCausalMM."""
+    return model.model.layers
+
+
+def default_headroom_gb(model: Any) -> float:
+    """Inference headroom for 1 MP with the active MoE implementation."""
+    from .moe_dispatch import active_moe_impl
+
+    return estimate_inference_gb(1024, 1024, config=model.config, moe_impl=active_moe_impl(model))
+
+
+def place_for_spec(model: Any, spec: LoadSpec, device: torch.device) -> Any:
+    """Create the model's ResidencyManager and apply the load-time plan."""
+    from ..memory.residency import ResidencyManager
+
+    manager = ResidencyManager(model, decoder_blocks(model), device)
+    free, total = torch.cuda.mem_get_info(device)
+    budget_gb = spec.vram_budget_gb if spec.vram_budget_gb is not None else free / stats.GIB
+    headroom_gb = spec.headroom_gb if spec.headroom_gb is not None else default_headroom_gb(model)
+    if spec.offload == "disabled":
+        plan = manager.plan_all_resident()
+    else:
+        plan = manager.plan_for_budget(int(budget_gb * stats.GIB), int(headroom_gb * stats.GIB))
+    manager.apply(plan)
+    log.info("placement for %s: %s", spec.describe(), plan.describe())
+    return manager
+
+
+def needs_auto_switch(spec: LoadSpec, width: int, height: int) -> bool:
+    """INT8 with offload disabled above 1.2 MP switches to smart offload for that run."""
+    return spec.quant == "int8" and spec.offload == "disabled" and megapixels(width, height) > AUTO_SWITCH_MP
+
+
+def inference_bytes(loaded: LoadedModel, width: int, height: int) -> int:
+    """Estimated activation memory of one run at this size, for the active MoE implementation."""
+    from .moe_dispatch import active_moe_impl
+
+    gb = estimate_inference_gb(width, height, config=loaded.model.config, moe_impl=active_moe_impl(loaded.model))
+    return int(gb * stats.GIB)
+
+
+@contextlib.contextmanager
+def run_placement(
+    loaded: LoadedModel, size: tuple[int, int], notes: list[str], *, extra_margin: bool = False
+) -> Iterator[None]:
+    """For one run: stream just enough extra blocks that the inference memory fits; restore after."""
+    width, height = size
+    switch = needs_auto_switch(loaded.spec, width, height)
+    manager = loaded.residency
+    mp = megapixels(width, height)
+    if manager is None:
+        if switch:
+            notes.append(
+                f"INT8 at {mp:.2f} MP (> {AUTO_SWITCH_MP} MP): smart offload for this run; "
+                "no GPU in use, so no weights had to move."
+            )
+        yield
+        return
+    need = inference_bytes(loaded, width, height) * (OOM_RETRY_FACTOR if extra_margin else 1.0)
+    snap = stats.snapshot()
+    available = snap.cuda_free + (snap.cuda_reserved - snap.cuda_allocated)
+    extra = int(max(0.0, need - available))
+    if not (switch or extra):
+        yield
+        return
+    with manager.stream_extra(extra) as moved:
+        moved_bytes = int(moved or 0)
+        text = (
+            f"needs ~{need / stats.GIB:.1f} GiB for activations at {width}x{height}; streaming "
+            f"{moved_bytes / stats.GIB:.1f} GiB of weights for this run"
+        )
+        if switch:
+            text = f"INT8 at {mp:.2f} MP (> {AUTO_SWITCH_MP} MP): smart offload for this run: " + text
+        notes.append(text + ".")
+        log.warning(notes[-1])
+        yield

@@ -1,0 +1,71 @@
+"""Memory readings: process RSS, available RAM, CUDA allocated/reserved, malloc_trim."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class MemorySnapshot:
+    """One reading of process and GPU memory, in bytes."""
+
+    rss: int
+    ram_available: int
+    cuda_allocated: int
+    cuda_reserved: int
+    cuda_free: int
+    cuda_total: int
+
+    def describe(self) -> str:
+        text = f"RAM {self.rss / GIB:.2f} GiB (process), {self.ram_available / GIB:.1f} GiB available"
+        if self.cuda_total:
+            text += (
+                f"; VRAM {self.cuda_allocated / GIB:.2f} GiB allocated, {self.cuda_reserved / GIB:.2f} GiB reserved, "
+                f"{self.cuda_free / GIB:.1f} of {self.cuda_total / GIB:.1f} GiB free"
+            )
+        return text
+
+
+def snapshot() -> MemorySnapshot:
+    """Read memory now (CUDA figures are 0 without a GPU)."""
+    vm = psutil.virtual_memory()
+    rss = psutil.Process().memory_info().rss
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        return MemorySnapshot(rss, vm.available, torch.cuda.memory_allocated(), torch.cuda.memory_reserved(), free, total)
+    return MemorySnapshot(rss, vm.available, 0, 0, 0, 0)
+
+
+def available_ram() -> int:
+    """Bytes of RAM the OS can give without swapping."""
+    return psutil.virtual_memory().available
+
+
+def malloc_trim() -> bool:
+    """Return freed heap pages to the OS (glibc only). True if it ran."""
+    if not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        return bool(ctypes.CDLL(name).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def release_cached_memory() -> None:
+    """Give the CUDA caching allocator's free blocks back and reset peak statistics."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.ipc_collect()
+        torch.cuda.reset_peak_memory_stats()

@@ -1,0 +1,78 @@
+"""Generate node: prompt, seed, steps, guidance, resolution -> ComfyUI IMAGE."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..hunyuan_loader.cache import ModelHandle, get_cache
+from ..hunyuan_loader.generation import CUSTOM_MAX, CUSTOM_MIN, MAX_STEPS, GenerationRequest, generate
+from ..hunyuan_loader.resolution import resolution_buckets
+from . import comfy_adapter
+from .loaders import CATEGORY, MODEL_TYPE
+
+
+def resolution_choices() -> list[str]:
+    """'auto', the model's aspect buckets as WIDTHxHEIGHT, and 'custom'."""
+    return ["auto"] + [f"{w}x{h}" for w, h in resolution_buckets()] + ["custom"]
+
+
+class HunyuanImage3Generate:
+    """Text to image with the cached HunyuanImage-3 model."""
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    FUNCTION = "generate"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Generates an image from a prompt with a HunyuanImage-3 model from one of the loaders."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        size = {"default": 1024, "min": CUSTOM_MIN, "max": CUSTOM_MAX, "step": 16}
+        return {
+            "required": {
+                "model": (MODEL_TYPE, {"tooltip": "From a HunyuanImage-3 loader."}),
+                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What the image shows."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "Same seed, same settings: same image."}),
+                "steps": ("INT", {"default": 50, "min": 1, "max": MAX_STEPS,
+                                  "tooltip": "Diffusion steps (base/Instruct: 50; Distil: 8)."}),
+                "guidance_scale": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 30.0, "step": 0.1,
+                                             "tooltip": "Classifier-free guidance (base/Instruct: 5.0; Distil: 2.5)."}),
+                "resolution": (resolution_choices(), {"default": "1024x1024",
+                    "tooltip": "auto: the model picks the aspect ratio. WIDTHxHEIGHT: one of the model's "
+                               "buckets. custom: width/height exactly as given (multiples of 16, no snapping)."}),
+                "width": ("INT", dict(size, tooltip="Used when resolution is 'custom'.")),
+                "height": ("INT", dict(size, tooltip="Used when resolution is 'custom'.")),
+            },
+            "optional": {
+                "use_checkpoint_defaults": ("BOOLEAN", {"default": False,
+                    "tooltip": "Ignore steps/guidance_scale and use the checkpoint's generation_config."}),
+            },
+        }
+
+    def generate(
+        self,
+        model: ModelHandle,
+        prompt: str,
+        seed: int,
+        steps: int,
+        guidance_scale: float,
+        resolution: str,
+        width: int,
+        height: int,
+        use_checkpoint_defaults: bool = False,
+    ) -> dict[str, Any]:
+        request = GenerationRequest(
+            prompt=prompt,
+            seed=seed,
+            steps=None if use_checkpoint_defaults else steps,
+            guidance=None if use_checkpoint_defaults else guidance_scale,
+            resolution=resolution,
+            width=width,
+            height=height,
+        )
+        loaded = get_cache().get(model)
+        total = request.steps or loaded.variant.default_steps
+        result = generate(loaded, request, comfy_adapter.progress_callback(total), comfy_adapter.cancel_check())
+        text = [f"{result.width}x{result.height}, {result.steps} steps, {result.seconds:.1f} s"] + result.notes
+        return {"ui": {"text": text}, "result": (result.image,)}

@@ -1,0 +1,137 @@
+"""Loader nodes: INT8, NF4, BF16 and Budget. Each returns a light HUNYUAN_IMAGE3 handle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..hunyuan_loader.cache import ModelHandle, get_cache
+from ..hunyuan_loader.loading import LoadSpec
+from . import comfy_adapter
+
+CATEGORY = "HunyuanImage3"
+MODEL_TYPE = "HUNYUAN_IMAGE3"
+
+MODEL_NAME_TIP = (
+    "Checkpoint folder (holding config.json) under ComfyUI/models/HunyuanImage-3 "
+    "or a folder listed there in extra_model_paths.yaml."
+)
+OFFLOAD_TIP = (
+    "disabled: all weights on the GPU (INT8 still streams a few blocks for a run above 1.2 MP). "
+    "smart: keep as many decoder blocks on the GPU as fit, stream the rest from pinned RAM with overlap."
+)
+MOE_TIP = (
+    "gather_scatter: memory linear in image size, same images. reference: the model's own "
+    "dispatch (12 x MP^1.4 GB of activations)."
+)
+
+
+def _common_optional() -> dict[str, Any]:
+    return {"moe_impl": (["gather_scatter", "reference"], {"default": "gather_scatter", "tooltip": MOE_TIP})}
+
+
+class _LoaderBase:
+    RETURN_TYPES = (MODEL_TYPE,)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    QUANT = "bf16"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "model_name": (comfy_adapter.list_model_names(), {"tooltip": MODEL_NAME_TIP}),
+                "offload_mode": (["disabled", "smart"], {"default": "disabled", "tooltip": OFFLOAD_TIP}),
+            },
+            "optional": _common_optional(),
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name: str) -> bool:
+        # Checked when the node runs, so a missing folder gives an error naming it and the fix.
+        return True
+
+    def load(self, model_name: str, offload_mode: str, moe_impl: str = "gather_scatter") -> tuple[ModelHandle]:
+        path = comfy_adapter.resolve_model_path(model_name)
+        spec = LoadSpec(str(path), quant=self.QUANT, offload=offload_mode, moe_impl=moe_impl)
+        return (get_cache().load(spec),)
+
+
+class HunyuanImage3LoaderINT8(_LoaderBase):
+    """HunyuanImage-3 in bitsandbytes INT8 (~81 GB for the real model)."""
+
+    QUANT = "int8"
+    DESCRIPTION = "Loads HunyuanImage-3 quantized to INT8 with bitsandbytes (~81 GB of weights)."
+
+
+class HunyuanImage3LoaderNF4(_LoaderBase):
+    """HunyuanImage-3 in bitsandbytes NF4 (~40-48 GB for the real model)."""
+
+    QUANT = "nf4"
+    DESCRIPTION = "Loads HunyuanImage-3 quantized to NF4 with bitsandbytes (~40-48 GB of weights)."
+
+
+class HunyuanImage3LoaderBF16(_LoaderBase):
+    """HunyuanImage-3 in full BF16 quality; 'smart' streams what does not fit."""
+
+    QUANT = "bf16"
+    DESCRIPTION = (
+        "Loads HunyuanImage-3 in BF16 (full quality, ~160 GB). On a 96 GB card use offload_mode "
+        "'smart': blocks that do not fit stream from pinned RAM, overlapped with compute."
+    )
+
+
+class HunyuanImage3LoaderBudget:
+    """Any format, placed to fit a VRAM budget you give."""
+
+    RETURN_TYPES = (MODEL_TYPE,)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "Loads HunyuanImage-3 so that weights plus inference headroom stay inside vram_budget_gb; "
+        "decoder blocks that do not fit stream from pinned RAM."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "model_name": (comfy_adapter.list_model_names(), {"tooltip": MODEL_NAME_TIP}),
+                "quantization": (["bf16", "int8", "nf4"], {"default": "bf16", "tooltip": "Weight format."}),
+                "vram_budget_gb": (
+                    "FLOAT",
+                    {"default": 80.0, "min": 1.0, "max": 1024.0, "step": 1.0,
+                     "tooltip": "GPU memory this model may use in all, weights plus inference."},
+                ),
+                "inference_headroom_gb": (
+                    "FLOAT",
+                    {"default": 0.0, "min": 0.0, "max": 512.0, "step": 0.5,
+                     "tooltip": "Kept free for activations. 0 = the estimate for a 1 MP image."},
+                ),
+            },
+            "optional": _common_optional(),
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name: str) -> bool:
+        return True
+
+    def load(
+        self,
+        model_name: str,
+        quantization: str,
+        vram_budget_gb: float,
+        inference_headroom_gb: float,
+        moe_impl: str = "gather_scatter",
+    ) -> tuple[ModelHandle]:
+        path = comfy_adapter.resolve_model_path(model_name)
+        spec = LoadSpec(
+            str(path),
+            quant=quantization,
+            offload="budget",
+            vram_budget_gb=vram_budget_gb,
+            headroom_gb=inference_headroom_gb or None,
+            moe_impl=moe_impl,
+        )
+        return (get_cache().load(spec),)
