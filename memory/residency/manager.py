@@ -1,0 +1,278 @@
+"""One ResidencyManager per loaded model: apply plans, stream, park (soft unload), restore."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import nn
+
+from .packed import Layout, PackedBlock
+from .planner import Placement, ResidencyPlan, plan_placement
+from .ram import GiB, check_ram
+from .streaming import BlockStreamer, StreamingUnavailableError
+from .weights import move_weight_tensors, weight_tensors, weights_bytes
+
+log = logging.getLogger(__name__)
+
+
+class ResidencyState(str, Enum):
+    RESIDENT = "resident"
+    STREAMING = "streaming"
+    PARKED = "parked"
+
+
+@dataclass(frozen=True)
+class ParkReport:
+    moved_bytes: int
+    freed_bytes: int  # drop of torch.cuda.memory_allocated (0 on CPU)
+    seconds: float
+
+
+class ResidencyManager:
+    """Owns where a model's weights live: GPU, streamed from pinned RAM, or parked in RAM.
+
+    ``blocks`` are the decoder blocks (``model.model.layers``); everything else in
+    ``model`` is "other" and is always resident while not parked.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: Sequence[nn.Module],
+        device: torch.device | str,
+        *,
+        prefetch_slots: int = 2,
+        ram_margin_bytes: int = GiB,
+        allow_cpu_streaming: bool = False,
+    ) -> None:
+        self.model = model
+        self.blocks = list(blocks)
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.prefetch_slots = prefetch_slots
+        self.ram_margin_bytes = ram_margin_bytes
+        self.allow_cpu_streaming = allow_cpu_streaming  # tests: run the streamer synchronously on CPU
+        in_blocks = {id(m) for b in self.blocks for m in b.modules()}
+        self._other = [m for m in model.modules() if id(m) not in in_blocks]
+        self.block_bytes = [Layout.of(weight_tensors(b)).total for b in self.blocks]
+        self.other_bytes = weights_bytes(weight_tensors(self._other))
+        self._packed: dict[int, PackedBlock] = {}
+        self._other_packed: PackedBlock | None = None
+        self._streamer: BlockStreamer | None = None
+        self._parked = False
+        self.plan: ResidencyPlan | None = None
+        if all(self._on_device(weight_tensors(b)) for b in self.blocks) and self._on_device(
+            weight_tensors(self._other)
+        ):
+            self.plan = ResidencyPlan.uniform(
+                Placement.GPU, self.block_bytes, self.other_bytes, prefetch_slots=prefetch_slots
+            )
+
+    # -- queries -----------------------------------------------------------------------------
+    def _on_device(self, tensors) -> bool:
+        return all(w.tensor.device == self.device for w in tensors)
+
+    @property
+    def state(self) -> ResidencyState:
+        if self._parked:
+            return ResidencyState.PARKED
+        return ResidencyState.STREAMING if self._streamer is not None else ResidencyState.RESIDENT
+
+    def gpu_bytes(self) -> int:
+        """Weight bytes this model holds on the compute device now (slots included)."""
+        if self._parked or self.plan is None:
+            return 0
+        return self.plan.gpu_weight_bytes
+
+    def plan_for_budget(self, budget_bytes: int, headroom_bytes: int, *, min_streamed: int = 0) -> ResidencyPlan:
+        return plan_placement(
+            self.block_bytes, self.other_bytes, budget_bytes, headroom_bytes,
+            prefetch_slots=self.prefetch_slots, min_streamed=min_streamed,
+        )
+
+    @property
+    def streamer(self) -> BlockStreamer | None:
+        return self._streamer
+
+    # -- transitions -------------------------------------------------------------------------
+    def _check_streaming(self, plan: ResidencyPlan) -> None:
+        if plan.streamed and self.device.type != "cuda" and not self.allow_cpu_streaming:
+            raise StreamingUnavailableError(
+                f"the plan streams {len(plan.streamed)} blocks but weight streaming needs a CUDA GPU "
+                f"(device is {self.device}, torch.cuda.is_available()={torch.cuda.is_available()}); "
+                "on this machine every block stays resident on the CPU"
+            )
+
+    def _close_streamer(self) -> None:
+        if self._streamer is not None:
+            self._streamer.close()
+            self._streamer = None
+
+    def apply(self, plan: ResidencyPlan, *, available_ram_bytes: int | None = None) -> None:
+        """Move blocks so that ``plan`` holds; non-block modules go to the device."""
+        if len(plan.placements) != len(self.blocks):
+            raise ValueError(f"plan has {len(plan.placements)} blocks, model has {len(self.blocks)}")
+        if any(p is Placement.CPU for p in plan.placements):
+            raise ValueError("use park() to put blocks in CPU RAM")
+        self._check_streaming(plan)
+        to_pack = [i for i in plan.streamed if i not in self._packed]
+        check_ram(
+            sum(self.block_bytes[i] for i in to_pack), "stream blocks from pinned CPU RAM",
+            available_bytes=available_ram_bytes, margin_bytes=self.ram_margin_bytes,
+        )
+        t0 = time.perf_counter()
+        self._close_streamer()
+        pin = self.device.type == "cuda"
+        leaving_gpu = [i for i in to_pack if self._on_device(weight_tensors(self.blocks[i]))]
+        for i in leaving_gpu:  # free VRAM before anything comes in
+            self._packed[i] = PackedBlock(weight_tensors(self.blocks[i]), pin=pin)
+        if self._other_packed is not None:
+            self._other_packed.unpack_to(self.device, non_blocking=True)
+            self._other_packed = None
+        else:
+            move_weight_tensors(weight_tensors(self._other), self.device)
+        for i in plan.resident:
+            pb = self._packed.pop(i, None)
+            if pb is not None:
+                pb.unpack_to(self.device, non_blocking=True)
+            else:
+                move_weight_tensors(weight_tensors(self.blocks[i]), self.device)
+        for i in to_pack:
+            if i not in self._packed:  # from CPU (e.g. mmap'd safetensors): straight into pinned RAM
+                self._packed[i] = PackedBlock(weight_tensors(self.blocks[i]), pin=pin)
+        if plan.streamed:
+            self._streamer = BlockStreamer(
+                self.blocks, {i: self._packed[i] for i in plan.streamed}, self.device, plan.n_slots
+            )
+        self.plan = plan
+        self._parked = False
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        log.info("residency: %s (%.2f s)", plan.describe(), time.perf_counter() - t0)
+
+    def park(self, *, pin: bool = True, available_ram_bytes: int | None = None) -> ParkReport:
+        """Soft unload: every weight to CPU RAM (pinned where possible), GPU freed and verified.
+
+        Checks free RAM first; if the weights do not fit, raises InsufficientRAMError and
+        moves nothing.
+        """
+        if self._parked:
+            return ParkReport(0, 0, 0.0)
+        resident = [i for i in range(len(self.blocks)) if i not in self._packed]
+        need = sum(self.block_bytes[i] for i in resident) + self.other_bytes
+        check_ram(need, "park the model in CPU RAM", available_bytes=available_ram_bytes,
+                  margin_bytes=self.ram_margin_bytes)
+        cuda = self.device.type == "cuda"
+        t0 = time.perf_counter()
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+        self._close_streamer()
+        pin = pin and torch.cuda.is_available()
+        done: list[int] = []
+        try:
+            for i in resident:
+                self._packed[i] = PackedBlock(weight_tensors(self.blocks[i]), pin=pin)
+                done.append(i)
+            self._other_packed = PackedBlock(weight_tensors(self._other), pin=pin)
+        except BaseException:
+            log.error("park failed; moving %d blocks back to %s", len(done), self.device)
+            for i in done:
+                self._packed.pop(i).unpack_to(self.device)
+            if self.plan is not None and self.plan.streamed:
+                self._streamer = BlockStreamer(
+                    self.blocks, {i: self._packed[i] for i in self.plan.streamed}, self.device, self.plan.n_slots
+                )
+            raise
+        self._parked = True
+        freed = 0
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            after = torch.cuda.memory_allocated(self.device)
+            freed = before - after
+            left = [w for w in weight_tensors(self.model) if w.tensor.device.type == "cuda"]
+            if left:
+                raise RuntimeError(f"park left {len(left)} weight tensors on the GPU ({weights_bytes(left)} bytes)")
+            expected = self.plan.gpu_weight_bytes if self.plan is not None else need
+            if freed < 0.9 * expected:
+                log.warning(
+                    "park freed only %.2f GiB of %.2f GiB expected (%.2f GiB still allocated): "
+                    "something else holds GPU tensors", freed / GiB, expected / GiB, after / GiB,
+                )
+        report = ParkReport(need, freed, time.perf_counter() - t0)
+        log.info("parked %.2f GiB in %.2f s (GPU freed %.2f GiB)", need / GiB, report.seconds, freed / GiB)
+        return report
+
+    def restore(self, *, available_ram_bytes: int | None = None) -> float:
+        """Bring the model back to the last plan (from pinned RAM); returns seconds."""
+        plan = self.plan or ResidencyPlan.uniform(
+            Placement.GPU, self.block_bytes, self.other_bytes, prefetch_slots=self.prefetch_slots
+        )
+        t0 = time.perf_counter()
+        self.apply(plan, available_ram_bytes=available_ram_bytes)
+        return time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def stream_extra(self, bytes_needed: int) -> Iterator[ResidencyPlan]:
+        """Stream just enough more blocks to free ``bytes_needed`` for one run, then restore."""
+        prev = self.plan
+        if prev is None or self._parked:
+            raise RuntimeError("stream_extra needs an applied plan (call apply/restore first)")
+        budget = prev.budget_bytes if prev.budget_bytes is not None else prev.gpu_bytes
+        new = plan_placement(
+            self.block_bytes, self.other_bytes, budget, prev.headroom_bytes + int(bytes_needed),
+            prefetch_slots=self.prefetch_slots, min_streamed=len(prev.streamed),
+        )
+        if new.placements == prev.placements:
+            yield prev
+            return
+        self.apply(new)
+        try:
+            yield new
+        finally:
+            if self._streamer is not None:
+                self._streamer.reset()
+            self.apply(prev)
+
+    def close(self) -> None:
+        """Remove hooks, free the slots and page-unlock the CPU copies (data stays valid)."""
+        self._close_streamer()
+        for pb in [*self._packed.values(), *([self._other_packed] if self._other_packed else [])]:
+            if pb.host is not None:
+                pb.host.unpin()
+
+
+def place_loaded_model(
+    model: nn.Module,
+    blocks: Sequence[nn.Module],
+    device: torch.device | str,
+    *,
+    budget_bytes: int | None = None,
+    headroom_bytes: int = 0,
+    plan: ResidencyPlan | None = None,
+    prefetch_slots: int = 2,
+    available_ram_bytes: int | None = None,
+) -> ResidencyManager:
+    """After transformers loaded a model on the CPU (mmap'd safetensors), place it.
+
+    Non-block modules and resident blocks go to ``device``; streamed blocks are copied
+    from the mmap'd tensors straight into their pinned block buffer (the mmap reference
+    is dropped). Free RAM is checked first. Without a budget every block is resident.
+    """
+    mgr = ResidencyManager(model, blocks, device, prefetch_slots=prefetch_slots)
+    if plan is None:
+        if budget_bytes is None:
+            plan = ResidencyPlan.uniform(Placement.GPU, mgr.block_bytes, mgr.other_bytes,
+                                         prefetch_slots=prefetch_slots)
+        else:
+            plan = mgr.plan_for_budget(budget_bytes, headroom_bytes)
+    mgr.apply(plan, available_ram_bytes=available_ram_bytes)
+    return mgr
