@@ -6,14 +6,15 @@ import warnings
 
 import pytest
 import torch
+from residency_models import inputs, make_model
+from torch import nn
+
 from hunyuan_image3.memory.residency import (
     PackedBlock,
     module_weight_bytes,
     move_module_weights,
     weight_tensors,
 )
-from residency_models import inputs, make_model
-from torch import nn
 
 warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
 

@@ -260,6 +260,7 @@ def place_loaded_model(
     plan: ResidencyPlan | None = None,
     prefetch_slots: int = 2,
     available_ram_bytes: int | None = None,
+    **manager_kwargs,
 ) -> ResidencyManager:
     """After transformers loaded a model on the CPU (mmap'd safetensors), place it.
 
@@ -267,7 +268,7 @@ def place_loaded_model(
     from the mmap'd tensors straight into their pinned block buffer (the mmap reference
     is dropped). Free RAM is checked first. Without a budget every block is resident.
     """
-    mgr = ResidencyManager(model, blocks, device, prefetch_slots=prefetch_slots)
+    mgr = ResidencyManager(model, blocks, device, prefetch_slots=prefetch_slots, **manager_kwargs)
     if plan is None:
         if budget_bytes is None:
             plan = ResidencyPlan.uniform(Placement.GPU, mgr.block_bytes, mgr.other_bytes,
