@@ -1,0 +1,174 @@
+"""Build the tiny HunyuanImage-3.0 test checkpoint (remote code, sharded safetensors, tokenizer)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import re
+import shutil
+import sys
+import types
+import uuid
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "remote_code"
+TEMPLATES = ("configuration", "modeling", "tokenization")
+NUM_SHARDS = 4
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "base": {
+        "files": {"configuration": "configuration_hunyuan", "modeling": "hunyuan", "tokenization": "tokenizer_wrapper"},
+        "config": {"model_version": "HunyuanImage-3.0", "cfg_distilled": False, "use_meanflow": False},
+        "generation": {"diff_infer_steps": 50, "diff_guidance_scale": 5.0, "flow_shift": 3.0},
+    },
+    "instruct": {
+        "files": {
+            "configuration": "configuration_hunyuan_image_3",
+            "modeling": "modeling_hunyuan_image_3",
+            "tokenization": "tokenization_hunyuan_image_3",
+        },
+        "config": {"model_version": "HunyuanImage-3.0-Instruct", "cfg_distilled": False, "use_meanflow": False},
+        "generation": {"diff_infer_steps": 50, "diff_guidance_scale": 5.0, "flow_shift": 3.0},
+    },
+    "distil": {
+        "files": {
+            "configuration": "configuration_hunyuan_image_3",
+            "modeling": "modeling_hunyuan_image_3",
+            "tokenization": "tokenization_hunyuan_image_3",
+        },
+        "config": {"model_version": "HunyuanImage-3.0-Instruct-Distil", "cfg_distilled": True, "use_meanflow": True},
+        "generation": {"diff_infer_steps": 8, "diff_guidance_scale": 2.5, "flow_shift": 3.0},
+    },
+}
+
+
+def remote_code_source(template: str, files: dict[str, str]) -> str:
+    """Template text with intra-folder imports renamed to the variant's file names."""
+    text = (TEMPLATE_DIR / f"{template}.py").read_text(encoding="utf-8")
+    for name, target in files.items():
+        text = re.sub(rf"^from \.{name} import", f"from .{target} import", text, flags=re.MULTILINE)
+    return text
+
+
+def _import_written(dest: Path, files: dict[str, str]) -> tuple[types.ModuleType, types.ModuleType, str]:
+    """Import the written remote code as a private throw-away package."""
+    pkg = f"_hy3_test_build_{uuid.uuid4().hex[:12]}"
+    module = types.ModuleType(pkg)
+    module.__path__ = [str(dest)]  # type: ignore[attr-defined]
+    sys.modules[pkg] = module
+    modeling = importlib.import_module(f"{pkg}.{files['modeling']}")
+    tokenization = importlib.import_module(f"{pkg}.{files['tokenization']}")
+    return modeling, tokenization, pkg
+
+
+def _drop_package(pkg: str) -> None:
+    for name in [n for n in sys.modules if n == pkg or n.startswith(pkg + ".")]:
+        del sys.modules[name]
+
+
+def _write_shards(state: dict[str, Any], dest: Path) -> None:
+    from safetensors.torch import save_file
+
+    keys = list(state)
+    sizes = [state[k].numel() * state[k].element_size() for k in keys]
+    total = sum(sizes)
+    groups: list[list[str]] = [[] for _ in range(NUM_SHARDS)]
+    acc = 0
+    for key, size in zip(keys, sizes):
+        idx = min(NUM_SHARDS - 1, acc * NUM_SHARDS // max(total, 1))
+        groups[idx].append(key)
+        acc += size
+    groups = [g for g in groups if g]
+    weight_map: dict[str, str] = {}
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file({k: state[k].contiguous() for k in group}, str(dest / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in group})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+def _prepare_dest(dest: Path, overwrite: bool) -> None:
+    if dest.exists() and any(dest.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{dest} is not empty (pass overwrite=True to replace it)")
+        ours = {"config.json", "model.safetensors.index.json"} | {
+            f"{name}.py" for spec in VARIANTS.values() for name in spec["files"].values()
+        }
+        if not any((dest / name).exists() for name in ours):
+            raise FileExistsError(f"refusing to overwrite {dest}: it does not look like a checkpoint")
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    if "." in dest.name:
+        logger.warning("checkpoint folder name %r contains a dot; the real remote code refuses that", dest.name)
+
+
+def make_test_model(
+    dest: str | Path,
+    variant: str = "base",
+    *,
+    seed: int = 0,
+    overwrite: bool = False,
+    config_overrides: dict[str, Any] | None = None,
+) -> Path:
+    """Write a tiny HunyuanImage-3.0-shaped checkpoint of ``variant`` into ``dest``; return its path."""
+    import torch
+
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    spec = VARIANTS[variant]
+    files: dict[str, str] = spec["files"]
+    dest = Path(dest).expanduser().resolve()
+    _prepare_dest(dest, overwrite)
+    for template in TEMPLATES:
+        (dest / f"{files[template]}.py").write_text(remote_code_source(template, files), encoding="utf-8")
+
+    modeling, tokenization, pkg = _import_written(dest, files)
+    try:
+        cfg_kwargs = dict(spec["config"])
+        cfg_kwargs.update(config_overrides or {})
+        config = modeling.HunyuanImage3Config(**cfg_kwargs)
+        buckets = modeling.resolution_buckets(base=int(config.image_base_size))
+        tokenizer = tokenization.HunyuanImage3Tokenizer.build(num_ratio_tokens=len(buckets))
+        config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+        if config.vocab_size < len(tokenizer):
+            config.vocab_size = len(tokenizer)
+        config.architectures = ["HunyuanImage3ForCausalMM"]
+        config.auto_map = {
+            "AutoConfig": f"{files['configuration']}.HunyuanImage3Config",
+            "AutoModel": f"{files['modeling']}.HunyuanImage3Model",
+            "AutoModelForCausalLM": f"{files['modeling']}.HunyuanImage3ForCausalMM",
+        }
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = modeling.HunyuanImage3ForCausalMM(config)
+        keep_fp32 = set(model._keep_in_fp32_modules)
+        state = {}
+        for name, tensor in model.state_dict().items():
+            fp32 = any(part in keep_fp32 for part in name.split("."))
+            state[name] = tensor.detach().to(torch.float32 if fp32 else torch.bfloat16)
+        _write_shards(state, dest)
+        config.save_pretrained(dest)
+        tokenizer.save_pretrained(dest)
+    finally:
+        _drop_package(pkg)
+
+    cfg_path = dest / "config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["torch_dtype"] = "bfloat16"
+    cfg["_no_split_modules"] = ["HunyuanImage3DecoderLayer"]
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True), encoding="utf-8")
+    gen = {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        **spec["generation"],
+    }
+    (dest / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
+    logger.info("wrote %s test checkpoint to %s", variant, dest)
+    return dest

@@ -1,0 +1,783 @@
+"""HunyuanImage-3.0 test model: a tiny stand-in with the real model's interface.
+
+Written for the ComfyUI-HunyuanImage3 test suite; not derived from the official code.
+It mirrors the parameter names, the float32 router, the GShard-style eager MoE with
+``[tokens, experts, capacity]`` dispatch, lazy pipeline/scheduler construction,
+resolution-group snapping and both ``generate_image`` return conventions (base: one
+PIL image; Instruct/Distil: ``(cot_text_list or None, [PIL images])``).
+
+Extension (not in the real model): ``generate_image(..., image_size="HxW",
+snap_resolution=False)`` uses the size as given (rounded down to multiples of 16)
+instead of snapping it to the resolution group.
+
+Like the real Instruct code, the Instruct/Distil ``generate_image`` ignores the
+``diff_infer_steps`` / ``diff_guidance_scale`` kwargs and reads
+``generation_config``; ``flow_shift`` is read once when ``pipeline`` is first built.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration import HunyuanImage3Config
+from .tokenization import HunyuanImage3Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- resolution group
+def resolution_buckets(
+    base: int = 1024, step: int = 64, align: int = 16, min_px: int = 512, max_px: int = 2048
+) -> list[tuple[int, int]]:
+    """(width, height) buckets: walk from the square by ``step`` (one side grows while the
+    other shrinks, clamped to min_px..max_px), plus four video-like extras; sorted by w/h."""
+    found = {(base, base)}
+    for grow_h in (True, False):
+        w = h = base
+        while (h < max_px or w > min_px) if grow_h else (w < max_px or h > min_px):
+            if grow_h:
+                h, w = min(h + step, max_px), max(w - step, min_px)
+            else:
+                h, w = max(h - step, min_px), min(w + step, max_px)
+            found.add((w // align * align, h // align * align))
+    for ew, eh in ((1024, 768), (1280, 720), (768, 1024), (720, 1280)):
+        found.add((ew * base // 1024 // align * align, eh * base // 1024 // align * align))
+    return sorted(found, key=lambda wh: (wh[0] / wh[1], wh[0]))
+
+
+def snap_to_bucket(width: float, height: float, buckets: list[tuple[int, int]] | None = None) -> tuple[int, int]:
+    """Bucket with the nearest aspect ratio (log distance; first one wins a tie)."""
+    buckets = buckets or resolution_buckets()
+    target = math.log(float(width) / float(height))
+    return min(buckets, key=lambda wh: abs(math.log(wh[0] / wh[1]) - target))
+
+
+# --------------------------------------------------------------------------- helpers
+def _nvtx(name: str):
+    """CUDA profiler range when CUDA exists (the real code calls nvtx unconditionally)."""
+    if torch.cuda.is_available():
+        return torch.cuda.nvtx.range(name)
+    return nullcontext()
+
+
+def _conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run a conv; on CPU in float32 (CPU bf16 convs are very slow), result in x's dtype."""
+    if x.device.type != "cpu" or x.dtype == torch.float32:
+        return conv(x.to(conv.weight.dtype))
+    bias = conv.bias.float() if conv.bias is not None else None
+    fn = F.conv3d if isinstance(conv, nn.Conv3d) else F.conv2d
+    out = fn(x.float(), conv.weight.float(), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return out.to(x.dtype)
+
+
+def _timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class HunyuanRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf).to(dtype)
+
+
+def _rope(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
+    freqs = positions.float()[..., None] * inv
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    a, b = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-b, a], dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- transformer
+class HunyuanImage3Attention(nn.Module):
+    def __init__(self, config: HunyuanImage3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.attention_head_dim
+        self.rope_theta = config.rope_theta
+        qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, qkv_out, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.use_qk_norm = config.use_qk_norm
+        if self.use_qk_norm:
+            self.query_layernorm = HunyuanRMSNorm(self.head_dim, config.rms_norm_eps)
+            self.key_layernorm = HunyuanRMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None):
+        bsz, seq, _ = hidden_states.shape
+        qkv = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split(
+            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
+            dim=-1,
+        )
+        q = q.view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.use_qk_norm:
+            q, k = self.query_layernorm(q), self.key_layernorm(k)
+        if position_embeddings is not None:
+            cos, sin = position_embeddings
+            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        rep = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=attention_mask, is_causal=attention_mask is None
+        )
+        out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class HunyuanMLP(nn.Module):
+    """SwiGLU: down_proj(a * silu(b)) with (a, b) = gate_and_up_proj(x).chunk(2): the SECOND half is activated."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_and_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.gate_and_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(a * F.silu(b))
+
+
+class HunyuanTopKGate(nn.Module):
+    """GShard-style top-k gate with a float32 router ``wg``."""
+
+    def __init__(self, config: HunyuanImage3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.moe_topk = int(config.layer_value("moe_topk", layer_idx))
+        self.drop_tokens = bool(config.moe_drop_tokens)
+        self.capacity_factor = float(config.capacity_factor)
+        self.norm_topk_prob = bool(config.norm_topk_prob)
+        self.routed_scaling_factor = float(config.routed_scaling_factor)
+        self.wg = nn.Linear(config.hidden_size, config.num_experts, bias=False, dtype=torch.float32)
+
+    def router_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        wdt = self.wg.weight.dtype
+        x = hidden_states.to(wdt) if wdt.is_floating_point else hidden_states
+        return self.wg(x).float()
+
+    def forward(self, hidden_states: torch.Tensor):
+        """hidden_states [T, H] -> (l_aux, combine_weights [T,E,C], dispatch_mask [T,E,C], exp_counts [E])."""
+        k, num_e = self.moe_topk, self.num_experts
+        tokens = hidden_states.shape[0]
+        gates = F.softmax(self.router_logits(hidden_states), dim=1)
+        top_vals, top_idx = torch.topk(gates, k, dim=1)
+        if self.norm_topk_prob and k > 1:
+            weights = top_vals / top_vals.sum(dim=1, keepdim=True)
+        else:
+            weights = top_vals * self.routed_scaling_factor
+        masks = F.one_hot(top_idx, num_e).transpose(0, 1)  # [k, T, E], rank-major priority
+        exp_counts = masks.sum(dim=(0, 1))
+        if self.drop_tokens:
+            capacity = int(max(k, k * tokens // num_e) * self.capacity_factor)
+        else:
+            capacity = int(exp_counts.max())
+        locations = torch.cumsum(masks.reshape(k * tokens, num_e), dim=0).reshape(k, tokens, num_e) - 1
+        masks = masks * (locations < capacity)
+        loc_s = (locations * masks).sum(dim=-1)  # [k, T]
+        kept_w = weights.transpose(0, 1) * masks.sum(dim=-1)  # [k, T]
+        loc_onehot = F.one_hot(loc_s, capacity).float()  # [k, T, C]
+        combine_weights = torch.einsum("kt,kte,ktc->tec", kept_w, masks.float(), loc_onehot)
+        dispatch_mask = combine_weights.bool()
+        me = gates.mean(dim=0)
+        ce = masks[0].float().mean(dim=0)
+        l_aux = (me * ce).sum() * num_e
+        return l_aux, combine_weights, dispatch_mask, exp_counts
+
+
+class HunyuanMoE(nn.Module):
+    """Routed experts + shared expert, eager GShard dispatch (memory grows with tokens^2 when nothing drops)."""
+
+    def __init__(self, config: HunyuanImage3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_experts = config.num_experts
+        self.moe_topk = int(config.layer_value("moe_topk", layer_idx))
+        width = int(config.layer_value("moe_intermediate_size", layer_idx))
+        self.gate = HunyuanTopKGate(config, layer_idx)
+        self.experts = nn.ModuleList([HunyuanMLP(config.hidden_size, width) for _ in range(config.num_experts)])
+        n_shared = int(config.layer_value("num_shared_expert", layer_idx))
+        self.shared_mlp = (
+            HunyuanMLP(config.hidden_size, config.intermediate_size * n_shared) if n_shared > 0 else None
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.is_cuda:
+            torch.cuda.set_device(hidden_states.device)
+        with _nvtx("moe"):
+            shape = hidden_states.shape
+            x = hidden_states.reshape(-1, shape[-1])
+            _, combine_weights, dispatch_mask, _ = self.gate(x)
+            # CPU bf16 matmul is slow; the one-hot dispatch/combine values are identical in float32.
+            ein_dtype = torch.float32 if x.device.type == "cpu" else x.dtype
+            dispatched = torch.einsum("sec,sm->ecm", dispatch_mask.to(ein_dtype), x.to(ein_dtype)).to(x.dtype)
+            outs = [expert(chunk) for expert, chunk in zip(self.experts, dispatched.unbind(0))]
+            expert_output = torch.stack(outs, dim=0)
+            combined = torch.einsum("sec,ecm->sm", combine_weights.to(ein_dtype), expert_output.to(ein_dtype))
+            out = combined.to(hidden_states.dtype).reshape(shape)
+            if self.shared_mlp is not None:
+                out = self.shared_mlp(hidden_states) + out
+            return out
+
+
+class HunyuanImage3DecoderLayer(nn.Module):
+    def __init__(self, config: HunyuanImage3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = HunyuanRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = HunyuanImage3Attention(config, layer_idx)
+        self.post_attention_layernorm = HunyuanRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = HunyuanMoE(config, layer_idx)
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
+        residual = hidden_states
+        h = self.self_attn(self.input_layernorm(hidden_states), attention_mask, position_embeddings)
+        hidden_states = residual + h
+        residual = hidden_states
+        hidden_states = residual + self.mlp(self.post_attention_layernorm(hidden_states))
+        return (hidden_states,)
+
+
+class HunyuanImage3PreTrainedModel(PreTrainedModel):
+    config_class = HunyuanImage3Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["HunyuanImage3DecoderLayer"]
+    _keep_in_fp32_modules = ["wg"]
+    _keep_in_fp32_modules_strict = ["wg"]  # also under bf16 loads
+    _skip_keys_device_placement = "past_key_values"
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, HunyuanTopKGate):
+            nn.init.normal_(module.wg.weight, std=self.config.router_init_std)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, HunyuanRMSNorm):
+            nn.init.ones_(module.weight)
+
+
+class HunyuanImage3Model(HunyuanImage3PreTrainedModel):
+    """Token embedding ``wte``, decoder ``layers`` (nn.ModuleList), final norm ``ln_f``."""
+
+    def __init__(self, config: HunyuanImage3Config) -> None:
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(
+            [HunyuanImage3DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        )
+        self.ln_f = HunyuanRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, value):
+        self.wte = value
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, **kwargs):
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        hidden = inputs_embeds
+        if position_ids is None:
+            position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
+        cos, sin = _rope(position_ids, self.config.attention_head_dim, self.config.rope_theta)
+        cos, sin = cos[:, None], sin[:, None]
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=attention_mask, position_embeddings=(cos, sin))[0]
+        return self.ln_f(hidden)
+
+
+# --------------------------------------------------------------------------- image modules
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden_size: int, freq_dim: int = 32) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.mlp(_timestep_embedding(t, self.freq_dim).to(dtype))
+
+
+class UNetPatchEmbed(nn.Module):
+    """Small conv block + timestep conditioning + patchify to transformer tokens."""
+
+    def __init__(self, config: HunyuanImage3Config) -> None:
+        super().__init__()
+        c, mid, p = config.vae_latent_channels, config.patch_embed_hidden_dim, config.patch_size
+        self.patch_size = p
+        self.conv_in = nn.Conv2d(c, mid, 3, padding=1)
+        self.emb_proj = nn.Linear(config.hidden_size, mid)
+        self.norm = nn.GroupNorm(8, mid)
+        self.conv_mid = nn.Conv2d(mid, mid, 3, padding=1)
+        self.proj = nn.Conv2d(mid, config.hidden_size, p, stride=p)
+
+    def forward(self, latents: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = _conv(self.conv_in, latents)
+        h = h + self.emb_proj(temb)[:, :, None, None]
+        h = h + _conv(self.conv_mid, F.silu(self.norm(h)))
+        return _conv(self.proj, h).flatten(2).transpose(1, 2)
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated projection back to latent patches, then a conv."""
+
+    def __init__(self, config: HunyuanImage3Config) -> None:
+        super().__init__()
+        c, p, hid = config.vae_latent_channels, config.patch_size, config.hidden_size
+        self.patch_size, self.channels = p, c
+        self.norm_final = nn.LayerNorm(hid, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hid, 2 * hid))
+        self.linear = nn.Linear(hid, p * p * c)
+        self.conv_out = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(temb).chunk(2, dim=-1)
+        x = self.norm_final(x) * (1 + scale[:, None]) + shift[:, None]
+        x = self.linear(x)
+        b, (gh, gw), p, c = x.shape[0], grid, self.patch_size, self.channels
+        x = x.view(b, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, gh * p, gw * p)
+        return _conv(self.conv_out, x)
+
+
+class VAEDecoder(nn.Module):
+    def __init__(self, latent: int, factor: int, mid: int = 64) -> None:
+        super().__init__()
+        self.factor = factor
+        self.conv_in = nn.Conv3d(latent, mid, (1, 3, 3), padding=(0, 1, 1))
+        self.norm = nn.GroupNorm(8, mid)
+        self.conv_mid = nn.Conv3d(mid, mid, (1, 3, 3), padding=(0, 1, 1))
+        self.conv_out = nn.Conv3d(mid, 3 * factor * factor, 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(z)
+        h = h + self.conv_mid(F.silu(self.norm(h)))
+        h = self.conv_out(F.silu(h))
+        return F.pixel_shuffle(h.squeeze(2), self.factor).unsqueeze(2)
+
+
+class VAEEncoder(nn.Module):
+    def __init__(self, latent: int, factor: int, mid: int = 64) -> None:
+        super().__init__()
+        self.factor = factor
+        self.conv_in = nn.Conv3d(3 * factor * factor, mid, 1)
+        self.norm = nn.GroupNorm(8, mid)
+        self.conv_out = nn.Conv3d(mid, 2 * latent, (1, 3, 3), padding=(0, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.pixel_unshuffle(x.squeeze(2), self.factor).unsqueeze(2)
+        return self.conv_out(F.silu(self.norm(self.conv_in(h))))
+
+
+class HunyuanVAE(nn.Module):
+    """3D-conv VAE (time dim 1), runs in float32."""
+
+    def __init__(self, config: HunyuanImage3Config) -> None:
+        super().__init__()
+        factor = int(config.vae_downsample_factor[0])
+        self.scaling_factor = config.vae_scaling_factor
+        self.encoder = VAEEncoder(config.vae_latent_channels, factor)
+        self.decoder = VAEDecoder(config.vae_latent_channels, factor)
+        if torch.cuda.is_available():  # the real constructor allocates on CUDA unconditionally
+            self._cuda_probe = torch.empty(0, device="cuda")
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.decoder.conv_in.weight.dtype != torch.float32:
+            self.to(torch.float32)  # the VAE always runs in float32
+        z = (latents / self.scaling_factor).to(self.decoder.conv_in.weight.dtype)
+        return self.decoder(z.unsqueeze(2)).squeeze(2)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        moments = self.encoder(images.unsqueeze(2).to(self.encoder.conv_in.weight.dtype)).squeeze(2)
+        return moments.chunk(2, dim=1)[0] * self.scaling_factor
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, dim: int, patch: int, num_pos: int) -> None:
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(3, dim, patch, stride=patch)
+        self.position_embedding = nn.Embedding(num_pos, dim)
+
+
+class VisionLayer(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(dim)
+        self.self_attn = nn.ModuleDict({n: nn.Linear(dim, dim) for n in ("q_proj", "k_proj", "v_proj", "out_proj")})
+        self.layer_norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.ModuleDict({"fc1": nn.Linear(dim, 2 * dim), "fc2": nn.Linear(2 * dim, dim)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layer_norm1(x)
+        a = self.self_attn
+        q, k, v = a["q_proj"](h), a["k_proj"](h), a["v_proj"](h)
+        x = x + a["out_proj"](F.scaled_dot_product_attention(q, k, v))
+        h = self.layer_norm2(x)
+        return x + self.mlp["fc2"](F.gelu(self.mlp["fc1"](h)))
+
+
+class VisionModel(nn.Module):
+    """SigLIP2-shaped encoder (Instruct image inputs)."""
+
+    def __init__(self, config: HunyuanImage3Config) -> None:
+        super().__init__()
+        dim, patch, size = config.vit_hidden_size, config.vit_patch_size, config.vit_image_size
+        self.image_size = size
+        self.embeddings = VisionEmbeddings(dim, patch, (size // patch) ** 2)
+        self.encoder = nn.ModuleDict({"layers": nn.ModuleList([VisionLayer(dim)])})
+        self.post_layernorm = nn.LayerNorm(dim)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.embeddings.patch_embedding(pixels).flatten(2).transpose(1, 2)
+        x = x + self.embeddings.position_embedding.weight[None, : x.shape[1]]
+        for layer in self.encoder["layers"]:
+            x = layer(x)
+        return self.post_layernorm(x)
+
+
+class VisionAligner(nn.Module):
+    def __init__(self, config: HunyuanImage3Config) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(config.vit_hidden_size, config.hidden_size)
+        self.linear_2 = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+# --------------------------------------------------------------------------- scheduler + pipeline
+class FlowMatchEulerScheduler:
+    """Flow-matching Euler scheduler: sigma 1 -> 0, shifted by ``shift``."""
+
+    def __init__(self, shift: float = 3.0, num_train_timesteps: int = 1000) -> None:
+        self.shift = float(shift)
+        self.num_train_timesteps = num_train_timesteps
+        self.sigmas = torch.ones(1)
+        self.timesteps = torch.zeros(0)
+        self._step_index = 0
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        s = torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float32)
+        s = self.shift * s / (1 + (self.shift - 1) * s)
+        self.sigmas = s.to(device) if device is not None else s
+        self.timesteps = self.sigmas[:-1] * self.num_train_timesteps
+        self._step_index = 0
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = False):
+        i = self._step_index
+        prev = sample.float() + (self.sigmas[i + 1] - self.sigmas[i]) * model_output.float()
+        self._step_index = i + 1
+        return (prev,) if not return_dict else {"prev_sample": prev}
+
+
+class HunyuanImage3Text2ImagePipeline:
+    """Diffusion loop; CFG halves run as one batch per transformer forward."""
+
+    def __init__(self, model: HunyuanImage3ForCausalMM, scheduler: FlowMatchEulerScheduler) -> None:
+        self.model = model
+        self.scheduler = scheduler
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        cond_ids: torch.Tensor,
+        uncond_ids: torch.Tensor | None,
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        generator: torch.Generator,
+        callback_on_step_end=None,
+    ) -> torch.Tensor:
+        model = self.model
+        device = model.model.wte.weight.device
+        factor = int(model.config.vae_downsample_factor[0])
+        shape = (1, model.config.vae_latent_channels, height // factor, width // factor)
+        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+        use_cfg = uncond_ids is not None
+        ids = torch.cat([cond_ids, uncond_ids], dim=0) if use_cfg else cond_ids
+        ids = ids.to(device)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        for i, t in enumerate(self.scheduler.timesteps):
+            inp = torch.cat([latents, latents], dim=0) if use_cfg else latents
+            v = model._denoise(inp, t.reshape(1).expand(inp.shape[0]), ids, guidance_scale)
+            if use_cfg:
+                v_cond, v_uncond = v.chunk(2, dim=0)
+                v = v_uncond + guidance_scale * (v_cond - v_uncond)
+            latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
+            if callback_on_step_end is not None:
+                callback_on_step_end(self, i, t, {"latents": latents})
+        with torch.autocast(device_type=latents.device.type, enabled=False):
+            return model.vae.decode(latents.float())
+
+
+# --------------------------------------------------------------------------- the model
+class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
+    """Text + image model; ``generate_image`` signature and return type follow the variant."""
+
+    _keep_in_fp32_modules = ["wg", "vae"]
+    _keep_in_fp32_modules_strict = ["wg", "vae"]
+
+    def __init__(self, config: HunyuanImage3Config) -> None:
+        super().__init__(config)
+        self.model = HunyuanImage3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.vae = HunyuanVAE(config)
+        self.vision_model = VisionModel(config)
+        self.vision_aligner = VisionAligner(config)
+        self.patch_embed = UNetPatchEmbed(config)
+        self.final_layer = FinalLayer(config)
+        self.time_embed = TimestepEmbedder(config.hidden_size)
+        self.time_embed_2 = TimestepEmbedder(config.hidden_size)
+        self.timestep_emb = TimestepEmbedder(config.hidden_size)
+        self._pipeline = None
+        self.scheduler = None
+        self._tokenizer = None
+        self._generate_image_override = None
+        if config.moe_impl != "eager":
+            logger.warning("moe_impl=%r is not available in the test model; using eager", config.moe_impl)
+        self.post_init()
+
+    # ---- transformers plumbing
+    def get_input_embeddings(self):
+        return self.model.wte
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, **kwargs):
+        hidden = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids)
+        return CausalLMOutputWithPast(logits=self.lm_head(hidden).float())
+
+    @property
+    def is_instruct(self) -> bool:
+        return "instruct" in str(self.config.model_version).lower()
+
+    # ---- tokenizer / resolution
+    def load_tokenizer(self, path) -> HunyuanImage3Tokenizer:
+        self._tokenizer = HunyuanImage3Tokenizer.from_pretrained(path)
+        return self._tokenizer
+
+    @property
+    def tokenizer(self) -> HunyuanImage3Tokenizer:
+        if self._tokenizer is None:
+            raise RuntimeError("call model.load_tokenizer(path) before generate_image")
+        return self._tokenizer
+
+    def get_resolution_buckets(self) -> list[tuple[int, int]]:
+        return resolution_buckets(base=int(self.config.image_base_size))
+
+    def snap_image_size(self, width: float, height: float) -> tuple[int, int]:
+        return snap_to_bucket(width, height, self.get_resolution_buckets())
+
+    # ---- pipeline
+    @property
+    def pipeline(self) -> HunyuanImage3Text2ImagePipeline:
+        if self._pipeline is None:
+            shift = float(getattr(self.generation_config, "flow_shift", 3.0))
+            self.scheduler = FlowMatchEulerScheduler(shift=shift)
+            self._pipeline = HunyuanImage3Text2ImagePipeline(self, self.scheduler)
+        return self._pipeline
+
+    def _compute_dtype(self) -> torch.dtype:
+        return self.model.wte.weight.dtype
+
+    def _denoise(self, latents: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, guidance: float) -> torch.Tensor:
+        dtype = self._compute_dtype()
+        p = self.config.patch_size
+        lh, lw = latents.shape[-2:]
+        ph, pw = (-lh) % p, (-lw) % p
+        x = F.pad(latents, (0, pw, 0, ph)) if (ph or pw) else latents
+        grid = ((lh + ph) // p, (lw + pw) // p)
+        temb = self.time_embed(t, dtype)
+        if self.config.cfg_distilled:
+            temb = temb + self.time_embed(torch.full_like(t, float(guidance) * 100.0), dtype)
+        img = self.patch_embed(x.to(dtype), self.timestep_emb(t, dtype))
+        text = self.model.wte(ids)
+        seq = torch.cat([text, temb[:, None].to(text.dtype), img.to(text.dtype)], dim=1)
+        n_text, total = text.shape[1], seq.shape[1]
+        pos = torch.arange(total, device=seq.device)
+        allowed = (pos[None, :] <= pos[:, None]) | ((pos[:, None] >= n_text) & (pos[None, :] >= n_text))
+        key_ok = torch.cat(
+            [ids != self.config.pad_token_id, torch.ones(ids.shape[0], total - n_text, dtype=torch.bool, device=ids.device)],
+            dim=1,
+        )
+        mask = allowed[None, None] & key_ok[:, None, None, :]
+        mask = mask | torch.eye(total, dtype=torch.bool, device=seq.device)[None, None]
+        hidden = self.model(inputs_embeds=seq, attention_mask=mask)
+        out = self.final_layer(hidden[:, n_text + 1 :], self.time_embed_2(t, dtype), grid)
+        return out[..., :lh, :lw].float()
+
+    # ---- text side
+    def _prefix_ids(self, prompt: str, use_system_prompt, system_prompt, extra: list[int] | None = None) -> list[int]:
+        tok = self.tokenizer
+        ids = [tok.bos_token_id]
+        if use_system_prompt not in (None, False, "None", "none"):
+            ids += tok.encode(system_prompt or "You are a helpful image generator.")
+        ids += tok.encode(prompt or "")
+        return ids + (extra or [])
+
+    @torch.no_grad()
+    def _greedy(self, ids: list[int], max_new_tokens: int, allowed: list[int] | None = None) -> list[int]:
+        device = self.model.wte.weight.device
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            logits = self(input_ids=torch.tensor([ids + out], device=device)).logits[0, -1]
+            if allowed is not None:
+                idx = torch.tensor(allowed, device=device)
+                out.append(int(idx[int(torch.argmax(logits[idx]))]))
+            else:
+                out.append(int(torch.argmax(logits)))
+        return out
+
+    def _resolve_size(self, image_size, prefix: list[int], snap: bool) -> tuple[int, int]:
+        """(width, height) from "auto", "HxW", "W:H" or "<img_ratio_i>"."""
+        buckets = self.get_resolution_buckets()
+        s = "auto" if image_size is None else str(image_size).strip()
+        if s == "auto":
+            ratio_ids = self.tokenizer.ratio_token_ids[: len(buckets)]
+            choice = self._greedy(prefix + [self.tokenizer.convert_tokens_to_ids("<boi>")], 1, ratio_ids)[0]
+            return buckets[ratio_ids.index(choice)]
+        m = re.fullmatch(r"<img_ratio_(\d+)>", s)
+        if m:
+            return buckets[int(m.group(1))]
+        m = re.fullmatch(r"(\d+)\s*[xX*]\s*(\d+)", s)
+        if m:
+            h, w = int(m.group(1)), int(m.group(2))
+            if snap:
+                return snap_to_bucket(w, h, buckets)
+            w16, h16 = max(16, w // 16 * 16), max(16, h // 16 * 16)
+            if (w16, h16) != (w, h):
+                logger.warning("image size %sx%s rounded down to %sx%s (multiples of 16)", h, w, h16, w16)
+            return w16, h16
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)", s)
+        if m:
+            return snap_to_bucket(float(m.group(1)), float(m.group(2)), buckets)
+        raise ValueError(f"image_size must be 'auto', 'HxW', 'W:H' or '<img_ratio_i>', got {image_size!r}")
+
+    def _run_diffusion(self, prefix: list[int], width: int, height: int, seed, steps: int, guidance: float):
+        tok = self.tokenizer
+        cond = prefix + [tok.convert_tokens_to_ids("<boi>")]
+        use_cfg = guidance > 1.0 and not self.config.cfg_distilled
+        cond_ids = torch.tensor([cond])
+        uncond_ids = None
+        if use_cfg:
+            uncond = [tok.bos_token_id] + [tok.pad_token_id] * (len(cond) - 2) + [cond[-1]]
+            uncond_ids = torch.tensor([uncond])
+        if seed is None:
+            seed = random.randint(0, 2**31 - 1)
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        pixels = self.pipeline(
+            cond_ids, uncond_ids, height, width, int(steps), float(guidance), generator
+        )
+        arr = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return Image.fromarray(np.ascontiguousarray(arr.permute(1, 2, 0).cpu().numpy()), mode="RGB")
+
+    # ---- generate_image (signature depends on the variant)
+    @property
+    def generate_image(self):
+        if self._generate_image_override is not None:
+            return self._generate_image_override
+        return self._generate_image_instruct if self.is_instruct else self._generate_image_base
+
+    @generate_image.setter
+    def generate_image(self, fn) -> None:
+        self._generate_image_override = fn
+
+    @generate_image.deleter
+    def generate_image(self) -> None:
+        self._generate_image_override = None
+
+    @torch.no_grad()
+    def _generate_image_base(
+        self,
+        prompt,
+        seed=None,
+        image_size="auto",
+        use_system_prompt=None,
+        system_prompt=None,
+        bot_task=None,
+        stream=False,
+        **kwargs,
+    ):
+        """Base: honours diff_infer_steps / diff_guidance_scale kwargs; returns one PIL image."""
+        gen = self.generation_config
+        steps = kwargs.get("diff_infer_steps") or gen.diff_infer_steps
+        guidance = kwargs.get("diff_guidance_scale")
+        guidance = gen.diff_guidance_scale if guidance is None else guidance
+        prefix = self._prefix_ids(prompt, use_system_prompt, system_prompt)
+        width, height = self._resolve_size(image_size, prefix, kwargs.get("snap_resolution", True))
+        return self._run_diffusion(prefix, width, height, seed, steps, guidance)
+
+    @torch.no_grad()
+    def _generate_image_instruct(
+        self,
+        prompt=None,
+        image=None,
+        message_list=None,
+        seed=None,
+        image_size="auto",
+        use_system_prompt=None,
+        system_prompt=None,
+        bot_task=None,
+        infer_align_image_size=False,
+        use_taylor_cache=False,
+        **kwargs,
+    ):
+        """Instruct/Distil: returns (cot_text_list or None, [PIL images]).
+
+        Reads steps / guidance from generation_config only (the real code's behaviour).
+        """
+        if prompt is None and message_list:
+            prompt = str(message_list[-1].get("content", ""))
+        tok = self.tokenizer
+        prefix = self._prefix_ids(prompt or "", use_system_prompt, system_prompt)
+        if image is not None:
+            prefix += [tok.convert_tokens_to_ids("<img>")]
+        cot = None
+        if bot_task in ("think", "recaption", "think_recaption"):
+            start = tok.convert_tokens_to_ids("<recaption>" if bot_task == "recaption" else "<think>")
+            new = self._greedy(prefix + [start], int(kwargs.get("max_new_tokens_cot", 6)))
+            cot = [tok.decode(new)]
+            prefix = prefix + [start] + new
+        width, height = self._resolve_size(image_size, prefix, kwargs.get("snap_resolution", True))
+        gen = self.generation_config
+        img = self._run_diffusion(prefix, width, height, seed, gen.diff_infer_steps, gen.diff_guidance_scale)
+        return cot, [img]

@@ -1,0 +1,105 @@
+"""Inference VRAM estimate (activations, not weights) for one image.
+
+``reference``: the field formula 12 x MP^1.4 GB, which reflects the reference GShard MoE
+dispatch whose ``[tokens, experts, capacity]`` tensors grow with tokens^2.
+
+``gather_scatter``: derived from the model config. Peak of one decoder layer
+(attention with its 4D mask, or the MoE expert loop, whichever is larger) plus the
+residual stream, or the VAE decode if larger, times ``CALIBRATION`` plus ``OVERHEAD_GB``.
+Calibration: on an H200, one real-size MoE layer with the gather/scatter loop measured
+~26.7 KB per CFG token (0.21 GiB at 8,448 tokens; 0.77 GiB at 30,496: STACK_FACTS.md);
+this model gives ~29 KB/token for the MoE part with the default skew allowance, and
+``CALIBRATION`` = 1.3 covers allocator fragmentation and short-lived temporaries
+(``bench/moe.py`` prints the measured figure to re-check it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+GIB = 1024**3
+TEXT_TOKENS_PER_HALF = 128  # prompt + special tokens per CFG half (8,448 tokens at 1 MP)
+CALIBRATION = 1.3
+OVERHEAD_GB = 0.5  # CUDA context, cuBLAS workspace
+VAE_BYTES_PER_PIXEL = 1536  # ~128 float32 channels x 3 live tensors at full resolution
+SKEW_ALLOWANCE = 2.0  # busiest expert gets this many times the uniform share
+
+REAL_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 4096,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "attention_head_dim": 128,
+    "num_experts": 64,
+    "moe_topk": 8,
+    "moe_intermediate_size": 3072,
+    "intermediate_size": 3072,
+    "vae_downsample_factor": [16, 16],
+    "patch_size": 1,
+}
+
+
+def _get(config: Any, name: str) -> Any:
+    if config is None:
+        value = None
+    elif isinstance(config, dict):
+        value = config.get(name)
+    else:
+        value = getattr(config, name, None)
+    if value is None:
+        value = REAL_DEFAULTS[name]
+    if isinstance(value, (list, tuple)) and name != "vae_downsample_factor":
+        value = max(value)
+    return value
+
+
+def megapixels(width: int, height: int) -> float:
+    return width * height / 1e6
+
+
+def reference_inference_gb(megapixels: float) -> float:
+    """Field formula for the reference eager MoE: 12 x MP^1.4 GB."""
+    return 12.0 * max(megapixels, 0.0) ** 1.4
+
+
+def tokens_for_image(config: Any, width: int, height: int, cfg: bool = True) -> int:
+    """Tokens in one transformer forward: image patches + text, both CFG halves if ``cfg``."""
+    factor = _get(config, "vae_downsample_factor")
+    fh, fw = (factor[0], factor[-1]) if isinstance(factor, (list, tuple)) else (factor, factor)
+    p = int(_get(config, "patch_size"))
+    patches = math.ceil(height / fh / p) * math.ceil(width / fw / p)
+    return (patches + TEXT_TOKENS_PER_HALF) * (2 if cfg else 1)
+
+
+def _layer_peak_bytes(config: Any, tokens: int, batch: int) -> float:
+    h = int(_get(config, "hidden_size"))
+    heads, kv, d = (int(_get(config, n)) for n in ("num_attention_heads", "num_key_value_heads", "attention_head_dim"))
+    experts, k = int(_get(config, "num_experts")), int(_get(config, "moe_topk"))
+    width = int(_get(config, "moe_intermediate_size"))
+    shared = int(_get(config, "intermediate_size"))
+    residual = 3 * tokens * h * 2  # hidden, residual, normed (bf16)
+    seq = tokens / batch
+    attention = tokens * (heads + 2 * kv) * d * 2 + 2 * tokens * heads * d * 2 + batch * seq * seq * 2
+    share = min(1.0, SKEW_ALLOWANCE * k / experts)
+    moe = (
+        tokens * h * (4 + 2)  # float32 accumulator + bf16 output
+        + tokens * experts * 4 * 2  # router logits + softmax (float32)
+        + tokens * k * 16  # top-k ids, weights, sort order
+        + share * tokens * (2 * h + 3 * width) * 2  # busiest expert: input, gate_up, act, out
+        + tokens * 3 * shared * 2  # shared expert
+    )
+    return residual + max(attention, moe)
+
+
+def estimate_inference_gb(
+    width: int, height: int, *, config: Any = None, moe_impl: str = "reference", cfg: bool = True
+) -> float:
+    """Inference VRAM (GB, activations) for a width x height image."""
+    if moe_impl == "reference":
+        return reference_inference_gb(megapixels(width, height))
+    if moe_impl != "gather_scatter":
+        raise ValueError(f"moe_impl must be 'reference' or 'gather_scatter', got {moe_impl!r}")
+    tokens = tokens_for_image(config, width, height, cfg=cfg)
+    layer = _layer_peak_bytes(config, tokens, 2 if cfg else 1)
+    vae = width * height * VAE_BYTES_PER_PIXEL
+    return max(layer, vae) * CALIBRATION / GIB + OVERHEAD_GB
