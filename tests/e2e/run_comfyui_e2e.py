@@ -1,0 +1,483 @@
+#!/usr/bin/env python3
+"""End-to-end run of the pack inside a real ComfyUI server, driven over its HTTP API (opt-in).
+
+    COMFYUI_DIR=/tmp/comfyui COMFYUI_PYTHON=/tmp/comfyui/venv/bin/python \
+        python tests/e2e/run_comfyui_e2e.py [--steps 8] [--keep]
+
+Without COMFYUI_DIR and COMFYUI_PYTHON it prints SKIPPED and exits 0. Otherwise it:
+  * makes a throw-away base directory B, links this pack in as B/custom_nodes/ComfyUI-HunyuanImage3
+    (a name with dashes) and writes the test checkpoint to B/models/HunyuanImage-3/HunyuanImage-3;
+  * starts `main.py --cpu` on a free loopback port (always stopped at the end, also on failure);
+  * checks /object_info for our nodes and documented inputs, and the workflows/ files against it;
+  * queues every workflows/*.api.json via POST /prompt, follows /ws and /history, fetches each
+    image via /view and checks its size, checks 'progress' events (max = steps);
+  * proves cancel (/interrupt), ComfyUI's own unload (/free; server RSS before/after), bad input
+    (missing model folder, steps=0) and repeated queueing (the model loads once);
+  * prints a summary table and exits 1 if any check failed.
+Stdlib only: runs with any Python 3.10+.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PACK_ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+
+from comfy_client import ComfyServer, WebSocket, collect_until_done, png_size  # noqa: E402
+from workflow_check import check_api, check_ui  # noqa: E402
+
+PACK_DIR_NAME = "ComfyUI-HunyuanImage3"
+MODEL_NAME = "HunyuanImage-3"
+GENERATE_ID = "2"
+LOADER_ID = "1"
+LOAD_LINE = re.compile(r"loaded .+ in [\d.]+ s")  # hunyuan_loader.loading logs one per load from disk
+DROP_LINE = "ComfyUI asked to unload models: dropping the cached HunyuanImage-3 model"
+
+DOCUMENTED = {  # class: (required inputs, optional inputs, outputs)
+    "HunyuanImage3LoaderINT8": (["model_name", "offload_mode"], [], ["HUNYUAN_IMAGE3"]),
+    "HunyuanImage3LoaderNF4": (["model_name", "offload_mode"], [], ["HUNYUAN_IMAGE3"]),
+    "HunyuanImage3LoaderBF16": (["model_name", "offload_mode"], [], ["HUNYUAN_IMAGE3"]),
+    "HunyuanImage3LoaderBudget": (
+        ["model_name", "quantization", "vram_budget_gb", "inference_headroom_gb"],
+        [],
+        ["HUNYUAN_IMAGE3"],
+    ),
+    "HunyuanImage3Generate": (
+        ["model", "prompt", "seed", "steps", "guidance_scale", "resolution", "width", "height"],
+        ["use_checkpoint_defaults"],
+        ["IMAGE"],
+    ),
+    "HunyuanImage3ForceUnload": (["nuke_orphaned_tensors"], ["trigger"], ["*", "STRING"]),
+    "HunyuanImage3SoftUnload": (["model"], ["trigger"], ["HUNYUAN_IMAGE3", "*"]),
+}
+
+
+@dataclass
+class Run:
+    label: str
+    status: int = 0
+    prompt_id: str = ""
+    body: object = None
+    events: list = field(default_factory=list)
+    history: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    loads: int = 0  # model loads from disk during this run (server log)
+
+    @property
+    def end(self) -> str:
+        ends = [
+            e["type"]
+            for e in self.events
+            if e["type"].startswith("execution_") and e["type"] not in ("execution_start", "execution_cached")
+        ]
+        return ends[-1] if ends else ("rejected" if self.status != 200 else "none")
+
+    def progress(self, node: str = GENERATE_ID) -> list[tuple[int, int]]:
+        return [
+            (e["data"]["value"], e["data"]["max"])
+            for e in self.events
+            if e["type"] == "progress" and str(e["data"].get("node")) == node
+        ]
+
+    def cached(self) -> list[str]:
+        return [
+            str(n) for e in self.events if e["type"] == "execution_cached" for n in e["data"].get("nodes", [])
+        ]
+
+    def error(self) -> dict:
+        for e in self.events:
+            if e["type"] == "execution_error":
+                return e["data"]
+        return {}
+
+    def images(self) -> list[dict]:
+        return [img for out in self.history.get("outputs", {}).values() for img in out.get("images", [])]
+
+
+class E2E:
+    def __init__(self, server: ComfyServer, ws: WebSocket, steps: int | None, timeout: float) -> None:
+        self.server, self.ws, self.steps, self.timeout = server, ws, steps, timeout
+        self.results: list[tuple[str, bool, str]] = []
+        self.runs: list[Run] = []
+        self.seed = 1000
+
+    # -- bookkeeping --------------------------------------------------------------
+    def check(self, name: str, ok: bool, detail: str = "") -> bool:
+        detail = " ".join(str(detail).split())
+        self.results.append((name, bool(ok), detail))
+        print(f"[{'PASS' if ok else 'FAIL'}] {name}: {detail}", flush=True)
+        return bool(ok)
+
+    def load_count(self) -> int:
+        return len(LOAD_LINE.findall(self.server.log_text()))
+
+    def workflow(self, name: str, **generate_inputs) -> dict:
+        prompt = json.loads((PACK_ROOT / "workflows" / f"{name}.api.json").read_text())
+        gen = prompt[GENERATE_ID]["inputs"]
+        if self.steps is not None:
+            gen["steps"] = self.steps
+        self.seed += 1
+        gen["seed"] = self.seed
+        gen.update(generate_inputs)
+        return prompt
+
+    def run(self, label: str, prompt: dict, on_event=None) -> Run:
+        run = Run(label)
+        loads_before = self.load_count()
+        t0 = time.monotonic()
+        run.status, run.body = self.server.queue(prompt, self.ws.client_id)
+        if run.status != 200:
+            run.seconds = time.monotonic() - t0
+            self.runs.append(run)
+            return run
+        run.prompt_id = run.body["prompt_id"]
+        run.events = collect_until_done(self.ws, run.prompt_id, self.timeout, on_event)
+        run.seconds = time.monotonic() - t0
+        run.history = self.server.wait_history(run.prompt_id, 60)
+        time.sleep(0.2)  # let the log catch up
+        run.loads = self.load_count() - loads_before
+        self.runs.append(run)
+        return run
+
+    def good_run(
+        self, label: str, prompt: dict, size: tuple[int, int] = (1024, 1024)
+    ) -> tuple[bool, Run, str]:
+        run = self.run(label, prompt)
+        if run.end != "execution_success":
+            err = run.error()
+            return (
+                False,
+                run,
+                f"{run.end} {run.status} {err.get('exception_type', '')}: "
+                f"{str(err.get('exception_message', run.body))[:300]}",
+            )
+        images = run.images()
+        if not images:
+            return False, run, "no image in /history outputs"
+        sizes = [png_size(self.server.view(img)) for img in images]
+        if any(s != size for s in sizes):
+            return False, run, f"image sizes {sizes}, expected {size}"
+        return True, run, f"{len(images)} image(s) {size[0]}x{size[1]} via /view in {run.seconds:.1f} s"
+
+    # -- checks -------------------------------------------------------------------
+    def check_object_info(self) -> dict:
+        info = self.server.get_json("/object_info")
+        log = self.server.log_text()
+        import_failed = [
+            ln
+            for ln in log.splitlines()
+            if PACK_DIR_NAME in ln and ("IMPORT FAILED" in ln or "Cannot import" in ln)
+        ]
+        missing = [c for c in DOCUMENTED if c not in info]
+        self.check(
+            "pack imported as custom_nodes/" + PACK_DIR_NAME,
+            not missing and not import_failed,
+            f"{len(DOCUMENTED) - len(missing)}/{len(DOCUMENTED)} nodes listed"
+            + (f"; missing {missing}" if missing else "")
+            + (f"; {import_failed[0]}" if import_failed else ""),
+        )
+        problems = []
+        for cls, (req, opt, outs) in DOCUMENTED.items():
+            if cls not in info:
+                continue
+            node = info[cls]
+            have_req, have_opt = node["input"].get("required", {}), node["input"].get("optional", {})
+            problems += [f"{cls}.{n} not required" for n in req if n not in have_req]
+            problems += [f"{cls}.{n} not optional" for n in opt if n not in have_opt]
+            if node["output"] != outs:
+                problems.append(f"{cls} outputs {node['output']} != {outs}")
+            if node.get("category") != "HunyuanImage3":
+                problems.append(f"{cls} category {node.get('category')}")
+        gen = info.get("HunyuanImage3Generate", {}).get("input", {}).get("required", {})
+        if gen:
+            if gen["steps"][1].get("min") != 1:
+                problems.append(f"Generate.steps min {gen['steps'][1].get('min')}")
+            res = gen["resolution"][0]
+            if not ({"auto", "1024x1024", "custom"} <= set(res)):
+                problems.append(f"resolution choices {res[:5]}...")
+        for cls in ("HunyuanImage3LoaderBF16", "HunyuanImage3LoaderBudget"):
+            if cls in info and MODEL_NAME not in info[cls]["input"]["required"]["model_name"][0]:
+                problems.append(f"{cls}.model_name does not list the test checkpoint {MODEL_NAME}")
+        if "HunyuanImage3ForceUnload" in info and not info["HunyuanImage3ForceUnload"].get("output_node"):
+            problems.append("ForceUnload is not an output node")
+        self.check(
+            "/object_info lists documented inputs/outputs",
+            not problems,
+            "; ".join(problems)
+            if problems
+            else "7 nodes, category HunyuanImage3, steps min 1, model combo ok",
+        )
+        return info
+
+    def check_workflow_files(self, info: dict) -> list[str]:
+        names = sorted(p.name[: -len(".api.json")] for p in (PACK_ROOT / "workflows").glob("*.api.json"))
+        problems = []
+        for name in names:
+            ui_path = PACK_ROOT / "workflows" / f"{name}.json"
+            if not ui_path.is_file():
+                problems.append(f"{name}: no UI-format file")
+            else:
+                problems += [f"{name}.json: {e}" for e in check_ui(json.loads(ui_path.read_text()), info)]
+            api = json.loads((PACK_ROOT / "workflows" / f"{name}.api.json").read_text())
+            problems += [f"{name}.api.json: {e}" for e in check_api(api, info)]
+        self.check(
+            "workflows/ valid against /object_info (UI + API)",
+            names and not problems,
+            "; ".join(problems[:6]) if problems else f"{len(names)} workflows x 2 formats",
+        )
+        return names
+
+    def check_workflows(self, names: list[str]) -> None:
+        progress_problems = []
+        for name in names:
+            prompt = self.workflow(name)
+            steps = prompt[GENERATE_ID]["inputs"]["steps"]
+            ok, run, detail = self.good_run(f"workflow {name}", prompt)
+            self.check(f"queue workflows/{name}.api.json", ok, detail + f" (loads from disk: {run.loads})")
+            prog = run.progress()
+            if not prog or any(m != steps for _, m in prog) or prog[-1][0] != steps:
+                progress_problems.append(f"{name}: {prog[:3]}...{prog[-2:]} (steps {steps})")
+            if "4" in prompt and ok:
+                text = run.history.get("outputs", {}).get("4", {}).get("text", [])
+                self.check("Force Unload report in /history", bool(text), (text[0] if text else "none")[:160])
+        self.check(
+            "progress over /ws (max = steps, last = steps)",
+            not progress_problems,
+            "; ".join(progress_problems)
+            if progress_problems
+            else f"{len(names)} runs, e.g. {self.runs[-1].progress()[:2]}...{self.runs[-1].progress()[-1:]}",
+        )
+
+    def check_repeated(self, name: str, count: int = 5) -> None:
+        # Start from a dropped model, so run 1 loads and runs 2..5 must not.
+        self.server.free()
+        self.wait_for_log(DROP_LINE, 30, min_count=self.server.log_text().count(DROP_LINE))
+        runs, oks = [], []
+        for i in range(count):
+            ok, run, detail = self.good_run(f"repeat {i + 1}/{count}", self.workflow(name))
+            runs.append(run)
+            oks.append(ok)
+        loads = [r.loads for r in runs]
+        times = ", ".join(f"{r.seconds:.1f}" for r in runs)
+        self.check(
+            f"repeated queueing x{count} (new seeds)",
+            all(oks) and loads[0] == 1 and sum(loads[1:]) == 0,
+            f"loads per run {loads}, times [{times}] s",
+        )
+
+    def wait_for_log(self, text: str, timeout: float, min_count: int = 0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.server.log_text().count(text) > min_count:
+                return True
+            time.sleep(0.25)
+        return False
+
+    def check_cancel(self, name: str, long_steps: int) -> None:
+        # make sure the model is loaded first, so the long run spends its time in steps
+        self.good_run("warm-up", self.workflow(name))
+        sent = {}
+
+        def on_event(msg: dict) -> None:
+            d = msg.get("data") or {}
+            if (
+                msg["type"] == "progress"
+                and str(d.get("node")) == GENERATE_ID
+                and not sent
+                and d["value"] >= 2
+            ):
+                sent["value"], sent["t"] = d["value"], time.monotonic()
+                self.server.interrupt()
+
+        run = self.run("cancel (interrupted)", self.workflow(name, steps=long_steps), on_event)
+        prog = run.progress()
+        last = prog[-1][0] if prog else 0
+        after = (run.events[-1]["t"] - sent["t"]) if sent else float("nan")
+        ok = run.end == "execution_interrupted" and sent and last <= sent["value"] + 1 and last < long_steps
+        self.check(
+            "cancel: /interrupt ends the run within one step",
+            ok,
+            f"end={run.end}, interrupt at step {sent.get('value')}, last progress {last}/{long_steps}, "
+            f"ended {after:.2f} s after /interrupt",
+        )
+        ok2, run2, detail = self.good_run("after cancel", self.workflow(name))
+        self.check(
+            "cancel: next prompt succeeds on the still-loaded model",
+            ok2 and run2.loads == 0,
+            detail + f"; loads from disk {run2.loads}; loader cached: {LOADER_ID in run2.cached()}",
+        )
+
+    def check_free(self, name: str) -> None:
+        ok0, _, _ = self.good_run("before /free", self.workflow(name))  # model loaded and used
+        time.sleep(1.0)
+        rss_before = self.server.rss()
+        drops = self.server.log_text().count(DROP_LINE)
+        status = self.server.free()
+        dropped = self.wait_for_log(DROP_LINE, 30, min_count=drops)
+        time.sleep(2.0)  # ComfyUI gc.collect()s after unload
+        rss_after = self.server.rss()
+        self.check(
+            "/free {unload_models, free_memory} drops our cached model",
+            ok0 and status == 200 and dropped,
+            f"HTTP {status}; pack log '{DROP_LINE[:40]}...' seen: {dropped}; server RSS "
+            f"{rss_before / 2**20:.0f} MiB -> {rss_after / 2**20:.0f} MiB "
+            f"({(rss_after - rss_before) / 2**20:+.0f} MiB)",
+        )
+        ok, run, detail = self.good_run("after /free", self.workflow(name))
+        self.check(
+            "after /free the next prompt reloads and succeeds",
+            ok and run.loads == 1,
+            detail + f"; loads from disk {run.loads}",
+        )
+
+    def check_bad_input(self, name: str) -> None:
+        missing = "no-such-model-folder"
+        prompt = self.workflow(name)
+        prompt[LOADER_ID]["inputs"]["model_name"] = missing
+        run = self.run("missing model folder", prompt)
+        err = run.error()
+        msg = str(err.get("exception_message", ""))
+        self.check(
+            "missing model folder -> execution_error naming it and where models go",
+            run.end == "execution_error" and missing in msg and "models/HunyuanImage-3" in msg,
+            f"{run.end}: {err.get('exception_type', '')}: {msg[:220]}",
+        )
+        ok, _, detail = self.good_run("after missing model", self.workflow(name))
+        self.check("next good prompt after the execution_error succeeds", ok, detail)
+
+        run = self.run("steps=0", self.workflow(name, steps=0))
+        body = run.body if isinstance(run.body, dict) else {}
+        errs = body.get("node_errors", {}).get(GENERATE_ID, {}).get("errors", [])
+        types = [(e.get("type"), e.get("extra_info", {}).get("input_name")) for e in errs]
+        self.check(
+            "steps=0 -> 400 validation error",
+            run.status == 400 and ("value_smaller_than_min", "steps") in types,
+            f"HTTP {run.status}, {body.get('error', {}).get('type')}, {types}",
+        )
+        ok, _, detail = self.good_run("after steps=0", self.workflow(name))
+        self.check("next good prompt after the 400 succeeds", ok, detail)
+
+    def summary(self) -> int:
+        print("\n==== runs ====")
+        print(f"{'run':<44} {'end':<24} {'seconds':>8} {'loads':>5}")
+        for r in self.runs:
+            print(f"{r.label:<44} {r.end:<24} {r.seconds:8.2f} {r.loads:5d}")
+        print("\n==== checks ====")
+        width = max(len(n) for n, _, _ in self.results) if self.results else 10
+        for name, ok, detail in self.results:
+            print(f"{'PASS' if ok else 'FAIL'}  {name:<{width}}  {detail[:150]}")
+        failed = sum(1 for _, ok, _ in self.results if not ok)
+        print(f"\n{len(self.results) - failed} passed, {failed} failed")
+        return 1 if failed else 0
+
+
+def make_test_checkpoint(python: str, dest: Path, env: dict) -> None:
+    cmd = [python, "-m", "hunyuan_loader", "make-test-model", str(dest)]
+    res = subprocess.run(cmd, cwd=PACK_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if res.returncode != 0 or not (dest / "config.json").is_file():
+        raise RuntimeError(
+            f"make-test-model failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--steps", type=int, default=8, help="steps for every queued workflow (default 8; 0 = as in file)"
+    )
+    ap.add_argument(
+        "--cancel-steps", type=int, default=200, help="steps of the long run that gets interrupted"
+    )
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per prompt")
+    ap.add_argument("--keep", action="store_true", help="keep the base directory (log, outputs)")
+    ap.add_argument("--port", type=int, help="default: a free loopback port")
+    args = ap.parse_args(argv)
+
+    comfy_dir, python = os.environ.get("COMFYUI_DIR"), os.environ.get("COMFYUI_PYTHON")
+    if not comfy_dir or not python:
+        print(
+            "SKIPPED: ComfyUI end-to-end run needs COMFYUI_DIR (a ComfyUI checkout) and COMFYUI_PYTHON "
+            "(the Python of its venv, with this pack's requirements installed); see docs/api.md."
+        )
+        return 0
+    if not (Path(comfy_dir) / "main.py").is_file():
+        print(f"FAIL: COMFYUI_DIR={comfy_dir} has no main.py")
+        return 1
+
+    base = Path(tempfile.mkdtemp(prefix="hy3-comfy-e2e-"))
+    env = dict(os.environ, HF_HOME=str(base / "hf"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["HF_MODULES_CACHE"] = str(base / "hf" / "modules")
+    (base / "custom_nodes").mkdir(parents=True)
+    (base / "custom_nodes" / PACK_DIR_NAME).symlink_to(PACK_ROOT, target_is_directory=True)
+    model_dir = base / "models" / "HunyuanImage-3" / MODEL_NAME
+    print(
+        f"base directory {base}; pack -> custom_nodes/{PACK_DIR_NAME}; test checkpoint -> {model_dir}",
+        flush=True,
+    )
+
+    server = ComfyServer(
+        Path(comfy_dir),
+        python,
+        base,
+        port=args.port,
+        env={k: env[k] for k in ("HF_HOME", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "HF_MODULES_CACHE")},
+    )
+    ws = None
+    e2e = None
+    rc = 1
+    try:
+        make_test_checkpoint(python, model_dir, env)
+        t0 = time.monotonic()
+        server.start()
+        print(f"ComfyUI up on {server.url} (pid {server.pid}) in {time.monotonic() - t0:.1f} s", flush=True)
+        ws = WebSocket("127.0.0.1", server.port)
+        e2e = E2E(server, ws, args.steps or None, args.timeout)
+        info = e2e.check_object_info()
+        names = e2e.check_workflow_files(info)
+        if all(c in info for c in DOCUMENTED):
+            steps = [
+                ("workflows", lambda: e2e.check_workflows(names)),
+                ("repeated", lambda: e2e.check_repeated("hunyuan_image3_bf16")),
+                ("cancel", lambda: e2e.check_cancel("hunyuan_image3_bf16", args.cancel_steps)),
+                ("free", lambda: e2e.check_free("hunyuan_image3_bf16")),
+                ("bad input", lambda: e2e.check_bad_input("hunyuan_image3_bf16")),
+            ]
+            for label, fn in steps:
+                try:
+                    fn()
+                except Exception as exc:  # one broken check must not hide the others
+                    traceback.print_exc()
+                    e2e.check(f"{label} (crashed)", False, f"{type(exc).__name__}: {exc}"[:300])
+        rc = e2e.summary()
+    except Exception:
+        traceback.print_exc()
+        rc = 1
+    finally:
+        if ws is not None:
+            ws.close()
+        server.stop()
+        print(f"server stopped; log: {server.log_path}", flush=True)
+        if rc != 0:
+            print("---- server log tail ----\n" + server.log_tail(60))
+        if rc == 0 and not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+        else:
+            print(f"kept {base}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
