@@ -122,9 +122,9 @@ def quantize_experts(model: nn.Module, mode: str) -> nn.Module:
     return model.eval()
 
 
-def make_model(mode: str = "bf16", n: int = 4, seed: int = 0) -> TinyHunyuan:
+def make_model(mode: str = "bf16", n: int = 4, seed: int = 0, h: int = 64, w: int = 32, e: int = 4) -> TinyHunyuan:
     torch.manual_seed(seed)
-    model = TinyHunyuan(n=n).eval()
+    model = TinyHunyuan(n=n, h=h, w=w, e=e).eval()
     if mode == "bf16":
         model.to(torch.bfloat16)
         for layer in model.model.layers:

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from residency_models import inputs, make_model
+from residency_models import inputs
 
 from hunyuan_image3.memory.residency import (
     ResidencyManager,
@@ -19,6 +19,28 @@ warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
 pytestmark = pytest.mark.gpu
 MODES = ["bf16", "int8", "nf4"]
 DEV = torch.device("cuda", 0) if torch.cuda.is_available() else None
+
+
+SIZE = {"h": 256, "w": 512, "e": 4}  # ~4.5 MB per bf16 block: well above allocator noise
+
+
+def _make(mode, n):
+    return _make(mode, n, **SIZE)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _warm_cuda():
+    """cuBLAS workspaces and bnb buffers are allocated at the first matmul: do that first."""
+    if DEV is None:
+        yield
+        return
+    for mode in MODES:
+        m = _make(mode, 1)
+        move_module_weights(m, DEV)
+        _run(m, inputs())
+        del m
+    torch.cuda.empty_cache()
+    yield
 
 
 def _alloc() -> int:
@@ -35,7 +57,7 @@ def _run(model, x):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_cuda_round_trip_frees_and_is_bit_exact(mode):
-    model = make_model(mode, n=3)
+    model = _make(mode, 3)
     x = inputs()
     base = _alloc()
     move_module_weights(model, DEV)
@@ -45,6 +67,7 @@ def test_cuda_round_trip_frees_and_is_bit_exact(mode):
     move_module_weights(model, "cpu", pin=True)
     torch.cuda.empty_cache()
     assert _alloc() - base < 64 * 1024, f"{mode}: {(_alloc() - base)} bytes left on the GPU"
+    assert on_gpu - base > 0.9 * sum(w.nbytes for w in weight_tensors(model))
     assert all(w.tensor.device.type == "cpu" for w in weight_tensors(model))
     move_module_weights(model, DEV, non_blocking=True)
     assert torch.equal(_run(model, x), ref)
@@ -52,7 +75,7 @@ def test_cuda_round_trip_frees_and_is_bit_exact(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_streaming_bit_exact_and_inside_budget(mode):
-    model = make_model(mode, n=6)
+    model = _make(mode, 6)
     x = inputs(batch=2, seq=64)
     base = _alloc()
     mgr = ResidencyManager(model, model.model.layers, DEV)
@@ -64,7 +87,7 @@ def test_streaming_bit_exact_and_inside_budget(mode):
     mgr.apply(plan)
     assert mgr.state is ResidencyState.STREAMING
     weights = _alloc() - base
-    assert weights <= plan.gpu_weight_bytes + 64 * 1024, (weights, plan.gpu_weight_bytes)
+    assert weights <= plan.gpu_weight_bytes + 1024**2, (weights, plan.gpu_weight_bytes)
     torch.cuda.reset_peak_memory_stats(DEV)
     outs = [_run(model, x) for _ in range(3)]
     assert all(torch.equal(o, ref) for o in outs), mode
@@ -78,7 +101,7 @@ def test_streaming_bit_exact_and_inside_budget(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_park_frees_gpu_and_restore_is_bit_exact(mode):
-    model = make_model(mode, n=5)
+    model = _make(mode, 5)
     x = inputs()
     base = _alloc()
     mgr = ResidencyManager(model, model.model.layers, DEV)
@@ -88,7 +111,7 @@ def test_park_frees_gpu_and_restore_is_bit_exact(mode):
     report = mgr.park()
     assert mgr.state is ResidencyState.PARKED
     assert _alloc() - base < 64 * 1024
-    assert report.freed_bytes > 0
+    assert report.freed_bytes >= 0.9 * (mgr.other_bytes + 2 * b + 2 * b)  # 2 resident + 2 slots
     mgr.restore()
     assert torch.equal(_run(model, x), ref)
     mgr.apply(mgr.plan_for_budget(10**12, 0))

@@ -64,7 +64,7 @@ class HostBuffer:
         except Exception as exc:  # noqa: BLE001 - binding missing in this build
             log.debug("cudaHostRegister unavailable: %s", exc)
             return False
-        if int(err) != 0:
+        if int(getattr(err, "value", err)) != 0:
             log.debug("cudaHostRegister failed (%s)", err)
             return False
         # Unregister when this buffer object goes; the finalizer holds the memory till then.
@@ -115,10 +115,15 @@ class PackedBlock:
         self.host = HostBuffer(self.layout.total, pin=pin)
         self.host_views: list[torch.Tensor] = []
         buf = self.host.tensor
+        from_gpu = False
         for w, off in zip(self.tensors, self.layout.offsets):
             view = typed_view(buf, off, w.tensor)
-            view.copy_(w.tensor)  # GPU->pinned is synchronous here; mmap pages are read once
+            on_gpu = w.tensor.device.type == "cuda"
+            from_gpu |= on_gpu
+            view.copy_(w.tensor, non_blocking=on_gpu and self.host.pinned)  # mmap pages are read once
             self.host_views.append(view)
+        if from_gpu:
+            torch.cuda.synchronize()  # the copies must land before the GPU originals are dropped
         for w, view in zip(self.tensors, self.host_views):
             w.assign(view)  # drops the original (GPU / mmap) tensor
 
