@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from hunyuan_image3.memory.residency import (
     InsufficientVRAMError,
     Placement,
