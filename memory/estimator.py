@@ -8,9 +8,10 @@ dispatch whose ``[tokens, experts, capacity]`` tensors grow with tokens^2.
 residual stream, or the VAE decode if larger, times ``CALIBRATION`` plus ``OVERHEAD_GB``.
 Calibration: on an H200, one real-size MoE layer with the gather/scatter loop measured
 ~26.7 KB per CFG token (0.21 GiB at 8,448 tokens; 0.77 GiB at 30,496: STACK_FACTS.md);
-this model gives ~29 KB/token for the MoE part with the default skew allowance, and
-``CALIBRATION`` = 1.3 covers allocator fragmentation and short-lived temporaries
-(``bench/moe.py`` prints the measured figure to re-check it).
+the routed-expert part of this model gives ~33 KB/token with the default skew allowance
+(plus ~18 KB/token shared expert and ~24 KB/token residual stream, ~75 KB/token per
+layer in all), and ``CALIBRATION`` = 1.3 covers allocator fragmentation and short-lived
+temporaries (``bench/moe.py`` prints the measured figure to re-check it).
 """
 
 from __future__ import annotations

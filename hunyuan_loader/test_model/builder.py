@@ -172,3 +172,18 @@ def make_test_model(
     (dest / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
     logger.info("wrote %s test checkpoint to %s", variant, dest)
     return dest
+
+
+def load_remote_code(variant: str = "base") -> types.ModuleType:
+    """Import the test model's modeling code (written to a temp folder) without building weights.
+
+    Gives benchmarks and tests the module classes (``HunyuanMoE``, ``HunyuanImage3Config``, ...).
+    """
+    import tempfile
+
+    files = VARIANTS[variant]["files"]
+    folder = Path(tempfile.mkdtemp(prefix="hy3_remote_code_"))
+    for template in TEMPLATES:
+        (folder / f"{files[template]}.py").write_text(remote_code_source(template, files), encoding="utf-8")
+    modeling, _, _ = _import_written(folder, files)
+    return modeling

@@ -1,0 +1,202 @@
+"""Memory-linear MoE dispatch for HunyuanImage-3.0 (issue 6).
+
+The reference ("eager") MoE builds ``[tokens, experts, capacity]`` dispatch/combine
+tensors; with ``moe_drop_tokens=False`` the capacity is the busiest expert's token
+count, so memory grows with tokens^2. ``install_moe_dispatch(model, "gather_scatter")``
+replaces each MoE block's forward (on the instance) with an exact equivalent: the
+same float32 router, softmax, top-k (same ``torch.topk`` call, so the same ties),
+normalisation / ``routed_scaling_factor`` and capacity/priority drop rules, then tokens
+grouped by expert (stable sort), ``index_select``, each expert run once on its tokens,
+and ``index_add_`` of the weighted outputs into a float32 buffer in expert order.
+Memory is linear in tokens. Works with bnb Linear8bitLt / Linear4bit experts and with
+hooks on the decoder layer (the block's module calls are kept).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+IMPLS = ("gather_scatter", "reference")
+_MARK = "_hy3_moe_impl"
+_CFG = "_hy3_moe_routing"
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Routing rules of one MoE block (read from the model config)."""
+
+    topk: int
+    drop_tokens: bool = False
+    capacity_factor: float = 1.0
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+
+
+def _layer_value(value: Any, layer_idx: int) -> Any:
+    if isinstance(value, (list, tuple)):
+        return value[layer_idx] if layer_idx < len(value) else value[-1]
+    return value
+
+
+def routing_for(config: Any, layer_idx: int, block: nn.Module | None = None) -> Routing:
+    """Routing rules for layer ``layer_idx``; ``moe_topk`` may be an int or a per-layer list."""
+    gate = getattr(block, "gate", None)
+    topk = getattr(config, "moe_topk", None)
+    if topk is None:
+        topk = getattr(gate, "moe_topk", None) or getattr(block, "moe_topk", None)
+    if topk is None:
+        raise ValueError("cannot find moe_topk in the config or the MoE block")
+
+    def get(name: str, default: Any) -> Any:
+        value = getattr(config, name, None)
+        return default if value is None else value
+
+    return Routing(
+        topk=int(_layer_value(topk, layer_idx)),
+        drop_tokens=bool(get("moe_drop_tokens", False)),
+        capacity_factor=float(get("capacity_factor", 1.0)),
+        norm_topk_prob=bool(get("norm_topk_prob", True)),
+        routed_scaling_factor=float(get("routed_scaling_factor", 1.0)),
+    )
+
+
+def _is_moe_block(module: nn.Module) -> bool:
+    gate = module._modules.get("gate")
+    experts = module._modules.get("experts")
+    return gate is not None and hasattr(gate, "wg") and isinstance(experts, nn.ModuleList)
+
+
+def find_moe_blocks(model: nn.Module) -> list[nn.Module]:
+    """MoE blocks found by structure: ``.gate`` with ``.wg``, ``.experts`` (ModuleList), optional ``.shared_mlp``."""
+    return [m for m in model.modules() if _is_moe_block(m)]
+
+
+def router_logits(gate: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """float32 router logits through the gate's ``wg`` module (hooks on it still run)."""
+    wdt = gate.wg.weight.dtype
+    inp = x.to(wdt) if wdt.is_floating_point else x
+    return gate.wg(inp).float()
+
+
+def route(logits: torch.Tensor, rule: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert ids [T, k], float32 weights [T, k]) exactly as the reference gate computes them."""
+    gates = F.softmax(logits, dim=1)
+    top_vals, top_idx = torch.topk(gates, rule.topk, dim=1)
+    if rule.norm_topk_prob and rule.topk > 1:
+        weights = top_vals / top_vals.sum(dim=1, keepdim=True)
+    else:
+        weights = top_vals * rule.routed_scaling_factor
+    return top_idx, weights
+
+
+def plan_dispatch(
+    top_idx: torch.Tensor, weights: torch.Tensor, num_experts: int, rule: Routing
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Kept assignments grouped by expert: (token ids, weights, per-expert counts).
+
+    Priority order is rank-major (every token's 1st choice, then 2nd, ...); within an
+    expert the stable sort keeps that order, so with ``drop_tokens`` the first
+    ``capacity`` assignments are the ones the reference keeps.
+    """
+    tokens, k = top_idx.shape
+    flat_e = top_idx.t().reshape(-1)
+    flat_tok = torch.arange(tokens, device=top_idx.device).repeat(k)
+    flat_w = weights.t().reshape(-1)
+    order = torch.sort(flat_e, stable=True).indices
+    counts = torch.bincount(flat_e, minlength=num_experts)
+    if rule.drop_tokens:
+        capacity = int(max(k, k * tokens // num_experts) * rule.capacity_factor)
+        starts = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(order.numel(), device=order.device) - starts[flat_e[order]]
+        order = order[pos < capacity]
+        counts = counts.clamp(max=capacity)
+    return flat_tok[order], flat_w[order], counts.tolist()
+
+
+def gather_scatter_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Drop-in MoE forward with memory linear in tokens (bound to a block by ``install_moe_dispatch``)."""
+    if hidden_states.is_cuda:
+        torch.cuda.set_device(hidden_states.device)
+    rule: Routing = getattr(self, _CFG)
+    shape = hidden_states.shape
+    x = hidden_states.reshape(-1, shape[-1])
+    experts = self.experts
+    top_idx, weights = route(router_logits(self.gate, x), rule)
+    tok, w, counts = plan_dispatch(top_idx, weights, len(experts), rule)
+    del top_idx, weights
+    out = torch.zeros(x.shape[0], shape[-1], dtype=torch.float32, device=x.device)
+    start = 0
+    for expert, n in zip(experts, counts):
+        if n:
+            idx = tok[start : start + n]
+            y = expert(x.index_select(0, idx))
+            out.index_add_(0, idx, y.float() * w[start : start + n, None])
+            del y
+        start += n
+    result = out.to(hidden_states.dtype).reshape(shape)
+    del out
+    shared = self._modules.get("shared_mlp")
+    if shared is not None:
+        result = shared(hidden_states) + result
+    return result
+
+
+def _layer_index(name: str, fallback: int) -> int:
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else fallback
+
+
+def _forward_owner(block: nn.Module) -> tuple[object, str]:
+    """Where the forward to patch lives: accelerate hooks keep the original in ``_old_forward``."""
+    return (block, "_old_forward") if hasattr(block, "_old_forward") else (block, "forward")
+
+
+def install_moe_dispatch(model: nn.Module, impl: str = "gather_scatter") -> int:
+    """Switch every MoE block of ``model`` to ``impl``; returns the number of blocks now using it.
+
+    Idempotent. ``"reference"`` restores the block's original forward.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    config = getattr(model, "config", None)
+    named = [(n, m) for n, m in model.named_modules() if _is_moe_block(m)]
+    changed = 0
+    for i, (name, block) in enumerate(named):
+        current = getattr(block, _MARK, "reference")
+        owner, attr = _forward_owner(block)
+        if impl == "gather_scatter":
+            setattr(block, _CFG, routing_for(config, _layer_index(name, i), block))
+            if current != "gather_scatter":
+                saved = owner.__dict__.get(attr)
+                block.__dict__["_hy3_saved_forward"] = (attr, saved)
+                setattr(owner, attr, types.MethodType(gather_scatter_forward, block))
+                changed += 1
+        elif current != "reference":
+            attr, saved = block.__dict__.pop("_hy3_saved_forward", (attr, None))
+            if saved is None:
+                owner.__dict__.pop(attr, None)
+            else:
+                setattr(owner, attr, saved)
+            changed += 1
+        block.__dict__[_MARK] = impl
+    logger.info("MoE dispatch %s: %d blocks (%d changed)", impl, len(named), changed)
+    return len(named)
+
+
+def active_moe_impl(model: nn.Module) -> str:
+    """``"gather_scatter"`` when every MoE block uses it, else ``"reference"`` (the conservative answer)."""
+    blocks = find_moe_blocks(model)
+    if blocks and all(getattr(b, _MARK, "reference") == "gather_scatter" for b in blocks):
+        return "gather_scatter"
+    return "reference"
