@@ -162,3 +162,24 @@ def _checkpoint(tmp_path_factory, variant: str, drop: bool) -> Path:
         overrides = {"moe_drop_tokens": True, "capacity_factor": 0.5} if drop else {}
         _BUILT[key] = build(tmp_path_factory, variant, **overrides)
     return _BUILT[key]
+
+
+@pytest.mark.gpu
+def test_cuda_equivalence_and_memory(modeling) -> None:
+    model, block = _block(modeling, moe_topk=[2], norm_topk_prob=True)
+    _skew(block, "skewed")
+    model.cuda()
+    x = torch.randn(2, 4096, 64, dtype=torch.bfloat16, device="cuda") + 0.5
+    peaks = {}
+    outs = {}
+    for impl in ("reference", "gather_scatter"):
+        install_moe_dispatch(model, impl)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.no_grad():
+            outs[impl] = block(x)
+        torch.cuda.synchronize()
+        peaks[impl] = torch.cuda.max_memory_allocated() - base
+    torch.testing.assert_close(outs["gather_scatter"].float(), outs["reference"].float(), rtol=1.6e-2, atol=1e-2)
+    assert peaks["gather_scatter"] * 5 < peaks["reference"]
