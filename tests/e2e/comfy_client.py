@@ -121,7 +121,7 @@ class ComfyServer:
         """Stop the server (SIGINT, then SIGTERM, then SIGKILL) - safe to call twice."""
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
-            for sig, wait in ((signal.SIGINT, 10), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            for sig, wait in ((signal.SIGINT, 3), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
                 try:
                     proc.send_signal(sig)
                     proc.wait(wait)

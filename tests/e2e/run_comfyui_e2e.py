@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -156,6 +157,9 @@ class E2E:
         self, label: str, prompt: dict, size: tuple[int, int] = (1024, 1024)
     ) -> tuple[bool, Run, str]:
         run = self.run(label, prompt)
+        node_errors = run.body.get("node_errors") if isinstance(run.body, dict) else None
+        if node_errors:  # 200 but some outputs were dropped ("Output will be ignored")
+            return False, run, f"node_errors on POST /prompt: {json.dumps(node_errors)[:300]}"
         if run.end != "execution_success":
             err = run.error()
             return (
@@ -396,7 +400,7 @@ def make_test_checkpoint(python: str, dest: Path, env: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--steps", type=int, default=8, help="steps for every queued workflow (default 8; 0 = as in file)"
+        "--steps", type=int, default=3, help="steps for every queued workflow (default 3; 0 = as in file)"
     )
     ap.add_argument(
         "--cancel-steps", type=int, default=200, help="steps of the long run that gets interrupted"
@@ -417,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAIL: COMFYUI_DIR={comfy_dir} has no main.py")
         return 1
 
+    # stop the server also when killed (SIGTERM) or interrupted from a background job
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     base = Path(tempfile.mkdtemp(prefix="hy3-comfy-e2e-"))
     env = dict(os.environ, HF_HOME=str(base / "hf"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["HF_MODULES_CACHE"] = str(base / "hf" / "modules")
