@@ -7,7 +7,17 @@ from typing import Any
 from ..hunyuan_loader.cache import ModelHandle, get_cache
 from .loaders import CATEGORY, MODEL_TYPE
 
-ANY = "*"
+
+class _AnyType(str):
+    """'*' that ComfyUI's link validation accepts for every type (it tests `received != expected`)."""
+
+    def __ne__(self, other: object) -> bool:
+        return False
+
+    __hash__ = str.__hash__
+
+
+ANY = _AnyType("*")
 
 
 class HunyuanImage3ForceUnload:
