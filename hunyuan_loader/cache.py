@@ -95,9 +95,13 @@ class HunyuanModelCache:
             if mode == "park":
                 if self.loaded.residency is None:
                     return f"{name} is already in CPU RAM (no GPU in use)."
-                moved = self.loaded.residency.park()
+                report = self.loaded.residency.park()
                 collect_garbage(1)
-                return f"Soft-unloaded {name}: {moved / stats.GIB:.2f} GiB parked in CPU RAM; it comes back on the next Generate."
+                return (
+                    f"Soft-unloaded {name}: {report.moved_bytes / stats.GIB:.2f} GiB parked in CPU RAM in "
+                    f"{report.seconds:.1f} s ({report.freed_bytes / stats.GIB:.2f} GiB of VRAM freed); "
+                    "it comes back on the next Generate."
+                )
             self._drop()
             collect_garbage()
             return f"Dropped {name}."

@@ -90,7 +90,11 @@ def require_bitsandbytes(quant: str) -> None:
     """Raise a DependencyError naming the fix if bitsandbytes is not importable."""
     if quant == "bf16":
         return
-    if importlib.util.find_spec("bitsandbytes") is None:
+    try:
+        found = importlib.util.find_spec("bitsandbytes") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules entry is None (import blocked)
+        found = False
+    if not found:
         raise DependencyError(
             f"{quant.upper()} needs bitsandbytes, which is not installed in ComfyUI's Python. "
             "Install it with `python -m pip install bitsandbytes>=0.48` (the Python that runs ComfyUI), "

@@ -38,19 +38,23 @@ def default_headroom_gb(model: Any) -> float:
 
 
 def place_for_spec(model: Any, spec: LoadSpec, device: torch.device) -> Any:
-    """Create the model's ResidencyManager and apply the load-time plan."""
-    from ..memory.residency import ResidencyManager
+    """Create the model's ResidencyManager and apply the load-time plan.
 
-    manager = ResidencyManager(model, decoder_blocks(model), device)
-    free, total = torch.cuda.mem_get_info(device)
-    budget_gb = spec.vram_budget_gb if spec.vram_budget_gb is not None else free / stats.GIB
+    disabled: every block on the GPU. smart: the free VRAM is the budget. budget: the
+    user's vram_budget_gb. Both keep the inference headroom (default: the 1 MP estimate).
+    """
+    from ..memory.residency import place_loaded_model
+
+    budget_bytes = None
     headroom_gb = spec.headroom_gb if spec.headroom_gb is not None else default_headroom_gb(model)
-    if spec.offload == "disabled":
-        plan = manager.plan_all_resident()
-    else:
-        plan = manager.plan_for_budget(int(budget_gb * stats.GIB), int(headroom_gb * stats.GIB))
-    manager.apply(plan)
-    log.info("placement for %s: %s", spec.describe(), plan.describe())
+    if spec.offload != "disabled":
+        free, _total = torch.cuda.mem_get_info(device)
+        budget_gb = spec.vram_budget_gb if spec.vram_budget_gb is not None else free / stats.GIB
+        budget_bytes = int(budget_gb * stats.GIB)
+    manager = place_loaded_model(
+        model, decoder_blocks(model), device, budget_bytes=budget_bytes, headroom_bytes=int(headroom_gb * stats.GIB)
+    )
+    log.info("placement for %s: %s", spec.describe(), manager.plan.describe())
     return manager
 
 
@@ -91,8 +95,9 @@ def run_placement(
     if not (switch or extra):
         yield
         return
-    with manager.stream_extra(extra) as moved:
-        moved_bytes = int(moved or 0)
+    before = manager.plan.streamed_bytes if manager.plan is not None else 0
+    with manager.stream_extra(extra) as plan:
+        moved_bytes = plan.streamed_bytes - before
         text = (
             f"needs ~{need / stats.GIB:.1f} GiB for activations at {width}x{height}; streaming "
             f"{moved_bytes / stats.GIB:.1f} GiB of weights for this run"

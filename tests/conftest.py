@@ -41,3 +41,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _build(tmp_path_factory: pytest.TempPathFactory, variant: str) -> Path:
+    from hunyuan_image3.hunyuan_loader.test_model import make_test_model
+
+    return Path(make_test_model(tmp_path_factory.mktemp(f"ckpt-{variant}") / f"HunyuanImage-3-{variant}", variant=variant))
+
+
+@pytest.fixture(scope="session")
+def base_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test checkpoint, base variant (one PIL image from generate_image)."""
+    return _build(tmp_path_factory, "base")
+
+
+@pytest.fixture(scope="session")
+def instruct_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test checkpoint, Instruct variant ((cot, [images]); ignores the steps kwargs)."""
+    return _build(tmp_path_factory, "instruct")
+
+
+@pytest.fixture(scope="session")
+def distil_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test checkpoint, Instruct-Distil variant (8 steps, guidance 2.5)."""
+    return _build(tmp_path_factory, "distil")
+
+
+@pytest.fixture
+def cache():
+    """The process-wide model cache, emptied after the test."""
+    from hunyuan_image3.hunyuan_loader.cache import get_cache
+
+    c = get_cache()
+    yield c
+    c.force_unload()
