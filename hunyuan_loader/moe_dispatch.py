@@ -134,6 +134,7 @@ def gather_scatter_forward(self: nn.Module, hidden_states: torch.Tensor) -> torc
     experts = self.experts
     top_idx, weights = route(router_logits(self.gate, x), rule)
     tok, w, counts = plan_dispatch(top_idx, weights, len(experts), rule)
+    w = w.to(hidden_states.dtype).float()  # the reference casts its combine weights to the hidden dtype
     del top_idx, weights
     out = torch.zeros(x.shape[0], shape[-1], dtype=torch.float32, device=x.device)
     start = 0

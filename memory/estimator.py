@@ -6,12 +6,14 @@ dispatch whose ``[tokens, experts, capacity]`` tensors grow with tokens^2.
 ``gather_scatter``: derived from the model config. Peak of one decoder layer
 (attention with its 4D mask, or the MoE expert loop, whichever is larger) plus the
 residual stream, or the VAE decode if larger, times ``CALIBRATION`` plus ``OVERHEAD_GB``.
-Calibration: on an H200, one real-size MoE layer with the gather/scatter loop measured
-~26.7 KB per CFG token (0.21 GiB at 8,448 tokens; 0.77 GiB at 30,496: STACK_FACTS.md);
-the routed-expert part of this model gives ~33 KB/token with the default skew allowance
-(plus ~18 KB/token shared expert and ~24 KB/token residual stream, ~75 KB/token per
-layer in all), and ``CALIBRATION`` = 1.3 covers allocator fragmentation and short-lived
-temporaries (``bench/moe.py`` prints the measured figure to re-check it).
+Calibration (``bench/moe.py`` on an H200, one real-size MoE layer incl. the shared
+expert, bf16, float32 router): gather/scatter peak 0.27 / 0.54 / 0.99 GiB at 8,448 /
+16,640 / 30,496 tokens with a near-uniform router (~33.5 KiB per token) and 0.45 GiB
+at 8,448 tokens with a router that sends every token to one expert (56.1 KiB per token,
+the worst case). This model's MoE term is ~51.7 KB per token for the real config
+(``SKEW_ALLOWANCE`` 2), x ``CALIBRATION`` 1.3 = ~67 KB, which covers the worst
+measured case; the residual stream (~24 KB per token) comes on top. ``OVERHEAD_GB``
+is the CUDA context and cuBLAS workspace.
 """
 
 from __future__ import annotations

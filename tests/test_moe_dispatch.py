@@ -181,5 +181,6 @@ def test_cuda_equivalence_and_memory(modeling) -> None:
             outs[impl] = block(x)
         torch.cuda.synchronize()
         peaks[impl] = torch.cuda.max_memory_allocated() - base
-    torch.testing.assert_close(outs["gather_scatter"].float(), outs["reference"].float(), rtol=1.6e-2, atol=1e-2)
+    ref = outs["reference"].float()
+    assert float((outs["gather_scatter"].float() - ref).abs().max()) <= 1e-2 * float(ref.abs().max())
     assert peaks["gather_scatter"] * 5 < peaks["reference"]

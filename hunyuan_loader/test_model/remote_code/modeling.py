@@ -245,7 +245,8 @@ class HunyuanMoE(nn.Module):
             dispatched = torch.einsum("sec,sm->ecm", dispatch_mask.to(ein_dtype), x.to(ein_dtype)).to(x.dtype)
             outs = [expert(chunk) for expert, chunk in zip(self.experts, dispatched.unbind(0))]
             expert_output = torch.stack(outs, dim=0)
-            combined = torch.einsum("sec,ecm->sm", combine_weights.to(ein_dtype), expert_output.to(ein_dtype))
+            weights = combine_weights.type_as(x).to(ein_dtype)  # rounded to the hidden dtype, as on CUDA
+            combined = torch.einsum("sec,ecm->sm", weights, expert_output.to(ein_dtype))
             out = combined.to(hidden_states.dtype).reshape(shape)
             if self.shared_mlp is not None:
                 out = self.shared_mlp(hidden_states) + out
