@@ -73,8 +73,10 @@ class MoE(nn.Module):
         tok = order // TOPK
         xs = flat.index_select(0, tok)
         ys = torch.cat([self.experts[e](c) for e, c in enumerate(xs.split(counts)) if counts[e]])
-        out = self.shared_mlp(flat)
-        out.index_add_(0, tok, (ys * w[order, None]).to(out.dtype))
+        # scatter back by position (unique indices, deterministic; index_add_ uses atomics)
+        routed = torch.empty_like(ys)
+        routed[order] = ys * w[order, None]
+        out = self.shared_mlp(flat) + routed.view(-1, TOPK, H).sum(1)
         return out.reshape(x.shape)
 
 
@@ -196,7 +198,8 @@ def copy_rates(device, nbytes: int = 2 << 30, reps: int = 3) -> tuple[float, flo
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     rates = []
     for pinned in (True, False):
-        src = HostBuffer(nbytes, pin=pinned).tensor if pinned else torch.empty(nbytes, dtype=torch.uint8)
+        host = HostBuffer(nbytes, pin=pinned)  # keep it referenced: it unpins when collected
+        src = host.tensor
         src.fill_(1)
         dst.copy_(src, non_blocking=pinned)
         torch.cuda.synchronize(device)
@@ -205,5 +208,5 @@ def copy_rates(device, nbytes: int = 2 << 30, reps: int = 3) -> tuple[float, flo
             dst.copy_(src, non_blocking=pinned)
         torch.cuda.synchronize(device)
         rates.append(nbytes * reps / (time.perf_counter() - t0))
-        del src
+        del src, host
     return rates[0], rates[1]

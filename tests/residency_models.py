@@ -47,13 +47,13 @@ class MoE(nn.Module):
         gates = self.gate.wg(flat.float()).softmax(-1)
         weights, idx = gates.topk(self.k, dim=-1)
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
-        out = self.shared_mlp(flat)
-        for e, expert in enumerate(self.experts):  # gather / scatter
+        routed = flat.new_zeros(flat.shape[0], self.k, flat.shape[1])
+        for e, expert in enumerate(self.experts):  # gather / scatter (unique positions: deterministic)
             tok, slot = (idx == e).nonzero(as_tuple=True)
             if tok.numel():
                 y = expert(flat.index_select(0, tok)) * weights[tok, slot, None]
-                out = out.index_add(0, tok, y.to(out.dtype))
-        return out.reshape(x.shape)
+                routed[tok, slot] = y.to(routed.dtype)
+        return (self.shared_mlp(flat) + routed.sum(1)).reshape(x.shape)
 
 
 class Attn(nn.Module):

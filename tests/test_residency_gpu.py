@@ -6,7 +6,8 @@ import warnings
 
 import pytest
 import torch
-from residency_models import inputs
+from fixtures_model import hy3_base_path, load_test_model  # noqa: F401
+from residency_models import inputs, make_model
 
 from hunyuan_image3.memory.residency import (
     ResidencyManager,
@@ -25,7 +26,7 @@ SIZE = {"h": 256, "w": 512, "e": 4}  # ~4.5 MB per bf16 block: well above alloca
 
 
 def _make(mode, n):
-    return _make(mode, n, **SIZE)
+    return make_model(mode, n=n, **SIZE)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -120,3 +121,27 @@ def test_park_frees_gpu_and_restore_is_bit_exact(mode):
     mgr.park()
     mgr.restore()
     assert torch.equal(_run(model, x), ref)
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "nf4"])
+def test_test_checkpoint_loaded_on_cpu_then_placed_streams_bit_exact(hy3_base_path, quant):  # noqa: F811
+    from hunyuan_image3.memory.residency import Placement, ResidencyPlan, place_loaded_model
+
+    model = load_test_model(hy3_base_path, quant)
+    layers = model.model.layers
+    probe = ResidencyManager(model, layers, DEV)
+    budget = probe.other_bytes + (len(layers) - 1) * max(probe.block_bytes)
+    mgr = place_loaded_model(model, layers, DEV, budget_bytes=budget)
+    assert mgr.plan.streamed and mgr.state is ResidencyState.STREAMING
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]], device=DEV)
+    with torch.no_grad():
+        streamed = [model(input_ids=ids).logits.cpu() for _ in range(2)]
+    mgr.apply(ResidencyPlan.uniform(Placement.GPU, mgr.block_bytes, mgr.other_bytes))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.cpu()
+    assert all(torch.equal(s, ref) for s in streamed)
+    mgr.park()
+    mgr.restore()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits.cpu(), ref)
+    mgr.close()
