@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from enum import Enum
 import torch
 from torch import nn
 
-from .packed import Layout, PackedBlock
+from .packed import HostBuffer, Layout, PackedBlock
 from .planner import Placement, ResidencyPlan, plan_placement
 from .ram import GiB, check_ram
 from .streaming import BlockStreamer, StreamingUnavailableError
@@ -68,6 +69,8 @@ class ResidencyManager:
         self._streamer: BlockStreamer | None = None
         self._parked = False
         self.plan: ResidencyPlan | None = None
+        self._release_thread: threading.Thread | None = None
+        self.last_release_s = 0.0
         if all(self._on_device(weight_tensors(b)) for b in self.blocks) and self._on_device(
             weight_tensors(self._other)
         ):
@@ -123,6 +126,7 @@ class ResidencyManager:
             raise ValueError("use park() to put blocks in CPU RAM")
         self._check_streaming(plan)
         to_pack = [i for i in plan.streamed if i not in self._packed]
+        self.wait_released()
         check_ram(
             sum(self.block_bytes[i] for i in to_pack), "stream blocks from pinned CPU RAM",
             available_bytes=available_ram_bytes, margin_bytes=self.ram_margin_bytes,
@@ -130,18 +134,19 @@ class ResidencyManager:
         t0 = time.perf_counter()
         self._close_streamer()
         pin = self.device.type == "cuda"
+        freed: list[HostBuffer] = []
         leaving_gpu = [i for i in to_pack if self._on_device(weight_tensors(self.blocks[i]))]
         for i in leaving_gpu:  # free VRAM before anything comes in
             self._packed[i] = PackedBlock(weight_tensors(self.blocks[i]), pin=pin)
         if self._other_packed is not None:
-            self._other_packed.unpack_to(self.device, non_blocking=True)
+            freed.append(self._other_packed.unpack_to(self.device, non_blocking=True))
             self._other_packed = None
         else:
             move_weight_tensors(weight_tensors(self._other), self.device)
         for i in plan.resident:
             pb = self._packed.pop(i, None)
             if pb is not None:
-                pb.unpack_to(self.device, non_blocking=True)
+                freed.append(pb.unpack_to(self.device, non_blocking=True))
             else:
                 move_weight_tensors(weight_tensors(self.blocks[i]), self.device)
         for i in to_pack:
@@ -155,7 +160,28 @@ class ResidencyManager:
         self._parked = False
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        self._release_later(freed)
         log.info("residency: %s (%.2f s)", plan.describe(), time.perf_counter() - t0)
+
+    def _release_later(self, buffers: list[HostBuffer]) -> None:
+        """Unpin and free host buffers off the critical path (cudaHostUnregister takes time)."""
+        if not buffers:
+            return
+
+        def run() -> None:
+            t0 = time.perf_counter()
+            buffers.clear()
+            self.last_release_s = time.perf_counter() - t0
+
+        self.wait_released()
+        self._release_thread = threading.Thread(target=run, name="residency-unpin", daemon=True)
+        self._release_thread.start()
+
+    def wait_released(self) -> None:
+        """Wait until host buffers dropped by the last apply/restore are unpinned and freed."""
+        if self._release_thread is not None:
+            self._release_thread.join()
+            self._release_thread = None
 
     def park(self, *, pin: bool = True, available_ram_bytes: int | None = None) -> ParkReport:
         """Soft unload: every weight to CPU RAM (pinned where possible), GPU freed and verified.
@@ -165,6 +191,7 @@ class ResidencyManager:
         """
         if self._parked:
             return ParkReport(0, 0, 0.0)
+        self.wait_released()
         resident = [i for i in range(len(self.blocks)) if i not in self._packed]
         need = sum(self.block_bytes[i] for i in resident) + self.other_bytes
         check_ram(need, "park the model in CPU RAM", available_bytes=available_ram_bytes,
@@ -185,7 +212,7 @@ class ResidencyManager:
         except BaseException:
             log.error("park failed; moving %d blocks back to %s", len(done), self.device)
             for i in done:
-                self._packed.pop(i).unpack_to(self.device)
+                self._packed.pop(i).unpack_to(self.device)  # its host buffer is dropped here
             if self.plan is not None and self.plan.streamed:
                 self._streamer = BlockStreamer(
                     self.blocks, {i: self._packed[i] for i in self.plan.streamed}, self.device, self.plan.n_slots
@@ -245,6 +272,7 @@ class ResidencyManager:
     def close(self) -> None:
         """Remove hooks, free the slots and page-unlock the CPU copies (data stays valid)."""
         self._close_streamer()
+        self.wait_released()
         for pb in [*self._packed.values(), *([self._other_packed] if self._other_packed else [])]:
             if pb.host is not None:
                 pb.host.unpin()

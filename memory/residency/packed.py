@@ -149,12 +149,13 @@ class PackedBlock:
     def point_at_host(self) -> None:
         self.point_at(self.host_views)
 
-    def unpack_to(self, device: torch.device | str, *, non_blocking: bool = False) -> None:
+    def unpack_to(self, device: torch.device | str, *, non_blocking: bool = False) -> HostBuffer:
         """Bring the block to ``device`` and drop the host buffer.
 
         On a GPU the block lands in ONE allocation with one memcpy (the tensors are typed
         views into it, same layout as a streaming slot); the allocation is freed when
         the block is packed again. On the CPU every tensor gets its own storage.
+        Returns the detached host buffer: dropping it unpins and frees it.
         """
         device = torch.device(device)
         if device.type == "cpu":
@@ -166,8 +167,10 @@ class PackedBlock:
             self.point_at(self.views_into(flat))
             if non_blocking:
                 torch.cuda.current_stream(device).synchronize()  # the copy reads the buffer we free next
-        self.release()
+        return self.release()
 
-    def release(self) -> None:
+    def release(self) -> HostBuffer:
+        """Detach the host buffer and return it (it unpins and frees when dropped)."""
+        host, self.host = self.host, None  # type: ignore[assignment]
         self.host_views = []
-        self.host = None  # type: ignore[assignment]
+        return host
