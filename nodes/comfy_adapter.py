@@ -107,8 +107,8 @@ def cancel_check() -> Callable[[], None] | None:
 # POST /free and after a CUDA OOM. Our model is not a ModelPatcher, so we put ONE entry of
 # our own in that list, at import: a LoadedModel subclass around a small duck-typed
 # patcher whose sizes come from our cache and whose unload calls our cache.
-#   * a finite request (another model needs N bytes of VRAM): cache.free_gpu(N), which
-#     parks/streams our blocks to CPU RAM; the next Generate brings them back;
+#   * a finite request on a GPU (another model needs N bytes of VRAM): cache.free_gpu(N),
+#     which parks/streams our blocks to CPU RAM (never a drop); the next Generate brings them back;
 #   * everything (unload_all_models: /free, OOM recovery) or any request on a CPU-only
 #     ComfyUI (--cpu: the weights live in RAM): cache.unload("drop"); the next Generate
 #     reloads from disk through the handle.
@@ -205,6 +205,7 @@ class HunyuanComfyPatcher:
         return int(self._mm.get_free_memory(device))
 
 
+_EVERYTHING = 1e20  # unload_all_models() asks free_memory(1e30): anything this big means "all"
 _comfy_patcher: HunyuanComfyPatcher | None = None
 _comfy_entry = None
 
@@ -236,10 +237,11 @@ def _make_loaded_model_class(mm: ModuleType) -> type:
             patcher = self.model
             if patcher is None or patcher.model_size() == 0:
                 return False
-            everything = memory_to_free is None or memory_to_free >= patcher.model_size()
+            everything = memory_to_free is None or memory_to_free >= _EVERYTHING
             if not everything and not patcher._on_cpu():
-                if patcher.partially_unload(patcher.offload_device, memory_to_free) >= memory_to_free:
-                    return False
+                # parking moves all our weights off the GPU: dropping would free no more VRAM
+                patcher.partially_unload(patcher.offload_device, memory_to_free)
+                return False
             patcher.detach(unpatch_weights)
             mm.soft_empty_cache()
             return False  # stay listed: the next load is tracked by the same entry

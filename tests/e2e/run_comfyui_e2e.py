@@ -447,11 +447,30 @@ def main(argv: list[str] | None = None) -> int:
     rc = 1
     try:
         make_test_checkpoint(python, model_dir, env)
+        mem = subprocess.run(
+            [python, str(HERE / "comfy_memory_check.py"), str(model_dir)],
+            cwd=comfy_dir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        mem_lines = [
+            ln for ln in mem.stdout.splitlines() if ln.startswith(("partial", "large", "unload_all"))
+        ]
+        mem_result = (
+            mem.returncode == 0 and mem.stdout.rstrip().endswith("OK"),
+            " | ".join(mem_lines) or (mem.stdout + mem.stderr)[-400:],
+        )
         t0 = time.monotonic()
         server.start()
         print(f"ComfyUI up on {server.url} (pid {server.pid}) in {time.monotonic() - t0:.1f} s", flush=True)
         ws = WebSocket("127.0.0.1", server.port)
         e2e = E2E(server, ws, args.steps or None, args.timeout)
+        e2e.check(
+            "ComfyUI free_memory/unload_all_models -> our cache (in-process, real model_management)",
+            *mem_result,
+        )
         info = e2e.check_object_info()
         names = e2e.check_workflow_files(info)
         if all(c in info for c in DOCUMENTED):
