@@ -17,6 +17,7 @@ import torch
 
 from ..memory import stats
 from ..memory.estimator import estimate_inference_gb, megapixels
+from ..memory.residency.planner import InsufficientVRAMError
 from .loading import LoadedModel, LoadSpec
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,9 @@ def place_for_spec(model: Any, spec: LoadSpec, device: torch.device) -> Any:
     budget_bytes = None
     headroom_gb = spec.headroom_gb if spec.headroom_gb is not None else default_headroom_gb(model)
     if spec.offload != "disabled":
-        free, _total = torch.cuda.mem_get_info(device)
-        budget_gb = spec.vram_budget_gb if spec.vram_budget_gb is not None else free / stats.GIB
-        budget_bytes = int(budget_gb * stats.GIB)
+        budget_bytes = (
+            int(spec.vram_budget_gb * stats.GIB) if spec.vram_budget_gb is not None else stats.usable_vram()
+        )
     manager = place_loaded_model(
         model, decoder_blocks(model), device, budget_bytes=budget_bytes, headroom_bytes=int(headroom_gb * stats.GIB)
     )
@@ -89,21 +90,42 @@ def run_placement(
         yield
         return
     need = inference_bytes(loaded, width, height) * (OOM_RETRY_FACTOR if extra_margin else 1.0)
-    snap = stats.snapshot()
-    available = snap.cuda_free + (snap.cuda_reserved - snap.cuda_allocated)
+    available = stats.usable_vram()
     extra = int(max(0.0, need - available))
     if not (switch or extra):
         yield
         return
     before = manager.plan.streamed_bytes if manager.plan is not None else 0
-    with manager.stream_extra(extra) as plan:
-        moved_bytes = plan.streamed_bytes - before
+    with contextlib.ExitStack() as stack:
+        short = ""
+        try:
+            plan = stack.enter_context(manager.stream_extra(extra))
+        except InsufficientVRAMError:
+            plan = stack.enter_context(_stream_every_block(manager))
+            short = " (every block streamed and still short of the estimate: this run may run out of memory)"
         text = (
-            f"needs ~{need / stats.GIB:.1f} GiB for activations at {width}x{height}; streaming "
-            f"{moved_bytes / stats.GIB:.1f} GiB of weights for this run"
+            f"needs ~{need / stats.GIB:.1f} GiB for activations at {width}x{height} "
+            f"({available / stats.GIB:.1f} GiB free); streaming {(plan.streamed_bytes - before) / stats.GIB:.2f} GiB "
+            f"more of weights ({len(plan.streamed)} of {len(plan.placements)} blocks) for this run{short}"
         )
         if switch:
             text = f"INT8 at {mp:.2f} MP (> {AUTO_SWITCH_MP} MP): smart offload for this run: " + text
         notes.append(text + ".")
         log.warning(notes[-1])
         yield
+
+
+@contextlib.contextmanager
+def _stream_every_block(manager: Any) -> Iterator[Any]:
+    """The most VRAM the weights can give back without parking: stream all blocks for one run."""
+    from ..memory.residency import Placement, ResidencyPlan
+
+    previous = manager.plan
+    plan = ResidencyPlan.uniform(
+        Placement.STREAM, manager.block_bytes, manager.other_bytes, prefetch_slots=manager.prefetch_slots
+    )
+    manager.apply(plan)
+    try:
+        yield plan
+    finally:
+        manager.apply(previous)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 from dataclasses import dataclass
 
@@ -69,3 +70,21 @@ def release_cached_memory() -> None:
         torch.cuda.empty_cache()
         torch.cuda.ipc_collect()
         torch.cuda.reset_peak_memory_stats()
+
+
+def vram_limit_bytes() -> int | None:
+    """HUNYUAN_VRAM_LIMIT_GB: act as if the GPU had only this much memory (sharing a GPU with
+    other programs; trying a 24/48/96 GB card's placement on a larger one). None if unset."""
+    value = os.environ.get("HUNYUAN_VRAM_LIMIT_GB", "").strip()
+    return int(float(value) * GIB) if value else None
+
+
+def usable_vram(snap: MemorySnapshot | None = None) -> int:
+    """Bytes new allocations can still get: free on the device plus the allocator's cached
+    free blocks, capped by HUNYUAN_VRAM_LIMIT_GB."""
+    snap = snap or snapshot()
+    usable = snap.cuda_free + snap.cuda_reserved - snap.cuda_allocated
+    limit = vram_limit_bytes()
+    if limit is not None:
+        usable = min(usable, limit - snap.cuda_allocated)
+    return max(0, usable)
