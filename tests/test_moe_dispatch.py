@@ -184,3 +184,16 @@ def test_cuda_equivalence_and_memory(modeling) -> None:
     ref = outs["reference"].float()
     assert float((outs["gather_scatter"].float() - ref).abs().max()) <= 1e-2 * float(ref.abs().max())
     assert peaks["gather_scatter"] * 5 < peaks["reference"]
+
+
+def test_per_layer_topk_list_checkpoint(tmp_path_factory) -> None:
+    path = build(tmp_path_factory, "base", moe_topk=[2, 1, 3, 2], moe_drop_tokens=True, capacity_factor=0.75)
+    model = load_test_model(path)
+    assert [b.gate.moe_topk for b in find_moe_blocks(model)] == [2, 1, 3, 2]
+    x = torch.randn(2, 64, model.config.hidden_size, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with torch.no_grad():
+        ref = model.model(inputs_embeds=x)
+        install_moe_dispatch(model, "gather_scatter")
+        assert [b._hy3_moe_routing.topk for b in find_moe_blocks(model)] == [2, 1, 3, 2]
+        ours = model.model(inputs_embeds=x)
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=1.6e-2, atol=1e-2)
