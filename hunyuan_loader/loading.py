@@ -150,6 +150,8 @@ def load_model(spec: LoadSpec) -> LoadedModel:
         moe_impl="eager",
         low_cpu_mem_usage=True,
     )
+    if spec.quant == "int8":  # logged on every int8 matmul
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     qconfig = quantization_config(spec.quant)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
@@ -159,7 +161,7 @@ def load_model(spec: LoadSpec) -> LoadedModel:
     elif spec.offload == "accelerate":
         budget_gb = spec.vram_budget_gb or torch.cuda.mem_get_info()[1] / stats.GIB * 0.85
         kwargs["device_map"] = "auto"
-        kwargs["max_memory"] = {device.index or 0: f"{budget_gb:.1f}GiB", "cpu": "2000GiB"}
+        kwargs["max_memory"] = {device.index or 0: int(budget_gb * stats.GIB), "cpu": "2000GiB"}
     else:
         kwargs["device_map"] = {"": device.index or 0}
 

@@ -76,7 +76,8 @@ def test_layer_equivalence_random_inputs(modeling, drop: bool, mode: str, topk: 
         assert active_moe_impl(model) == "reference"
         again = block(x)
     assert torch.equal(ref, again)
-    torch.testing.assert_close(ours.float(), ref.float(), rtol=1.6e-2, atol=1e-2)
+    # bit-identical on this CPU; other CPUs' bf16 kernels (AVX512-BF16) may differ by one bf16 step
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=1.6e-2, atol=2e-2)
     if drop:  # drops really happen: without them the output differs
         _, combine, _, counts = block.gate(x.reshape(-1, 64))
         assert int(counts.max()) > combine.shape[-1]
@@ -122,7 +123,8 @@ def test_works_under_layer_hooks(modeling) -> None:
         ref = layer(x)[0]
         install_moe_dispatch(holder, "gather_scatter")
         ours = layer(x)[0]
-    torch.testing.assert_close(ours.float(), ref.float(), rtol=1.6e-2, atol=1e-2)
+    # bit-identical on this CPU; other CPUs' bf16 kernels (AVX512-BF16) may differ by one bf16 step
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=1.6e-2, atol=2e-2)
 
 
 def _images(path: Path, quant, impl: str, **kw):
@@ -196,4 +198,5 @@ def test_per_layer_topk_list_checkpoint(tmp_path_factory) -> None:
         install_moe_dispatch(model, "gather_scatter")
         assert [b._hy3_moe_routing.topk for b in find_moe_blocks(model)] == [2, 1, 3, 2]
         ours = model.model(inputs_embeds=x)
-    torch.testing.assert_close(ours.float(), ref.float(), rtol=1.6e-2, atol=1e-2)
+    # bit-identical on this CPU; other CPUs' bf16 kernels (AVX512-BF16) may differ by one bf16 step
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=1.6e-2, atol=2e-2)
