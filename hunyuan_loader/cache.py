@@ -77,6 +77,24 @@ class HunyuanModelCache:
         with self._lock:
             return 0 if self.loaded is None else int(self.loaded.info.weight_bytes)
 
+    def bytes_to_bring_back(self, handle: ModelHandle) -> int:
+        """GPU bytes that `get(handle)` will need: a reload or a restore from RAM (0 if resident)."""
+        from .checkpoint import validate_checkpoint
+        from .placement import load_gpu_bytes
+
+        with self._lock:
+            loaded = self.loaded
+            if loaded is not None and loaded.spec == handle.spec:
+                residency = loaded.residency
+                if residency is not None and residency.state == "parked" and residency.plan is not None:
+                    return int(residency.plan.gpu_weight_bytes)
+                return 0
+        try:
+            disk = validate_checkpoint(handle.spec.path).weight_bytes
+        except Exception:  # the load itself will report the problem
+            return 0
+        return load_gpu_bytes(handle.spec, disk)
+
     def free_gpu(self, bytes_to_free: int) -> int:
         """Give VRAM back (for ComfyUI's own models): park the model off the GPU. Returns bytes freed."""
         with self._lock:

@@ -59,6 +59,24 @@ def place_for_spec(model: Any, spec: LoadSpec, device: torch.device) -> Any:
     return manager
 
 
+# Weight bytes on the GPU per bf16 byte on disk (int8: 1 byte + row scales; nf4: 4 bits +
+# absmax; the unquantized router, shared expert, VAE and embeddings keep these above 0.5 / 0.25).
+GPU_BYTES_PER_DISK_BYTE = {"bf16": 1.0, "int8": 0.52, "nf4": 0.30}
+
+
+def load_gpu_bytes(spec: LoadSpec, disk_bytes: int) -> int:
+    """Weight bytes a load of ``spec`` will put on the GPU (before the first run)."""
+    weights = int(disk_bytes * GPU_BYTES_PER_DISK_BYTE[spec.quant])
+    if spec.offload == "budget" and spec.vram_budget_gb is not None:
+        return min(weights, int(spec.vram_budget_gb * stats.GIB))
+    return weights
+
+
+def run_gpu_bytes(loaded: LoadedModel, width: int, height: int) -> int:
+    """VRAM one run at this size needs beyond the resident weights: its activations."""
+    return inference_bytes(loaded, width, height)
+
+
 def needs_auto_switch(spec: LoadSpec, width: int, height: int) -> bool:
     """INT8 with offload disabled above 1.2 MP switches to smart offload for that run."""
     return spec.quant == "int8" and spec.offload == "disabled" and megapixels(width, height) > AUTO_SWITCH_MP

@@ -249,6 +249,25 @@ def _make_loaded_model_class(mm: ModuleType) -> type:
     return HunyuanLoadedModel
 
 
+def make_room_on_gpu(bytes_needed: int) -> int:
+    """Ask ComfyUI to unload its own models until ``bytes_needed`` are free on its GPU.
+
+    Our own entry is kept (keep_loaded). Returns how many of ComfyUI's models went; 0
+    outside ComfyUI or on a CPU-only ComfyUI.
+    """
+    mm = _import("comfy.model_management")
+    if mm is None or bytes_needed <= 0:
+        return 0
+    device = mm.get_torch_device()
+    if getattr(device, "type", None) != "cuda":
+        return 0
+    keep = [_comfy_entry] if _comfy_entry is not None else []
+    unloaded = mm.free_memory(int(bytes_needed), device, keep_loaded=keep)
+    if unloaded:
+        log.info("unloaded %d ComfyUI model(s) to make room for HunyuanImage-3", len(unloaded))
+    return len(unloaded)
+
+
 def register_with_comfy_memory() -> bool:
     """Put our cache into ComfyUI's memory management (idempotent). False outside ComfyUI."""
     global _comfy_patcher, _comfy_entry

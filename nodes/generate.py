@@ -5,7 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from ..hunyuan_loader.cache import ModelHandle, get_cache
-from ..hunyuan_loader.generation import CUSTOM_MAX, CUSTOM_MIN, MAX_STEPS, GenerationRequest, generate
+from ..hunyuan_loader.generation import (
+    CUSTOM_MAX,
+    CUSTOM_MIN,
+    MAX_STEPS,
+    GenerationRequest,
+    generate,
+    target_size,
+    validate_request,
+)
+from ..hunyuan_loader.placement import run_gpu_bytes
 from ..hunyuan_loader.resolution import resolution_buckets
 from . import comfy_adapter
 from .loaders import CATEGORY, MODEL_TYPE
@@ -71,7 +80,12 @@ class HunyuanImage3Generate:
             width=width,
             height=height,
         )
-        loaded = get_cache().get(model)
+        validate_request(request)
+        cache = get_cache()
+        comfy_adapter.make_room_on_gpu(cache.bytes_to_bring_back(model))  # ComfyUI's models yield first
+        loaded = cache.get(model)
+        size = target_size(request) or (1024, 1024)
+        comfy_adapter.make_room_on_gpu(run_gpu_bytes(loaded, *size))
         total = request.steps or loaded.variant.default_steps
         result = generate(loaded, request, comfy_adapter.progress_callback(total), comfy_adapter.cancel_check())
         text = [f"{result.width}x{result.height}, {result.steps} steps, {result.seconds:.1f} s"] + result.notes

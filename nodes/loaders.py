@@ -25,6 +25,13 @@ MOE_TIP = (
 )
 
 
+def load_through_cache(spec: LoadSpec) -> tuple[ModelHandle]:
+    """Let ComfyUI's own models make room on the GPU, then load (or reuse) through the cache."""
+    cache = get_cache()
+    comfy_adapter.make_room_on_gpu(cache.bytes_to_bring_back(ModelHandle(spec)))
+    return (cache.load(spec),)
+
+
 def _common_optional() -> dict[str, Any]:
     return {"moe_impl": (["gather_scatter", "reference"], {"default": "gather_scatter", "tooltip": MOE_TIP})}
 
@@ -53,8 +60,7 @@ class _LoaderBase:
 
     def load(self, model_name: str, offload_mode: str, moe_impl: str = "gather_scatter") -> tuple[ModelHandle]:
         path = comfy_adapter.resolve_model_path(model_name)
-        spec = LoadSpec(str(path), quant=self.QUANT, offload=offload_mode, moe_impl=moe_impl)
-        return (get_cache().load(spec),)
+        return load_through_cache(LoadSpec(str(path), quant=self.QUANT, offload=offload_mode, moe_impl=moe_impl))
 
 
 class HunyuanImage3LoaderINT8(_LoaderBase):
@@ -134,4 +140,4 @@ class HunyuanImage3LoaderBudget:
             headroom_gb=inference_headroom_gb or None,
             moe_impl=moe_impl,
         )
-        return (get_cache().load(spec),)
+        return load_through_cache(spec)

@@ -153,3 +153,18 @@ def test_dotted_folder_name_loads(cache, base_checkpoint: Path, tmp_path: Path) 
     shutil.copytree(base_checkpoint, dotted)
     loaded = cache.get(cache.load(LoadSpec(str(dotted))))
     assert json.loads((dotted / "config.json").read_text())["model_type"] == loaded.model.config.model_type
+
+
+def test_bytes_to_bring_back_estimates_a_reload_and_is_zero_when_loaded(cache, base_checkpoint: Path) -> None:
+    from hunyuan_image3.hunyuan_loader.checkpoint import validate_checkpoint
+
+    disk = validate_checkpoint(base_checkpoint).weight_bytes
+    bf16 = ModelHandle(LoadSpec(str(base_checkpoint)))
+    nf4 = ModelHandle(LoadSpec(str(base_checkpoint), quant="nf4"))
+    budget = ModelHandle(LoadSpec(str(base_checkpoint), offload="budget", vram_budget_gb=1e-4))
+    assert cache.bytes_to_bring_back(bf16) == disk
+    assert cache.bytes_to_bring_back(nf4) == int(disk * 0.30)
+    assert cache.bytes_to_bring_back(budget) == int(1e-4 * 1024**3)
+    assert cache.bytes_to_bring_back(ModelHandle(LoadSpec("/nowhere"))) == 0
+    cache.load(bf16.spec)
+    assert cache.bytes_to_bring_back(bf16) == 0  # loaded and resident (CPU)

@@ -8,6 +8,8 @@ checkpoint into our cache and proves:
   1. our entry is in current_loaded_models with the right sizes;
   2. a partial free_memory() on a (simulated) CUDA device calls cache.free_gpu(bytes) and
      leaves the model loaded, through ComfyUI's own free_memory code;
+  2b. make_room_on_gpu(bytes) (called by our loaders and Generate) unloads ComfyUI's own
+     models through free_memory(keep_loaded=[our entry]) and leaves ours alone;
   3. free_memory(1e30) (= unload_all_models, /free) drops the model; the entry stays listed,
      reports 0 bytes, and a later load is tracked again.
 Prints one line per step, "OK" at the end; exits 1 on failure.
@@ -88,6 +90,29 @@ def main() -> int:
         assert cache.loaded is not None and unloaded == [], "partial request must not drop the model"
         assert any(e is entry for e in mm.current_loaded_models), "entry popped"
         print(f"large: free_memory(40 GiB) -> cache.free_gpu({calls[0]}) (park), model kept")
+
+        # 2b. the other direction: before our load/run, ComfyUI's own models yield, ours stays
+        import weakref
+
+        import comfy.model_patcher
+
+        other_patcher = comfy.model_patcher.ModelPatcher(torch.nn.Linear(8, 8), load_device=cuda,
+                                                         offload_device=torch.device("cpu"))
+        other = mm.LoadedModel(other_patcher)
+        other.real_model = weakref.ref(other_patcher.model)
+        other.model_finalizer = weakref.finalize(other_patcher.model, lambda: None)
+        mm.current_loaded_models.insert(0, other)
+        calls.clear()
+        gpu["free"] = 1 << 30
+        saved_device = mm.get_torch_device
+        mm.get_torch_device = lambda: cuda
+        try:
+            gone = adapter.make_room_on_gpu(5 << 30)
+        finally:
+            mm.get_torch_device = saved_device
+        assert gone == 1 and not any(e is other for e in mm.current_loaded_models), "ComfyUI's model stayed"
+        assert calls == [] and any(e is entry for e in mm.current_loaded_models), "our model was asked to yield"
+        print("make_room_on_gpu(5 GiB): ComfyUI's own model unloaded, ours kept (keep_loaded)")
     finally:
         entry.device, patcher.load_device, mm.get_free_memory, mm.soft_empty_cache = saved
         cache.gpu_bytes, cache.free_gpu, cache.total_bytes = saved_cache
