@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from ..memory import stats
 from ..memory.unload import UnloadReport, collect_garbage, nuke_orphans
-from .loading import LoadedModel, LoadSpec, load_model
+from .loading import load_model
+from .spec import LoadedModel, LoadSpec
 
 log = logging.getLogger(__name__)
 

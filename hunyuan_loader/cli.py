@@ -20,7 +20,7 @@ from ..memory import stats
 from .cache import get_cache
 from .errors import HunyuanError
 from .generation import GenerationRequest, generate
-from .loading import MOE_IMPLS, OFFLOAD_MODES, QUANTS, LoadSpec
+from .spec import MOE_IMPLS, OFFLOAD_MODES, QUANTS, LoadSpec
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -16,8 +16,8 @@ import torch
 
 from ..memory import stats
 from .errors import InputError, OutOfMemoryError
-from .loading import LoadedModel
 from .placement import run_placement
+from .spec import LoadedModel
 
 log = logging.getLogger(__name__)
 

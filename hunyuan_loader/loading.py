@@ -7,23 +7,18 @@ import importlib.util
 import logging
 import time
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..memory import stats
 from ..memory.unload import track_model
-from .checkpoint import CheckpointInfo, loadable_path, validate_checkpoint
-from .errors import DependencyError, InputError
-from .variants import Variant, detect_variant, read_generation_config
+from .checkpoint import loadable_path, validate_checkpoint
+from .errors import DependencyError
+from .spec import LoadedModel, LoadSpec
+from .variants import detect_variant, read_generation_config
 
 log = logging.getLogger(__name__)
-
-QUANTS = ("bf16", "int8", "nf4")
-OFFLOAD_MODES = ("disabled", "smart", "budget", "accelerate")
-MOE_IMPLS = ("gather_scatter", "reference")
 
 # Kept in full precision when quantizing: quantizing them garbles output or fails.
 # Substring match on module names (transformers' llm_int8_skip_modules semantics).
@@ -40,50 +35,6 @@ SKIP_QUANTIZATION = [
     "lm_head",
     "wte",
 ]
-
-
-@dataclass(frozen=True)
-class LoadSpec:
-    """Everything that decides how a model is loaded; equal specs share one cached model."""
-
-    path: str
-    quant: str = "bf16"
-    offload: str = "disabled"
-    vram_budget_gb: float | None = None
-    headroom_gb: float | None = None
-    moe_impl: str = "gather_scatter"
-
-    def __post_init__(self) -> None:
-        if self.quant not in QUANTS:
-            raise InputError(f"quantization '{self.quant}' is not one of {', '.join(QUANTS)}.")
-        if self.offload not in OFFLOAD_MODES:
-            raise InputError(f"offload_mode '{self.offload}' is not one of {', '.join(OFFLOAD_MODES)}.")
-        if self.moe_impl not in MOE_IMPLS:
-            raise InputError(f"moe_impl '{self.moe_impl}' is not one of {', '.join(MOE_IMPLS)}.")
-        if self.vram_budget_gb is not None and self.vram_budget_gb <= 0:
-            raise InputError(f"vram_budget_gb must be positive (got {self.vram_budget_gb}).")
-        if self.headroom_gb is not None and self.headroom_gb < 0:
-            raise InputError(f"inference_headroom_gb must be 0 or more (got {self.headroom_gb}).")
-
-    def describe(self) -> str:
-        text = f"{Path(self.path).name} [{self.quant}, offload {self.offload}"
-        if self.vram_budget_gb is not None:
-            text += f", budget {self.vram_budget_gb:g} GB"
-        return text + f", moe {self.moe_impl}]"
-
-
-@dataclass
-class LoadedModel:
-    """A model the cache owns. Only the cache holds this object."""
-
-    model: Any
-    spec: LoadSpec
-    info: CheckpointInfo
-    variant: Variant
-    device: torch.device
-    load_seconds: float
-    residency: Any = None  # memory.residency.ResidencyManager on CUDA, else None
-    notes: list[str] = field(default_factory=list)
 
 
 def require_bitsandbytes(quant: str) -> None:

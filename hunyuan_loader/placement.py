@@ -18,7 +18,7 @@ import torch
 from ..memory import stats
 from ..memory.estimator import estimate_inference_gb, megapixels
 from ..memory.residency.planner import InsufficientVRAMError
-from .loading import LoadedModel, LoadSpec
+from .spec import LoadedModel, LoadSpec
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..hunyuan_loader.cache import ModelHandle, get_cache
-from ..hunyuan_loader.loading import LoadSpec
+from ..hunyuan_loader.spec import LoadSpec
 from . import comfy_adapter
 
 CATEGORY = "HunyuanImage3"

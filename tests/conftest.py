@@ -44,9 +44,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, variant: str) -> Path:
-    from hunyuan_image3.hunyuan_loader.test_model import make_test_model
+    from fixtures_model import build
 
-    return Path(make_test_model(tmp_path_factory.mktemp(f"ckpt-{variant}") / f"HunyuanImage-3-{variant}", variant=variant))
+    return build(tmp_path_factory, variant)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import torch
 from hunyuan_image3.hunyuan_loader.cache import ModelHandle
 from hunyuan_image3.hunyuan_loader.errors import CheckpointError, GenerationCancelled
 from hunyuan_image3.hunyuan_loader.generation import GenerationRequest, generate
-from hunyuan_image3.hunyuan_loader.loading import LoadSpec
+from hunyuan_image3.hunyuan_loader.spec import LoadSpec
 from hunyuan_image3.memory.unload import tracked_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +127,7 @@ sys.path.insert(0, {str(ROOT)!r})
 from hunyuan_loader.standalone import load_pack
 load_pack()
 from hunyuan_image3.hunyuan_loader.cache import get_cache
-from hunyuan_image3.hunyuan_loader.loading import LoadSpec
+from hunyuan_image3.hunyuan_loader.spec import LoadSpec
 from hunyuan_image3.hunyuan_loader.errors import DependencyError
 cache = get_cache()
 for quant in ("int8", "nf4"):

@@ -6,7 +6,7 @@ import pytest
 
 from hunyuan_image3.hunyuan_loader.errors import InputError
 from hunyuan_image3.hunyuan_loader.generation import GenerationRequest, target_size, validate_request
-from hunyuan_image3.hunyuan_loader.loading import LoadSpec
+from hunyuan_image3.hunyuan_loader.spec import LoadSpec
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import torch
 
 from hunyuan_image3.hunyuan_loader.errors import OutOfMemoryError
 from hunyuan_image3.hunyuan_loader.generation import GenerationRequest, generate
-from hunyuan_image3.hunyuan_loader.loading import LoadSpec
+from hunyuan_image3.hunyuan_loader.spec import LoadSpec
 
 pytestmark = pytest.mark.gpu
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hunyuan_image3.hunyuan_loader.generation import GenerationRequest, generate
-from hunyuan_image3.hunyuan_loader.loading import LoadSpec
+from hunyuan_image3.hunyuan_loader.spec import LoadSpec
 
 CYCLES = 20
 

@@ -9,7 +9,7 @@ import torch
 
 from hunyuan_image3.hunyuan_loader.errors import GenerationCancelled
 from hunyuan_image3.hunyuan_loader.generation import GenerationRequest, generate
-from hunyuan_image3.hunyuan_loader.loading import LoadSpec
+from hunyuan_image3.hunyuan_loader.spec import LoadSpec
 
 
 def _count_linear_types(model: torch.nn.Module) -> dict[str, int]:

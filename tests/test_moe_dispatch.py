@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_model import build, hy3_base_path, load_test_model  # noqa: F401
+from fixtures_model import build, load_test_model
 
 from hunyuan_image3.hunyuan_loader.moe_dispatch import (
     active_moe_impl,
@@ -83,8 +83,8 @@ def test_layer_equivalence_random_inputs(modeling, drop: bool, mode: str, topk: 
         assert int(counts.max()) > combine.shape[-1]
 
 
-def test_install_is_idempotent_and_finds_blocks(hy3_base_path: Path) -> None:  # noqa: F811
-    model = load_test_model(hy3_base_path)
+def test_install_is_idempotent_and_finds_blocks(base_checkpoint: Path) -> None:
+    model = load_test_model(base_checkpoint)
     blocks = find_moe_blocks(model)
     assert len(blocks) == model.config.num_hidden_layers
     assert all(b is layer.mlp for b, layer in zip(blocks, model.model.layers))

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from fixtures_model import hy3_base_path, load_test_model  # noqa: F401
+from fixtures_model import load_test_model
 
 from hunyuan_image3.memory.residency import (
     ResidencyManager,
@@ -26,8 +26,8 @@ def _logits(model) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("quant", [None, "int8", "nf4"])
-def test_stream_park_restore_on_test_checkpoint(hy3_base_path, quant):  # noqa: F811
-    model = load_test_model(hy3_base_path, quant)
+def test_stream_park_restore_on_test_checkpoint(base_checkpoint, quant):
+    model = load_test_model(base_checkpoint, quant)
     layers = model.model.layers
     assert type(layers[0]).__name__ == "HunyuanImage3DecoderLayer"
     ref = _logits(model)
@@ -46,8 +46,8 @@ def test_stream_park_restore_on_test_checkpoint(hy3_base_path, quant):  # noqa: 
     mgr.close()
 
 
-def test_place_loaded_bf16_streams_from_mmap(hy3_base_path):  # noqa: F811
-    model = load_test_model(hy3_base_path)
+def test_place_loaded_bf16_streams_from_mmap(base_checkpoint):
+    model = load_test_model(base_checkpoint)
     ref = _logits(model)
     layers = model.model.layers
     probe = ResidencyManager(model, layers, "cpu")

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from fixtures_model import hy3_base_path, load_test_model  # noqa: F401
+from fixtures_model import load_test_model
 from residency_models import inputs, make_model
 
 from hunyuan_image3.memory.residency import (
@@ -124,10 +124,10 @@ def test_park_frees_gpu_and_restore_is_bit_exact(mode):
 
 
 @pytest.mark.parametrize("quant", [None, "int8", "nf4"])
-def test_test_checkpoint_loaded_on_cpu_then_placed_streams_bit_exact(hy3_base_path, quant):  # noqa: F811
+def test_test_checkpoint_loaded_on_cpu_then_placed_streams_bit_exact(base_checkpoint, quant):
     from hunyuan_image3.memory.residency import Placement, ResidencyPlan, place_loaded_model
 
-    model = load_test_model(hy3_base_path, quant)
+    model = load_test_model(base_checkpoint, quant)
     layers = model.model.layers
     probe = ResidencyManager(model, layers, DEV)
     budget = probe.other_bytes + (len(layers) - 1) * max(probe.block_bytes)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_model import hy3_base_path, hy3_distil_path, hy3_instruct_path, load_test_model  # noqa: F401
+from fixtures_model import load_test_model
 
 from hunyuan_image3.hunyuan_loader.resolution import resolution_buckets, snap_to_bucket
 from hunyuan_image3.hunyuan_loader.test_model import make_test_model
@@ -89,8 +89,8 @@ def test_config_tells_variants_apart(tmp_path: Path, variant: str) -> None:
     assert "hunyuan_image3" not in src and "hunyuan_loader" not in src
 
 
-def test_bf16_load_module_tree_and_base_generation(hy3_base_path: Path) -> None:  # noqa: F811
-    model = load_test_model(hy3_base_path)
+def test_bf16_load_module_tree_and_base_generation(base_checkpoint: Path) -> None:
+    model = load_test_model(base_checkpoint)
     layers = model.model.layers
     assert isinstance(layers, torch.nn.ModuleList)
     assert all(type(layer).__name__ == "HunyuanImage3DecoderLayer" for layer in layers)
@@ -118,8 +118,8 @@ def test_bf16_load_module_tree_and_base_generation(hy3_base_path: Path) -> None:
     assert custom.size == (1280, 1280)
 
 
-def test_scheduler_exception_propagates(hy3_base_path: Path) -> None:  # noqa: F811
-    model = load_test_model(hy3_base_path)
+def test_scheduler_exception_propagates(base_checkpoint: Path) -> None:
+    model = load_test_model(base_checkpoint)
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt("cancel")
@@ -129,16 +129,16 @@ def test_scheduler_exception_propagates(hy3_base_path: Path) -> None:  # noqa: F
         model.generate_image("x", seed=1, image_size="512x512", diff_infer_steps=2, snap_resolution=False)
 
 
-def test_1280_generates_in_a_few_seconds(hy3_distil_path: Path) -> None:  # noqa: F811
-    model = load_test_model(hy3_distil_path)
+def test_1280_generates_in_a_few_seconds(distil_checkpoint: Path) -> None:
+    model = load_test_model(distil_checkpoint)
     t0 = time.perf_counter()
     cot, images = model.generate_image(prompt="p", seed=1, image_size="1280x1280", snap_resolution=False)
     assert cot is None and images[0].size == (1280, 1280)
     assert time.perf_counter() - t0 < 30
 
 
-def test_instruct_ignores_kwargs_and_thinks(hy3_instruct_path: Path) -> None:  # noqa: F811
-    model = load_test_model(hy3_instruct_path)
+def test_instruct_ignores_kwargs_and_thinks(instruct_checkpoint: Path) -> None:
+    model = load_test_model(instruct_checkpoint)
     model.generation_config.diff_infer_steps = 2
     calls = _count_steps(model)
     cot, images = model.generate_image(prompt="a cat", seed=3, image_size="512x512", diff_infer_steps=9,
@@ -157,10 +157,10 @@ def test_instruct_ignores_kwargs_and_thinks(hy3_instruct_path: Path) -> None:  #
 
 
 @pytest.mark.parametrize("quant", ["int8", "nf4"])
-def test_quantized_loads(hy3_base_path: Path, quant: str) -> None:  # noqa: F811
+def test_quantized_loads(base_checkpoint: Path, quant: str) -> None:
     import bitsandbytes as bnb
 
-    model = load_test_model(hy3_base_path, quant)
+    model = load_test_model(base_checkpoint, quant)
     mlp = model.model.layers[1].mlp
     qtype = bnb.nn.Linear8bitLt if quant == "int8" else bnb.nn.Linear4bit
     assert isinstance(mlp.experts[0].gate_and_up_proj, qtype)
