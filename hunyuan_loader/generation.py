@@ -149,17 +149,19 @@ def pil_to_image_tensor(image: Any) -> torch.Tensor:
     return torch.from_numpy(array).unsqueeze(0).contiguous()
 
 
-def _image_size_arg(req: GenerationRequest) -> tuple[str, dict[str, Any]]:
+def _image_size_arg(model: Any, req: GenerationRequest) -> tuple[str, dict[str, Any]]:
     if req.resolution == "auto":
         return "auto", {}
     w, h = target_size(req)  # type: ignore[misc]
-    extra = {"snap_resolution": False} if req.resolution == "custom" else {}
-    return f"{h}x{w}", extra  # the model's image_size is HEIGHTxWIDTH
+    exact = req.resolution == "custom" and getattr(model, "supports_exact_image_size", False)
+    # Code that does not declare exact sizes gets no unknown kwarg: it snaps to its buckets
+    # and generate() says so in the node's text.
+    return f"{h}x{w}", ({"snap_resolution": False} if exact else {})  # image_size is HEIGHTxWIDTH
 
 
 def _call_model(loaded: LoadedModel, req: GenerationRequest, steps: int, guidance: float) -> tuple[Any, str | None]:
     model, variant = loaded.model, loaded.variant
-    image_size, extra = _image_size_arg(req)
+    image_size, extra = _image_size_arg(model, req)
     kwargs: dict[str, Any] = dict(seed=req.seed, image_size=image_size, **extra)
     if req.bot_task:
         kwargs["bot_task"] = req.bot_task
@@ -215,5 +217,10 @@ def generate(
         notes.append(f"Out of memory at {size[0]}x{size[1]}: retrying once with more weights streamed.")
         log.warning(notes[-1])
     result = GenerationResult(pil_to_image_tensor(image), time.perf_counter() - start, steps, notes, cot)
+    if req.resolution == "custom" and (result.width, result.height) != size:
+        notes.append(
+            f"This checkpoint's code snapped the custom size {size[0]}x{size[1]} to its bucket "
+            f"{result.width}x{result.height}."
+        )
     log.info("generated %dx%d in %.1f s (%d steps)", result.width, result.height, result.seconds, steps)
     return result

@@ -105,3 +105,16 @@ def test_int8_above_1_2_mp_switches_to_smart_for_that_run(cache, base_checkpoint
     assert any("INT8 at 1.64 MP (> 1.2 MP): smart offload for this run" in n for n in big.notes), big.notes
     small = generate(loaded, GenerationRequest("x", steps=1, resolution="1024x1024"))
     assert small.notes == []
+
+
+def test_code_without_exact_sizes_snaps_custom_and_says_so(cache, base_checkpoint: Path) -> None:
+    from hunyuan_image3.hunyuan_loader.resolution import resolution_buckets
+
+    loaded = cache.get(cache.load(LoadSpec(str(base_checkpoint))))
+    loaded.model.supports_exact_image_size = False  # as the official code: no snap_resolution kwarg
+    try:
+        res = generate(loaded, GenerationRequest("x", steps=1, resolution="custom", width=1088, height=656))
+    finally:
+        del loaded.model.supports_exact_image_size
+    assert (res.width, res.height) in resolution_buckets()
+    assert any("snapped the custom size 1088x656" in n for n in res.notes), res.notes

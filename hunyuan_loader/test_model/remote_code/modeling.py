@@ -8,7 +8,8 @@ PIL image; Instruct/Distil: ``(cot_text_list or None, [PIL images])``).
 
 Extension (not in the real model): ``generate_image(..., image_size="HxW",
 snap_resolution=False)`` uses the size as given (rounded down to multiples of 16)
-instead of snapping it to the resolution group.
+instead of snapping it to the resolution group; the class says so with
+``supports_exact_image_size = True``.
 
 Like the real Instruct code, the Instruct/Distil ``generate_image`` ignores the
 ``diff_infer_steps`` / ``diff_guidance_scale`` kwargs and reads
@@ -555,6 +556,7 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
 
     _keep_in_fp32_modules = ["wg", "vae"]
     _keep_in_fp32_modules_strict = ["wg", "vae"]
+    supports_exact_image_size = True  # our extension: generate_image(..., snap_resolution=False)
 
     def __init__(self, config: HunyuanImage3Config) -> None:
         super().__init__(config)
