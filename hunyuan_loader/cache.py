@@ -114,7 +114,13 @@ class HunyuanModelCache:
             if mode == "park":
                 if self.loaded.residency is None:
                     return f"{name} is already in CPU RAM (no GPU in use)."
-                report = self.loaded.residency.park()
+                from ..memory.residency import InsufficientRAMError
+
+                try:
+                    report = self.loaded.residency.park()
+                except InsufficientRAMError as exc:  # nothing moved: say so, keep the model usable
+                    log.warning("soft unload skipped: %s", exc)
+                    return f"Soft Unload skipped for {name}: {exc}"
                 collect_garbage(1)
                 return (
                     f"Soft-unloaded {name}: {report.moved_bytes / stats.GIB:.2f} GiB parked in CPU RAM in "

@@ -168,3 +168,18 @@ def test_bytes_to_bring_back_estimates_a_reload_and_is_zero_when_loaded(cache, b
     assert cache.bytes_to_bring_back(ModelHandle(LoadSpec("/nowhere"))) == 0
     cache.load(bf16.spec)
     assert cache.bytes_to_bring_back(bf16) == 0  # loaded and resident (CPU)
+
+
+def test_soft_unload_without_enough_ram_says_so_and_keeps_the_model(cache, base_checkpoint: Path) -> None:
+    from hunyuan_image3.memory.residency import ResidencyManager
+
+    loaded = cache.get(cache.load(LoadSpec(str(base_checkpoint))))
+    # a manager whose RAM check can never pass (a margin of 1 PB)
+    loaded.residency = ResidencyManager(loaded.model, loaded.model.model.layers, "cpu", ram_margin_bytes=10**15)
+    before = [p.clone() for p in list(loaded.model.parameters())[:3]]
+    text = cache.unload("park")
+    assert text.startswith("Soft Unload skipped for HunyuanImage-3-base") and "Nothing was moved" in text
+    assert loaded.residency.state.value == "resident"
+    assert all(torch.equal(a, b) for a, b in zip(before, list(loaded.model.parameters())[:3]))
+    loaded.residency = None
+    assert generate(loaded, GenerationRequest("x", steps=1, resolution="1024x1024")).image.shape[1] == 1024
