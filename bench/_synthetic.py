@@ -29,6 +29,22 @@ def load_pack():
     return _load()
 
 
+def start_bench(name: str) -> bool:
+    """Common start of a CUDA benchmark: False (after saying so) without a GPU; else quiet
+    the per-call bitsandbytes notices and import the pack."""
+    import logging
+    import warnings
+
+    if not torch.cuda.is_available():
+        print(f"{name} needs a CUDA GPU; nothing to measure here.")
+        return False
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # the per-call int8 cast notice
+    load_pack()
+    return True
+
+
 class RMSNorm(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import logging
 import sys
 import time
-import warnings
 
 import torch
-from _synthetic import GB, Stack, copy_rates, load_pack, make_layer, quantize_layer, step_input, time_steps
+from _synthetic import GB, Stack, copy_rates, make_layer, quantize_layer, start_bench, step_input, time_steps
 
 
 def _free() -> None:
@@ -42,13 +40,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=8448)
     ap.add_argument("--skip-quant", action="store_true")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("bench/offload.py needs a CUDA GPU; nothing to measure here.")
+    if not start_bench("bench/offload.py"):
         return 0
-    logging.basicConfig(level=logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # the per-call int8 cast notice
-    load_pack()
     from accelerate import cpu_offload
 
     from hunyuan_image3.memory.residency import (

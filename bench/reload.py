@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import logging
 import os
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
-from _synthetic import GB, Layer, Stack, copy_rates, load_pack, make_layer, quantize_layer, step_input
+from _synthetic import GB, Layer, Stack, copy_rates, make_layer, quantize_layer, start_bench, step_input
 
 
 def _evict(path: Path) -> None:
@@ -73,13 +71,8 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--dir", default="/tmp/hy3-reload-bench")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("bench/reload.py needs a CUDA GPU; nothing to measure here.")
+    if not start_bench("bench/reload.py"):
         return 0
-    logging.basicConfig(level=logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # the per-call int8 cast notice
-    load_pack()
     from hunyuan_image3.memory.residency import ResidencyManager
 
     dev = torch.device("cuda", 0)

@@ -67,6 +67,15 @@ def distil_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _build(tmp_path_factory, "distil")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny ops on two (possibly contended) cores run far faster with one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def cache():
     """The process-wide model cache, emptied after the test."""

@@ -17,13 +17,7 @@ from hunyuan_image3.hunyuan_loader.moe_dispatch import (
 )
 from hunyuan_image3.hunyuan_loader.test_model import load_remote_code
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,7 @@ from fixtures_model import load_test_model
 from hunyuan_image3.hunyuan_loader.resolution import resolution_buckets, snap_to_bucket
 from hunyuan_image3.hunyuan_loader.test_model import make_test_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two contended cores run these tiny ops far faster with one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _count_steps(model) -> list[int]:
