@@ -96,7 +96,7 @@ def load_model(spec: LoadSpec) -> LoadedModel:
     variant = detect_variant(info.config, read_generation_config(info.path))
     kwargs: dict[str, Any] = dict(
         trust_remote_code=True,
-        torch_dtype=torch.bfloat16,
+        dtype=torch.bfloat16,  # transformers >= 4.56 name (torch_dtype is deprecated)
         attn_implementation="sdpa",
         moe_impl="eager",
         low_cpu_mem_usage=True,

@@ -30,7 +30,7 @@ def load_test_model(path: Path, quant: str | None = None, **kwargs: Any):
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), trust_remote_code=True, torch_dtype=torch.bfloat16, device_map="cpu", **kwargs
+        str(path), trust_remote_code=True, dtype=torch.bfloat16, device_map="cpu", **kwargs
     )
     model.load_tokenizer(str(path))
     return model
