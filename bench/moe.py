@@ -45,11 +45,9 @@ def build_layer(modeling):
     finally:
         torch.set_default_dtype(old)
     block.gate.wg.float()
-    holder = torch.nn.Module()
-    holder.config = config
-    holder.layers = torch.nn.ModuleList([torch.nn.Module()])
-    holder.layers[0].mlp = block
-    return holder, block
+    from hunyuan_image3.hunyuan_loader.test_model import wrap_moe_block
+
+    return wrap_moe_block(block, config), block
 
 
 def set_router(block, skewed: bool, seed: int = 0) -> torch.Tensor:

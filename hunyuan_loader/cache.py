@@ -39,6 +39,7 @@ class HunyuanModelCache:
         self._lock = threading.RLock()
         self.loaded: LoadedModel | None = None
         self.load_count = 0  # how many loads from disk this process did
+        self._load_id = 0
 
     # -- loading -----------------------------------------------------------------
     def load(self, spec: LoadSpec) -> ModelHandle:
@@ -152,8 +153,6 @@ class HunyuanModelCache:
         loaded.model = None
         loaded.residency = None
         del loaded
-
-    _load_id = 0
 
 
 _cache = HunyuanModelCache()

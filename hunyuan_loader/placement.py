@@ -72,11 +72,6 @@ def load_gpu_bytes(spec: LoadSpec, disk_bytes: int) -> int:
     return weights
 
 
-def run_gpu_bytes(loaded: LoadedModel, width: int, height: int) -> int:
-    """VRAM one run at this size needs beyond the resident weights: its activations."""
-    return inference_bytes(loaded, width, height)
-
-
 def needs_auto_switch(spec: LoadSpec, width: int, height: int) -> bool:
     """INT8 with offload disabled above 1.2 MP switches to smart offload for that run."""
     return spec.quant == "int8" and spec.offload == "disabled" and megapixels(width, height) > AUTO_SWITCH_MP

@@ -45,11 +45,6 @@ def snapshot() -> MemorySnapshot:
     return MemorySnapshot(rss, vm.available, 0, 0, 0, 0)
 
 
-def available_ram() -> int:
-    """Bytes of RAM the OS can give without swapping."""
-    return psutil.virtual_memory().available
-
-
 def malloc_trim() -> bool:
     """Return freed heap pages to the OS (glibc only). True if it ran."""
     if not sys.platform.startswith("linux"):

@@ -14,7 +14,7 @@ from ..hunyuan_loader.generation import (
     target_size,
     validate_request,
 )
-from ..hunyuan_loader.placement import run_gpu_bytes
+from ..hunyuan_loader.placement import inference_bytes
 from ..hunyuan_loader.resolution import resolution_buckets
 from . import comfy_adapter
 from .loaders import CATEGORY, MODEL_TYPE
@@ -85,7 +85,7 @@ class HunyuanImage3Generate:
         comfy_adapter.make_room_on_gpu(cache.bytes_to_bring_back(model))  # ComfyUI's models yield first
         loaded = cache.get(model)
         size = target_size(request) or (1024, 1024)
-        comfy_adapter.make_room_on_gpu(run_gpu_bytes(loaded, *size))
+        comfy_adapter.make_room_on_gpu(inference_bytes(loaded, *size))
         total = request.steps or loaded.variant.default_steps
         result = generate(loaded, request, comfy_adapter.progress_callback(total), comfy_adapter.cancel_check())
         text = [f"{result.width}x{result.height}, {result.steps} steps, {result.seconds:.1f} s"] + result.notes

@@ -15,7 +15,7 @@ from hunyuan_image3.hunyuan_loader.moe_dispatch import (
     install_moe_dispatch,
     routing_for,
 )
-from hunyuan_image3.hunyuan_loader.test_model import load_remote_code
+from hunyuan_image3.hunyuan_loader.test_model import load_remote_code, wrap_moe_block
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,11 +33,7 @@ def _block(modeling, dtype=torch.bfloat16, seed=0, **cfg):
         torch.nn.init.normal_(p, std=0.2)
     block.to(dtype)
     block.gate.wg.float()
-    model = torch.nn.Module()
-    model.config = config
-    model.layers = torch.nn.ModuleList([torch.nn.Module()])
-    model.layers[0].mlp = block
-    return model, block
+    return wrap_moe_block(block, config), block
 
 
 def _skew(block, mode: str) -> None:

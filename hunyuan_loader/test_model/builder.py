@@ -19,6 +19,12 @@ TEMPLATE_DIR = Path(__file__).resolve().parent / "remote_code"
 TEMPLATES = ("configuration", "modeling", "tokenization")
 NUM_SHARDS = 4
 
+_INSTRUCT_FILES = {
+    "configuration": "configuration_hunyuan_image_3",
+    "modeling": "modeling_hunyuan_image_3",
+    "tokenization": "tokenization_hunyuan_image_3",
+}
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {
         "files": {"configuration": "configuration_hunyuan", "modeling": "hunyuan", "tokenization": "tokenizer_wrapper"},
@@ -26,20 +32,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "generation": {"diff_infer_steps": 50, "diff_guidance_scale": 5.0, "flow_shift": 3.0},
     },
     "instruct": {
-        "files": {
-            "configuration": "configuration_hunyuan_image_3",
-            "modeling": "modeling_hunyuan_image_3",
-            "tokenization": "tokenization_hunyuan_image_3",
-        },
+        "files": _INSTRUCT_FILES,
         "config": {"model_version": "HunyuanImage-3.0-Instruct", "cfg_distilled": False, "use_meanflow": False},
         "generation": {"diff_infer_steps": 50, "diff_guidance_scale": 5.0, "flow_shift": 3.0},
     },
     "distil": {
-        "files": {
-            "configuration": "configuration_hunyuan_image_3",
-            "modeling": "modeling_hunyuan_image_3",
-            "tokenization": "tokenization_hunyuan_image_3",
-        },
+        "files": _INSTRUCT_FILES,
         "config": {"model_version": "HunyuanImage-3.0-Instruct-Distil", "cfg_distilled": True, "use_meanflow": True},
         "generation": {"diff_infer_steps": 8, "diff_guidance_scale": 2.5, "flow_shift": 3.0},
     },
@@ -187,3 +185,15 @@ def load_remote_code(variant: str = "base") -> types.ModuleType:
         (folder / f"{files[template]}.py").write_text(remote_code_source(template, files), encoding="utf-8")
     modeling, _, _ = _import_written(folder, files)
     return modeling
+
+
+def wrap_moe_block(block: Any, config: Any) -> Any:
+    """A minimal model around one MoE block: ``.config`` and ``layers.0.mlp``, the structure
+    ``moe_dispatch.install_moe_dispatch`` walks (benches and per-layer tests)."""
+    import torch
+
+    model = torch.nn.Module()
+    model.config = config
+    model.layers = torch.nn.ModuleList([torch.nn.Module()])
+    model.layers[0].mlp = block
+    return model
