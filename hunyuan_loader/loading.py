@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import importlib.util
 import logging
 import time
 import warnings
@@ -14,68 +13,18 @@ import torch
 from ..memory import stats
 from ..memory.unload import track_model
 from .checkpoint import loadable_path, validate_checkpoint
-from .errors import DependencyError
+from .quantization import (
+    check_quantized_modules,
+    checkpoint_tensor_names,
+    quantization_config,
+    require_bitsandbytes,
+    restore_float32_routers,
+    skip_modules_for,
+)
 from .spec import LoadedModel, LoadSpec
 from .variants import detect_variant, read_generation_config
 
 log = logging.getLogger(__name__)
-
-# Kept in full precision when quantizing: quantizing them garbles output or fails.
-# Substring match on module names (transformers' llm_int8_skip_modules semantics).
-SKIP_QUANTIZATION = [
-    "mlp.gate",
-    "shared_mlp",
-    "vae",
-    "vision_model",
-    "vision_aligner",
-    "patch_embed",
-    "final_layer",
-    "time_embed",
-    "timestep_emb",
-    "lm_head",
-    "wte",
-]
-
-
-def require_bitsandbytes(quant: str) -> None:
-    """Raise a DependencyError naming the fix if bitsandbytes is not importable."""
-    if quant == "bf16":
-        return
-    try:
-        found = importlib.util.find_spec("bitsandbytes") is not None
-    except (ImportError, ValueError):  # ValueError: sys.modules entry is None (import blocked)
-        found = False
-    if not found:
-        raise DependencyError(
-            f"{quant.upper()} needs bitsandbytes, which is not installed in ComfyUI's Python. "
-            "Install it with `python -m pip install bitsandbytes>=0.48` (the Python that runs ComfyUI), "
-            "or use the BF16 loader, which works without it."
-        )
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as exc:  # a broken install raises all sorts of errors
-        raise DependencyError(
-            f"bitsandbytes is installed but does not import ({exc}). Reinstall it "
-            "(`python -m pip install -U bitsandbytes`) or use the BF16 loader."
-        ) from exc
-
-
-def quantization_config(quant: str) -> Any:
-    """The BitsAndBytesConfig for int8 / nf4, or None for bf16."""
-    if quant == "bf16":
-        return None
-    from transformers import BitsAndBytesConfig
-
-    if quant == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP_QUANTIZATION)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_use_double_quant=True,
-        llm_int8_skip_modules=SKIP_QUANTIZATION,
-    )
-
 
 def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -103,7 +52,7 @@ def load_model(spec: LoadSpec) -> LoadedModel:
     )
     if spec.quant == "int8":  # logged on every int8 matmul
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-    qconfig = quantization_config(spec.quant)
+    qconfig = quantization_config(spec.quant, skip_modules_for(checkpoint_tensor_names(info.path)))
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
     streams = device.type == "cuda" and spec.offload in ("smart", "budget")
@@ -124,6 +73,9 @@ def load_model(spec: LoadSpec) -> LoadedModel:
             model = AutoModelForCausalLM.from_pretrained(str(loadable_path(info)), **kwargs)
         model.eval()
         track_model(model)
+        if qconfig is not None:
+            check_quantized_modules(model)
+            restore_float32_routers(model, info.path)
         if hasattr(model, "load_tokenizer"):
             model.load_tokenizer(str(info.path))
         install_moe_dispatch(model, spec.moe_impl)

@@ -22,11 +22,16 @@ def load_test_model(path: Path, quant: str | None = None, **kwargs: Any):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hunyuan_image3.hunyuan_loader.loading import quantization_config
+    from hunyuan_image3.hunyuan_loader.quantization import (
+        checkpoint_tensor_names,
+        quantization_config,
+        skip_modules_for,
+    )
 
     if quant not in (None, "int8", "nf4"):
         raise ValueError(f"quant must be None, 'int8' or 'nf4', got {quant!r}")
-    qconfig = quantization_config(quant or "bf16")  # the pack's own skip list
+    skips = skip_modules_for(checkpoint_tensor_names(path))  # the pack's own skip list
+    qconfig = quantization_config(quant or "bf16", skips)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
     model = AutoModelForCausalLM.from_pretrained(

@@ -1,0 +1,210 @@
+"""What gets quantized (and what must not), the BitsAndBytesConfig, and the checks around it.
+
+Only the decoder blocks' attention projections and routed experts are quantized. Everything
+else stays in full precision: the router (``mlp.gate``), the shared expert, the VAE, the
+vision encoder and aligner, the UNet-style patch_embed / final_layer, every timestep and
+guidance embedder (the official TimestepEmbedder casts its input to ``mlp[0].weight.dtype``,
+so a quantized one runs GELU on int8: official modeling_hunyuan_image_3.py:591), lm_head.
+
+The skip list is derived from the checkpoint's own tensor names (the modules its code
+defines), not written by hand, and matched with the rule transformers 4.57 really applies:
+a module is skipped iff a key equals its full name or ``key + "."`` occurs in it
+(transformers/integrations/bitsandbytes.py, ``_replace_with_bnb_linear``). ``time_embed``
+therefore does NOT cover ``time_embed_2``: each embedder is listed by its own name.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError, DependencyError
+
+log = logging.getLogger(__name__)
+
+# Inside a decoder block, these are the modules that are quantized; everything else is kept.
+_QUANTIZED_IN_BLOCK = re.compile(r"^model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.experts\.\d+\.\w+)$")
+_IN_BLOCK = re.compile(r"^model\.layers\.\d+\.(.+)$")
+ROUTER_SUFFIX = ".mlp.gate.wg"
+
+
+def is_quantizable(module_name: str) -> bool:
+    """True for the modules the pack quantizes: attention projections and routed experts."""
+    return bool(_QUANTIZED_IN_BLOCK.match(module_name))
+
+
+def transformers_skips(module_name: str, skip_keys: Iterable[str]) -> bool:
+    """transformers 4.57's llm_int8_skip_modules rule for one module (full dotted name)."""
+    short = module_name.rsplit(".", 1)[-1]
+    return any(short == key or key == module_name or key + "." in module_name for key in skip_keys)
+
+
+def checkpoint_tensor_names(path: Path) -> list[str]:
+    """Every tensor name of a checkpoint folder, from its index or its safetensors headers."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            names.extend(fh.keys())
+    return sorted(names)
+
+
+def _module_names(tensor_names: Iterable[str]) -> set[str]:
+    """Owning module of every weight-like tensor (``x.weight`` -> ``x``); bnb state names folded in."""
+    out = set()
+    for name in tensor_names:
+        base = name.split(".weight")[0] if ".weight" in name else name.rsplit(".", 1)[0]
+        out.add(base)
+    return out
+
+
+def skip_modules_for(tensor_names: Iterable[str]) -> list[str]:
+    """llm_int8_skip_modules that keep every module but attention and routed experts in full precision.
+
+    Keys: each top-level module other than ``model`` by its own name (vae, vision_model,
+    time_embed, time_embed_2, guidance_emb, ...), ``lm_head``, the non-block parts of
+    ``model`` (wte, ln_f, ...), and the in-block modules other than attention/experts by their
+    path inside the block (``mlp.gate``, ``mlp.shared_mlp``, ...). Verified against the rule
+    transformers applies: no quantizable module is covered, every other module is.
+    """
+    modules = _module_names(tensor_names)
+    keys: set[str] = {"lm_head"}
+    for name in modules:
+        parts = name.split(".")
+        if parts[0] != "model":
+            keys.add(parts[0])
+            continue
+        inner = _IN_BLOCK.match(name)
+        if inner is None:
+            keys.add(".".join(parts[:2]) if len(parts) > 1 else name)
+            continue
+        if is_quantizable(name):
+            continue
+        rel = inner.group(1).split(".")
+        # The module's first two levels inside the block: mlp.gate, mlp.shared_mlp, input_layernorm.
+        keys.add(".".join(rel[:2]))
+    keys = {k for k in keys if k}
+    wrong = [m for m in modules if is_quantizable(m) and transformers_skips(m, keys)]
+    missed = [m for m in modules if not is_quantizable(m) and not transformers_skips(m, keys)]
+    if wrong or missed:  # fall back to exact names, which the rule always honours
+        log.debug("skip keys %s cover %s / miss %s: using exact names", sorted(keys), wrong[:3], missed[:3])
+        keys = {m for m in modules if not is_quantizable(m)} | {"lm_head"}
+    return sorted(keys)
+
+
+def require_bitsandbytes(quant: str) -> None:
+    """Raise a DependencyError naming the fix if bitsandbytes is not importable."""
+    if quant == "bf16":
+        return
+    try:
+        found = importlib.util.find_spec("bitsandbytes") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules entry is None (import blocked)
+        found = False
+    if not found:
+        raise DependencyError(
+            f"{quant.upper()} needs bitsandbytes, which is not installed in ComfyUI's Python. "
+            "Install it with `python -m pip install bitsandbytes>=0.48` (the Python that runs ComfyUI), "
+            "or use the BF16 loader, which works without it."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # a broken install raises all sorts of errors
+        raise DependencyError(
+            f"bitsandbytes is installed but does not import ({exc}). Reinstall it "
+            "(`python -m pip install -U bitsandbytes`) or use the BF16 loader."
+        ) from exc
+
+
+def quantization_config(quant: str, skip_modules: list[str]) -> Any:
+    """The BitsAndBytesConfig for int8 / nf4 (None for bf16)."""
+    if quant == "bf16":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip_modules))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+        llm_int8_skip_modules=list(skip_modules),
+    )
+
+
+def _is_bnb_linear(module: Any) -> bool:
+    return type(module).__name__ in ("Linear8bitLt", "Linear4bit", "LinearNF4", "LinearFP4")
+
+
+def quantized_module_names(model: Any) -> list[str]:
+    """Names of the modules that hold bitsandbytes-quantized weights."""
+    return sorted(name for name, module in model.named_modules() if _is_bnb_linear(module))
+
+
+def check_quantized_modules(model: Any) -> None:
+    """Refuse a model in which a module that must stay in full precision is quantized."""
+    bad = [name for name in quantized_module_names(model) if not is_quantizable(name)]
+    if bad:
+        raise CheckpointError(
+            f"{len(bad)} module(s) that must stay in full precision are quantized, first: {bad[0]} "
+            "(quantizing the router, shared expert, embedders, VAE or vision parts garbles images or "
+            "crashes). Use the original BF16 checkpoint, or a quantized copy written by this pack "
+            "(`python -m hunyuan_loader quantize`)."
+        )
+
+
+@torch.no_grad()
+def restore_float32_routers(model: Any, path: Path) -> int:
+    """Give the routers back the float32 precision the model code creates them with.
+
+    Under a bitsandbytes quantization_config transformers casts every non-quantized float
+    parameter to the model dtype (bf16), the router ``mlp.gate.wg`` too, although the official
+    code creates it in float32 (modeling_hunyuan_image_3.py:1102) and routes in float32 when its
+    weight is float32 (:1114). The bf16 load keeps it float32; this re-reads the router weights
+    from the checkpoint so int8/nf4 route exactly like bf16. Returns the number restored.
+    """
+    from safetensors import safe_open
+
+    routers = {
+        name + ".weight": module
+        for name, module in model.named_modules()
+        if name.endswith(ROUTER_SUFFIX) and getattr(module, "weight", None) is not None
+        and module.weight.dtype != torch.float32
+    }
+    if not routers:
+        return 0
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    else:
+        weight_map = {}
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as fh:
+                weight_map.update(dict.fromkeys(fh.keys(), file.name))
+    by_file: dict[str, list[str]] = {}
+    for key in routers:
+        if key in weight_map:
+            by_file.setdefault(weight_map[key], []).append(key)
+    restored = 0
+    for file, keys in by_file.items():
+        with safe_open(str(path / file), framework="pt") as fh:
+            for key in keys:
+                module = routers[key]
+                value = fh.get_tensor(key).to(device=module.weight.device, dtype=torch.float32)
+                module.weight = torch.nn.Parameter(value, requires_grad=False)
+                restored += 1
+    log.debug("restored %d float32 routers", restored)
+    return restored
