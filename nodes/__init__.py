@@ -1,6 +1,6 @@
 """ComfyUI node classes (thin: inputs, outputs, tooltips) that call the library."""
 
-from . import comfy_adapter
+from . import comfy_adapter, comfy_memory
 from .generate import HunyuanImage3Generate
 from .loaders import (
     HunyuanImage3LoaderBF16,
@@ -11,6 +11,7 @@ from .loaders import (
 from .unload import HunyuanImage3ForceUnload, HunyuanImage3SoftUnload
 
 comfy_adapter.register_model_folder()
+comfy_memory.register_with_comfy_memory()
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     "HunyuanImage3LoaderINT8": HunyuanImage3LoaderINT8,

@@ -16,7 +16,7 @@ from ..hunyuan_loader.generation import (
 )
 from ..hunyuan_loader.placement import inference_bytes
 from ..hunyuan_loader.resolution import resolution_buckets
-from . import comfy_adapter
+from . import comfy_adapter, comfy_memory
 from .loaders import CATEGORY, MODEL_TYPE
 
 
@@ -82,10 +82,10 @@ class HunyuanImage3Generate:
         )
         validate_request(request)
         cache = get_cache()
-        comfy_adapter.make_room_on_gpu(cache.bytes_to_bring_back(model))  # ComfyUI's models yield first
+        comfy_memory.make_room_on_gpu(cache.bytes_to_bring_back(model))  # ComfyUI's models yield first
         loaded = cache.get(model)
         size = target_size(request) or (1024, 1024)
-        comfy_adapter.make_room_on_gpu(inference_bytes(loaded, *size))
+        comfy_memory.make_room_on_gpu(inference_bytes(loaded, *size))
         total = request.steps or loaded.variant.default_steps
         result = generate(loaded, request, comfy_adapter.progress_callback(total), comfy_adapter.cancel_check())
         text = [f"{result.width}x{result.height}, {result.steps} steps, {result.seconds:.1f} s"] + result.notes

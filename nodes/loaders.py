@@ -6,14 +6,14 @@ from typing import Any
 
 from ..hunyuan_loader.cache import ModelHandle, get_cache
 from ..hunyuan_loader.spec import LoadSpec
-from . import comfy_adapter
+from . import comfy_adapter, comfy_memory
 
 CATEGORY = "HunyuanImage3"
 MODEL_TYPE = "HUNYUAN_IMAGE3"
 
 MODEL_NAME_TIP = (
-    "Checkpoint folder (holding config.json) under ComfyUI/models/HunyuanImage-3 "
-    "or a folder listed there in extra_model_paths.yaml."
+    "Checkpoint folder (holding config.json) directly inside ComfyUI/models/HunyuanImage-3 "
+    "or inside a folder listed for 'HunyuanImage-3' in extra_model_paths.yaml. A name, not a path."
 )
 OFFLOAD_TIP = (
     "disabled: all weights on the GPU (INT8 still streams a few blocks for a run above 1.2 MP). "
@@ -28,7 +28,7 @@ MOE_TIP = (
 def load_through_cache(spec: LoadSpec) -> tuple[ModelHandle]:
     """Let ComfyUI's own models make room on the GPU, then load (or reuse) through the cache."""
     cache = get_cache()
-    comfy_adapter.make_room_on_gpu(cache.bytes_to_bring_back(ModelHandle(spec)))
+    comfy_memory.make_room_on_gpu(cache.bytes_to_bring_back(ModelHandle(spec)))
     return (cache.load(spec),)
 
 
@@ -54,9 +54,10 @@ class _LoaderBase:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model_name: str) -> bool:
-        # Checked when the node runs, so a missing folder gives an error naming it and the fix.
-        return True
+    def VALIDATE_INPUTS(cls, model_name: str | None = None) -> bool | str:
+        # Taking model_name turns off ComfyUI's own list check for it, so this applies the same
+        # rule (a listed folder name, never a path) and says where models go.
+        return comfy_adapter.check_model_name(model_name)
 
     def load(self, model_name: str, offload_mode: str, moe_impl: str = "gather_scatter") -> tuple[ModelHandle]:
         path = comfy_adapter.resolve_model_path(model_name)
@@ -120,8 +121,10 @@ class HunyuanImage3LoaderBudget:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model_name: str) -> bool:
-        return True
+    def VALIDATE_INPUTS(cls, model_name: str | None = None) -> bool | str:
+        # Taking model_name turns off ComfyUI's own list check for it, so this applies the same
+        # rule (a listed folder name, never a path) and says where models go.
+        return comfy_adapter.check_model_name(model_name)
 
     def load(
         self,

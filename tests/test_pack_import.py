@@ -76,3 +76,18 @@ def test_imports_like_comfyui_under_a_dashed_folder_name_without_generic_modules
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_only_the_adapter_modules_import_comfyui() -> None:
+    """comfy.* / folder_paths appear only in nodes/comfy_adapter.py (folders, progress, cancel)
+    and nodes/comfy_memory.py (ComfyUI's memory management), which imports through the adapter."""
+    import re
+
+    pattern = re.compile(r"""^\s*(import|from)\s+(comfy\b|folder_paths\b)|["'](comfy\.[a-z_.]+|folder_paths)["']""", re.M)
+    skip = {".venv", "tests", "bench", ".git"}
+    hits = sorted(
+        str(p.relative_to(ROOT))
+        for p in ROOT.rglob("*.py")
+        if not (skip & set(p.relative_to(ROOT).parts)) and pattern.search(p.read_text(encoding="utf-8"))
+    )
+    assert hits == ["nodes/comfy_adapter.py", "nodes/comfy_memory.py"], hits

@@ -42,11 +42,11 @@ def main() -> int:
     pack = importlib.util.module_from_spec(spec)
     sys.modules[name] = pack
     spec.loader.exec_module(pack)
-    adapter = sys.modules[f"{name}.nodes.comfy_adapter"]
+    memory = sys.modules[f"{name}.nodes.comfy_memory"]
     cache = sys.modules[f"{name}.hunyuan_loader.cache"].get_cache()
     LoadSpec = sys.modules[f"{name}.hunyuan_loader.loading"].LoadSpec
 
-    entry = adapter.comfy_memory_entry()
+    entry = memory.comfy_memory_entry()
     assert entry is not None and any(e is entry for e in mm.current_loaded_models), "entry not registered"
     print(f"registered: {len(mm.current_loaded_models)} entry, device {entry.device}")
 
@@ -107,7 +107,7 @@ def main() -> int:
         saved_device = mm.get_torch_device
         mm.get_torch_device = lambda: cuda
         try:
-            gone = adapter.make_room_on_gpu(5 << 30)
+            gone = memory.make_room_on_gpu(5 << 30)
         finally:
             mm.get_torch_device = saved_device
         assert gone == 1 and not any(e is other for e in mm.current_loaded_models), "ComfyUI's model stayed"
