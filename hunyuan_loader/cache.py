@@ -114,6 +114,12 @@ class HunyuanModelCache:
             name = self.loaded.spec.describe()
             if mode == "park":
                 if self.loaded.residency is None:
+                    if self.loaded.device.type == "cuda":  # offload mode "accelerate": its hooks own the weights
+                        return (
+                            f"Soft Unload is not available for {name}: accelerate's offload hooks keep its "
+                            "weights where they are. Use Force Unload to free the GPU, or load with offload "
+                            "mode smart, which soft-unloads to RAM and comes back in seconds."
+                        )
                     return f"{name} is already in CPU RAM (no GPU in use)."
                 from ..memory.residency import InsufficientRAMError
 

@@ -3,17 +3,20 @@ leaves nothing half-loaded. Also gives remote code a safe module name."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.util
 import json
 import logging
 import os
 import re
 import struct
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, DependencyError
 
 log = logging.getLogger(__name__)
 
@@ -165,3 +168,46 @@ def loadable_path(info: CheckpointInfo) -> Path:
             return info.path
     log.debug("loading %s through %s", info.path, link)
     return link
+
+
+# Import name -> pip package, where they differ.
+_PIP_NAMES = {"PIL": "pillow", "cv2": "opencv-python", "yaml": "pyyaml", "sklearn": "scikit-learn"}
+
+
+def code_imports(path: Path) -> set[str]:
+    """Top-level packages the checkpoint's own *.py files import unconditionally (module level,
+    outside try blocks: optional imports such as flash_attn sit in try blocks)."""
+    found: set[str] = set()
+    for file in sorted(Path(path).glob("*.py")):
+        try:
+            tree = ast.parse(file.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, ValueError):
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return found - set(sys.stdlib_module_names)
+
+
+def check_code_dependencies(path: Path) -> None:
+    """Raise DependencyError naming every package the model's code imports that is not installed.
+
+    Every official code file imports diffusers, the image processor torchvision, the model
+    einops: without this check the first load fails with a raw ImportError deep in transformers.
+    """
+    missing = []
+    for name in sorted(code_imports(path)):
+        try:
+            if importlib.util.find_spec(name) is None:
+                missing.append(name)
+        except (ImportError, ValueError):  # ValueError: a sys.modules entry of None (import blocked)
+            missing.append(name)
+    if missing:
+        packages = " ".join(_PIP_NAMES.get(name, name) for name in missing)
+        raise DependencyError(
+            f"The model's code in {path} imports {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+            f"not installed in this Python. Install with `python -m pip install {packages}` (into the Python "
+            "that runs ComfyUI; `-r requirements.txt` of this pack installs them) and restart."
+        )

@@ -23,6 +23,10 @@ class OutOfMemoryError(HunyuanError):
     """Generation did not fit in GPU memory even after streaming more weights."""
 
 
+class NotEnoughVRAMError(HunyuanError):
+    """The VRAM budget cannot hold the model's fixed parts even with every block streamed."""
+
+
 class NotEnoughRAMError(HunyuanError):
     """CPU RAM is too small for the requested placement; nothing was moved."""
 

@@ -1,5 +1,13 @@
 """One text-to-image generation: inputs checked, memory planned, per-step progress and
-cancel hooked into the diffusion scheduler, the PIL result turned into a ComfyUI IMAGE."""
+cancel hooked into the diffusion scheduler, the PIL result turned into a ComfyUI IMAGE.
+
+What the official code does and this module works around (each pinned by a test that cites it):
+- sizes always snap to the model's buckets (no exact custom size): the memory plan and the
+  node's text use the size the model's own image processor will render;
+- base / Instruct always build two CFG rows and fail at guidance_scale <= 1: refused first;
+- the think / recaption text samples on the global torch RNG: it is seeded from ``seed``
+  inside a forked RNG state, so the same seed gives the same text and image.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +44,7 @@ class GenerationRequest:
     seed: int = 0
     steps: int | None = None
     guidance: float | None = None
-    resolution: str = "1024x1024"  # "auto", "WIDTHxHEIGHT" (snapped to the model's buckets) or "custom"
+    resolution: str = "1024x1024"  # "auto", "WIDTHxHEIGHT" or "custom" (width/height); the model snaps both
     width: int = 1024
     height: int = 1024
     bot_task: str | None = None
@@ -92,14 +100,47 @@ def validate_request(req: GenerationRequest) -> None:
 
 
 def target_size(req: GenerationRequest) -> tuple[int, int] | None:
-    """The (width, height) the model will render, or None for 'auto' (the model picks)."""
-    from .resolution import snap_to_bucket
-
+    """The (width, height) asked for, or None for 'auto' (the model picks)."""
     if req.resolution == "auto":
         return None
     if req.resolution == "custom":
         return req.width, req.height
-    return snap_to_bucket(*parse_size(req.resolution))
+    return parse_size(req.resolution)
+
+
+AUTO_PLAN_SIZE = (1024, 1024)  # every bucket is ~1 MP: what "auto" is planned for
+
+
+def planned_size(loaded: LoadedModel, req: GenerationRequest) -> tuple[int, int]:
+    """The (width, height) the model will really render (its image processor snaps every size)."""
+    from .resolution import rendered_size
+
+    asked = target_size(req)
+    return AUTO_PLAN_SIZE if asked is None else rendered_size(loaded.model, *asked)
+
+
+def check_guidance(loaded: LoadedModel, guidance: float) -> None:
+    """Base / Instruct fail at guidance_scale <= 1: their code always builds two CFG rows
+    (official modeling_hunyuan_image_3.py:2732, hunyuan.py:2263) while the pipeline batches
+    1 + (g > 1) latents (hunyuan_image_3_pipeline.py:776). Instruct-Distil embeds guidance."""
+    if guidance <= 1.0 and not loaded.variant.cfg_distilled:
+        raise InputError(
+            f"guidance_scale {guidance:g} does not work with {loaded.variant.name} checkpoints: their code "
+            "always runs the conditional and unconditional halves together (classifier-free guidance) and "
+            "fails at 1.0 or below. Use a value above 1.0 (1.01 is as good as no guidance; the default is "
+            f"{loaded.variant.default_guidance:g})."
+        )
+
+
+@contextlib.contextmanager
+def seeded_rng(loaded: LoadedModel, seed: int) -> Iterator[None]:
+    """Seed torch's global RNG (CPU and the model's GPU) for one call, then restore it: the model's
+    think / recaption text samples on it (official modeling_hunyuan_image_3.py:2762 seeds only
+    the diffusion generator), so without this the same seed gives different text and images."""
+    devices = [loaded.device.index or 0] if loaded.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed) % (2**63))
+        yield
 
 
 @contextlib.contextmanager
@@ -149,25 +190,17 @@ def pil_to_image_tensor(image: Any) -> torch.Tensor:
     return torch.from_numpy(array).unsqueeze(0).contiguous()
 
 
-def _image_size_arg(model: Any, req: GenerationRequest) -> tuple[str, dict[str, Any]]:
-    if req.resolution == "auto":
-        return "auto", {}
-    w, h = target_size(req)  # type: ignore[misc]
-    exact = req.resolution == "custom" and getattr(model, "supports_exact_image_size", False)
-    # Code that does not declare exact sizes gets no unknown kwarg: it snaps to its buckets
-    # and generate() says so in the node's text.
-    return f"{h}x{w}", ({"snap_resolution": False} if exact else {})  # image_size is HEIGHTxWIDTH
-
-
-def _call_model(loaded: LoadedModel, req: GenerationRequest, steps: int, guidance: float) -> tuple[Any, str | None]:
+def _call_model(
+    loaded: LoadedModel, req: GenerationRequest, size: tuple[int, int] | None, steps: int, guidance: float
+) -> tuple[Any, str | None]:
     model, variant = loaded.model, loaded.variant
-    image_size, extra = _image_size_arg(model, req)
-    kwargs: dict[str, Any] = dict(seed=req.seed, image_size=image_size, **extra)
+    image_size = "auto" if size is None else f"{size[1]}x{size[0]}"  # image_size is HEIGHTxWIDTH
+    kwargs: dict[str, Any] = dict(seed=req.seed, image_size=image_size)
     if req.bot_task:
         kwargs["bot_task"] = req.bot_task
     if variant.honours_step_kwargs:
         kwargs.update(diff_infer_steps=steps, diff_guidance_scale=guidance)
-    with torch.inference_mode():
+    with torch.inference_mode(), seeded_rng(loaded, req.seed):
         out = model.generate_image(prompt=req.prompt, **kwargs)
     if variant.returns_tuple:
         cot, images = out
@@ -186,9 +219,12 @@ def generate(
     validate_request(req)
     steps = req.steps if req.steps is not None else loaded.variant.default_steps
     guidance = req.guidance if req.guidance is not None else loaded.variant.default_guidance
+    check_guidance(loaded, guidance)
     if cancel is not None:
         cancel()
-    size = target_size(req) or (1024, 1024)
+    asked = target_size(req)
+    rendered = None if asked is None else planned_size(loaded, req)
+    size = rendered or AUTO_PLAN_SIZE
     start = time.perf_counter()
     notes: list[str] = []
     retried = False
@@ -198,7 +234,7 @@ def generate(
             with run_placement(loaded, size, notes, extra_margin=retried), generation_settings(
                 loaded.model, steps, guidance
             ), step_hooks(loaded.model, steps, progress, cancel):
-                image, cot = _call_model(loaded, req, steps, guidance)
+                image, cot = _call_model(loaded, req, rendered, steps, guidance)
             break
         except torch.OutOfMemoryError as exc:
             oom_message = str(exc).splitlines()[0]
@@ -217,10 +253,10 @@ def generate(
         notes.append(f"Out of memory at {size[0]}x{size[1]}: retrying once with more weights streamed.")
         log.warning(notes[-1])
     result = GenerationResult(pil_to_image_tensor(image), time.perf_counter() - start, steps, notes, cot)
-    if req.resolution == "custom" and (result.width, result.height) != size:
+    if asked is not None and (result.width, result.height) != asked:
         notes.append(
-            f"This checkpoint's code snapped the custom size {size[0]}x{size[1]} to its bucket "
-            f"{result.width}x{result.height}."
+            f"{asked[0]}x{asked[1]} is not one of this checkpoint's sizes: its code rendered the nearest "
+            f"bucket, {result.width}x{result.height}."
         )
     log.info("generated %dx%d in %.1f s (%d steps)", result.width, result.height, result.seconds, steps)
     return result

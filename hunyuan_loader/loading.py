@@ -12,7 +12,8 @@ import torch
 
 from ..memory import stats
 from ..memory.unload import track_model
-from .checkpoint import loadable_path, validate_checkpoint
+from .checkpoint import check_code_dependencies, loadable_path, validate_checkpoint
+from .errors import NotEnoughVRAMError
 from .quantization import (
     check_quantized_modules,
     checkpoint_tensor_names,
@@ -37,9 +38,11 @@ def load_model(spec: LoadSpec) -> LoadedModel:
     """
     info = validate_checkpoint(spec.path)
     require_bitsandbytes(spec.quant)
+    check_code_dependencies(info.path)
     from transformers import AutoModelForCausalLM
 
     from .moe_dispatch import install_moe_dispatch
+    from .remote_code_fixes import install_mask_alignment
 
     device = default_device()
     variant = detect_variant(info.config, read_generation_config(info.path))
@@ -79,11 +82,19 @@ def load_model(spec: LoadSpec) -> LoadedModel:
         if hasattr(model, "load_tokenizer"):
             model.load_tokenizer(str(info.path))
         install_moe_dispatch(model, spec.moe_impl)
+        install_mask_alignment(model)
         loaded = LoadedModel(model, spec, info, variant, device, 0.0)
         if device.type == "cuda" and spec.offload != "accelerate":
+            from ..memory.residency.planner import InsufficientVRAMError
             from .placement import place_for_spec
 
-            loaded.residency = place_for_spec(model, spec, device)
+            try:
+                loaded.residency = place_for_spec(model, spec, device)
+            except InsufficientVRAMError as exc:
+                raise NotEnoughVRAMError(
+                    f"{exc} Choices: a larger vram_budget_gb, a smaller inference_headroom_gb, or the "
+                    "NF4 / INT8 loaders, whose weights are 4x / 2x smaller."
+                ) from None
         loaded.load_seconds = time.perf_counter() - start
         log.info("loaded %s in %.1f s (%s)", spec.describe(), loaded.load_seconds, variant.name)
         return loaded

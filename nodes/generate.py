@@ -11,7 +11,7 @@ from ..hunyuan_loader.generation import (
     MAX_STEPS,
     GenerationRequest,
     generate,
-    target_size,
+    planned_size,
     validate_request,
 )
 from ..hunyuan_loader.placement import inference_bytes
@@ -21,8 +21,9 @@ from .loaders import CATEGORY, MODEL_TYPE
 
 
 def resolution_choices() -> list[str]:
-    """'auto', the model's aspect buckets as WIDTHxHEIGHT, and 'custom'."""
-    return ["auto"] + [f"{w}x{h}" for w, h in resolution_buckets()] + ["custom"]
+    """'auto', the buckets of every variant (Instruct's 37 include base's 33) as WIDTHxHEIGHT, and 'custom'."""
+    buckets = sorted(resolution_buckets("instruct"), key=lambda wh: (wh[0] / wh[1], wh[0]))
+    return ["auto"] + [f"{w}x{h}" for w, h in buckets] + ["custom"]
 
 
 class HunyuanImage3Generate:
@@ -49,7 +50,9 @@ class HunyuanImage3Generate:
                                              "tooltip": "Classifier-free guidance (base/Instruct: 5.0; Distil: 2.5)."}),
                 "resolution": (resolution_choices(), {"default": "1024x1024",
                     "tooltip": "auto: the model picks the aspect ratio. WIDTHxHEIGHT: one of the model's "
-                               "buckets. custom: width/height exactly as given (multiples of 16, no snapping)."}),
+                               "buckets (base checkpoints lack 1280x720, 720x1280, 1024x768 and 768x1024 and "
+                               "render the nearest). custom: width/height, snapped by the model to its nearest "
+                               "bucket (the node's text says which)."}),
                 "width": ("INT", dict(size, tooltip="Used when resolution is 'custom'.")),
                 "height": ("INT", dict(size, tooltip="Used when resolution is 'custom'.")),
             },
@@ -84,7 +87,7 @@ class HunyuanImage3Generate:
         cache = get_cache()
         comfy_memory.make_room_on_gpu(cache.bytes_to_bring_back(model))  # ComfyUI's models yield first
         loaded = cache.get(model)
-        size = target_size(request) or (1024, 1024)
+        size = planned_size(loaded, request)
         comfy_memory.make_room_on_gpu(inference_bytes(loaded, *size))
         total = request.steps or loaded.variant.default_steps
         result = generate(loaded, request, comfy_adapter.progress_callback(total), comfy_adapter.cancel_check())

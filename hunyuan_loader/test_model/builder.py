@@ -16,18 +16,20 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "remote_code"
-TEMPLATES = ("configuration", "modeling", "tokenization")
+TEMPLATES = ("configuration", "modeling", "tokenization", "image_processor")
 NUM_SHARDS = 4
 
 _INSTRUCT_FILES = {
     "configuration": "configuration_hunyuan_image_3",
     "modeling": "modeling_hunyuan_image_3",
     "tokenization": "tokenization_hunyuan_image_3",
+    "image_processor": "image_processor",
 }
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {
-        "files": {"configuration": "configuration_hunyuan", "modeling": "hunyuan", "tokenization": "tokenizer_wrapper"},
+        "files": {"configuration": "configuration_hunyuan", "modeling": "hunyuan", "tokenization": "tokenizer_wrapper",
+                  "image_processor": "image_processor"},
         "config": {"model_version": "HunyuanImage-3.0", "cfg_distilled": False, "use_meanflow": False},
         "generation": {"diff_infer_steps": 50, "diff_guidance_scale": 5.0, "flow_shift": 3.0},
     },
@@ -130,8 +132,8 @@ def make_test_model(
         cfg_kwargs = dict(spec["config"])
         cfg_kwargs.update(config_overrides or {})
         config = modeling.HunyuanImage3Config(**cfg_kwargs)
-        buckets = modeling.resolution_buckets(base=int(config.image_base_size))
-        tokenizer = tokenization.HunyuanImage3Tokenizer.build(num_ratio_tokens=len(buckets))
+        processor = modeling.HunyuanImage3ImageProcessor(config)
+        tokenizer = tokenization.HunyuanImage3Tokenizer.build(num_ratio_tokens=len(processor.group))
         config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id
         if config.vocab_size < len(tokenizer):
@@ -145,10 +147,9 @@ def make_test_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = modeling.HunyuanImage3ForCausalMM(config)
-        keep_fp32 = set(model._keep_in_fp32_modules)
         state = {}
         for name, tensor in model.state_dict().items():
-            fp32 = any(part in keep_fp32 for part in name.split("."))
+            fp32 = name.endswith(".mlp.gate.wg.weight")  # the router is created and saved in float32
             state[name] = tensor.detach().to(torch.float32 if fp32 else torch.bfloat16)
         _write_shards(state, dest)
         config.save_pretrained(dest)

@@ -32,7 +32,7 @@ class HunyuanImage3Config(PretrainedConfig):
         use_qk_norm: bool = True,
         num_experts: int = 8,
         moe_topk: int | list[int] = 2,
-        moe_intermediate_size: int | list[int] = 32,
+        moe_intermediate_size: int | list[int] = 64,  # real 3072: multiples of 64 (bnb 4-bit blocks)
         num_shared_expert: int | list[int] = 1,
         moe_drop_tokens: bool = False,
         capacity_factor: float = 1.0,

@@ -6,10 +6,15 @@ It mirrors the parameter names, the float32 router, the GShard-style eager MoE w
 resolution-group snapping and both ``generate_image`` return conventions (base: one
 PIL image; Instruct/Distil: ``(cot_text_list or None, [PIL images])``).
 
-Extension (not in the real model): ``generate_image(..., image_size="HxW",
-snap_resolution=False)`` uses the size as given (rounded down to multiples of 16)
-instead of snapping it to the resolution group; the class says so with
-``supports_exact_image_size = True``.
+Where the pack touches the model, this code behaves like the official one (each behaviour
+pinned by a test in tests/test_model_interface.py that cites the official file:line):
+3-D expert input (``chunk(2, dim=2)``), the reference MoE feeding each expert
+``[1, capacity, hidden]``, timestep embedders casting their input to ``mlp[0].weight.dtype``,
+Distil's ``guidance_emb`` / ``timestep_r_emb``, two CFG rows always built for base/Instruct
+while the pipeline batches ``1 + (guidance > 1)`` latents, sizes snapped by the model's own
+image processor (no exact sizes), the base text-stage attention mask built on the CPU, the
+CoT/recaption text sampled on the global torch RNG, a float32 router with no
+``_keep_in_fp32_modules`` (so bitsandbytes loads cast it to bf16), and a diffusers import.
 
 Like the real Instruct code, the Instruct/Distil ``generate_image`` ignores the
 ``diff_infer_steps`` / ``diff_guidance_scale`` kwargs and reads
@@ -21,48 +26,22 @@ from __future__ import annotations
 import logging
 import math
 import random
-import re
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor  # every official code file imports diffusers
 from PIL import Image
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration import HunyuanImage3Config
+from .image_processor import HunyuanImage3ImageProcessor
 from .tokenization import HunyuanImage3Tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- resolution group
-def resolution_buckets(
-    base: int = 1024, step: int = 64, align: int = 16, min_px: int = 512, max_px: int = 2048
-) -> list[tuple[int, int]]:
-    """(width, height) buckets: walk from the square by ``step`` (one side grows while the
-    other shrinks, clamped to min_px..max_px), plus four video-like extras; sorted by w/h."""
-    found = {(base, base)}
-    for grow_h in (True, False):
-        w = h = base
-        while (h < max_px or w > min_px) if grow_h else (w < max_px or h > min_px):
-            if grow_h:
-                h, w = min(h + step, max_px), max(w - step, min_px)
-            else:
-                h, w = max(h - step, min_px), min(w + step, max_px)
-            found.add((w // align * align, h // align * align))
-    for ew, eh in ((1024, 768), (1280, 720), (768, 1024), (720, 1280)):
-        found.add((ew * base // 1024 // align * align, eh * base // 1024 // align * align))
-    return sorted(found, key=lambda wh: (wh[0] / wh[1], wh[0]))
-
-
-def snap_to_bucket(width: float, height: float, buckets: list[tuple[int, int]] | None = None) -> tuple[int, int]:
-    """Bucket with the nearest aspect ratio (log distance; first one wins a tie)."""
-    buckets = buckets or resolution_buckets()
-    target = math.log(float(width) / float(height))
-    return min(buckets, key=lambda wh: abs(math.log(wh[0] / wh[1]) - target))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -158,7 +137,8 @@ class HunyuanImage3Attention(nn.Module):
 
 
 class HunyuanMLP(nn.Module):
-    """SwiGLU: down_proj(a * silu(b)) with (a, b) = gate_and_up_proj(x).chunk(2): the SECOND half is activated."""
+    """SwiGLU: down_proj(a * silu(b)) with (a, b) = gate_and_up_proj(x).chunk(2, dim=2): the SECOND half
+    is activated. Input must be 3-D [batch, tokens, hidden] (official modeling_hunyuan_image_3.py:1080)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -166,7 +146,7 @@ class HunyuanMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.gate_and_up_proj(x).chunk(2, dim=-1)
+        a, b = self.gate_and_up_proj(x).chunk(2, dim=2)
         return self.down_proj(a * F.silu(b))
 
 
@@ -189,7 +169,8 @@ class HunyuanTopKGate(nn.Module):
         return self.wg(x).float()
 
     def forward(self, hidden_states: torch.Tensor):
-        """hidden_states [T, H] -> (l_aux, combine_weights [T,E,C], dispatch_mask [T,E,C], exp_counts [E])."""
+        """hidden_states [B, S, H] -> (l_aux, combine_weights [T,E,C], dispatch_mask [T,E,C], exp_counts [E])."""
+        hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
         k, num_e = self.moe_topk, self.num_experts
         tokens = hidden_states.shape[0]
         gates = F.softmax(self.router_logits(hidden_states), dim=1)
@@ -230,9 +211,8 @@ class HunyuanMoE(nn.Module):
         self.gate = HunyuanTopKGate(config, layer_idx)
         self.experts = nn.ModuleList([HunyuanMLP(config.hidden_size, width) for _ in range(config.num_experts)])
         n_shared = int(config.layer_value("num_shared_expert", layer_idx))
-        self.shared_mlp = (
-            HunyuanMLP(config.hidden_size, config.intermediate_size * n_shared) if n_shared > 0 else None
-        )
+        # Shared expert width: moe_intermediate_size x num_shared_expert (official modeling_hunyuan_image_3.py:1054-1063).
+        self.shared_mlp = HunyuanMLP(config.hidden_size, width * n_shared) if n_shared > 0 else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if hidden_states.is_cuda:
@@ -240,12 +220,13 @@ class HunyuanMoE(nn.Module):
         with _nvtx("moe"):
             shape = hidden_states.shape
             x = hidden_states.reshape(-1, shape[-1])
-            _, combine_weights, dispatch_mask, _ = self.gate(x)
+            _, combine_weights, dispatch_mask, _ = self.gate(hidden_states)
             # CPU bf16 matmul is slow; the one-hot dispatch/combine values are identical in float32.
             ein_dtype = torch.float32 if x.device.type == "cpu" else x.dtype
             dispatched = torch.einsum("sec,sm->ecm", dispatch_mask.to(ein_dtype), x.to(ein_dtype)).to(x.dtype)
-            outs = [expert(chunk) for expert, chunk in zip(self.experts, dispatched.unbind(0))]
-            expert_output = torch.stack(outs, dim=0)
+            # Each expert gets [1, capacity, hidden] (official modeling_hunyuan_image_3.py:1203).
+            chunks = dispatched.chunk(self.num_experts, dim=0)
+            expert_output = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)], dim=0)
             weights = combine_weights.type_as(x).to(ein_dtype)  # rounded to the hidden dtype, as on CUDA
             combined = torch.einsum("sec,ecm->sm", weights, expert_output.to(ein_dtype))
             out = combined.to(hidden_states.dtype).reshape(shape)
@@ -277,8 +258,6 @@ class HunyuanImage3PreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
     _no_split_modules = ["HunyuanImage3DecoderLayer"]
-    _keep_in_fp32_modules = ["wg"]
-    _keep_in_fp32_modules_strict = ["wg"]  # also under bf16 loads
     _skip_keys_device_placement = "past_key_values"
     _supports_sdpa = True
 
@@ -329,13 +308,20 @@ class HunyuanImage3Model(HunyuanImage3PreTrainedModel):
 
 # --------------------------------------------------------------------------- image modules
 class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden_size: int, freq_dim: int = 32) -> None:
-        super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+    """Sinusoidal features -> Linear, GELU, Linear. forward(t) casts the features to
+    ``mlp[0].weight.dtype`` (official modeling_hunyuan_image_3.py:591): quantize it and GELU
+    runs on int8 / uint8."""
 
-    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self.mlp(_timestep_embedding(t, self.freq_dim).to(dtype))
+    def __init__(self, hidden_size: int, act_layer=nn.GELU, frequency_embedding_size: int = 256) -> None:
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size), act_layer(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = _timestep_embedding(t, self.frequency_embedding_size).type(self.mlp[0].weight.dtype)
+        return self.mlp(t_freq)
 
 
 class UNetPatchEmbed(nn.Module):
@@ -389,9 +375,9 @@ class VAEDecoder(nn.Module):
         self.conv_out = nn.Conv3d(mid, 3 * factor * factor, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z)
-        h = h + self.conv_mid(F.silu(self.norm(h)))
-        h = self.conv_out(F.silu(h))
+        h = _conv(self.conv_in, z)
+        h = h + _conv(self.conv_mid, F.silu(self.norm(h.to(self.norm.weight.dtype))))
+        h = _conv(self.conv_out, F.silu(h))
         return F.pixel_shuffle(h.squeeze(2), self.factor).unsqueeze(2)
 
 
@@ -421,10 +407,8 @@ class HunyuanVAE(nn.Module):
             self._cuda_probe = torch.empty(0, device="cuda")
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.decoder.conv_in.weight.dtype != torch.float32:
-            self.to(torch.float32)  # the VAE always runs in float32
         z = (latents / self.scaling_factor).to(self.decoder.conv_in.weight.dtype)
-        return self.decoder(z.unsqueeze(2)).squeeze(2)
+        return self.decoder(z.unsqueeze(2)).squeeze(2).float()
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         moments = self.encoder(images.unsqueeze(2).to(self.encoder.conv_in.weight.dtype)).squeeze(2)
@@ -510,7 +494,10 @@ class FlowMatchEulerScheduler:
 
 
 class HunyuanImage3Text2ImagePipeline:
-    """Diffusion loop; CFG halves run as one batch per transformer forward."""
+    """Diffusion loop. Like the official pipeline (hunyuan_image_3_pipeline.py:776, :833) it
+    batches ``1 + (guidance_scale > 1)`` copies of the latents (1 for cfg-distilled
+    checkpoints) against the token rows the model prepared: base / Instruct always prepare two
+    CFG rows, so guidance_scale <= 1 fails there with a batch-size mismatch."""
 
     def __init__(self, model: HunyuanImage3ForCausalMM, scheduler: FlowMatchEulerScheduler) -> None:
         self.model = model
@@ -519,57 +506,57 @@ class HunyuanImage3Text2ImagePipeline:
     @torch.no_grad()
     def __call__(
         self,
-        cond_ids: torch.Tensor,
-        uncond_ids: torch.Tensor | None,
-        height: int,
-        width: int,
+        batch_size: int,
+        image_size: tuple[int, int],
         num_inference_steps: int,
         guidance_scale: float,
         generator: torch.Generator,
+        model_kwargs: dict,
+        cfg_distilled: bool = False,
         callback_on_step_end=None,
     ) -> torch.Tensor:
         model = self.model
         device = model.model.wte.weight.device
+        height, width = image_size
         factor = int(model.config.vae_downsample_factor[0])
-        shape = (1, model.config.vae_latent_channels, height // factor, width // factor)
-        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-        use_cfg = uncond_ids is not None
-        ids = torch.cat([cond_ids, uncond_ids], dim=0) if use_cfg else cond_ids
-        ids = ids.to(device)
+        shape = (batch_size, model.config.vae_latent_channels, height // factor, width // factor)
+        latents = randn_tensor(shape, generator=generator, dtype=torch.float32).to(device)
+        cfg_factor = 1 if cfg_distilled else 1 + (guidance_scale > 1.0)
+        ids = model_kwargs["input_ids"].to(device)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         for i, t in enumerate(self.scheduler.timesteps):
-            inp = torch.cat([latents, latents], dim=0) if use_cfg else latents
+            inp = torch.cat([latents] * cfg_factor)
             v = model._denoise(inp, t.reshape(1).expand(inp.shape[0]), ids, guidance_scale)
-            if use_cfg:
+            if cfg_factor == 2:
                 v_cond, v_uncond = v.chunk(2, dim=0)
                 v = v_uncond + guidance_scale * (v_cond - v_uncond)
             latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
             if callback_on_step_end is not None:
                 callback_on_step_end(self, i, t, {"latents": latents})
-        with torch.autocast(device_type=latents.device.type, enabled=False):
-            return model.vae.decode(latents.float())
+        return model.vae.decode(latents.float())
 
 
 # --------------------------------------------------------------------------- the model
 class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
     """Text + image model; ``generate_image`` signature and return type follow the variant."""
 
-    _keep_in_fp32_modules = ["wg", "vae"]
-    _keep_in_fp32_modules_strict = ["wg", "vae"]
-    supports_exact_image_size = True  # our extension: generate_image(..., snap_resolution=False)
-
     def __init__(self, config: HunyuanImage3Config) -> None:
         super().__init__(config)
+        self.image_processor = HunyuanImage3ImageProcessor(config)
         self.model = HunyuanImage3Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.vae = HunyuanVAE(config)
         self.vision_model = VisionModel(config)
         self.vision_aligner = VisionAligner(config)
-        self.patch_embed = UNetPatchEmbed(config)
-        self.final_layer = FinalLayer(config)
-        self.time_embed = TimestepEmbedder(config.hidden_size)
-        self.time_embed_2 = TimestepEmbedder(config.hidden_size)
         self.timestep_emb = TimestepEmbedder(config.hidden_size)
+        if config.cfg_distilled:  # official modeling_hunyuan_image_3.py:1717-1720
+            self.guidance_emb = TimestepEmbedder(config.hidden_size)
+        if config.use_meanflow:
+            self.timestep_r_emb = TimestepEmbedder(config.hidden_size)
+        self.patch_embed = UNetPatchEmbed(config)
+        self.time_embed = TimestepEmbedder(config.hidden_size)
+        self.final_layer = FinalLayer(config)
+        self.time_embed_2 = TimestepEmbedder(config.hidden_size)
         self._pipeline = None
         self.scheduler = None
         self._tokenizer = None
@@ -586,14 +573,16 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
         return self.lm_head
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, **kwargs):
-        hidden = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids)
+        hidden = self.model(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids
+        )
         return CausalLMOutputWithPast(logits=self.lm_head(hidden).float())
 
     @property
     def is_instruct(self) -> bool:
         return "instruct" in str(self.config.model_version).lower()
 
-    # ---- tokenizer / resolution
+    # ---- tokenizer
     def load_tokenizer(self, path) -> HunyuanImage3Tokenizer:
         self._tokenizer = HunyuanImage3Tokenizer.from_pretrained(path)
         return self._tokenizer
@@ -603,12 +592,6 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
         if self._tokenizer is None:
             raise RuntimeError("call model.load_tokenizer(path) before generate_image")
         return self._tokenizer
-
-    def get_resolution_buckets(self) -> list[tuple[int, int]]:
-        return resolution_buckets(base=int(self.config.image_base_size))
-
-    def snap_image_size(self, width: float, height: float) -> tuple[int, int]:
-        return snap_to_bucket(width, height, self.get_resolution_buckets())
 
     # ---- pipeline
     @property
@@ -629,11 +612,14 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
         ph, pw = (-lh) % p, (-lw) % p
         x = F.pad(latents, (0, pw, 0, ph)) if (ph or pw) else latents
         grid = ((lh + ph) // p, (lw + pw) // p)
-        temb = self.time_embed(t, dtype)
+        temb = self.time_embed(t)
         if self.config.cfg_distilled:
-            temb = temb + self.time_embed(torch.full_like(t, float(guidance) * 100.0), dtype)
-        img = self.patch_embed(x.to(dtype), self.timestep_emb(t, dtype))
+            temb = temb + self.guidance_emb(torch.full_like(t, float(guidance) * 1000.0))
+        if self.config.use_meanflow:
+            temb = temb + self.timestep_r_emb(torch.zeros_like(t))
+        img = self.patch_embed(x.to(dtype), self.timestep_emb(t).to(dtype))
         text = self.model.wte(ids)
+        # Text rows and latent rows are concatenated: a batch mismatch (two CFG rows, one latent) fails here.
         seq = torch.cat([text, temb[:, None].to(text.dtype), img.to(text.dtype)], dim=1)
         n_text, total = text.shape[1], seq.shape[1]
         pos = torch.arange(total, device=seq.device)
@@ -645,7 +631,7 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
         mask = allowed[None, None] & key_ok[:, None, None, :]
         mask = mask | torch.eye(total, dtype=torch.bool, device=seq.device)[None, None]
         hidden = self.model(inputs_embeds=seq, attention_mask=mask)
-        out = self.final_layer(hidden[:, n_text + 1 :], self.time_embed_2(t, dtype), grid)
+        out = self.final_layer(hidden[:, n_text + 1 :], self.time_embed_2(t).to(dtype), grid)
         return out[..., :lh, :lw].float()
 
     # ---- text side
@@ -657,61 +643,80 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
         ids += tok.encode(prompt or "")
         return ids + (extra or [])
 
+    def _text_attention_mask(self, length: int) -> torch.Tensor:
+        """Causal mask of the text stage. The base code builds it on the CPU (official hunyuan.py:2396)
+        and relies on accelerate's device-alignment hooks to move it; Instruct builds it on the
+        model's device."""
+        device = None if not self.is_instruct else self.model.wte.weight.device
+        return torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+
     @torch.no_grad()
-    def _greedy(self, ids: list[int], max_new_tokens: int, allowed: list[int] | None = None) -> list[int]:
+    def _next_token_logits(self, ids: list[int]) -> torch.Tensor:
         device = self.model.wte.weight.device
+        mask = self._text_attention_mask(len(ids))
+        return self(input_ids=torch.tensor([ids], device=device), attention_mask=mask).logits[0, -1]
+
+    @torch.no_grad()
+    def _sample_text(self, ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
+        """CoT / recaption text: sampled on the GLOBAL torch RNG (official modeling_hunyuan_image_3.py:2762
+        seeds only the diffusion generator), so the same seed gives different text unless the caller
+        seeds torch itself."""
         out: list[int] = []
         for _ in range(max_new_tokens):
-            logits = self(input_ids=torch.tensor([ids + out], device=device)).logits[0, -1]
-            if allowed is not None:
-                idx = torch.tensor(allowed, device=device)
-                out.append(int(idx[int(torch.argmax(logits[idx]))]))
-            else:
-                out.append(int(torch.argmax(logits)))
+            probs = torch.softmax(self._next_token_logits(ids + out), dim=-1)
+            token = int(torch.multinomial(probs, 1))
+            out.append(token)
+            if token in stop_ids:
+                break
         return out
 
-    def _resolve_size(self, image_size, prefix: list[int], snap: bool) -> tuple[int, int]:
-        """(width, height) from "auto", "HxW", "W:H" or "<img_ratio_i>"."""
-        buckets = self.get_resolution_buckets()
-        s = "auto" if image_size is None else str(image_size).strip()
-        if s == "auto":
-            ratio_ids = self.tokenizer.ratio_token_ids[: len(buckets)]
-            choice = self._greedy(prefix + [self.tokenizer.convert_tokens_to_ids("<boi>")], 1, ratio_ids)[0]
-            return buckets[ratio_ids.index(choice)]
-        m = re.fullmatch(r"<img_ratio_(\d+)>", s)
-        if m:
-            return buckets[int(m.group(1))]
-        m = re.fullmatch(r"(\d+)\s*[xX*]\s*(\d+)", s)
-        if m:
-            h, w = int(m.group(1)), int(m.group(2))
-            if snap:
-                return snap_to_bucket(w, h, buckets)
-            w16, h16 = max(16, w // 16 * 16), max(16, h // 16 * 16)
-            if (w16, h16) != (w, h):
-                logger.warning("image size %sx%s rounded down to %sx%s (multiples of 16)", h, w, h16, w16)
-            return w16, h16
-        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)", s)
-        if m:
-            return snap_to_bucket(float(m.group(1)), float(m.group(2)), buckets)
-        raise ValueError(f"image_size must be 'auto', 'HxW', 'W:H' or '<img_ratio_i>', got {image_size!r}")
+    def _predict_ratio(self, prefix: list[int]) -> int:
+        """'auto' size: the ratio token with the highest logit after <boi>."""
+        group = self.image_processor.vae_reso_group if self.is_instruct else self.image_processor.reso_group
+        ratio_ids = self.tokenizer.ratio_token_ids[: len(group)]
+        logits = self._next_token_logits(prefix + [self.tokenizer.convert_tokens_to_ids("<boi>")])
+        return int(torch.argmax(logits[torch.tensor(ratio_ids, device=logits.device)]))
 
-    def _run_diffusion(self, prefix: list[int], width: int, height: int, seed, steps: int, guidance: float):
+    def _image_info(self, image_size):
+        proc = self.image_processor
+        build = proc.build_gen_image_info if self.is_instruct else proc.build_image_info
+        return build(image_size)
+
+    def _run_diffusion(self, prefix: list[int], image_size, seed, steps: int, guidance: float):
         tok = self.tokenizer
+        info = self._image_info(image_size)
         cond = prefix + [tok.convert_tokens_to_ids("<boi>")]
-        use_cfg = guidance > 1.0 and not self.config.cfg_distilled
-        cond_ids = torch.tensor([cond])
-        uncond_ids = None
-        if use_cfg:
-            uncond = [tok.bos_token_id] + [tok.pad_token_id] * (len(cond) - 2) + [cond[-1]]
-            uncond_ids = torch.tensor([uncond])
+        rows = [cond]
+        if not self.config.cfg_distilled:  # two CFG rows, whatever the guidance (official :2732)
+            rows.append([tok.bos_token_id] + [tok.pad_token_id] * (len(cond) - 2) + [cond[-1]])
         if seed is None:
             seed = random.randint(0, 2**31 - 1)
         generator = torch.Generator("cpu").manual_seed(int(seed))
         pixels = self.pipeline(
-            cond_ids, uncond_ids, height, width, int(steps), float(guidance), generator
+            batch_size=1,
+            image_size=(info.image_height, info.image_width),
+            num_inference_steps=int(steps),
+            guidance_scale=float(guidance),
+            generator=generator,
+            model_kwargs={"input_ids": torch.tensor(rows)},
+            cfg_distilled=bool(self.config.cfg_distilled),
         )
         arr = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return Image.fromarray(np.ascontiguousarray(arr.permute(1, 2, 0).cpu().numpy()), mode="RGB")
+
+    def _cot(self, prefix: list[int], bot_task, max_new_tokens: int) -> tuple[list[int], str | None]:
+        tok = self.tokenizer
+        if bot_task not in ("think", "recaption", "think_recaption"):
+            return prefix, None
+        start = tok.convert_tokens_to_ids("<recaption>" if bot_task == "recaption" else "<think>")
+        stops = [tok.convert_tokens_to_ids("</recaption>"), tok.convert_tokens_to_ids("</think>")]
+        new = self._sample_text(prefix + [start], max_new_tokens, stops)
+        return prefix + [start] + new, tok.decode(new)
+
+    def _resolve_image_size(self, image_size, prefix: list[int]):
+        if image_size == "auto":
+            return f"<img_ratio_{self._predict_ratio(prefix)}>"
+        return image_size
 
     # ---- generate_image (signature depends on the variant)
     @property
@@ -740,14 +745,17 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
         stream=False,
         **kwargs,
     ):
-        """Base: honours diff_infer_steps / diff_guidance_scale kwargs; returns one PIL image."""
+        """Base: honours diff_infer_steps / diff_guidance_scale kwargs; returns one PIL image
+        (a think / recaption text is generated but not returned, as in the official code)."""
         gen = self.generation_config
         steps = kwargs.get("diff_infer_steps") or gen.diff_infer_steps
         guidance = kwargs.get("diff_guidance_scale")
         guidance = gen.diff_guidance_scale if guidance is None else guidance
         prefix = self._prefix_ids(prompt, use_system_prompt, system_prompt)
-        width, height = self._resolve_size(image_size, prefix, kwargs.get("snap_resolution", True))
-        return self._run_diffusion(prefix, width, height, seed, steps, guidance)
+        if bot_task in ("think", "recaption"):
+            prefix, _ = self._cot(prefix, bot_task, int(kwargs.get("max_new_tokens", 8)))
+        size = self._resolve_image_size(image_size, prefix)
+        return self._run_diffusion(prefix, size, seed, steps, guidance)
 
     @torch.no_grad()
     def _generate_image_instruct(
@@ -774,13 +782,8 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
         prefix = self._prefix_ids(prompt or "", use_system_prompt, system_prompt)
         if image is not None:
             prefix += [tok.convert_tokens_to_ids("<img>")]
-        cot = None
-        if bot_task in ("think", "recaption", "think_recaption"):
-            start = tok.convert_tokens_to_ids("<recaption>" if bot_task == "recaption" else "<think>")
-            new = self._greedy(prefix + [start], int(kwargs.get("max_new_tokens_cot", 6)))
-            cot = [tok.decode(new)]
-            prefix = prefix + [start] + new
-        width, height = self._resolve_size(image_size, prefix, kwargs.get("snap_resolution", True))
+        prefix, cot = self._cot(prefix, bot_task, int(kwargs.get("max_new_tokens", 8)))
+        size = self._resolve_image_size(image_size, prefix)
         gen = self.generation_config
-        img = self._run_diffusion(prefix, width, height, seed, gen.diff_infer_steps, gen.diff_guidance_scale)
-        return cot, [img]
+        img = self._run_diffusion(prefix, size, seed, gen.diff_infer_steps, gen.diff_guidance_scale)
+        return ([cot] if cot is not None else None), [img]
