@@ -26,6 +26,7 @@ from ..memory import stats
 from .errors import InputError, OutOfMemoryError
 from .placement import run_placement
 from .spec import LoadedModel
+from .variants import Variant
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +124,17 @@ def check_guidance(loaded: LoadedModel, guidance: float) -> None:
     """Base / Instruct fail at guidance_scale <= 1: their code always builds two CFG rows
     (official modeling_hunyuan_image_3.py:2732, hunyuan.py:2263) while the pipeline batches
     1 + (g > 1) latents (hunyuan_image_3_pipeline.py:776). Instruct-Distil embeds guidance."""
-    if guidance <= 1.0 and not loaded.variant.cfg_distilled:
+    check_variant_guidance(loaded.variant, guidance)
+
+
+def check_variant_guidance(variant: Variant, guidance: float) -> None:
+    """check_guidance from the variant alone (read from config.json), so it can run before loading."""
+    if guidance <= 1.0 and not variant.cfg_distilled:
         raise InputError(
-            f"guidance_scale {guidance:g} does not work with {loaded.variant.name} checkpoints: their code "
+            f"guidance_scale {guidance:g} does not work with {variant.name} checkpoints: their code "
             "always runs the conditional and unconditional halves together (classifier-free guidance) and "
             "fails at 1.0 or below. Use a value above 1.0 (1.01 is as good as no guidance; the default is "
-            f"{loaded.variant.default_guidance:g})."
+            f"{variant.default_guidance:g})."
         )
 
 
