@@ -208,6 +208,36 @@ class ComfyServer:
         )
         return self.get_bytes(f"/view?{query}")
 
+    def upload(
+        self, filename: str, data: bytes, subfolder: str = "", kind: str = "input", timeout: float = 60.0
+    ) -> tuple[int, Any]:
+        """POST /upload/image (multipart, overwrite): ComfyUI stores any file name in <kind>/<subfolder>."""
+        boundary = uuid.uuid4().hex
+        fields = {"subfolder": subfolder, "type": kind, "overwrite": "true"}
+        body = b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+            for k, v in fields.items()
+        )
+        body += (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        req = urllib.request.Request(
+            self.url + "/upload/image",
+            data=body,
+            method="POST",
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                raw, status = resp.read(), resp.status
+        except urllib.error.HTTPError as err:
+            raw, status = err.read(), err.code
+        try:
+            return status, json.loads(raw) if raw else None
+        except ValueError:
+            return status, raw
+
     def interrupt(self) -> int:
         return self.request("POST", "/interrupt", {})[0]
 

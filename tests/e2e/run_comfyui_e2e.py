@@ -13,6 +13,11 @@ Without COMFYUI_DIR and COMFYUI_PYTHON it prints SKIPPED and exits 0. Otherwise 
     image via /view and checks its size, checks 'progress' events (max = steps);
   * proves cancel (/interrupt), ComfyUI's own unload (/free; server RSS before/after), bad input
     (missing model folder, steps=0) and repeated queueing (the model loads once);
+  * security (issue 15, docs/security.md): uploads a copy of the checkpoint whose remote code writes a
+    marker file through POST /upload/image into input/<subfolder>, queues INT8 loader prompts naming
+    it by '../../input/<subfolder>', by its absolute path and through a symlink in the model folder,
+    and checks each is refused and the marker never appears; a folder named in an
+    --extra-model-paths-config yaml is listed, a hidden one is not;
   * prints a summary table and exits 1 if any check failed.
 Stdlib only: runs with any Python 3.10+.
 """
@@ -46,6 +51,10 @@ GENERATE_ID = "2"
 LOADER_ID = "1"
 LOAD_LINE = re.compile(r"loaded .+ in [\d.]+ s")  # hunyuan_loader.loading logs one per load from disk
 DROP_LINE = "ComfyUI asked to unload models: dropping the cached HunyuanImage-3 model"
+EXTRA_ROOT = "extra_models/hy3"  # under the base directory, registered through an extra_model_paths yaml
+EXTRA_NAME = "Listed-Through-Extra-Model-Paths"
+UPLOAD_SUBFOLDER = "hy3-upload"
+MARKER = "REMOTE_CODE_RAN.txt"  # under the base directory; written by the uploaded checkpoint's code
 
 DOCUMENTED = {  # class: (required inputs, optional inputs, outputs)
     "HunyuanImage3LoaderINT8": (["model_name", "offload_mode"], [], ["HUNYUAN_IMAGE3"]),
@@ -352,15 +361,16 @@ class E2E:
         prompt = self.workflow(name)
         prompt[LOADER_ID]["inputs"]["model_name"] = missing
         run = self.run("missing model folder", prompt)
-        err = run.error()
-        msg = str(err.get("exception_message", ""))
+        body = run.body if isinstance(run.body, dict) else {}
+        errs = body.get("node_errors", {}).get(LOADER_ID, {}).get("errors", [])
+        msg = " ".join(str(e.get("details", "")) for e in errs)
         self.check(
-            "missing model folder -> execution_error naming it and where models go",
-            run.end == "execution_error" and missing in msg and "models/HunyuanImage-3" in msg,
-            f"{run.end}: {err.get('exception_type', '')}: {msg[:220]}",
+            "missing model folder -> 400 validation error naming it and where models go",
+            run.status == 400 and missing in msg and "models/HunyuanImage-3" in msg,
+            f"HTTP {run.status}, {[e.get('type') for e in errs]}: {msg[:220]}",
         )
         ok, _, detail = self.good_run("after missing model", self.workflow(name))
-        self.check("next good prompt after the execution_error succeeds", ok, detail)
+        self.check("next good prompt after the missing-model 400 succeeds", ok, detail)
 
         run = self.run("steps=0", self.workflow(name, steps=0))
         body = run.body if isinstance(run.body, dict) else {}
@@ -373,6 +383,83 @@ class E2E:
         )
         ok, _, detail = self.good_run("after steps=0", self.workflow(name))
         self.check("next good prompt after the 400 succeeds", ok, detail)
+
+    def model_names(self, cls: str = "HunyuanImage3LoaderINT8") -> list[str]:
+        info = self.server.get_json(f"/object_info/{cls}")
+        return list(info[cls]["input"]["required"]["model_name"][0])
+
+    def refused(self, label: str, model_name: str) -> tuple[bool, str]:
+        """Queue the INT8 workflow with this model_name: refused = 400 on model_name, or execution_error."""
+        prompt = self.workflow("hunyuan_image3_int8")
+        prompt[LOADER_ID]["inputs"]["model_name"] = model_name
+        run = self.run(label, prompt)
+        if run.status == 400:
+            body = run.body if isinstance(run.body, dict) else {}
+            errs = body.get("node_errors", {}).get(LOADER_ID, {}).get("errors", [])
+            mine = [e for e in errs if e.get("extra_info", {}).get("input_name") == "model_name"]
+            text = " ".join(f"{e.get('type')}: {e.get('details', '')}" for e in mine)
+            return bool(mine), f"HTTP 400 {text}"
+        err = run.error()
+        return run.end == "execution_error", (
+            f"{run.end}: {err.get('exception_type', '')}: {str(err.get('exception_message', ''))[:200]}"
+        )
+
+    def check_security(self, model_dir: Path, base: Path) -> None:
+        marker = base / MARKER
+        # 1. a checkpoint whose code writes the marker, uploaded through ComfyUI's own endpoint
+        hook = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('remote code ran')\n"
+        statuses = []
+        for f in sorted(p for p in model_dir.iterdir() if p.is_file()):
+            data = f.read_bytes()
+            if f.name == "configuration_hunyuan.py":  # imported first (auto_map AutoConfig)
+                data = hook.encode() + data
+            statuses.append(self.server.upload(f.name, data, UPLOAD_SUBFOLDER)[0])
+        uploaded = base / "input" / UPLOAD_SUBFOLDER
+        self.check(
+            "upload: a checkpoint with marker-writing code lands in input/" + UPLOAD_SUBFOLDER,
+            set(statuses) == {200} and (uploaded / "config.json").is_file()
+            and hook in (uploaded / "configuration_hunyuan.py").read_text(),
+            f"{len(statuses)} files via POST /upload/image, HTTP {sorted(set(statuses))}",
+        )
+        # 2. folders in the model roots that must not be offered: hidden, a link out of the root
+        root = model_dir.parent
+        hidden = root / ".hidden-checkpoint"
+        shutil.copytree(uploaded, hidden, dirs_exist_ok=True)
+        link = root / "link-to-upload"
+        if not link.is_symlink():
+            link.symlink_to(uploaded, target_is_directory=True)
+        names = self.model_names()
+        self.check(
+            "model_name list: the models/HunyuanImage-3 and extra_model_paths folders, no hidden, no link out",
+            MODEL_NAME in names and EXTRA_NAME in names and hidden.name not in names and link.name not in names,
+            f"listed {names}",
+        )
+        # 3. every way of naming the uploaded folder is refused, and its code never runs
+        attempts = [
+            ("relative ../../input path", f"../../input/{UPLOAD_SUBFOLDER}"),
+            ("absolute path", str(uploaded)),
+            ("symlink in models/HunyuanImage-3 to it", link.name),
+            ("hidden folder in models/HunyuanImage-3", hidden.name),
+        ]
+        for label, name in attempts:
+            ok, detail = self.refused(f"security: {label}", name)
+            time.sleep(0.5)
+            self.check(
+                f"security: INT8 loader with {label} is refused, code not run",
+                ok and not marker.exists(),
+                f"model_name {name!r}: {detail}; marker {'WRITTEN' if marker.exists() else 'absent'}",
+            )
+        # 4. a folder placed in models/HunyuanImage-3 still loads and generates (INT8 here)
+        ok, run, detail = self.good_run("security: listed model after refusals", self.workflow("hunyuan_image3_int8"))
+        self.check("after the refusals a listed model loads and generates (INT8)", ok, detail)
+
+    def check_marker_never_written(self, base: Path) -> None:
+        marker = base / MARKER
+        self.check(
+            "security: uploaded remote code never ran during the whole run",
+            not marker.exists(),
+            f"{marker} {'EXISTS: ' + marker.read_text()[:60] if marker.exists() else 'absent'}",
+        )
 
     def summary(self) -> int:
         print("\n==== runs ====")
@@ -430,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     (base / "custom_nodes").mkdir(parents=True)
     (base / "custom_nodes" / PACK_DIR_NAME).symlink_to(PACK_ROOT, target_is_directory=True)
     model_dir = base / "models" / "HunyuanImage-3" / MODEL_NAME
+    extra_root = base / EXTRA_ROOT  # a second root, as a user's extra_model_paths.yaml gives it
+    (extra_root / EXTRA_NAME).mkdir(parents=True)
+    (base / "extra_model_paths.yaml").write_text(f"e2e:\n    {MODEL_NAME}: {extra_root}\n")
     print(
         f"base directory {base}; pack -> custom_nodes/{PACK_DIR_NAME}; test checkpoint -> {model_dir}",
         flush=True,
@@ -440,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         python,
         base,
         port=args.port,
+        extra_args=["--extra-model-paths-config", str(base / "extra_model_paths.yaml")],
         env={k: env[k] for k in ("HF_HOME", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "HF_MODULES_CACHE")},
     )
     ws = None
@@ -447,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     rc = 1
     try:
         make_test_checkpoint(python, model_dir, env)
+        shutil.copy2(model_dir / "config.json", extra_root / EXTRA_NAME / "config.json")  # listed only
         mem = subprocess.run(
             [python, str(HERE / "comfy_memory_check.py"), str(model_dir)],
             cwd=comfy_dir,
@@ -480,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("cancel", lambda: e2e.check_cancel("hunyuan_image3_bf16", args.cancel_steps)),
                 ("free", lambda: e2e.check_free("hunyuan_image3_bf16")),
                 ("bad input", lambda: e2e.check_bad_input("hunyuan_image3_bf16")),
+                ("security", lambda: e2e.check_security(model_dir, base)),
             ]
             for label, fn in steps:
                 try:
@@ -487,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:  # one broken check must not hide the others
                     traceback.print_exc()
                     e2e.check(f"{label} (crashed)", False, f"{type(exc).__name__}: {exc}"[:300])
+        e2e.check_marker_never_written(base)
         rc = e2e.summary()
     except Exception:
         traceback.print_exc()
