@@ -93,8 +93,9 @@ def skip_modules_for(tensor_names: Iterable[str]) -> list[str]:
         if is_quantizable(name):
             continue
         rel = inner.group(1).split(".")
-        # The module's first two levels inside the block: mlp.gate, mlp.shared_mlp, input_layernorm.
-        keys.add(".".join(rel[:2]))
+        # A group inside the block by its first two levels (mlp.gate, mlp.shared_mlp); a leaf
+        # (input_layernorm, self_attn.query_layernorm) by its own name.
+        keys.add(".".join(rel[:2]) if len(rel) > 2 else rel[-1])
     keys = {k for k in keys if k}
     wrong = [m for m in modules if is_quantizable(m) and transformers_skips(m, keys)]
     missed = [m for m in modules if not is_quantizable(m) and not transformers_skips(m, keys)]
@@ -145,7 +146,8 @@ def quantization_config(quant: str, skip_modules: list[str]) -> Any:
 
 
 def _is_bnb_linear(module: Any) -> bool:
-    return type(module).__name__ in ("Linear8bitLt", "Linear4bit", "LinearNF4", "LinearFP4")
+    # Int8WeightOnlyLinear: the pack's W8A16 int8 format (w8a16.py)
+    return type(module).__name__ in ("Linear8bitLt", "Linear4bit", "LinearNF4", "LinearFP4", "Int8WeightOnlyLinear")
 
 
 def quantized_module_names(model: Any) -> list[str]:

@@ -121,7 +121,7 @@ def _images(path: Path, quant, impl: str, **kw):
     model = load_test_model(path, quant, **kw)
     install_moe_dispatch(model, impl)
     model.generation_config.diff_infer_steps = 3  # Instruct reads steps from here only
-    img = model.generate_image("a lighthouse", seed=5, image_size="256x256", snap_resolution=False,
+    img = model.generate_image("a lighthouse", seed=5, image_size="512x2048",
                                diff_infer_steps=3, diff_guidance_scale=4.0)
     if isinstance(img, tuple):
         img = img[1][0]
