@@ -1,6 +1,7 @@
 """Command line: `python -m hunyuan_loader generate|make-test-model ...` (run from the pack's root).
 
-Without --model, `generate` builds the small test checkpoint in a temp folder: the demo.
+Without --model, `generate` uses the small test checkpoint (built once, cached): the demo.
+Every input is checked before anything loads; a user error is one `error: ...` line, exit 2.
 """
 
 from __future__ import annotations
@@ -10,25 +11,37 @@ import logging
 import os
 import resource
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from ..memory import stats
+from . import quiet
 from .cache import get_cache
-from .errors import HunyuanError
+from .errors import HunyuanError, InputError
 from .generation import GenerationRequest, generate
+from .input_checks import check_output_path, check_request, check_resolution, checkpoint_variant, model_sizes
 from .spec import MOE_IMPLS, OFFLOAD_MODES, QUANTS, LoadSpec
+
+TEST_VARIANTS = ("base", "instruct", "distil")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line: `error: ...`, exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (`{self.prog} --help` lists the options)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hunyuan_loader", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="show library warnings and info logs too")
+    parser = _Parser(prog="python -m hunyuan_loader", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="load a checkpoint and generate one image")
-    gen.add_argument("--model", help="checkpoint folder (default: build the test checkpoint in a temp folder)")
-    gen.add_argument("--variant", default="base", help="test checkpoint variant when --model is not given")
+    gen = sub.add_parser("generate", parents=[common], help="load a checkpoint and generate one image")
+    gen.add_argument("--model", help="checkpoint folder (default: the cached test checkpoint, random weights)")
+    gen.add_argument("--variant", choices=TEST_VARIANTS,
+                     help="test checkpoint variant when --model is not given (default base)")
     gen.add_argument("--quant", choices=QUANTS, default="bf16")
     gen.add_argument("--offload", choices=OFFLOAD_MODES, default="disabled")
     gen.add_argument("--budget-gb", type=float, help="VRAM budget (offload budget)")
@@ -38,13 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=42)
     gen.add_argument("--steps", type=int, help="default: the checkpoint's generation_config")
     gen.add_argument("--guidance", type=float, help="default: the checkpoint's generation_config")
-    gen.add_argument("--resolution", default="1024x1024", help="auto, WIDTHxHEIGHT (snapped to a bucket) or custom")
-    gen.add_argument("--width", type=int, default=1024, help="with --resolution custom")
-    gen.add_argument("--height", type=int, default=1024, help="with --resolution custom")
-    gen.add_argument("--out", default="hunyuan_image3.png")
-    mk = sub.add_parser("make-test-model", help="write the small HunyuanImage-3-shaped test checkpoint")
+    gen.add_argument("--resolution", default="1024x1024",
+                     help="auto, one of the model's sizes as WIDTHxHEIGHT, or custom (with --width/--height)")
+    gen.add_argument("--width", type=int, help="with --resolution custom (default 1024)")
+    gen.add_argument("--height", type=int, help="with --resolution custom (default 1024)")
+    gen.add_argument("--out", default="hunyuan_image3.png", help="image file; its folder must exist")
+    mk = sub.add_parser("make-test-model", parents=[common],
+                        help="write the small HunyuanImage-3-shaped test checkpoint")
     mk.add_argument("dest")
-    mk.add_argument("--variant", choices=("base", "instruct", "distil"), default="base")
+    mk.add_argument("--variant", choices=TEST_VARIANTS, default="base")
     mk.add_argument("--overwrite", action="store_true")
     return parser
 
@@ -53,24 +68,59 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / stats.GIB
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """Flag combinations that would otherwise be silently ignored."""
+    if args.model is not None and args.variant is not None:
+        raise InputError(
+            "--variant picks the test checkpoint; with --model the variant is read from its config.json: drop --variant."
+        )
+    given = [f"--{name}" for name in ("width", "height") if getattr(args, name) is not None]
+    if given and args.resolution != "custom":
+        verb, them = ("apply", "them") if len(given) == 2 else ("applies", "it")
+        raise InputError(
+            f"{' and '.join(given)} {verb} only with --resolution custom (got --resolution {args.resolution}): "
+            f"add --resolution custom, or drop {them}."
+        )
+    if args.budget_gb is not None and args.offload == "disabled":
+        raise InputError("--budget-gb applies with --offload budget, smart or accelerate: add one of them.")
+
+
+def _request(args: argparse.Namespace) -> GenerationRequest:
+    return GenerationRequest(prompt=args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                             resolution=args.resolution, width=args.width or 1024, height=args.height or 1024)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from .test_model import make_test_model
+    from .checkpoint import validate_checkpoint
+    from .demo import NOISE_NOTE, cached_test_model
+    from .quantization import require_bitsandbytes
 
-    model_dir = args.model
-    if model_dir is None:
-        model_dir = str(make_test_model(Path(tempfile.mkdtemp(prefix="hy3-demo-")) / "HunyuanImage-3-test",
-                                        variant=args.variant))
+    # Every check before anything loads: flags, output file, request, checkpoint folder, variant.
+    _check_flags(args)
+    out = check_output_path(args.out)
+    request = _request(args)
+    check_request(request)
+    demo = args.model is None
+    if demo:
+        model_dir = str(cached_test_model(args.variant or "base"))
         print(f"test checkpoint: {model_dir}")
+        print(f"note:       {NOISE_NOTE}")
+    else:
+        model_dir = args.model
     spec = LoadSpec(model_dir, quant=args.quant, offload=args.offload, vram_budget_gb=args.budget_gb,
                     headroom_gb=args.headroom_gb, moe_impl=args.moe_impl)
+    validate_checkpoint(model_dir)
+    variant = checkpoint_variant(model_dir)
+    check_request(request, variant)
+    check_resolution(request.resolution, model_sizes(variant))
+    require_bitsandbytes(spec.quant)
+
     cache = get_cache()
     start = time.perf_counter()
     handle = cache.load(spec)
     load_s = time.perf_counter() - start
-    request = GenerationRequest(prompt=args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                                resolution=args.resolution, width=args.width, height=args.height)
 
     def progress(done: int, total: int) -> None:
         print(f"\rstep {done}/{total}", end="", flush=True)
@@ -78,7 +128,7 @@ def _generate(args: argparse.Namespace) -> int:
     result = generate(cache.get(handle), request, progress=progress)
     print()
     image = (result.image[0].numpy() * 255).round().clip(0, 255).astype("uint8")
-    Image.fromarray(image).save(args.out)
+    Image.fromarray(image).save(out)
     print(f"model:      {spec.describe()}")
     print(f"load:       {load_s:.2f} s")
     print(f"generate:   {result.seconds:.2f} s ({result.steps} steps, {result.width}x{result.height})")
@@ -89,19 +139,28 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"note:       {note}")
     if result.cot_text:
         print(f"model text: {result.cot_text}")
-    print(f"image:      {args.out}")
+    print(f"image:      {out}" + ("  (noise by design: test checkpoint, random weights)" if demo else ""))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: no hub retries
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
+    quiet.set_verbose(args.verbose)
+    quiet.install()
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "make-test-model":
             from .test_model import make_test_model
 
-            print(make_test_model(args.dest, variant=args.variant, overwrite=args.overwrite))
+            try:
+                print(make_test_model(args.dest, variant=args.variant, overwrite=args.overwrite))
+            except FileExistsError as exc:
+                hint = "" if args.overwrite else "; --overwrite replaces an earlier test checkpoint"
+                raise InputError(f"cannot write the test checkpoint: {exc}{hint}.") from None
+            except OSError as exc:
+                raise InputError(f"cannot write the test checkpoint to {args.dest}: {exc}.") from None
             return 0
         return _generate(args)
     except HunyuanError as exc:

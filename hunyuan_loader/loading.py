@@ -5,13 +5,13 @@ from __future__ import annotations
 import gc
 import logging
 import time
-import warnings
 from typing import Any
 
 import torch
 
 from ..memory import stats
 from ..memory.unload import track_model
+from . import quiet
 from .checkpoint import check_code_dependencies, loadable_path, validate_checkpoint
 from .errors import NotEnoughVRAMError
 from .quantization import (
@@ -36,6 +36,7 @@ def load_model(spec: LoadSpec) -> LoadedModel:
 
     On any failure nothing stays loaded: the partial model is dropped and memory released.
     """
+    quiet.install()  # before bitsandbytes is imported: its messages that do not concern the user
     info = validate_checkpoint(spec.path)
     require_bitsandbytes(spec.quant)
     check_code_dependencies(info.path)
@@ -53,8 +54,6 @@ def load_model(spec: LoadSpec) -> LoadedModel:
         moe_impl="eager",
         low_cpu_mem_usage=True,
     )
-    if spec.quant == "int8":  # logged on every int8 matmul
-        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     qconfig = quantization_config(spec.quant, skip_modules_for(checkpoint_tensor_names(info.path)))
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
@@ -71,9 +70,7 @@ def load_model(spec: LoadSpec) -> LoadedModel:
     model = None
     start = time.perf_counter()
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
-            model = AutoModelForCausalLM.from_pretrained(str(loadable_path(info)), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(loadable_path(info)), **kwargs)
         model.eval()
         track_model(model)
         if qconfig is not None:
