@@ -15,7 +15,14 @@ from pathlib import Path
 
 from .checkpoint import read_config
 from .errors import InputError
-from .generation import GenerationRequest, check_variant_guidance, parse_size, validate_request
+from .generation import (
+    CUSTOM_MAX,
+    CUSTOM_MIN,
+    GenerationRequest,
+    check_variant_guidance,
+    parse_size,
+    validate_request,
+)
 from .variants import Variant, detect_variant, read_generation_config
 
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
@@ -72,6 +79,27 @@ def check_request(req: GenerationRequest, variant: Variant | None = None) -> Non
     check_seed(req.seed)
     if variant is not None:
         check_variant_guidance(variant, req.guidance if req.guidance is not None else variant.default_guidance)
+
+
+def check_queued_inputs(
+    prompt: str | None, resolution: str | None, width: int | None, height: int | None, choices: list[str]
+) -> None:
+    """What the Generate node can check when a prompt is queued; a linked input arrives as None.
+
+    These inputs bypass ComfyUI's own list and range checks (they are VALIDATE_INPUTS arguments),
+    so this covers those too."""
+    if resolution is not None and resolution not in choices:
+        raise InputError(f"resolution '{resolution}' is not one of the node's choices (auto, a listed size, custom).")
+    for name, value in (("width", width), ("height", height)):
+        if value is not None and not CUSTOM_MIN <= value <= CUSTOM_MAX:
+            raise InputError(f"{name} {value} is out of range: use {CUSTOM_MIN}..{CUSTOM_MAX} px.")
+    custom = resolution == "custom" and width is not None and height is not None
+    validate_request(GenerationRequest(
+        prompt="-" if prompt is None else prompt,
+        resolution="custom" if custom else "auto",
+        width=width or 1024,
+        height=height or 1024,
+    ))
 
 
 def _writable_formats() -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..hunyuan_loader.cache import ModelHandle, get_cache
+from ..hunyuan_loader.errors import HunyuanError
 from ..hunyuan_loader.generation import (
     CUSTOM_MAX,
     CUSTOM_MIN,
@@ -12,8 +13,8 @@ from ..hunyuan_loader.generation import (
     GenerationRequest,
     generate,
     planned_size,
-    validate_request,
 )
+from ..hunyuan_loader.input_checks import check_queued_inputs, check_request, checkpoint_variant
 from ..hunyuan_loader.placement import inference_bytes
 from ..hunyuan_loader.resolution import resolution_buckets
 from . import comfy_adapter, comfy_memory
@@ -62,6 +63,20 @@ class HunyuanImage3Generate:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(
+        cls, prompt: str | None = None, resolution: str | None = None, width: int | None = None,
+        height: int | None = None,
+    ) -> bool | str:
+        # At queue time, before any node of the graph runs (nothing loads when this fails). These
+        # inputs skip ComfyUI's own list/range checks, so the library check covers them too;
+        # a linked input arrives as None. steps keep ComfyUI's min/max check.
+        try:
+            check_queued_inputs(prompt, resolution, width, height, resolution_choices())
+        except HunyuanError as exc:
+            return str(exc)
+        return True
+
     def generate(
         self,
         model: ModelHandle,
@@ -83,7 +98,7 @@ class HunyuanImage3Generate:
             width=width,
             height=height,
         )
-        validate_request(request)
+        check_request(request, checkpoint_variant(model.spec.path))  # guidance per variant, before any (re)load
         cache = get_cache()
         comfy_memory.make_room_on_gpu(cache.bytes_to_bring_back(model))  # ComfyUI's models yield first
         loaded = cache.get(model)

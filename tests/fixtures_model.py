@@ -39,3 +39,17 @@ def load_test_model(path: Path, quant: str | None = None, **kwargs: Any):
     )
     model.load_tokenizer(str(path))
     return model
+
+
+POISON = "POISON: the model code was imported"
+
+
+def poisoned_copy(src: Path, dest: Path) -> Path:
+    """A copy of a test checkpoint whose model code raises on import: a load shows POISON, so
+    a test can prove that bad input was refused before anything loaded."""
+    import shutil
+
+    shutil.copytree(src, dest)
+    for code in dest.glob("*.py"):
+        code.write_text(code.read_text(encoding="utf-8") + f"\nraise RuntimeError({POISON!r})\n", encoding="utf-8")
+    return dest

@@ -5,18 +5,17 @@ is noise; library noise stays hidden unless --verbose."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from fixtures_model import poisoned_copy
 from PIL import Image
 
 from hunyuan_image3.hunyuan_loader import cli, demo
 
 ROOT = Path(__file__).resolve().parents[1]
-POISON = "POISON: the model code was imported"
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -33,11 +32,7 @@ def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def poisoned_checkpoint(tmp_path_factory: pytest.TempPathFactory, base_checkpoint: Path) -> Path:
     """A valid-looking base checkpoint whose model code raises on import: any load shows POISON."""
-    dest = tmp_path_factory.mktemp("poisoned") / "HunyuanImage-3-poisoned"
-    shutil.copytree(base_checkpoint, dest)
-    for code in dest.glob("*.py"):
-        code.write_text(code.read_text(encoding="utf-8") + f"\nraise RuntimeError({POISON!r})\n", encoding="utf-8")
-    return dest
+    return poisoned_copy(base_checkpoint, tmp_path_factory.mktemp("poisoned") / "HunyuanImage-3-poisoned")
 
 
 def test_the_poison_works(poisoned_checkpoint: Path, tmp_path: Path, cache) -> None:

@@ -1,0 +1,63 @@
+"""The Generate node checks its inputs before anything loads: at queue time (VALIDATE_INPUTS)
+what needs no model, and at run time, before the cache (re)loads, what needs the variant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fixtures_model import poisoned_copy
+
+from hunyuan_image3.hunyuan_loader.cache import ModelHandle
+from hunyuan_image3.hunyuan_loader.errors import InputError
+from hunyuan_image3.hunyuan_loader.spec import LoadSpec
+from hunyuan_image3.nodes.generate import HunyuanImage3Generate, resolution_choices
+
+validate = HunyuanImage3Generate.VALIDATE_INPUTS
+
+
+def test_queue_time_accepts_good_and_linked_inputs() -> None:
+    assert validate(prompt="a fox", resolution="1024x1024", width=100, height=9) is not True  # range still checked
+    assert validate(prompt="a fox", resolution="1024x1024", width=1024, height=1024) is True
+    assert validate(prompt="a fox", resolution="custom", width=1280, height=768) is True
+    assert validate(prompt=None, resolution=None, width=None, height=None) is True  # all linked
+    for choice in resolution_choices():
+        assert validate(prompt="x", resolution=choice, width=1024, height=1024) is True
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"prompt": "  "}, "The prompt is empty"),
+        ({"resolution": "999x999"}, "resolution '999x999' is not one of the node's choices"),
+        ({"resolution": "custom", "width": 1000}, "width 1000 is not a multiple of 16: use 992 or 1008"),
+        ({"resolution": "custom", "height": 8000}, "height 8000 is out of range"),
+        ({"width": 100}, "width 100 is out of range"),
+    ],
+)
+def test_queue_time_rejects_with_the_message(inputs: dict, message: str) -> None:
+    values = {"prompt": "a fox", "resolution": "1024x1024", "width": 1024, "height": 1024} | inputs
+    result = validate(**values)
+    assert isinstance(result, str) and message in result
+
+
+@pytest.fixture(scope="module")
+def poisoned(tmp_path_factory: pytest.TempPathFactory, base_checkpoint: Path) -> Path:
+    return poisoned_copy(base_checkpoint, tmp_path_factory.mktemp("poisoned") / "HunyuanImage-3-poisoned")
+
+
+def _run(path: Path, **overrides):
+    inputs = dict(prompt="a fox", seed=0, steps=2, guidance_scale=5.0, resolution="1024x1024", width=1024,
+                  height=1024) | overrides
+    return HunyuanImage3Generate().generate(ModelHandle(LoadSpec(str(path))), **inputs)
+
+
+def test_run_time_guidance_is_refused_before_the_model_loads(poisoned: Path, cache) -> None:
+    loads = cache.load_count
+    with pytest.raises(InputError, match="guidance_scale 1 does not work with base checkpoints"):
+        _run(poisoned, guidance_scale=1.0)
+    with pytest.raises(InputError, match="seed must be between"):
+        _run(poisoned, seed=-5)
+    assert cache.load_count == loads and cache.loaded is None
+    with pytest.raises(Exception, match="POISON"):  # control: good inputs reach the model code
+        _run(poisoned)
