@@ -122,6 +122,7 @@ class E2E:
         self.server, self.ws, self.steps, self.timeout = server, ws, steps, timeout
         self.results: list[tuple[str, bool, str]] = []
         self.runs: list[Run] = []
+        self.marker_seen: list[str] = []  # model_names whose prompt wrote the security marker
         self.seed = 1000
 
     # -- bookkeeping --------------------------------------------------------------
@@ -389,7 +390,11 @@ class E2E:
         return list(info[cls]["input"]["required"]["model_name"][0])
 
     def refused(self, label: str, model_name: str) -> tuple[bool, str]:
-        """Queue the INT8 workflow with this model_name: refused = 400 on model_name, or execution_error."""
+        """Queue the INT8 workflow with this model_name.
+
+        Refused = HTTP 400 naming model_name, or an execution_error raised by our path rule
+        (InputError / CheckpointError), not some later failure of the checkpoint itself.
+        """
         prompt = self.workflow("hunyuan_image3_int8")
         prompt[LOADER_ID]["inputs"]["model_name"] = model_name
         run = self.run(label, prompt)
@@ -400,7 +405,8 @@ class E2E:
             text = " ".join(f"{e.get('type')}: {e.get('details', '')}" for e in mine)
             return bool(mine), f"HTTP 400 {text}"
         err = run.error()
-        return run.end == "execution_error", (
+        ours = str(err.get("exception_type", "")).endswith(("InputError", "CheckpointError"))
+        return run.end == "execution_error" and ours, (
             f"{run.end}: {err.get('exception_type', '')}: {str(err.get('exception_message', ''))[:200]}"
         )
 
@@ -412,7 +418,7 @@ class E2E:
         for f in sorted(p for p in model_dir.iterdir() if p.is_file()):
             data = f.read_bytes()
             if f.name == "configuration_hunyuan.py":  # imported first (auto_map AutoConfig)
-                data = hook.encode() + data
+                data = data + b"\n" + hook.encode()  # appended: the file starts with __future__ imports
             statuses.append(self.server.upload(f.name, data, UPLOAD_SUBFOLDER)[0])
         uploaded = base / "input" / UPLOAD_SUBFOLDER
         self.check(
@@ -444,10 +450,14 @@ class E2E:
         for label, name in attempts:
             ok, detail = self.refused(f"security: {label}", name)
             time.sleep(0.5)
+            ran = marker.exists()
+            if ran:  # remembered for the final check; removed so each attempt is judged alone
+                self.marker_seen.append(name)
+                marker.unlink()
             self.check(
                 f"security: INT8 loader with {label} is refused, code not run",
-                ok and not marker.exists(),
-                f"model_name {name!r}: {detail}; marker {'WRITTEN' if marker.exists() else 'absent'}",
+                ok and not ran,
+                f"model_name {name!r}: {detail}; marker {'WRITTEN' if ran else 'absent'}",
             )
         # 4. a folder placed in models/HunyuanImage-3 still loads and generates (INT8 here)
         ok, run, detail = self.good_run("security: listed model after refusals", self.workflow("hunyuan_image3_int8"))
@@ -455,10 +465,11 @@ class E2E:
 
     def check_marker_never_written(self, base: Path) -> None:
         marker = base / MARKER
+        seen = self.marker_seen + ([marker.name] if marker.exists() else [])
         self.check(
             "security: uploaded remote code never ran during the whole run",
-            not marker.exists(),
-            f"{marker} {'EXISTS: ' + marker.read_text()[:60] if marker.exists() else 'absent'}",
+            not seen,
+            f"marker {marker} written after {seen}" if seen else f"marker {marker} never written",
         )
 
     def summary(self) -> int:
