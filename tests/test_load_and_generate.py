@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hunyuan_image3.hunyuan_loader.errors import GenerationCancelled
+from hunyuan_image3.hunyuan_loader.errors import GenerationCancelled, InputError
 from hunyuan_image3.hunyuan_loader.generation import GenerationRequest, generate
 from hunyuan_image3.hunyuan_loader.spec import LoadSpec
 
@@ -19,9 +19,15 @@ def _count_linear_types(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
-@pytest.mark.parametrize(("quant", "quantized_class"), [("bf16", None), ("int8", "Linear8bitLt"), ("nf4", "Linear4bit")])
-def test_each_format_loads_and_generates(cache, base_checkpoint: Path, quant: str, quantized_class: str | None) -> None:
-    handle = cache.load(LoadSpec(str(base_checkpoint), quant=quant))
+@pytest.mark.parametrize(
+    ("quant", "int8_format", "quantized_class"),
+    [("bf16", "w8a16", None), ("int8", "w8a16", "Int8WeightOnlyLinear"), ("int8", "bnb", "Linear8bitLt"),
+     ("nf4", "w8a16", "Linear4bit")],
+)
+def test_each_format_loads_and_generates(
+    cache, base_checkpoint: Path, quant: str, int8_format: str, quantized_class: str | None
+) -> None:
+    handle = cache.load(LoadSpec(str(base_checkpoint), quant=quant, int8_format=int8_format))
     loaded = cache.get(handle)
     model = loaded.model
     counts = _count_linear_types(model)
@@ -43,11 +49,11 @@ def test_each_format_loads_and_generates(cache, base_checkpoint: Path, quant: st
 
 def test_seed_is_reproducible(cache, base_checkpoint: Path) -> None:
     loaded = cache.get(cache.load(LoadSpec(str(base_checkpoint))))
-    req = dict(prompt="a lighthouse", steps=2, resolution="1024x768")
+    req = dict(prompt="a lighthouse", steps=2, resolution="1152x896")
     a = generate(loaded, GenerationRequest(seed=7, **req)).image
     b = generate(loaded, GenerationRequest(seed=7, **req)).image
     c = generate(loaded, GenerationRequest(seed=8, **req)).image
-    assert a.shape == (1, 768, 1024, 3)
+    assert a.shape == (1, 896, 1152, 3)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
@@ -73,14 +79,23 @@ def test_checkpoint_defaults_come_from_generation_config(cache, distil_checkpoin
     assert result.steps == 8 and len(seen) == 8
 
 
-def test_custom_resolution_is_not_snapped_and_auto_picks_a_bucket(cache, base_checkpoint: Path) -> None:
-    from hunyuan_image3.hunyuan_loader.resolution import resolution_buckets
+def test_custom_size_is_snapped_by_the_model_and_said_and_auto_picks_a_bucket(cache, base_checkpoint: Path) -> None:
+    # The official code has no exact sizes (image_processor.py get_target_size): the pack plans for,
+    # and reports, what the model really renders.
+    from hunyuan_image3.hunyuan_loader.generation import planned_size
+    from hunyuan_image3.hunyuan_loader.resolution import resolution_buckets, snap_to_bucket
 
     loaded = cache.get(cache.load(LoadSpec(str(base_checkpoint))))
-    custom = generate(loaded, GenerationRequest("x", steps=1, resolution="custom", width=1088, height=656))
-    assert (custom.width, custom.height) == (1088, 656)
+    buckets = resolution_buckets("base")
+    req = GenerationRequest("x", steps=1, resolution="custom", width=1088, height=656)
+    assert planned_size(loaded, req) == snap_to_bucket(1088, 656, buckets) == (1280, 768)
+    custom = generate(loaded, req)
+    assert (custom.width, custom.height) == (1280, 768)
+    assert any("1088x656 is not one of this checkpoint's sizes" in n and "1280x768" in n for n in custom.notes)
+    base_only = generate(loaded, GenerationRequest("x", steps=1, resolution="1280x720"))  # an Instruct bucket
+    assert (base_only.width, base_only.height) == (1280, 768) and base_only.notes
     auto = generate(loaded, GenerationRequest("x", steps=1, resolution="auto"))
-    assert (auto.width, auto.height) in resolution_buckets()
+    assert (auto.width, auto.height) in buckets and auto.notes == []
 
 
 def test_cancel_stops_within_a_step_and_the_model_stays_usable(cache, base_checkpoint: Path) -> None:
@@ -99,22 +114,30 @@ def test_cancel_stops_within_a_step_and_the_model_stays_usable(cache, base_check
     assert again.image.shape == (1, 1024, 1024, 3)
 
 
-def test_int8_above_1_2_mp_switches_to_smart_for_that_run(cache, base_checkpoint: Path) -> None:
-    loaded = cache.get(cache.load(LoadSpec(str(base_checkpoint), quant="int8")))
+def test_int8_above_1_2_mp_switches_to_smart_for_that_run(cache, tmp_path_factory) -> None:
+    # Every bucket of the real (image_base_size 1024) model is ~1 MP; a 1280 base has 1.64 MP buckets.
+    from fixtures_model import build
+
+    big_base = build(tmp_path_factory, "base", image_base_size=1280)
+    loaded = cache.get(cache.load(LoadSpec(str(big_base), quant="int8")))
     big = generate(loaded, GenerationRequest("x", steps=1, resolution="custom", width=1280, height=1280))
     assert any("INT8 at 1.64 MP (> 1.2 MP): smart offload for this run" in n for n in big.notes), big.notes
-    small = generate(loaded, GenerationRequest("x", steps=1, resolution="1024x1024"))
-    assert small.notes == []
+    assert (big.width, big.height) == (1280, 1280)
 
 
-def test_code_without_exact_sizes_snaps_custom_and_says_so(cache, base_checkpoint: Path) -> None:
-    from hunyuan_image3.hunyuan_loader.resolution import resolution_buckets
+@pytest.mark.parametrize("variant", ["base", "instruct"])
+def test_guidance_at_or_below_one_is_refused_on_cfg_checkpoints(cache, request, variant: str) -> None:
+    # Their code always builds two CFG rows (official modeling_hunyuan_image_3.py:2732, hunyuan.py:2263).
+    loaded = cache.get(cache.load(LoadSpec(str(request.getfixturevalue(f"{variant}_checkpoint")))))
+    seen: list[int] = []
+    with pytest.raises(InputError, match="guidance_scale 1 does not work .* above 1.0"):
+        generate(loaded, GenerationRequest("x", steps=1, guidance=1.0), progress=lambda d, t: seen.append(d))
+    assert seen == []  # refused before running
+    assert generate(loaded, GenerationRequest("x", steps=1, guidance=1.01)).steps == 1
 
-    loaded = cache.get(cache.load(LoadSpec(str(base_checkpoint))))
-    loaded.model.supports_exact_image_size = False  # as the official code: no snap_resolution kwarg
-    try:
-        res = generate(loaded, GenerationRequest("x", steps=1, resolution="custom", width=1088, height=656))
-    finally:
-        del loaded.model.supports_exact_image_size
-    assert (res.width, res.height) in resolution_buckets()
-    assert any("snapped the custom size 1088x656" in n for n in res.notes), res.notes
+
+def test_distil_takes_any_guidance(cache, distil_checkpoint: Path) -> None:
+    loaded = cache.get(cache.load(LoadSpec(str(distil_checkpoint))))
+    assert generate(loaded, GenerationRequest("x", steps=1, guidance=1.0)).steps == 1
+
+
