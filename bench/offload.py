@@ -121,24 +121,25 @@ def main() -> int:
     print(f"bit-identical streamed vs resident: {identical}; accelerate vs resident: {acc_identical}; "
           f"copies issued {copies} over {args.steps + 1} steps")
 
-    # projection: full model, 32 layers, 96 GB card (budget 94 GB usable), 5 GB non-block modules
-    from hunyuan_image3.memory.residency import plan_placement
+    # projection for the full model on a 96 GB card, from THIS run's rates, through the same
+    # code as `python -m hunyuan_loader plan` (hunyuan_loader/card_plan.py)
+    from hunyuan_image3.hunyuan_loader import card_plan as cp
 
-    other_full, headroom_full = 5 * GB, 4 * GB
-    full = plan_placement([blk] * 32, int(other_full), int(94 * GB), int(headroom_full))
-    ks = len(full.streamed)
-    layer_t = t_res / n
-    # ours: the ideal overlap max(compute, copies) for the full model, times the overhead over
-    # that ideal measured above; accelerate: its measured cost per offloaded block added
-    efficiency = t_str / ideal
-    ours32 = max(32 * layer_t, ks * copy_t) * efficiency
-    acc32 = 32 * layer_t + ks * (t_acc - t_res) / s
-    line = (f"\nprojection, 32 layers on a 96 GB card (94 GB usable, 5 GB non-block, 4 GB headroom): "
-            f"{ks} blocks stream; ours {ours32:.2f} s/step, accelerate {acc32:.2f} s/step")
-    if "bnb INT8 all resident" in rows:
-        line += f", INT8 resident {32 * rows['bnb INT8 all resident'][0] / n:.2f} s/step"
-    if "bnb NF4 all resident" in rows:
-        line += f", NF4 resident {32 * rows['bnb NF4 all resident'][0] / n:.2f} s/step"
+    block_s = {"bf16": t_res / n}
+    for quant in ("int8", "nf4"):
+        if f"bnb {quant.upper()} all resident" in rows:
+            block_s[quant] = rows[f"bnb {quant.upper()} all resident"][0] / n
+    figures = cp.BenchFigures("this run", pinned, block_s, args.tokens, t_str / ideal)
+    sizes, card = cp.real_model_sizes(), cp.Card(96, 1024)
+    ours = cp.plan_option(sizes, card, "bf16", "smart", figures)
+    ks = len(ours.plan.streamed) if ours.plan is not None else 0
+    acc32 = len(ours.plan.placements) * t_res / n + ks * (t_acc - t_res) / s if ours.plan is not None else float("nan")
+    line = (f"\nprojection, real model on a 96 GB card (card_plan.py): {ks} blocks stream; "
+            f"ours {ours.step_seconds:.2f} s/step, accelerate {acc32:.2f} s/step")
+    for quant in ("int8", "nf4"):
+        if quant in block_s:
+            opt = cp.plan_option(sizes, card, quant, "disabled", figures)
+            line += f", {quant.upper()} resident {opt.step_seconds:.2f} s/step"
     print(line)
     return 0
 

@@ -56,6 +56,18 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, help="with --resolution custom (default 1024)")
     gen.add_argument("--height", type=int, help="with --resolution custom (default 1024)")
     gen.add_argument("--out", default="hunyuan_image3.png", help="image file; its folder must exist")
+    pl = sub.add_parser("plan", parents=[common],
+                        help="which loaders and offload modes fit a card, host RAM, projected s/step")
+    pl.add_argument("--vram-gb", type=float, help="the GPU's memory (GB)")
+    pl.add_argument("--ram-gb", type=float, help="the machine's RAM (GB)")
+    pl.add_argument("--quant", choices=QUANTS, help="one loader format (default: all three)")
+    pl.add_argument("--resolution", default="1024x1024", help="WIDTHxHEIGHT to plan for, or auto (1024x1024)")
+    pl.add_argument("--budget-gb", type=float, help="also plan the Budget loader with this vram_budget_gb")
+    pl.add_argument("--copy-gbps", type=float,
+                    help="host->GPU pinned copy rate for the projection (default: 55.3, the H200 bench)")
+    pl.add_argument("--model", help="checkpoint folder (default: the real HunyuanImage-3.0, built in)")
+    pl.add_argument("--readme-table", action="store_true",
+                    help="print the README's 'Which loader for my card' table (24-96 GB cards, 64/128 GB RAM)")
     mk = sub.add_parser("make-test-model", parents=[common],
                         help="write the small HunyuanImage-3-shaped test checkpoint")
     mk.add_argument("dest")
@@ -143,6 +155,52 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from . import card_plan as cp
+    from .generation import parse_size
+
+    if args.readme_table:
+        print(cp.readme_table())
+        return 0
+    for flag, value in (("--vram-gb", args.vram_gb), ("--ram-gb", args.ram_gb)):
+        if value is None:
+            raise InputError(f"plan needs {flag}: e.g. `plan --vram-gb 24 --ram-gb 64`.")
+        if value <= 0:
+            raise InputError(f"{flag} must be positive (got {value:g}).")
+    for flag, value in (("--budget-gb", args.budget_gb), ("--copy-gbps", args.copy_gbps)):
+        if value is not None and value <= 0:
+            raise InputError(f"{flag} must be positive (got {value:g}).")
+    width, height = (1024, 1024) if args.resolution == "auto" else parse_size(args.resolution)
+    if not (256 <= width <= 4096 and 256 <= height <= 4096):
+        raise InputError(f"--resolution {args.resolution}: plan for 256..4096 px a side.")
+    sizes = cp.real_model_sizes() if args.model is None else cp.checkpoint_sizes(args.model)
+    figures = cp.H200_BENCH
+    if args.copy_gbps is not None:
+        figures = dataclasses.replace(figures, copy_bytes_per_s=args.copy_gbps * 1e9)
+    card = cp.Card(args.vram_gb, args.ram_gb, width, height, args.budget_gb)
+    options = cp.plan_card(sizes, card, [args.quant] if args.quant else cp.QUANT_ORDER, figures)
+    print(cp.describe_sizes(sizes))
+    print(cp.describe_card(sizes, card))
+    print()
+    print(cp.option_table(options))
+    print()
+    best = cp.best_option(options)
+    if best is None:
+        print("fits: nothing on this card; the rows say what is short (VRAM or RAM).")
+    else:
+        print(f"fastest that fits: {best.quant.upper()}, offload {best.mode} (~{best.step_seconds:.2f} s/step "
+              "projected)")
+    print("Soft Unload parks all weights in RAM: "
+          + ", ".join(f"{q.upper()} {sizes.total(q) / cp.GIB:.1f} GB" for q in cp.QUANT_ORDER) + ".")
+    if args.copy_gbps is not None:
+        print(f"copy rate: {args.copy_gbps:g} GB/s (--copy-gbps) instead of the bench's "
+              f"{cp.H200_BENCH.copy_bytes_per_s / 1e9:g} GB/s.")
+    print(cp.projection_note(figures))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: no hub retries
     args = _parser().parse_args(argv)
@@ -162,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             except OSError as exc:
                 raise InputError(f"cannot write the test checkpoint to {args.dest}: {exc}.") from None
             return 0
+        if args.command == "plan":
+            return _plan(args)
         return _generate(args)
     except HunyuanError as exc:
         print(f"error: {exc}", file=sys.stderr)
