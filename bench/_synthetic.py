@@ -155,34 +155,51 @@ def make_layer(device, seed: int) -> Layer:
     return layer
 
 
-def quantize_layer(layer: Layer, mode: str) -> Layer:
-    """Replace expert + attention Linears by bnb int8 / nf4 layers, quantizing on the GPU
-    (what a bnb load does); the router and the shared expert stay bf16/fp32."""
+def bnb_linear(lin: nn.Linear, mode: str) -> nn.Module:
+    """A bnb Linear8bitLt ("int8", LLM.int8 threshold 6.0) or Linear4bit ("nf4") of ``lin``,
+    quantized where its weight is (what a bnb load does on the GPU)."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as BF
 
-    def convert(lin: nn.Linear) -> nn.Module:
-        w = lin.weight.data
-        if mode == "int8":
-            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=False,
-                                    has_fp16_weights=False, threshold=6.0, device="meta")
-            cb, scb, _ = BF.int8_vectorwise_quant(w.half())
-            q.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
-        else:
-            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
-                                  quant_type="nf4", compress_statistics=True, device="meta")
-            w4, qs = BF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4",
-                                      quant_storage=torch.uint8)
-            q.weight = bnb.nn.Params4bit(w4, requires_grad=False, quant_state=qs, blocksize=64,
-                                         compress_statistics=True, quant_type="nf4", bnb_quantized=True, module=q)
-            q.quant_state = qs
+    w = lin.weight.data
+    if mode == "int8":
+        q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=False,
+                                has_fp16_weights=False, threshold=6.0, device="meta")
+        cb, scb, _ = BF.int8_vectorwise_quant(w.half())
+        q.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
         return q
+    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
+                          quant_type="nf4", compress_statistics=True, device="meta")
+    w4, qs = BF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4",
+                              quant_storage=torch.uint8)
+    q.weight = bnb.nn.Params4bit(w4, requires_grad=False, quant_state=qs, blocksize=64,
+                                 compress_statistics=True, quant_type="nf4", bnb_quantized=True, module=q)
+    q.quant_state = qs
+    return q
+
+
+def quantize_layer(layer: Layer, mode: str) -> Layer:
+    """Replace expert + attention Linears by quantized ones, quantizing on the GPU (what a
+    load does); the router and the shared expert stay fp32/bf16.
+
+    ``int8`` / ``nf4``: bitsandbytes. ``w8a16``: the pack's INT8 format (int8 weights x bf16
+    activations, hunyuan_loader/w8a16.py). ``w8a16-experts``: W8A16 routed experts, bnb int8
+    attention projections."""
+    experts_mode = "w8a16" if mode.startswith("w8a16") else mode
+    attn_mode = "int8" if mode == "w8a16-experts" else experts_mode
+
+    def convert(lin: nn.Linear, how: str) -> nn.Module:
+        if how == "w8a16":
+            from hunyuan_image3.hunyuan_loader.w8a16 import Int8WeightOnlyLinear
+
+            return Int8WeightOnlyLinear.from_linear(lin)
+        return bnb_linear(lin, how)
 
     for e in layer.mlp.experts:
-        e.gate_and_up_proj = convert(e.gate_and_up_proj)
-        e.down_proj = convert(e.down_proj)
-    layer.self_attn.qkv_proj = convert(layer.self_attn.qkv_proj)
-    layer.self_attn.o_proj = convert(layer.self_attn.o_proj)
+        e.gate_and_up_proj = convert(e.gate_and_up_proj, experts_mode)
+        e.down_proj = convert(e.down_proj, experts_mode)
+    layer.self_attn.qkv_proj = convert(layer.self_attn.qkv_proj, attn_mode)
+    layer.self_attn.o_proj = convert(layer.self_attn.o_proj, attn_mode)
     return layer.eval()
 
 

@@ -15,6 +15,9 @@ from .variants import Variant
 QUANTS = ("bf16", "int8", "nf4")
 OFFLOAD_MODES = ("disabled", "smart", "budget", "accelerate")
 MOE_IMPLS = ("gather_scatter", "reference")
+# INT8 kernels: "w8a16" int8 weights x bf16 activations (fused Triton kernel on CUDA, hunyuan_loader/w8a16.py);
+# "bnb" bitsandbytes LLM.int8. Only meaningful with quant "int8" (normalised to the default otherwise).
+INT8_FORMATS = ("w8a16", "bnb")
 
 @dataclass(frozen=True)
 class LoadSpec:
@@ -26,6 +29,7 @@ class LoadSpec:
     vram_budget_gb: float | None = None
     headroom_gb: float | None = None
     moe_impl: str = "gather_scatter"
+    int8_format: str = "w8a16"
 
     def __post_init__(self) -> None:
         if self.quant not in QUANTS:
@@ -34,13 +38,18 @@ class LoadSpec:
             raise InputError(f"offload_mode '{self.offload}' is not one of {', '.join(OFFLOAD_MODES)}.")
         if self.moe_impl not in MOE_IMPLS:
             raise InputError(f"moe_impl '{self.moe_impl}' is not one of {', '.join(MOE_IMPLS)}.")
+        if self.int8_format not in INT8_FORMATS:
+            raise InputError(f"int8_format '{self.int8_format}' is not one of {', '.join(INT8_FORMATS)}.")
+        if self.quant != "int8":  # one cache key per model: the format means nothing for bf16 / nf4
+            object.__setattr__(self, "int8_format", INT8_FORMATS[0])
         if self.vram_budget_gb is not None and self.vram_budget_gb <= 0:
             raise InputError(f"vram_budget_gb must be positive (got {self.vram_budget_gb}).")
         if self.headroom_gb is not None and self.headroom_gb < 0:
             raise InputError(f"inference_headroom_gb must be 0 or more (got {self.headroom_gb}).")
 
     def describe(self) -> str:
-        text = f"{Path(self.path).name} [{self.quant}, offload {self.offload}"
+        quant = f"{self.quant} {self.int8_format}" if self.quant == "int8" else self.quant
+        text = f"{Path(self.path).name} [{quant}, offload {self.offload}"
         if self.vram_budget_gb is not None:
             text += f", budget {self.vram_budget_gb:g} GB"
         return text + f", moe {self.moe_impl}]"

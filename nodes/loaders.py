@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..hunyuan_loader.cache import ModelHandle, get_cache
-from ..hunyuan_loader.spec import LoadSpec
+from ..hunyuan_loader.spec import INT8_FORMATS, LoadSpec
 from . import comfy_adapter, comfy_memory
 
 CATEGORY = "HunyuanImage3"
@@ -22,6 +22,13 @@ OFFLOAD_TIP = (
 MOE_TIP = (
     "gather_scatter: memory linear in image size, same images. reference: the model's own "
     "dispatch (12 x MP^1.4 GB of activations)."
+)
+
+
+INT8_FORMAT_TIP = (
+    "INT8 kernels. w8a16: int8 weights with bf16 activations, dequantized inside the matmul "
+    "(fast; no bitsandbytes needed). bnb: bitsandbytes LLM.int8 (slower). A pre-quantized "
+    "checkpoint loads in its own format."
 )
 
 
@@ -65,10 +72,26 @@ class _LoaderBase:
 
 
 class HunyuanImage3LoaderINT8(_LoaderBase):
-    """HunyuanImage-3 in bitsandbytes INT8 (~81 GB for the real model)."""
+    """HunyuanImage-3 in INT8 (~81 GB for the real model)."""
 
     QUANT = "int8"
-    DESCRIPTION = "Loads HunyuanImage-3 quantized to INT8 with bitsandbytes (~81 GB of weights)."
+    DESCRIPTION = (
+        "Loads HunyuanImage-3 quantized to INT8 (~81 GB of weights): int8 weights with bf16 "
+        "activations by default, or bitsandbytes LLM.int8 (int8_format bnb)."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        types = super().INPUT_TYPES()
+        types["optional"]["int8_format"] = (list(INT8_FORMATS), {"default": INT8_FORMATS[0], "tooltip": INT8_FORMAT_TIP})
+        return types
+
+    def load(
+        self, model_name: str, offload_mode: str, moe_impl: str = "gather_scatter", int8_format: str = INT8_FORMATS[0]
+    ) -> tuple[ModelHandle]:
+        path = comfy_adapter.resolve_model_path(model_name)
+        return load_through_cache(LoadSpec(str(path), quant=self.QUANT, offload=offload_mode, moe_impl=moe_impl,
+                                           int8_format=int8_format))
 
 
 class HunyuanImage3LoaderNF4(_LoaderBase):
@@ -117,7 +140,10 @@ class HunyuanImage3LoaderBudget:
                      "tooltip": "Kept free for activations. 0 = the estimate for a 1 MP image."},
                 ),
             },
-            "optional": _common_optional(),
+            "optional": {
+                **_common_optional(),
+                "int8_format": (list(INT8_FORMATS), {"default": INT8_FORMATS[0], "tooltip": INT8_FORMAT_TIP}),
+            },
         }
 
     @classmethod
@@ -133,6 +159,7 @@ class HunyuanImage3LoaderBudget:
         vram_budget_gb: float,
         inference_headroom_gb: float,
         moe_impl: str = "gather_scatter",
+        int8_format: str = INT8_FORMATS[0],
     ) -> tuple[ModelHandle]:
         path = comfy_adapter.resolve_model_path(model_name)
         spec = LoadSpec(
@@ -142,5 +169,6 @@ class HunyuanImage3LoaderBudget:
             vram_budget_gb=vram_budget_gb,
             headroom_gb=inference_headroom_gb or None,
             moe_impl=moe_impl,
+            int8_format=int8_format,
         )
         return load_through_cache(spec)

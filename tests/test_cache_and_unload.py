@@ -130,14 +130,16 @@ from hunyuan_image3.hunyuan_loader.cache import get_cache
 from hunyuan_image3.hunyuan_loader.spec import LoadSpec
 from hunyuan_image3.hunyuan_loader.errors import DependencyError
 cache = get_cache()
-for quant in ("int8", "nf4"):
+for quant, int8_format in (("int8", "bnb"), ("nf4", "w8a16")):
     try:
-        cache.load(LoadSpec({str(base_checkpoint)!r}, quant=quant))
+        cache.load(LoadSpec({str(base_checkpoint)!r}, quant=quant, int8_format=int8_format))
     except DependencyError as exc:
         print("ERR", quant, exc)
 print("loaded after:", cache.loaded)
 cache.load(LoadSpec({str(base_checkpoint)!r}, quant="bf16"))
 print("BF16 OK", cache.loaded.spec.quant)
+cache.load(LoadSpec({str(base_checkpoint)!r}, quant="int8"))  # W8A16 (the default INT8) needs no bitsandbytes
+print("W8A16 OK", cache.loaded.spec.int8_format)
 """
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
@@ -146,6 +148,7 @@ print("BF16 OK", cache.loaded.spec.quant)
     assert "ERR nf4 NF4 needs bitsandbytes" in out.stdout
     assert "loaded after: None" in out.stdout
     assert "BF16 OK bf16" in out.stdout
+    assert "W8A16 OK w8a16" in out.stdout
 
 
 def test_dotted_folder_name_loads(cache, base_checkpoint: Path, tmp_path: Path) -> None:
