@@ -1,12 +1,24 @@
-"""One text-to-image generation: inputs checked, memory planned, per-step progress and
-cancel hooked into the diffusion scheduler, the PIL result turned into a ComfyUI IMAGE.
+"""One generation: inputs checked, memory planned, progress and cancel hooked into the text stage
+(once per generated token) and the diffusion scheduler (once per step), the PIL result turned into a
+ComfyUI IMAGE, the model's think / recaption text returned.
+
+Instruct / Instruct-Distil take reference images (1 = edit, 2 or more = multi-image fusion; the
+official README documents up to 3) and a ``bot_task`` (image, think, recaption, think_recaption):
+the model writes text (its reasoning and / or a rewritten prompt) before it draws. Base checkpoints
+take neither: refused before anything runs.
 
 What the official code does and this module works around (each pinned by a test that cites it):
 - sizes always snap to the model's buckets (no exact custom size): the memory plan and the
   node's text use the size the model's own image processor will render;
 - base / Instruct always build two CFG rows and fail at guidance_scale <= 1: refused first;
 - the think / recaption text samples on the global torch RNG: it is seeded from ``seed``
-  inside a forked RNG state, so the same seed gives the same text and image.
+  inside a forked RNG state, so the same seed gives the same text and image;
+- the text stage is transformers' generate, called with the extra kwargs of generate_image
+  (official modeling_hunyuan_image_3.py generate_image -> self.generate(**model_inputs, **kwargs)):
+  a StoppingCriteria passed as ``stopping_criteria`` runs once per generated token, which is where
+  text progress and cancel hook in (nothing of the checkpoint's code is edited);
+- reference images are planned for: their tokens (VAE tokens at the size the model's image
+  processor snaps them to, plus its ViT tokens) enter the memory estimate and the OOM retry.
 """
 
 from __future__ import annotations
@@ -32,6 +44,13 @@ log = logging.getLogger(__name__)
 
 CUSTOM_MIN, CUSTOM_MAX, CUSTOM_ALIGN = 256, 4096, 16
 MAX_STEPS = 200
+# bot_task values of the official Instruct generate_image that change what it does ("auto" draws like
+# "image"; "img_ratio" is internal). think / recaption / think_recaption write text before drawing.
+BOT_TASKS = ("image", "think", "recaption", "think_recaption")
+TEXT_TASKS = BOT_TASKS[1:]
+MAX_REFERENCE_IMAGES = 3  # official README: multi-image fusion "up to 3 inputs"
+DEFAULT_MAX_NEW_TOKENS = 2048  # the official generate_image default
+MAX_NEW_TOKENS = 8192  # the official generation_config's max_length is 12,800 tokens in all
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], None]
@@ -48,7 +67,14 @@ class GenerationRequest:
     resolution: str = "1024x1024"  # "auto", "WIDTHxHEIGHT" or "custom" (width/height); the model snaps both
     width: int = 1024
     height: int = 1024
-    bot_task: str | None = None
+    bot_task: str | None = None  # Instruct: one of BOT_TASKS (None = "image")
+    images: list[Any] = field(default_factory=list)  # Instruct: PIL reference images (1 edit, 2+ fusion)
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # Instruct: bound of the think / recaption text
+    infer_align_image_size: bool = True  # Instruct with images: output in the reference image's aspect
+
+    @property
+    def text_task(self) -> bool:
+        return self.bot_task in TEXT_TASKS
 
 
 @dataclass
@@ -59,7 +85,10 @@ class GenerationResult:
     seconds: float
     steps: int
     notes: list[str] = field(default_factory=list)
-    cot_text: str | None = None
+    cot_text: str | None = None  # the model's think / recaption text (Instruct), else None
+    text_seconds: float = 0.0  # the text stage: from the call to the last text token (0: none ran)
+    diffusion_seconds: float = 0.0  # the rest: image-stage inputs, the diffusion steps, the VAE decode
+    text_tokens: int = 0  # tokens the text stage generated
 
     @property
     def width(self) -> int:
@@ -87,6 +116,23 @@ def validate_request(req: GenerationRequest) -> None:
         raise InputError(f"steps must be between 1 and {MAX_STEPS} (got {req.steps}).")
     if req.guidance is not None and req.guidance < 0:
         raise InputError(f"guidance_scale must be 0 or more (got {req.guidance}).")
+    if req.bot_task is not None and req.bot_task not in BOT_TASKS:
+        raise InputError(f"bot_task '{req.bot_task}' is not one of {', '.join(BOT_TASKS)}.")
+    if not 1 <= req.max_new_tokens <= MAX_NEW_TOKENS:
+        raise InputError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS} (got {req.max_new_tokens}).")
+    if len(req.images) > MAX_REFERENCE_IMAGES:
+        raise InputError(
+            f"{len(req.images)} reference images were given; the Instruct model is made for 1 (edit) to "
+            f"{MAX_REFERENCE_IMAGES} (multi-image fusion): connect at most {MAX_REFERENCE_IMAGES} (a batch counts "
+            "one image per frame)."
+        )
+    from PIL import Image
+
+    for i, image in enumerate(req.images, 1):
+        if not isinstance(image, Image.Image):
+            raise InputError(f"reference image {i} is a {type(image).__name__}, not an image.")
+        if min(image.size) < 16:
+            raise InputError(f"reference image {i} is {image.size[0]}x{image.size[1]}: use one of at least 16x16 px.")
     if req.resolution == "custom":
         for name, value in (("width", req.width), ("height", req.height)):
             if not CUSTOM_MIN <= value <= CUSTOM_MAX:
@@ -125,6 +171,25 @@ def check_guidance(loaded: LoadedModel, guidance: float) -> None:
     (official modeling_hunyuan_image_3.py:2732, hunyuan.py:2263) while the pipeline batches
     1 + (g > 1) latents (hunyuan_image_3_pipeline.py:776). Instruct-Distil embeds guidance."""
     check_variant_guidance(loaded.variant, guidance)
+
+
+def check_variant_request(variant: Variant, req: GenerationRequest) -> None:
+    """What a checkpoint's variant allows, from config.json alone (so it runs before loading):
+    guidance (base / Instruct: > 1), and reference images and text tasks (Instruct only)."""
+    check_variant_guidance(variant, req.guidance if req.guidance is not None else variant.default_guidance)
+    if variant.returns_tuple:  # Instruct / Instruct-Distil
+        return
+    if req.images:
+        raise InputError(
+            f"{variant.name} checkpoints take no reference images (editing and multi-image fusion need "
+            "HunyuanImage-3.0-Instruct or -Instruct-Distil): disconnect the image inputs, or load an Instruct "
+            "checkpoint."
+        )
+    if req.text_task:
+        raise InputError(
+            f"bot_task '{req.bot_task}' needs an Instruct checkpoint: {variant.name} checkpoints do not return "
+            "the model's text. Use bot_task 'image', or load HunyuanImage-3.0-Instruct or -Instruct-Distil."
+        )
 
 
 def check_variant_guidance(variant: Variant, guidance: float) -> None:
@@ -196,18 +261,115 @@ def pil_to_image_tensor(image: Any) -> torch.Tensor:
     return torch.from_numpy(array).unsqueeze(0).contiguous()
 
 
+def image_tensor_to_pils(image: torch.Tensor) -> list[Any]:
+    """ComfyUI IMAGE [B, H, W, C] (0..1) -> one RGB PIL image per frame (a batch is several images)."""
+    from PIL import Image
+
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
+        raise InputError(f"an image input has shape {tuple(image.shape)}; expected a ComfyUI IMAGE [B, H, W, 3].")
+    frames = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    out = []
+    for frame in frames:
+        frame = np.repeat(frame, 3, axis=-1) if frame.shape[-1] == 1 else frame[..., :3]
+        out.append(Image.fromarray(np.ascontiguousarray(frame), mode="RGB"))
+    return out
+
+
+def reference_image_tokens(model: Any, images: list[Any]) -> int:
+    """Tokens the reference images add to one sequence, as the model's own image processor will
+    build them (official image_processor.py get_image_with_size / vit_process_image): VAE tokens at
+    the bucket ``vae_reso_group.get_target_size`` snaps each image to, plus ``vit_info.max_token_length``
+    ViT tokens each. The estimator adds the per-image special tokens and the CFG doubling."""
+    from ..memory.estimator import reference_image_tokens as count
+
+    if not images:
+        return 0
+    proc = model.image_processor
+    sizes = [tuple(int(v) for v in proc.vae_reso_group.get_target_size(*image.size)) for image in images]
+    factors = (int(proc.vae_info.h_factor), int(proc.vae_info.w_factor))
+    return count(sizes, vae_factors=factors, vit_tokens=int(proc.vit_info.max_token_length))
+
+
+def extra_tokens(loaded: LoadedModel, req: GenerationRequest) -> int:
+    """Tokens per sequence beyond the prompt and the target image: reference images, and the
+    think / recaption text the image stage is conditioned on (at most max_new_tokens)."""
+    if not loaded.variant.returns_tuple:
+        return 0
+    text = req.max_new_tokens if req.text_task else 0
+    return reference_image_tokens(loaded.model, req.images) + text
+
+
+@dataclass
+class _TextStage:
+    """What the text-stage hook saw: tokens generated, when the last one came."""
+
+    tokens: int = 0
+    last_token_at: float | None = None
+
+
+def text_stage_criteria(
+    stage: _TextStage, total: int | None, progress: ProgressFn | None, cancel: CancelFn | None
+) -> Any:
+    """A transformers StoppingCriteriaList whose hook runs once per generated token: it checks
+    cancel (raising stops the text stage within one token), reports ``progress(tokens, total)``
+    (``total`` None: no progress, e.g. the one-token ratio pick of "auto") and never stops the
+    generation itself."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class TextStageHook(StoppingCriteria):
+        def __init__(self) -> None:
+            self.prompt_length: int | None = None
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            length = int(input_ids.shape[1])
+            if self.prompt_length is None or length <= self.prompt_length:  # a new generate call
+                self.prompt_length = length - 1
+            stage.tokens = length - self.prompt_length
+            stage.last_token_at = time.perf_counter()
+            if cancel is not None:
+                cancel()
+            if progress is not None and total:
+                progress(min(stage.tokens, total), total)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([TextStageHook()])
+
+
 def _call_model(
-    loaded: LoadedModel, req: GenerationRequest, size: tuple[int, int] | None, steps: int, guidance: float
+    loaded: LoadedModel,
+    req: GenerationRequest,
+    size: tuple[int, int] | None,
+    steps: int,
+    guidance: float,
+    stage: _TextStage,
+    text_progress: ProgressFn | None,
+    cancel: CancelFn | None,
 ) -> tuple[Any, str | None]:
     model, variant = loaded.model, loaded.variant
     image_size = "auto" if size is None else f"{size[1]}x{size[0]}"  # image_size is HEIGHTxWIDTH
     kwargs: dict[str, Any] = dict(seed=req.seed, image_size=image_size)
-    if req.bot_task:
+    if variant.returns_tuple:  # Instruct: images, task, text bound, and the per-token hook
+        kwargs.update(bot_task=req.bot_task or "image", max_new_tokens=req.max_new_tokens)
+        if req.images:
+            kwargs.update(image=list(req.images), infer_align_image_size=req.infer_align_image_size)
+        total = req.max_new_tokens if req.text_task else None
+        kwargs["stopping_criteria"] = text_stage_criteria(stage, total, text_progress, cancel)
+    elif req.bot_task:
         kwargs["bot_task"] = req.bot_task
     if variant.honours_step_kwargs:
         kwargs.update(diff_infer_steps=steps, diff_guidance_scale=guidance)
     with torch.inference_mode(), seeded_rng(loaded, req.seed):
-        out = model.generate_image(prompt=req.prompt, **kwargs)
+        try:
+            out = model.generate_image(prompt=req.prompt, **kwargs)
+        except ValueError as exc:
+            if "ratio" in str(exc) and size is None and req.text_task:
+                raise InputError(
+                    f"The model's text stopped at max_new_tokens ({req.max_new_tokens}) before it chose the image's "
+                    "aspect ratio (resolution 'auto'): raise max_new_tokens, or pick a resolution."
+                ) from None
+            raise
     if variant.returns_tuple:
         cot, images = out
         cot_text = "\n".join(cot) if isinstance(cot, list | tuple) else cot
@@ -220,9 +382,15 @@ def generate(
     req: GenerationRequest,
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
+    text_progress: ProgressFn | None = None,
 ) -> GenerationResult:
-    """Generate one image with the cached model. Raises InputError / OutOfMemoryError."""
+    """Generate one image with the cached model. Raises InputError / OutOfMemoryError.
+
+    ``progress(step, steps)`` follows the diffusion steps; ``text_progress(tokens, max_new_tokens)``
+    the think / recaption text (default: ``progress``); ``cancel()`` is checked once per token and
+    once per step (it raises to stop; the model stays usable)."""
     validate_request(req)
+    check_variant_request(loaded.variant, req)
     steps = req.steps if req.steps is not None else loaded.variant.default_steps
     guidance = req.guidance if req.guidance is not None else loaded.variant.default_guidance
     check_guidance(loaded, guidance)
@@ -231,16 +399,21 @@ def generate(
     asked = target_size(req)
     rendered = None if asked is None else planned_size(loaded, req)
     size = rendered or AUTO_PLAN_SIZE
+    tokens = extra_tokens(loaded, req)
     start = time.perf_counter()
     notes: list[str] = []
     retried = False
     while True:
         oom_message = None
+        stage = _TextStage()
+        call_start = time.perf_counter()
         try:
-            with run_placement(loaded, size, notes, extra_margin=retried), generation_settings(
+            with run_placement(loaded, size, notes, extra_margin=retried, extra_tokens=tokens), generation_settings(
                 loaded.model, steps, guidance
             ), step_hooks(loaded.model, steps, progress, cancel):
-                image, cot = _call_model(loaded, req, rendered, steps, guidance)
+                image, cot = _call_model(
+                    loaded, req, rendered, steps, guidance, stage, text_progress or progress, cancel
+                )
             break
         except torch.OutOfMemoryError as exc:
             oom_message = str(exc).splitlines()[0]
@@ -249,20 +422,37 @@ def generate(
         stats.release_cached_memory()
         if retried or loaded.residency is None:
             snap = stats.snapshot()
+            refs = f" with {len(req.images)} reference image(s)" if req.images else ""
             raise OutOfMemoryError(
-                f"Out of GPU memory at {size[0]}x{size[1]} ({oom_message}); "
+                f"Out of GPU memory at {size[0]}x{size[1]}{refs} ({oom_message}); "
                 f"{snap.cuda_free / stats.GIB:.1f} GiB free of {snap.cuda_total / stats.GIB:.1f} GiB after "
-                "streaming more weights. Choices: a lower resolution, the smart offload mode or a smaller "
-                "VRAM budget, or the NF4 loader. The model stays loaded."
+                "streaming more weights. Choices: a lower resolution, fewer reference images, the smart offload "
+                "mode or a smaller VRAM budget, or the NF4 loader. The model stays loaded."
             )
         retried = True
         notes.append(f"Out of memory at {size[0]}x{size[1]}: retrying once with more weights streamed.")
         log.warning(notes[-1])
-    result = GenerationResult(pil_to_image_tensor(image), time.perf_counter() - start, steps, notes, cot)
+    end = time.perf_counter()
+    text_end = stage.last_token_at if (stage.tokens and req.text_task) else None
+    result = GenerationResult(
+        pil_to_image_tensor(image), end - start, steps, notes, cot,
+        text_seconds=(text_end - call_start) if text_end else 0.0,
+        diffusion_seconds=end - (text_end or call_start),
+        text_tokens=stage.tokens if req.text_task else 0,
+    )
     if asked is not None and (result.width, result.height) != asked:
-        notes.append(
-            f"{asked[0]}x{asked[1]} is not one of this checkpoint's sizes: its code rendered the nearest "
-            f"bucket, {result.width}x{result.height}."
-        )
+        aligned = req.images and req.infer_align_image_size and loaded.variant.returns_tuple
+        if aligned and (result.width, result.height) != rendered:
+            notes.append(
+                f"rendered {rendered[0]}x{rendered[1]}, then resized to {result.width}x{result.height}: the reference "
+                "image's aspect ratio (infer_align_image_size)."
+            )
+        else:
+            notes.append(
+                f"{asked[0]}x{asked[1]} is not one of this checkpoint's sizes: its code rendered the nearest "
+                f"bucket, {result.width}x{result.height}."
+            )
+    if req.text_task:
+        log.info("text stage: %d tokens in %.1f s", result.text_tokens, result.text_seconds)
     log.info("generated %dx%d in %.1f s (%d steps)", result.width, result.height, result.seconds, steps)
     return result

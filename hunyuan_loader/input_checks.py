@@ -19,7 +19,7 @@ from .generation import (
     CUSTOM_MAX,
     CUSTOM_MIN,
     GenerationRequest,
-    check_variant_guidance,
+    check_variant_request,
     parse_size,
     validate_request,
 )
@@ -77,8 +77,8 @@ def check_request(req: GenerationRequest, variant: Variant | None = None) -> Non
     guidance too). Sizes are the model's to snap; ``check_resolution`` is the strict check."""
     validate_request(req)
     check_seed(req.seed)
-    if variant is not None:
-        check_variant_guidance(variant, req.guidance if req.guidance is not None else variant.default_guidance)
+    if variant is not None:  # guidance; base checkpoints: no reference images, no text task
+        check_variant_request(variant, req)
 
 
 def check_queued_inputs(

@@ -14,6 +14,13 @@ the worst case). This model's MoE term is ~51.7 KB per token for the real config
 (``SKEW_ALLOWANCE`` 2), x ``CALIBRATION`` 1.3 = ~67 KB, which covers the worst
 measured case; the residual stream (~24 KB per token) comes on top. ``OVERHEAD_GB``
 is the CUDA context and cuBLAS workspace.
+
+Reference images (Instruct edit / fusion) and the think / recaption text lengthen every
+sequence: ``extra_tokens`` per CFG half (``reference_image_tokens`` counts the images: VAE
+tokens at the size the model snaps each image to, its ViT tokens, 6 special tokens) enter the
+token count, and both CFG halves carry them (official modeling_hunyuan_image_3.py
+_encode_cond_image repeats the condition images cfg_factor times). The reference formula scales
+its megapixels by the same token ratio.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ CALIBRATION = 1.3
 OVERHEAD_GB = 0.5  # CUDA context, cuBLAS workspace
 VAE_BYTES_PER_PIXEL = 1536  # ~128 float32 channels x 3 live tensors at full resolution
 SKEW_ALLOWANCE = 2.0  # busiest expert gets this many times the uniform share
+# Per reference image: <boi> <img_size> <img_ratio> <timestep> ... <joint_img_sep> ... <eoi>
+# (official tokenization_hunyuan_image_3.py encode_sequence, cond_joint_image).
+SPECIAL_TOKENS_PER_REFERENCE_IMAGE = 6
 
 REAL_DEFAULTS: dict[str, Any] = {
     "hidden_size": 4096,
@@ -65,13 +75,24 @@ def reference_inference_gb(megapixels: float) -> float:
     return 12.0 * max(megapixels, 0.0) ** 1.4
 
 
-def tokens_for_image(config: Any, width: int, height: int, cfg: bool = True) -> int:
-    """Tokens in one transformer forward: image patches + text, both CFG halves if ``cfg``."""
+def tokens_for_image(config: Any, width: int, height: int, cfg: bool = True, extra_tokens: int = 0) -> int:
+    """Tokens in one transformer forward: image patches + text + ``extra_tokens`` (reference images,
+    think / recaption text), both CFG halves if ``cfg``."""
     factor = _get(config, "vae_downsample_factor")
     fh, fw = (factor[0], factor[-1]) if isinstance(factor, (list, tuple)) else (factor, factor)
     p = int(_get(config, "patch_size"))
     patches = math.ceil(height / fh / p) * math.ceil(width / fw / p)
-    return (patches + TEXT_TOKENS_PER_HALF) * (2 if cfg else 1)
+    return (patches + TEXT_TOKENS_PER_HALF + int(extra_tokens)) * (2 if cfg else 1)
+
+
+def reference_image_tokens(
+    sizes: list[tuple[int, int]], *, vae_factors: tuple[int, int], vit_tokens: int
+) -> int:
+    """Tokens the reference images add to one sequence (one CFG half): per image, VAE tokens at its
+    snapped (width, height) (size // the VAE factor x patch size, ``vae_factors`` = (h, w)), the ViT's
+    ``vit_tokens`` (its processor's max_num_patches: every image is padded to it) and the special tokens."""
+    fh, fw = vae_factors
+    return sum((h // fh) * (w // fw) + int(vit_tokens) + SPECIAL_TOKENS_PER_REFERENCE_IMAGE for w, h in sizes)
 
 
 def _layer_peak_bytes(config: Any, tokens: int, batch: int) -> float:
@@ -95,14 +116,26 @@ def _layer_peak_bytes(config: Any, tokens: int, batch: int) -> float:
 
 
 def estimate_inference_gb(
-    width: int, height: int, *, config: Any = None, moe_impl: str = "reference", cfg: bool = True
+    width: int,
+    height: int,
+    *,
+    config: Any = None,
+    moe_impl: str = "reference",
+    cfg: bool = True,
+    extra_tokens: int = 0,
 ) -> float:
-    """Inference VRAM (GB, activations) for a width x height image."""
+    """Inference VRAM (GB, activations) for a width x height image, with ``extra_tokens`` more per
+    CFG half (reference images, think / recaption text)."""
     if moe_impl == "reference":
-        return reference_inference_gb(megapixels(width, height))
+        scale = 1.0
+        if extra_tokens:
+            scale = tokens_for_image(config, width, height, cfg, extra_tokens) / tokens_for_image(
+                config, width, height, cfg
+            )
+        return reference_inference_gb(megapixels(width, height) * scale)
     if moe_impl != "gather_scatter":
         raise ValueError(f"moe_impl must be 'reference' or 'gather_scatter', got {moe_impl!r}")
-    tokens = tokens_for_image(config, width, height, cfg=cfg)
+    tokens = tokens_for_image(config, width, height, cfg=cfg, extra_tokens=extra_tokens)
     layer = _layer_peak_bytes(config, tokens, 2 if cfg else 1)
     vae = width * height * VAE_BYTES_PER_PIXEL
     return max(layer, vae) * CALIBRATION / GIB + OVERHEAD_GB

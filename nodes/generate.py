@@ -1,4 +1,10 @@
-"""Generate node: prompt, seed, steps, guidance, resolution -> ComfyUI IMAGE."""
+"""Generate node: prompt (+ Instruct: reference images, bot_task) -> ComfyUI IMAGE and the model's text.
+
+One node for text-to-image, editing (1 reference image) and multi-image fusion (2-3): the official
+Instruct code does all three in the same generate_image call, and bot_task (think / recaption)
+applies to text-to-image too, so a second node would repeat every widget and make switching
+between them a rewiring job. Base checkpoints refuse images and text tasks before anything runs.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,18 @@ from typing import Any
 from ..hunyuan_loader.cache import ModelHandle, get_cache
 from ..hunyuan_loader.errors import HunyuanError
 from ..hunyuan_loader.generation import (
+    BOT_TASKS,
     CUSTOM_MAX,
     CUSTOM_MIN,
+    DEFAULT_MAX_NEW_TOKENS,
+    MAX_NEW_TOKENS,
+    MAX_REFERENCE_IMAGES,
     MAX_STEPS,
     GenerationRequest,
+    GenerationResult,
+    extra_tokens,
     generate,
+    image_tensor_to_pils,
     planned_size,
 )
 from ..hunyuan_loader.input_checks import check_queued_inputs, check_request, checkpoint_variant
@@ -20,6 +33,8 @@ from ..hunyuan_loader.resolution import resolution_buckets
 from . import comfy_adapter, comfy_memory
 from .loaders import CATEGORY, MODEL_TYPE
 
+IMAGE_INPUTS = tuple(f"image_{i}" for i in range(1, MAX_REFERENCE_IMAGES + 1))
+
 
 def resolution_choices() -> list[str]:
     """'auto', the buckets of every variant (Instruct's 37 include base's 33) as WIDTHxHEIGHT, and 'custom'."""
@@ -27,39 +42,73 @@ def resolution_choices() -> list[str]:
     return ["auto"] + [f"{w}x{h}" for w, h in buckets] + ["custom"]
 
 
-class HunyuanImage3Generate:
-    """Text to image with the cached HunyuanImage-3 model."""
+def result_text(result: GenerationResult) -> list[str]:
+    """The node's UI text: size, steps, time (text stage / diffusion), notes, the model's text."""
+    timing = f"{result.seconds:.1f} s"
+    if result.text_tokens:
+        timing += (f" (text {result.text_tokens} tokens {result.text_seconds:.1f} s, "
+                   f"diffusion {result.diffusion_seconds:.1f} s)")
+    lines = [f"{result.width}x{result.height}, {result.steps} steps, {timing}"] + result.notes
+    if result.cot_text:
+        lines.append(f"model text: {result.cot_text}")
+    return lines
 
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("image",)
+
+class HunyuanImage3Generate:
+    """Text to image, editing and multi-image fusion with the cached HunyuanImage-3 model."""
+
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("image", "text")
     FUNCTION = "generate"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Generates an image from a prompt with a HunyuanImage-3 model from one of the loaders."
+    DESCRIPTION = (
+        "Generates an image from a prompt with a HunyuanImage-3 model from one of the loaders. Instruct "
+        "checkpoints also take reference images (1 = edit, 2-3 = fusion) and can think / rewrite the prompt "
+        "first (bot_task); that text is the 'text' output."
+    )
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         size = {"default": 1024, "min": CUSTOM_MIN, "max": CUSTOM_MAX, "step": 16}
+        images = {
+            name: ("IMAGE", {"tooltip": f"Instruct only: reference image {i} (1 image = edit, 2-{MAX_REFERENCE_IMAGES} "
+                                        "= multi-image fusion; each frame of a batch counts as one image). The prompt "
+                                        "can refer to them as image 1, image 2, ..."})
+            for i, name in enumerate(IMAGE_INPUTS, 1)
+        }
         return {
             "required": {
                 "model": (MODEL_TYPE, {"tooltip": "From a HunyuanImage-3 loader."}),
-                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What the image shows."}),
+                "prompt": ("STRING", {"multiline": True, "default": "",
+                                      "tooltip": "What the image shows, or (with reference images) what to change."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                                 "tooltip": "Same seed, same settings: same image."}),
+                                 "tooltip": "Same seed, same settings: same image (and the same model text)."}),
                 "steps": ("INT", {"default": 50, "min": 1, "max": MAX_STEPS,
                                   "tooltip": "Diffusion steps (base/Instruct: 50; Distil: 8)."}),
                 "guidance_scale": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 30.0, "step": 0.1,
                                              "tooltip": "Classifier-free guidance (base/Instruct: 5.0; Distil: 2.5)."}),
                 "resolution": (resolution_choices(), {"default": "1024x1024",
-                    "tooltip": "auto: the model picks the aspect ratio. WIDTHxHEIGHT: one of the model's "
-                               "buckets (base checkpoints lack 1280x720, 720x1280, 1024x768 and 768x1024 and "
-                               "render the nearest). custom: width/height, snapped by the model to its nearest "
-                               "bucket (the node's text says which)."}),
+                    "tooltip": "auto: the model picks the aspect ratio (the usual choice for edits). WIDTHxHEIGHT: "
+                               "one of the model's buckets (base checkpoints lack 1280x720, 720x1280, 1024x768 and "
+                               "768x1024 and render the nearest). custom: width/height, snapped by the model to its "
+                               "nearest bucket (the node's text says which)."}),
                 "width": ("INT", dict(size, tooltip="Used when resolution is 'custom'.")),
                 "height": ("INT", dict(size, tooltip="Used when resolution is 'custom'.")),
             },
             "optional": {
                 "use_checkpoint_defaults": ("BOOLEAN", {"default": False,
                     "tooltip": "Ignore steps/guidance_scale and use the checkpoint's generation_config."}),
+                **images,
+                "bot_task": (list(BOT_TASKS), {"default": "image",
+                    "tooltip": "Instruct only. image: draw directly. think: reason about the request first. "
+                               "recaption: rewrite the prompt first. think_recaption: both. The model's text is the "
+                               "'text' output and shows in this node."}),
+                "max_new_tokens": ("INT", {"default": DEFAULT_MAX_NEW_TOKENS, "min": 1, "max": MAX_NEW_TOKENS,
+                    "tooltip": "Instruct, think/recaption: the most tokens of text before drawing (progress shows "
+                               "tokens written of this; Cancel stops within one token)."}),
+                "infer_align_image_size": ("BOOLEAN", {"default": True,
+                    "tooltip": "Instruct with reference images: give the output the reference image's aspect ratio "
+                               "when the model picks that ratio (as the official README recommends)."}),
             },
         }
 
@@ -88,7 +137,13 @@ class HunyuanImage3Generate:
         width: int,
         height: int,
         use_checkpoint_defaults: bool = False,
+        bot_task: str = "image",
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        infer_align_image_size: bool = True,
+        **images: Any,
     ) -> dict[str, Any]:
+        references = [pil for name in IMAGE_INPUTS if images.get(name) is not None
+                      for pil in image_tensor_to_pils(images[name])]
         request = GenerationRequest(
             prompt=prompt,
             seed=seed,
@@ -97,14 +152,19 @@ class HunyuanImage3Generate:
             resolution=resolution,
             width=width,
             height=height,
+            bot_task=bot_task,
+            images=references,
+            max_new_tokens=max_new_tokens,
+            infer_align_image_size=infer_align_image_size,
         )
-        check_request(request, checkpoint_variant(model.spec.path))  # guidance per variant, before any (re)load
+        # Per variant (guidance; base: no images, no text task), from config.json before any (re)load.
+        check_request(request, checkpoint_variant(model.spec.path))
         cache = get_cache()
         comfy_memory.make_room_on_gpu(cache.bytes_to_bring_back(model))  # ComfyUI's models yield first
         loaded = cache.get(model)
         size = planned_size(loaded, request)
-        comfy_memory.make_room_on_gpu(inference_bytes(loaded, *size))
+        comfy_memory.make_room_on_gpu(inference_bytes(loaded, *size, extra_tokens(loaded, request)))
         total = request.steps or loaded.variant.default_steps
         result = generate(loaded, request, comfy_adapter.progress_callback(total), comfy_adapter.cancel_check())
-        text = [f"{result.width}x{result.height}, {result.steps} steps, {result.seconds:.1f} s"] + result.notes
-        return {"ui": {"text": text}, "result": (result.image,)}
+        text = result.cot_text or ""
+        return {"ui": {"text": result_text(result)}, "result": (result.image, text)}

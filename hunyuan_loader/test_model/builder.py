@@ -19,6 +19,13 @@ TEMPLATE_DIR = Path(__file__).resolve().parent / "remote_code"
 TEMPLATES = ("configuration", "modeling", "tokenization", "image_processor")
 NUM_SHARDS = 4
 
+# The text stage's generation_config of the Instruct checkpoints (sampling, sequence template, defaults).
+_INSTRUCT_TEXT = {
+    "do_sample": True, "temperature": 0.6, "top_k": 1024, "top_p": 0.95, "repetition_penalty": 1.0,
+    "max_length": 12800, "sequence_template": "instruct", "use_system_prompt": "en_unified", "drop_think": False,
+    "bot_task": "image",
+}
+
 _INSTRUCT_FILES = {
     "configuration": "configuration_hunyuan_image_3",
     "modeling": "modeling_hunyuan_image_3",
@@ -36,12 +43,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "instruct": {
         "files": _INSTRUCT_FILES,
         "config": {"model_version": "HunyuanImage-3.0-Instruct", "cfg_distilled": False, "use_meanflow": False},
-        "generation": {"diff_infer_steps": 50, "diff_guidance_scale": 5.0, "flow_shift": 3.0},
+        "generation": {"diff_infer_steps": 50, "diff_guidance_scale": 5.0, "flow_shift": 3.0, **_INSTRUCT_TEXT},
     },
     "distil": {
         "files": _INSTRUCT_FILES,
         "config": {"model_version": "HunyuanImage-3.0-Instruct-Distil", "cfg_distilled": True, "use_meanflow": True},
-        "generation": {"diff_infer_steps": 8, "diff_guidance_scale": 2.5, "flow_shift": 3.0},
+        "generation": {"diff_infer_steps": 8, "diff_guidance_scale": 2.5, "flow_shift": 3.0, **_INSTRUCT_TEXT},
     },
 }
 

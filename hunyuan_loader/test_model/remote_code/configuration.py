@@ -48,6 +48,10 @@ class HunyuanImage3Config(PretrainedConfig):
         vit_hidden_size: int = 32,
         vit_patch_size: int = 16,
         vit_image_size: int = 64,
+        vit_type: str = "siglip2-so400m-patch16-naflex",
+        vit_processor: dict | None = None,
+        cond_image_type: str = "vae_vit",
+        cond_token_attn_type: str = "full",
         model_version: str = "HunyuanImage-3.0",
         cfg_distilled: bool = False,
         use_meanflow: bool = False,
@@ -89,6 +93,16 @@ class HunyuanImage3Config(PretrainedConfig):
         self.vit_hidden_size = vit_hidden_size
         self.vit_patch_size = vit_patch_size
         self.vit_image_size = vit_image_size
+        self.vit_type = vit_type
+        # Kwargs of transformers' Siglip2 image processor, as in the real config (max_num_patches: ViT tokens
+        # per reference image; real 1024-ish, here tiny).
+        self.vit_processor = dict(vit_processor or {
+            "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+            "patch_size": vit_patch_size, "max_num_patches": (vit_image_size // vit_patch_size) ** 2,
+        })
+        self.cond_image_type = cond_image_type
+        self.cond_token_attn_type = cond_token_attn_type
         self.model_version = model_version
         self.cfg_distilled = cfg_distilled
         self.use_meanflow = use_meanflow

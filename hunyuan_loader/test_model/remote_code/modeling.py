@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor  # every official code file imports diffusers
 from PIL import Image
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers import GenerationMixin, LogitsProcessor, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
 
 from .configuration import HunyuanImage3Config
 from .image_processor import HunyuanImage3ImageProcessor
@@ -416,10 +416,24 @@ class HunyuanVAE(nn.Module):
 
 
 class VisionEmbeddings(nn.Module):
+    """Siglip2-naflex-shaped: a Linear over flattened patches, a learned position grid resized to each
+    image's patch grid (``spatial_shapes``)."""
+
     def __init__(self, dim: int, patch: int, num_pos: int) -> None:
         super().__init__()
-        self.patch_embedding = nn.Conv2d(3, dim, patch, stride=patch)
+        self.patch_embedding = nn.Linear(3 * patch * patch, dim)
         self.position_embedding = nn.Embedding(num_pos, dim)
+        self.grid = int(math.isqrt(num_pos))
+
+    def forward(self, pixel_values: torch.Tensor, spatial_shapes: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        dim = x.shape[-1]
+        grid = self.position_embedding.weight.float().reshape(self.grid, self.grid, dim).permute(2, 0, 1)[None]
+        pos = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for i, (h, w) in enumerate(spatial_shapes.tolist()):
+            resized = F.interpolate(grid, size=(int(h), int(w)), mode="bilinear", align_corners=False)
+            pos[i, : h * w] = resized[0].reshape(dim, h * w).t()
+        return x + pos.to(x.dtype)
 
 
 class VisionLayer(nn.Module):
@@ -430,32 +444,36 @@ class VisionLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(dim)
         self.mlp = nn.ModuleDict({"fc1": nn.Linear(dim, 2 * dim), "fc2": nn.Linear(2 * dim, dim)})
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.layer_norm1(x)
         a = self.self_attn
         q, k, v = a["q_proj"](h), a["k_proj"](h), a["v_proj"](h)
-        x = x + a["out_proj"](F.scaled_dot_product_attention(q, k, v))
+        mask = None if key_mask is None else key_mask[:, None, :].expand(-1, x.shape[1], -1)
+        x = x + a["out_proj"](F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
         h = self.layer_norm2(x)
         return x + self.mlp["fc2"](F.gelu(self.mlp["fc1"](h)))
 
 
 class VisionModel(nn.Module):
-    """SigLIP2-shaped encoder (Instruct image inputs)."""
+    """SigLIP2-naflex-shaped encoder (Instruct reference images): forward(pixel_values, attention_mask,
+    spatial_shapes) -> an output with ``last_hidden_state`` [images, max_num_patches, vit_hidden]."""
 
     def __init__(self, config: HunyuanImage3Config) -> None:
         super().__init__()
         dim, patch, size = config.vit_hidden_size, config.vit_patch_size, config.vit_image_size
-        self.image_size = size
         self.embeddings = VisionEmbeddings(dim, patch, (size // patch) ** 2)
         self.encoder = nn.ModuleDict({"layers": nn.ModuleList([VisionLayer(dim)])})
         self.post_layernorm = nn.LayerNorm(dim)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.embeddings.patch_embedding(pixels).flatten(2).transpose(1, 2)
-        x = x + self.embeddings.position_embedding.weight[None, : x.shape[1]]
+    def forward(self, pixel_values: torch.Tensor, attention_mask=None, spatial_shapes=None, **kwargs):
+        if spatial_shapes is None:  # a square grid of all patches
+            side = int(math.isqrt(pixel_values.shape[1]))
+            spatial_shapes = torch.tensor([[side, side]] * pixel_values.shape[0])
+        x = self.embeddings(pixel_values, spatial_shapes)
+        key_mask = None if attention_mask is None else attention_mask.to(torch.bool)
         for layer in self.encoder["layers"]:
-            x = layer(x)
-        return self.post_layernorm(x)
+            x = layer(x, key_mask)
+        return BaseModelOutput(last_hidden_state=self.post_layernorm(x))
 
 
 class VisionAligner(nn.Module):
@@ -526,7 +544,8 @@ class HunyuanImage3Text2ImagePipeline:
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         for i, t in enumerate(self.scheduler.timesteps):
             inp = torch.cat([latents] * cfg_factor)
-            v = model._denoise(inp, t.reshape(1).expand(inp.shape[0]), ids, guidance_scale)
+            v = model._denoise(inp, t.reshape(1).expand(inp.shape[0]), ids, guidance_scale,
+                               model_kwargs.get("inputs_embeds"), model_kwargs.get("full_attn_slices"))
             if cfg_factor == 2:
                 v_cond, v_uncond = v.chunk(2, dim=0)
                 v = v_uncond + guidance_scale * (v_cond - v_uncond)
@@ -572,7 +591,14 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, **kwargs):
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
+                prefix_embeds=None, full_attn_slices=None, **kwargs):
+        if prefix_embeds is not None:  # Instruct text stage: the prompt's rows carry the reference images
+            embeds = self.model.wte(input_ids)
+            n = prefix_embeds.shape[1]
+            inputs_embeds = torch.cat([prefix_embeds.to(embeds.dtype), embeds[:, n:]], dim=1)
+            attention_mask = self._instruct_mask(inputs_embeds.shape[1], full_attn_slices, embeds.device)
+            input_ids = None
         hidden = self.model(
             input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids
         )
@@ -605,7 +631,8 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
     def _compute_dtype(self) -> torch.dtype:
         return self.model.wte.weight.dtype
 
-    def _denoise(self, latents: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, guidance: float) -> torch.Tensor:
+    def _denoise(self, latents: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, guidance: float,
+                 prefix_embeds: torch.Tensor | None = None, full_attn_slices=None) -> torch.Tensor:
         dtype = self._compute_dtype()
         p = self.config.patch_size
         lh, lw = latents.shape[-2:]
@@ -618,7 +645,7 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
         if self.config.use_meanflow:
             temb = temb + self.timestep_r_emb(torch.zeros_like(t))
         img = self.patch_embed(x.to(dtype), self.timestep_emb(t).to(dtype))
-        text = self.model.wte(ids)
+        text = self.model.wte(ids) if prefix_embeds is None else prefix_embeds.to(self.model.wte.weight.dtype)
         # Text rows and latent rows are concatenated: a batch mismatch (two CFG rows, one latent) fails here.
         seq = torch.cat([text, temb[:, None].to(text.dtype), img.to(text.dtype)], dim=1)
         n_text, total = text.shape[1], seq.shape[1]
@@ -629,6 +656,8 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
             dim=1,
         )
         mask = allowed[None, None] & key_ok[:, None, None, :]
+        for start, stop in full_attn_slices or ():  # reference images attend to themselves fully
+            mask[:, :, start:stop, start:stop] = True
         mask = mask | torch.eye(total, dtype=torch.bool, device=seq.device)[None, None]
         hidden = self.model(inputs_embeds=seq, attention_mask=mask)
         out = self.final_layer(hidden[:, n_text + 1 :], self.time_embed_2(t).to(dtype), grid)
@@ -757,6 +786,195 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
         size = self._resolve_image_size(image_size, prefix)
         return self._run_diffusion(prefix, size, seed, steps, guidance)
 
+    # ---- Instruct: reference images, the text stage through transformers' generate, the image stage
+    def _instruct_mask(self, length: int, full_attn_slices, device) -> torch.Tensor:
+        """Causal, with full attention inside each reference image (official cond_token_attn_type "full")."""
+        mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        for start, stop in full_attn_slices or ():
+            mask[start:stop, start:stop] = True
+        return mask[None, None]
+
+    def _system_prompt_text(self, use_system_prompt, system_prompt) -> str:
+        if use_system_prompt in (None, False, "None", "none"):
+            return ""
+        if use_system_prompt == "custom":
+            return system_prompt or ""
+        return "You are a helpful image generator."  # stands in for the official en_* prompts
+
+    def _instruct_row(self, prompt: str, system_prompt: str, conds: list, cot_text, tail: list[int], uncond: bool):
+        """Token ids of one row: bos, system text, per reference image <boi><img_size><img_ratio><timestep>
+        <img>*vae <joint_img_sep> <img>*vit <eoi>, the prompt, the think/recaption text, ``tail``. The
+        unconditional CFG row has every text token replaced by <cfg> (same layout)."""
+        tok = self.tokenizer
+        ids: list[int] = [tok.bos_token_id]
+        blocks: list[tuple[int, int, int, int]] = []  # (timestep pos, vae start, vae tokens, vit tokens)
+
+        def text(value: str) -> None:
+            enc = tok.encode(value)
+            ids.extend([tok.cfg_token_id] * len(enc) if uncond else enc)
+
+        if system_prompt:
+            text(system_prompt)
+        for cond in conds:
+            vae, vit = cond.vae_image.i, cond.vit_image.i
+            ids.extend([tok.boi_token_id, tok.size_token_id(vae.base_size), tok.ratio_token_id(vae.ratio_index),
+                        tok.timestep_token_id])
+            blocks.append((len(ids) - 1, len(ids), vae.image_token_length, vit.image_token_length))
+            ids.extend([tok.img_token_id] * vae.image_token_length + [tok.joint_img_sep_token_id]
+                       + [tok.img_token_id] * vit.image_token_length + [tok.eoi_token_id])
+        text(prompt or "")
+        if cot_text:
+            text(cot_text[0] if isinstance(cot_text, (list, tuple)) else cot_text)
+        return ids + list(tail), blocks
+
+    def vae_encode(self, image: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in -1..1 -> latents [B, C, H/16, W/16] (the mean; the official samples with the seed)."""
+        return self.vae.encode(image)
+
+    def _forward_vision_encoder(self, images: torch.Tensor, **image_kwargs) -> torch.Tensor:
+        return self.vision_aligner(self.vision_model(images, **image_kwargs).last_hidden_state)
+
+    def _encode_cond_images(self, conds: list) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per reference image: VAE tokens (patch_embed of its latents at t=0), ViT tokens (vision_model +
+        vision_aligner) and the embedding of its <timestep> token."""
+        device, dtype = self.model.wte.weight.device, self._compute_dtype()
+        p = int(self.config.patch_size)
+        out = []
+        for cond in conds:
+            vae_image, vit_image = cond.vae_image, cond.vit_image
+            th, tw = vae_image.i.token_height, vae_image.i.token_width
+            latents = self.vae_encode(vae_image[None].to(device))[..., : th * p, : tw * p]
+            t = torch.zeros(1, device=device)
+            vae_tokens = self.patch_embed(latents.to(dtype), self.time_embed(t).to(dtype))[0]
+            kwargs = vit_image.vision_encoder_kwargs
+            vit_tokens = self._forward_vision_encoder(
+                vit_image[None].to(device), attention_mask=kwargs["pixel_attention_mask"][None].to(device),
+                spatial_shapes=kwargs["spatial_shapes"][None],
+            )[0]
+            out.append((vae_tokens, vit_tokens, self.timestep_emb(t)[0]))
+        return out
+
+    def _embed_rows(self, rows: torch.Tensor, conds: list, blocks: list) -> torch.Tensor:
+        embeds = self.model.wte(rows).clone()
+        for (vae_tokens, vit_tokens, t_emb), (t_pos, start, n_vae, n_vit) in zip(self._encode_cond_images(conds), blocks):
+            embeds[:, t_pos] = t_emb.to(embeds.dtype)
+            embeds[:, start : start + n_vae] = vae_tokens.to(embeds.dtype)
+            embeds[:, start + n_vae + 1 : start + n_vae + 1 + n_vit] = vit_tokens.to(embeds.dtype)
+        return embeds
+
+    def _stop_token_ids(self, bot_task: str, image_size) -> list[int]:
+        """eos per text task, as the official prepare_model_inputs defines them."""
+        tok = self.tokenizer
+        auto_stops = tok.get_all_ratio_token_ids() if image_size == "auto" else [tok.boi_token_id]
+        return {
+            "think": [tok.end_of_think_token_id, tok.end_of_recaption_token_id],
+            "recaption": [tok.end_of_recaption_token_id],
+            "img_ratio": auto_stops,
+        }.get(bot_task, [tok.eos_token_id] + auto_stops)
+
+    @staticmethod
+    def _check_images(image) -> list:
+        images = [] if image is None else (list(image) if isinstance(image, (list, tuple)) else [image])
+        for im in images:
+            if not isinstance(im, (Image.Image, str, bytes)):
+                raise AssertionError(
+                    f"`image` should be a PIL Image, a string path, a base64 string, bytes, or a list of them, "
+                    f"but got {type(im)}."
+                )
+        return images
+
+    def prepare_model_inputs(self, prompt=None, image=None, mode="gen_text", system_prompt=None, cot_text=None,
+                             image_size="auto", message_list=None, device=None, max_new_tokens=None, **kwargs):
+        """Rows, their embeddings (reference images encoded here, once) and the stop tokens for one stage.
+        gen_text: one row; gen_image: two CFG rows (one for cfg-distilled checkpoints)."""
+        tok = self.tokenizer
+        bot_task = kwargs.pop("bot_task", "auto")
+        if prompt is None and message_list:
+            prompt = str(message_list[-1].get("content", ""))
+        conds = kwargs.get("batch_cond_images")
+        if conds is None:
+            images = self._check_images(image)
+            conds = [self.image_processor.build_cond_images(
+                image_list=images, infer_align_image_size=kwargs.get("infer_align_image_size", False))]
+        gen_info = None
+        if mode == "gen_image":
+            gen_info = self.image_processor.build_gen_image_info(
+                image_size, add_guidance_token=self.config.cfg_distilled, add_timestep_r_token=self.config.use_meanflow)
+            tail = [tok.boi_token_id]
+        else:
+            base = self.image_processor.vae_reso_group.base_size
+            tail = {"think": [tok.think_token_id], "recaption": [tok.recaption_token_id],
+                    "img_ratio": [tok.boi_token_id, tok.size_token_id(base)]}.get(bot_task, [])
+        ids, blocks = self._instruct_row(prompt, system_prompt, conds[0], cot_text, tail, uncond=False)
+        rows = [ids]
+        if mode == "gen_image" and not self.config.cfg_distilled:  # two CFG rows (official :2732)
+            rows.append(self._instruct_row(prompt, system_prompt, conds[0], cot_text, tail, uncond=True)[0])
+        dev = self.model.wte.weight.device
+        input_ids = torch.tensor(rows, device=dev)
+        seed = kwargs.get("seed")
+        seed = random.randint(0, 10_000_000) if seed is None else int(seed)
+        return dict(
+            input_ids=input_ids,
+            prefix_embeds=self._embed_rows(input_ids, conds[0], blocks),
+            full_attn_slices=[(start - 1, start + n_vae + 1 + n_vit) for _, start, n_vae, n_vit in blocks],
+            mode=mode,
+            eos_token_id=None if mode == "gen_image" else self._stop_token_ids(bot_task, image_size),
+            max_new_tokens=max_new_tokens,
+            batch_cond_images=conds,
+            batch_gen_image_info=[gen_info],
+            generator=[torch.Generator("cpu").manual_seed(seed)],
+        )
+
+    def prepare_inputs_for_generation(self, input_ids, prefix_embeds=None, full_attn_slices=None, **kwargs):
+        return {"input_ids": input_ids, "prefix_embeds": prefix_embeds, "full_attn_slices": full_attn_slices}
+
+    @torch.no_grad()
+    def generate(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None,
+                 stage_transitions=None, final_stop_tokens=None, decode_text=False, **kwargs):
+        """gen_text: transformers' generate (sampling on the global RNG, one forward per new token), with
+        the caller's ``logits_processor`` / ``stopping_criteria`` and the stage transitions; gen_image: the
+        diffusion pipeline (logits processors and stopping criteria do not apply)."""
+        from transformers import LogitsProcessorList
+
+        mode = kwargs.pop("mode", "gen_text")
+        if mode == "gen_image":
+            return self._generate_images(**kwargs)
+        for key in ("batch_cond_images", "batch_gen_image_info", "generator", "seed"):
+            kwargs.pop(key, None)
+        processors = LogitsProcessorList(logits_processor or [])
+        if stage_transitions is not None:
+            if final_stop_tokens is None:
+                raise ValueError("`final_stop_tokens` must be provided when `stage_transitions` is set.")
+            processors.append(_StageTransitions(stage_transitions, kwargs["input_ids"].shape[0]))
+            kwargs["eos_token_id"] = final_stop_tokens
+        out = super().generate(inputs=inputs, generation_config=generation_config or self.generation_config,
+                               logits_processor=processors, stopping_criteria=stopping_criteria, use_cache=False,
+                               **kwargs)
+        if decode_text:
+            return [self.tokenizer.decode(row[kwargs["input_ids"].shape[1]:]) for row in out]
+        return out
+
+    def _generate_images(self, input_ids, prefix_embeds, full_attn_slices, batch_gen_image_info, generator, **_):
+        info = batch_gen_image_info[0]
+        gen = self.generation_config
+        pixels = self.pipeline(
+            batch_size=1,
+            image_size=(info.image_height, info.image_width),
+            num_inference_steps=int(gen.diff_infer_steps),
+            guidance_scale=float(gen.diff_guidance_scale),
+            generator=generator[0],
+            model_kwargs={"input_ids": input_ids, "inputs_embeds": prefix_embeds, "full_attn_slices": full_attn_slices},
+            cfg_distilled=bool(self.config.cfg_distilled),
+        )
+        arr = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return [Image.fromarray(np.ascontiguousarray(arr.permute(1, 2, 0).cpu().numpy()), mode="RGB")]
+
+    def _ratio_index(self, token_id: int) -> int:
+        ids = self.tokenizer.get_all_ratio_token_ids()
+        if token_id not in ids:
+            raise ValueError(f"Unknown ratio token id {token_id}")
+        return ids.index(token_id)
+
     @torch.no_grad()
     def _generate_image_instruct(
         self,
@@ -772,18 +990,123 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
         use_taylor_cache=False,
         **kwargs,
     ):
-        """Instruct/Distil: returns (cot_text_list or None, [PIL images]).
-
-        Reads steps / guidance from generation_config only (the real code's behaviour).
-        """
-        if prompt is None and message_list:
-            prompt = str(message_list[-1].get("content", ""))
-        tok = self.tokenizer
-        prefix = self._prefix_ids(prompt or "", use_system_prompt, system_prompt)
-        if image is not None:
-            prefix += [tok.convert_tokens_to_ids("<img>")]
-        prefix, cot = self._cot(prefix, bot_task, int(kwargs.get("max_new_tokens", 8)))
-        size = self._resolve_image_size(image_size, prefix)
+        """Instruct/Distil: returns (cot_text list or None, [PIL images]), with the official control flow
+        (modeling_hunyuan_image_3.py generate_image): ``image`` is a PIL image, a path or a list of them
+        (1 = edit, 2+ = fusion); ``bot_task`` image | auto | think | recaption | think_recaption (default:
+        generation_config.bot_task); ``max_new_tokens`` (default 2048) bounds the text stage; every other
+        kwarg (e.g. ``stopping_criteria``) goes to ``self.generate``. Steps / guidance come from
+        generation_config only (the real code's behaviour)."""
+        max_new_tokens = kwargs.pop("max_new_tokens", 2048)
+        cot_text = kwargs.pop("cot_text", None)
         gen = self.generation_config
-        img = self._run_diffusion(prefix, size, seed, gen.diff_infer_steps, gen.diff_guidance_scale)
-        return ([cot] if cot is not None else None), [img]
+        bot_task = bot_task if bot_task is not None else getattr(gen, "bot_task", "image")
+        use_system_prompt = use_system_prompt if use_system_prompt is not None else getattr(gen, "use_system_prompt", None)
+        system_prompt = self._system_prompt_text(use_system_prompt, system_prompt)
+        tok = self.tokenizer
+        common = dict(prompt=prompt, image=image, message_list=message_list, system_prompt=system_prompt,
+                      infer_align_image_size=infer_align_image_size)
+        conds = None
+        need_ratio = image_size == "auto"
+        if bot_task in ("think", "recaption", "think_recaption"):
+            first = bot_task.split("_")[0]
+            transitions = []
+            if first == "think" and "recaption" in bot_task:
+                transitions.append((tok.end_of_think_token_id, [tok.recaption_token_id]))
+            processors = None
+            if need_ratio:
+                base = self.image_processor.vae_reso_group.base_size
+                answer = [tok.answer_token_id] if getattr(gen, "sequence_template", "pretrain") == "instruct" else []
+                trigger = tok.end_of_recaption_token_id if "recaption" in bot_task else tok.end_of_think_token_id
+                transitions.append((trigger, answer + [tok.boi_token_id, tok.size_token_id(base)]))
+                final_stops = tok.get_all_ratio_token_ids()
+                processors = [_RatioAfterSizeToken([tok.size_token_id(base)], tok.get_all_ratio_token_ids())]
+            else:
+                final_stops = ([tok.end_of_recaption_token_id] if "recaption" in bot_task
+                               else [tok.end_of_think_token_id, tok.end_of_recaption_token_id])
+            inputs = self.prepare_model_inputs(mode="gen_text", bot_task=first, max_new_tokens=max_new_tokens,
+                                               **common)
+            conds = inputs["batch_cond_images"]
+            n_in = inputs["input_ids"].shape[1]
+            if transitions:
+                outputs = self.generate(**inputs, stage_transitions=transitions, final_stop_tokens=final_stops,
+                                        logits_processor=processors, **kwargs)
+            else:
+                outputs = self.generate(**inputs, logits_processor=processors, **kwargs)
+            new = outputs[0, n_in:].tolist()
+            end_id = tok.end_of_recaption_token_id if "recaption" in bot_task else tok.end_of_think_token_id
+            new = new[: new.index(end_id) + 1] if end_id in new else new
+            cot_text = [(tok.think_token if first == "think" else tok.recaption_token) + tok.decode(new)]
+            if getattr(gen, "drop_think", False) and tok.recaption_token in cot_text[0]:
+                kept = cot_text[0].split(tok.recaption_token, 1)[1].split(tok.end_of_recaption_token)[0]
+                cot_text = [tok.recaption_token + kept + tok.end_of_recaption_token]
+            if need_ratio:
+                res = self.image_processor.vae_reso_group[self._ratio_index(int(outputs[0, -1]))]
+                image_size = (res.height, res.width)
+        elif need_ratio:
+            inputs = self.prepare_model_inputs(mode="gen_text", bot_task="img_ratio", cot_text=cot_text,
+                                               max_new_tokens=1, seed=seed, **common)
+            conds = inputs["batch_cond_images"]
+            ratios = tok.get_all_ratio_token_ids()
+            outputs = self.generate(**inputs, do_sample=False, logits_processor=[_OnlyTokens(ratios)], **kwargs)
+            res = self.image_processor.vae_reso_group[self._ratio_index(int(outputs[0, -1]))]
+            image_size = (res.height, res.width)
+        inputs = self.prepare_model_inputs(mode="gen_image", cot_text=cot_text, seed=seed, image_size=image_size,
+                                           batch_cond_images=conds, **common)
+        images = self.generate(**inputs, **kwargs)
+        self.image_processor.postprocess_outputs(images, batch_cond_images=inputs["batch_cond_images"],
+                                                 infer_align_image_size=infer_align_image_size)
+        return cot_text, images
+
+
+# --------------------------------------------------------------------------- text-stage logits processors
+class _StageTransitions(LogitsProcessor):
+    """After a trigger token, force its listed tokens one by one (each trigger fires once per row):
+    the official _StageTransitionLogitsProcessor's behaviour (</think> -> <recaption>, ...)."""
+
+    def __init__(self, transitions, batch_size: int) -> None:
+        self.transitions = {int(k): [int(t) for t in v] for k, v in transitions}
+        self.pending: list[list[int]] = [[] for _ in range(batch_size)]
+        self.fired: list[set[int]] = [set() for _ in range(batch_size)]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        low = torch.finfo(scores.dtype).min
+        for row in range(input_ids.shape[0]):
+            last, queue = int(input_ids[row, -1]), self.pending[row]
+            if queue and last == queue[0]:
+                queue.pop(0)
+            if not queue and last in self.transitions and last not in self.fired[row]:
+                self.fired[row].add(last)
+                queue.extend(self.transitions[last])
+            if queue:
+                scores[row].fill_(low)
+                scores[row, queue[0]] = 0
+        return scores
+
+
+class _RatioAfterSizeToken(LogitsProcessor):
+    """After <img_size_*>, only the ratio tokens, greedily (the official conditional slice processor)."""
+
+    def __init__(self, trigger_ids: list[int], allowed: list[int]) -> None:
+        self.trigger_ids, self.allowed = set(trigger_ids), torch.tensor(allowed)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        allowed = self.allowed.to(scores.device)
+        for row in range(input_ids.shape[0]):
+            if int(input_ids[row, -1]) in self.trigger_ids:
+                best = allowed[int(torch.argmax(scores[row, allowed]))]
+                scores[row].fill_(torch.finfo(scores.dtype).min)
+                scores[row, best] = 0
+        return scores
+
+
+class _OnlyTokens(LogitsProcessor):
+    """Only ``allowed`` tokens can come next (the ratio prediction of image_size="auto")."""
+
+    def __init__(self, allowed: list[int]) -> None:
+        self.allowed = torch.tensor(allowed)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        keep = torch.full_like(scores, torch.finfo(scores.dtype).min)
+        idx = self.allowed.to(scores.device)
+        keep[:, idx] = scores[:, idx]
+        return keep
