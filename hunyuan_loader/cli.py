@@ -21,7 +21,7 @@ from .cache import get_cache
 from .errors import HunyuanError, InputError
 from .generation import GenerationRequest, generate
 from .input_checks import check_output_path, check_request, check_resolution, checkpoint_variant, model_sizes
-from .spec import MOE_IMPLS, OFFLOAD_MODES, QUANTS, LoadSpec
+from .spec import INT8_FORMATS, MOE_IMPLS, OFFLOAD_MODES, QUANTS, LoadSpec
 
 TEST_VARIANTS = ("base", "instruct", "distil")
 
@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--variant", choices=TEST_VARIANTS,
                      help="test checkpoint variant when --model is not given (default base)")
     gen.add_argument("--quant", choices=QUANTS, default="bf16")
+    gen.add_argument("--int8-format", choices=INT8_FORMATS, default=INT8_FORMATS[0],
+                     help="INT8 kernels: w8a16 (int8 weights x bf16 activations, fused) or bnb (LLM.int8)")
     gen.add_argument("--offload", choices=OFFLOAD_MODES, default="disabled")
     gen.add_argument("--budget-gb", type=float, help="VRAM budget (offload budget)")
     gen.add_argument("--headroom-gb", type=float, help="inference headroom (offload budget)")
@@ -108,6 +110,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .checkpoint import validate_checkpoint
     from .demo import NOISE_NOTE, cached_test_model
     from .quantization import require_bitsandbytes
+    from .w8a16 import resolve_int8_format
 
     # Every check before anything loads: flags, output file, request, checkpoint folder, variant.
     _check_flags(args)
@@ -122,12 +125,13 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         model_dir = args.model
     spec = LoadSpec(model_dir, quant=args.quant, offload=args.offload, vram_budget_gb=args.budget_gb,
-                    headroom_gb=args.headroom_gb, moe_impl=args.moe_impl)
-    validate_checkpoint(model_dir)
+                    headroom_gb=args.headroom_gb, moe_impl=args.moe_impl, int8_format=args.int8_format)
+    info = validate_checkpoint(model_dir)
     variant = checkpoint_variant(model_dir)
     check_request(request, variant)
     check_resolution(request.resolution, model_sizes(variant))
-    require_bitsandbytes(spec.quant)
+    int8_format = resolve_int8_format(spec.quant, spec.int8_format, info.config)
+    require_bitsandbytes("bf16" if int8_format == "w8a16" else spec.quant)  # W8A16 needs no bitsandbytes
 
     cache = get_cache()
     start = time.perf_counter()
