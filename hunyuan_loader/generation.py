@@ -277,6 +277,29 @@ def image_tensor_to_pils(image: torch.Tensor) -> list[Any]:
     return out
 
 
+def open_reference_images(paths: list[str]) -> list[Any]:
+    """Image files -> RGB PIL images (the CLI's --image); InputError naming the file and the problem."""
+    import os
+
+    from PIL import Image, UnidentifiedImageError
+
+    if len(paths) > MAX_REFERENCE_IMAGES:
+        raise InputError(
+            f"{len(paths)} --image files were given; the Instruct model is made for 1 (edit) to "
+            f"{MAX_REFERENCE_IMAGES} (multi-image fusion): give at most {MAX_REFERENCE_IMAGES}."
+        )
+    images = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise InputError(f"--image {path}: no such file; give the path of a PNG, JPEG or WebP image.")
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise InputError(f"--image {path}: not an image PIL can read ({exc.__class__.__name__}).") from None
+    return images
+
+
 def reference_image_tokens(model: Any, images: list[Any]) -> int:
     """Tokens the reference images add to one sequence, as the model's own image processor will
     build them (official image_processor.py get_image_with_size / vit_process_image): VAE tokens at
