@@ -431,3 +431,19 @@ def test_gpu_budget_loader_streams_bit_identical_both_int8_formats(cache, base_c
     cache.unload("park")
     again = generate(cache.get(cache.load(spec)), req).image
     assert torch.equal(again, streamed)
+
+
+@pytest.mark.gpu
+def test_gpu_accelerate_offload_with_w8a16_matches_resident(cache, base_checkpoint) -> None:
+    """device_map="auto" with CPU-offloaded modules: accelerate's hooks move int8 weights and
+    scales like any parameter; same kernels, so the same image as all resident."""
+    from hunyuan_image3.hunyuan_loader.generation import GenerationRequest, generate
+
+    req = GenerationRequest("a lighthouse at dusk", seed=11, steps=2, resolution="1024x1024")
+    resident = generate(cache.get(cache.load(LoadSpec(str(base_checkpoint), quant="int8"))), req).image
+    total = cache.loaded.residency.other_bytes + sum(cache.loaded.residency.block_bytes)
+    spec = LoadSpec(str(base_checkpoint), quant="int8", offload="accelerate", vram_budget_gb=total / 2 / 1024**3)
+    loaded = cache.get(cache.load(spec))
+    assert "cpu" in set(map(str, getattr(loaded.model, "hf_device_map", {}).values()))
+    assert isinstance(loaded.model.model.layers[0].mlp.experts[0].down_proj, Int8WeightOnlyLinear)
+    assert torch.equal(generate(loaded, req).image, resident)
