@@ -24,6 +24,7 @@ from .quantization import (
 )
 from .spec import LoadedModel, LoadSpec
 from .variants import detect_variant, read_generation_config
+from .w8a16 import resolve_int8_format
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ def load_model(spec: LoadSpec) -> LoadedModel:
     """
     quiet.install()  # before bitsandbytes is imported: its messages that do not concern the user
     info = validate_checkpoint(spec.path)
-    require_bitsandbytes(spec.quant)
+    int8_format = resolve_int8_format(spec.quant, spec.int8_format, info.config)  # w8a16 needs no bitsandbytes
+    require_bitsandbytes("bf16" if int8_format == "w8a16" else spec.quant)
     check_code_dependencies(info.path)
     from transformers import AutoModelForCausalLM
 
@@ -54,7 +56,13 @@ def load_model(spec: LoadSpec) -> LoadedModel:
         moe_impl="eager",
         low_cpu_mem_usage=True,
     )
-    qconfig = quantization_config(spec.quant, skip_modules_for(checkpoint_tensor_names(info.path)))
+    skips = skip_modules_for(checkpoint_tensor_names(info.path))
+    if int8_format == "w8a16":  # issue 14: int8 weights x bf16 activations, quantized while loading
+        from .w8a16_transformers import quantization_config as w8a16_quantization_config
+
+        qconfig = w8a16_quantization_config(skips)
+    else:
+        qconfig = quantization_config(spec.quant, skips)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
     streams = device.type == "cuda" and spec.offload in ("smart", "budget")
