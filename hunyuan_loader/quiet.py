@@ -36,6 +36,12 @@ LOG_NOISE: tuple[Noise, ...] = (
         "MatMul8bitLt: inputs will be cast from",
         "logged on every INT8 matmul: LLM.int8() quantizes bf16 activations through float16 by design.",
     ),
+    Noise(
+        "transformers.generation.configuration_utils",
+        "The following generation flags are not valid and may be ignored:",
+        "the checkpoint's own generation_config.json carries sampling flags (temperature, top_p, top_k) "
+        "that the model code's greedy text step does not use; no input of the user is ignored.",
+    ),
 )
 WARNING_NOISE: tuple[Noise, ...] = (
     Noise(
