@@ -277,3 +277,204 @@ def test_pack_seeds_the_text_stage(cache, instruct_checkpoint: Path) -> None:
     assert first.cot_text and first.cot_text == second.cot_text
     assert torch.equal(first.image, second.image)
     assert np.isfinite(first.image.numpy()).all()
+
+
+# --------------------------------------------------------------------------- Instruct: images and the text stage
+def _ref_image(width: int, height: int, seed: int = 0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
+
+
+class _Recorder:
+    """A transformers StoppingCriteria that counts its calls and keeps the last input_ids."""
+
+    def __init__(self) -> None:
+        from transformers import StoppingCriteria
+
+        outer = self
+        self.calls, self.ids = 0, None
+
+        class Hook(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                outer.calls += 1
+                outer.ids = input_ids.clone()
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        self.criteria = Hook()
+
+
+def _scripted(model, script: dict[int, int]):
+    """Make the text stage emit script[k] as its k-th new token (a large logit on it); other steps sample."""
+    start: list[int] = []
+
+    def hook(module, args, out):
+        length = out.shape[1]
+        if not start:
+            start.append(length)
+        token = script.get(length - start[0])
+        if token is None:
+            return out
+        out = out.clone()
+        out[:, -1, token] += 100.0
+        return out
+
+    return model.lm_head.register_forward_hook(hook)
+
+
+def test_generate_image_forwards_stopping_criteria_to_the_text_stage(models: dict) -> None:
+    # M:3245 max_new_tokens popped; every other kwarg goes to self.generate(**model_inputs, ..., **kwargs)
+    # (M:3317-3326, M:3370, M:3383); gen_text -> super().generate(stopping_criteria=...) (M:3162-3166):
+    # transformers calls it once per new token. The pack's text progress / cancel hook relies on this.
+    from transformers import StoppingCriteriaList
+
+    model = models["instruct"]
+    model.generation_config.diff_infer_steps, model.generation_config.diff_guidance_scale = 1, 2.0
+    counts = {}
+    for task, size in (("think", "1024x1024"), ("image", "1024x1024"), ("image", "auto")):
+        rec = _Recorder()
+        model.generate_image(prompt="x", image=_ref_image(64, 48), seed=1, image_size=size, bot_task=task,
+                             max_new_tokens=5, stopping_criteria=StoppingCriteriaList([rec.criteria]))
+        counts[(task, size)] = rec.calls
+    # think: 5 tokens (random weights rarely stop early; a stop is still one call per token)
+    assert 1 <= counts[("think", "1024x1024")] <= 5
+    assert counts[("image", "1024x1024")] == 0  # no text stage at all
+    assert counts[("image", "auto")] == 1  # the ratio token (M:3370)
+    with pytest.raises(TypeError):  # logits_processor is passed explicitly: a second one collides (M:3326)
+        model.generate_image(prompt="x", seed=1, image_size="1024x1024", bot_task="think", max_new_tokens=2,
+                             logits_processor=[])
+
+
+def test_reference_images_are_a_pil_image_a_path_or_a_list(models: dict, tmp_path: Path) -> None:
+    # M:2293-2312 check_inputs / M:2330-2345 _validate_and_batchify_image: one image or a list of PIL images,
+    # paths, base64 or bytes; IP:499-544 build_cond_images: one condition per image, in order.
+    model = models["instruct"]
+    model.generation_config.diff_infer_steps = 1
+    path = tmp_path / "ref.png"
+    _ref_image(40, 40).save(path)
+    proc, seen = model.image_processor, []
+    original = proc.build_cond_images
+
+    def spy(image_list=None, **kwargs):
+        seen.append(len(image_list))
+        return original(image_list=image_list, **kwargs)
+
+    proc.build_cond_images = spy
+    try:
+        for image, count in ((_ref_image(40, 30), 1), (str(path), 1), ([_ref_image(30, 40), str(path), _ref_image(50, 20)], 3)):
+            seen.clear()
+            model.generate_image(prompt="x", image=image, seed=1, image_size="1024x1024", bot_task="image")
+            assert seen == [count]
+        with pytest.raises(AssertionError):
+            model.generate_image(prompt="x", image=np.zeros((8, 8, 3)), seed=1, image_size="1024x1024")
+    finally:
+        del proc.build_cond_images
+
+
+def test_reference_image_tokens_come_from_the_image_processor(models: dict) -> None:
+    # IP:477 the VAE half is resized to vae_reso_group.get_target_size(w, h); IP:357 its tokens are
+    # (h // vae_info.h_factor) x (w // w_factor), IP:184 factor = VAE downsample x patch_size; IP:269 / IP:379
+    # the ViT half is always vit_info.max_token_length = vit_processor.max_num_patches tokens (padded).
+    from hunyuan_image3.hunyuan_loader.generation import reference_image_tokens
+    from hunyuan_image3.memory.estimator import SPECIAL_TOKENS_PER_REFERENCE_IMAGE
+
+    proc = models["instruct"].image_processor
+    cfg = models["instruct"].config
+    assert proc.vae_info.h_factor == cfg.vae_downsample_factor[0] * cfg.patch_size
+    assert proc.vit_info.max_token_length == proc.vit_processor.max_num_patches
+    images = [_ref_image(500, 300, 1), _ref_image(120, 400, 2)]
+    conds = proc.build_cond_images(image_list=images)
+    expected = 0
+    for image, cond in zip(images, conds):
+        w, h = proc.vae_reso_group.get_target_size(*image.size)
+        assert tuple(cond.vae_image.shape[-2:]) == (h, w)
+        assert cond.vae_image.i.image_token_length == (h // proc.vae_info.h_factor) * (w // proc.vae_info.w_factor)
+        assert cond.vit_image.shape[0] == cond.vit_image.i.image_token_length == proc.vit_info.max_token_length
+        expected += cond.i.image_token_length + SPECIAL_TOKENS_PER_REFERENCE_IMAGE
+    assert reference_image_tokens(models["instruct"], images) == expected
+
+
+@pytest.mark.parametrize("variant,rows", [("instruct", 2), ("distil", 1)])
+def test_both_cfg_rows_carry_the_reference_images(models: dict, variant: str, rows: int) -> None:
+    # M:2732-2734 cfg_factor gen_image 2 (1 if cfg_distilled); M:2482 / M:2518 the condition images are
+    # repeated cfg_factor times: the unconditional row carries them too (the estimator doubles them).
+    model = models[variant]
+    image = _ref_image(64, 64)
+    inputs = model.prepare_model_inputs(prompt="a cat", image=[image, image], mode="gen_image", image_size="1024x1024")
+    ids = inputs["input_ids"]
+    assert ids.shape[0] == rows
+    img_id = model.tokenizer.img_token_id
+    per_image = inputs["batch_cond_images"][0][0].i.image_token_length
+    assert ((ids == img_id).sum(dim=1) == 2 * per_image).all()
+
+
+def test_think_recaption_transitions_and_the_returned_text(models: dict) -> None:
+    # M:3265-3296: think_recaption forces <recaption> after </think> (_StageTransitionLogitsProcessor,
+    # M:2990-3026); with image_size "auto" </recaption> forces [<answer>,] <boi> <img_size_1024>, then only
+    # ratio tokens, greedily (_ConditionalSliceVocabLogitsProcessor, M:3028-3058, force_greedy M:3311), and a
+    # ratio token ends the text; M:3333-3344 the text is the task token + everything up to </recaption>;
+    # M:3357 the last token picks the bucket.
+    from transformers import StoppingCriteriaList
+
+    model = models["instruct"]
+    tok = model.tokenizer
+    model.generation_config.diff_infer_steps, model.generation_config.diff_guidance_scale = 1, 2.0
+    a, b, c = (ord(ch) for ch in "abc")
+    script = {0: a, 1: b, 2: tok.end_of_think_token_id, 4: c, 5: tok.end_of_recaption_token_id,
+              9: tok.ratio_token_id(5)}
+    rec = _Recorder()
+    handle = _scripted(model, script)
+    try:
+        cot, images = model.generate_image(prompt="x", seed=1, image_size="auto", bot_task="think_recaption",
+                                           max_new_tokens=30, stopping_criteria=StoppingCriteriaList([rec.criteria]))
+    finally:
+        handle.remove()
+    assert cot == ["<think>ab</think><recaption>c</recaption>"]
+    new = rec.ids[0, -10:].tolist()
+    assert new == [a, b, tok.end_of_think_token_id, tok.recaption_token_id, c, tok.end_of_recaption_token_id,
+                   tok.answer_token_id, tok.boi_token_id, tok.size_token_id(1024), tok.ratio_token_id(5)]
+    bucket = model.image_processor.vae_reso_group[5]
+    assert images[0].size == (bucket.width, bucket.height)
+    # think alone, fixed size: stops at </think> (or </recaption>), the text ends there
+    handle = _scripted(model, {0: a, 1: tok.end_of_think_token_id, 2: b})
+    try:
+        cot, _ = model.generate_image(prompt="x", seed=1, image_size="1024x1024", bot_task="think", max_new_tokens=30)
+    finally:
+        handle.remove()
+    assert cot == ["<think>a</think>"]
+
+
+def test_auto_size_after_a_truncated_text_is_a_value_error(models: dict) -> None:
+    # M:3357 + M:3060-3066: with "auto" the last generated token must be a ratio token; a text cut at
+    # max_new_tokens ends elsewhere -> ValueError "Unknown ratio token id" (the pack turns it into an InputError).
+    model = models["instruct"]
+    model.generation_config.diff_infer_steps, model.generation_config.diff_guidance_scale = 1, 2.0
+    handle = _scripted(model, {0: ord("a"), 1: ord("b")})
+    try:
+        with pytest.raises(ValueError, match="Unknown ratio token id"):
+            model.generate_image(prompt="x", seed=1, image_size="auto", bot_task="think_recaption", max_new_tokens=2)
+    finally:
+        handle.remove()
+
+
+def test_infer_align_image_size_stretches_the_reference_and_resizes_the_output(models: dict) -> None:
+    # IP:537 infer_align_image_size -> crop type "resize" (stretch) instead of a centre crop; IP:614-700
+    # postprocess_outputs: an output in the reference's bucket takes the reference's own aspect ratio
+    # (area base_size^2) when the two differ by 0.01 or more.
+    proc = models["instruct"].image_processor
+    image = _ref_image(500, 290, 3)  # h/w 0.58: the 0.6 bucket (1280x768), 0.02 off
+    stretched = proc.build_cond_images(image_list=[image], infer_align_image_size=True)[0].vae_image
+    cropped = proc.build_cond_images(image_list=[image], infer_align_image_size=False)[0].vae_image
+    assert stretched.shape == cropped.shape and not torch.equal(stretched, cropped)
+    group = proc.vae_reso_group
+    idx = stretched.i.ratio_index
+    from PIL import Image
+
+    out = [Image.new("RGB", (group[idx].width, group[idx].height))]
+    proc.postprocess_outputs(out, [[proc.build_cond_images(image_list=[image])[0]]], infer_align_image_size=True)
+    assert abs(out[0].width / out[0].height - 500 / 290) < 0.01
+    assert abs(out[0].width * out[0].height - group.base_size**2) < 0.01 * group.base_size**2
+    same = [Image.new("RGB", (group[idx].width, group[idx].height))]
+    proc.postprocess_outputs(same, [[stretched]], infer_align_image_size=False)
+    assert same[0].size == (group[idx].width, group[idx].height)
