@@ -94,6 +94,20 @@ def resolve_model_path(name: str) -> Path:
     raise CheckpointError(f"Model folder '{name}' not found (searched: {searched}). {WHERE_MODELS_GO}")
 
 
+def resolve_output_folder(name: str) -> Path:
+    """The folder for an input that names a folder to write (e.g. a quantized copy).
+
+    Inside ComfyUI: the same rule as model_name (a name directly inside a registered model
+    folder, never a path); a name no root has yet goes into the first registered folder.
+    Outside ComfyUI: any path.
+    """
+    if in_comfyui():
+        return model_paths.resolve_name(
+            name, model_roots(), what="output folder", hint=WHERE_MODELS_GO, must_exist=False
+        )
+    return Path(name).expanduser()
+
+
 def check_model_name(name: object) -> bool | str:
     """For VALIDATE_INPUTS: True, or the one-line reason ComfyUI shows (it names where models go).
 

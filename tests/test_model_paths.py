@@ -230,6 +230,14 @@ def test_output_folder_rule_for_inputs_that_create_a_folder(comfy) -> None:
         model_paths.resolve_name("out-link", roots, must_exist=False)
 
 
+def test_adapter_output_folder_uses_the_rule(comfy) -> None:
+    roots = comfy_adapter.model_roots()
+    assert comfy_adapter.resolve_output_folder("HunyuanImage-3-int8") == roots[0].resolve() / "HunyuanImage-3-int8"
+    for bad in ("../../input/x", str(comfy.outside), ".x", "a/b"):
+        with pytest.raises(InputError, match="output folder"):
+            comfy_adapter.resolve_output_folder(bad)
+
+
 def test_outside_comfyui_any_path_is_allowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """CLI / library users run on their own machine: absolute paths and HUNYUAN_MODELS_DIR names."""
     monkeypatch.delitem(sys.modules, "folder_paths", raising=False)
@@ -241,6 +249,7 @@ def test_outside_comfyui_any_path_is_allowed(tmp_path: Path, monkeypatch: pytest
     assert comfy_adapter.list_model_names() == ["HunyuanImage-3.0"]
     with pytest.raises(CheckpointError, match="not found"):
         comfy_adapter.resolve_model_path("nope")
+    assert comfy_adapter.resolve_output_folder(str(tmp_path / "copy")) == tmp_path / "copy"
 
 
 def test_name_problem_accepts_plain_names() -> None:
