@@ -3,7 +3,8 @@
 For the real model (built in) or a checkpoint folder (its safetensors headers, no weights read):
 - weight bytes per decoder block and outside the blocks, per format, from the tensor shapes and
   the pack's own quantization rule (``quantization.is_quantizable``: attention projections and
-  routed experts; everything else stays bf16, the router float32);
+  routed experts; everything else stays bf16, the router float32); INT8 is the INT8 loader's
+  default W8A16 format (docs/w8a16.md) unless ``int8_format="bnb"``;
 - activation headroom at the resolution from ``memory.estimator`` (gather_scatter MoE);
 - which blocks stay on the GPU and which stream from pinned RAM from
   ``memory.residency.plan_placement``, the planner the loaders run;
@@ -53,8 +54,9 @@ class BenchFigures:
 H200_BENCH = BenchFigures(
     source=(
         "bench/offload.py on one H200 (README, Measured): 10 real-size layers, 8,448 tokens per step; "
-        "resident 0.165 s (BF16) / 0.711 s (bnb INT8) / 0.228 s (bnb NF4) per step for the 10; "
-        "pinned host->GPU copy 55.3 GB/s; a streamed step 1.01x its copy-bound ideal"
+        "resident 0.165 s (BF16) / 0.711 s (bnb INT8) / 0.228 s (bnb NF4) per step for the 10 (the INT8 "
+        "rows use the bnb LLM.int8 figure: the INT8 loader's default W8A16 has no H200 figure yet, "
+        "bench/int8.py); pinned host->GPU copy 55.3 GB/s; a streamed step 1.01x its copy-bound ideal"
     ),
     copy_bytes_per_s=55.3e9,
     block_seconds={"bf16": 0.165 / 10, "int8": 0.711 / 10, "nf4": 0.228 / 10},
@@ -88,27 +90,27 @@ class WeightSizes:
         return sum(self.block_bytes[quant]) + self.other_bytes[quant]
 
 
-def tensor_bytes(name: str, shape: Sequence[int], quant: str) -> int:
+def tensor_bytes(name: str, shape: Sequence[int], quant: str, int8_format: str = "w8a16") -> int:
     """GPU bytes of one checkpoint tensor once loaded in ``quant`` (bf16, router float32)."""
     numel = math.prod(shape)
     module, _, leaf = name.rpartition(".")
     if quant == "bf16" or leaf != "weight" or len(shape) != 2 or not is_quantizable(module):
         return numel * (4 if module.endswith(ROUTER_SUFFIX) else 2)
-    if quant == "int8":
-        return numel + shape[0] * 4  # int8 weight + one float32 scale per output row
+    if quant == "int8":  # int8 weight + one scale per output row: bf16 (W8A16) or float32 (bnb SCB)
+        return numel + shape[0] * (2 if int8_format == "w8a16" else 4)
     # nf4: 4-bit weight, a uint8 absmax per 64 values, a float32 absmax per 256 of those, and the
     # quant state's code books and offset (256 + 16 float32 + 1)
     blocks = math.ceil(numel / 64)
     return math.ceil(numel / 2) + blocks + math.ceil(blocks / 256) * 4 + NF4_STATE_BYTES
 
 
-def _sizes(tensors: Iterable[tuple[str, Sequence[int]]], n_blocks: int) -> tuple[dict, dict]:
+def _sizes(tensors: Iterable[tuple[str, Sequence[int]]], n_blocks: int, int8_format: str) -> tuple[dict, dict]:
     block = {q: [0] * n_blocks for q in QUANT_ORDER}
     other = dict.fromkeys(QUANT_ORDER, 0)
     for name, shape in tensors:
         match = _BLOCK.match(name)
         for quant in QUANT_ORDER:
-            nbytes = tensor_bytes(name, shape, quant)
+            nbytes = tensor_bytes(name, shape, quant, int8_format)
             if match is None:
                 other[quant] += nbytes
             else:
@@ -116,7 +118,7 @@ def _sizes(tensors: Iterable[tuple[str, Sequence[int]]], n_blocks: int) -> tuple
     return {q: tuple(v) for q, v in block.items()}, other
 
 
-def real_model_sizes() -> WeightSizes:
+def real_model_sizes(int8_format: str = "w8a16") -> WeightSizes:
     """HunyuanImage-3.0 as released: 32 blocks, hidden 4096, 32 query / 8 KV heads of 128,
     64 experts x (4096x6144 + 3072x4096) + a shared expert of the same width, a float32 router."""
     c = REAL_DEFAULTS
@@ -137,7 +139,7 @@ def real_model_sizes() -> WeightSizes:
     for m in range(e):
         tensors += [(p + f"mlp.experts.{m}.gate_and_up_proj.weight", (2 * w, h)),
                     (p + f"mlp.experts.{m}.down_proj.weight", (h, w))]
-    one, _ = _sizes(tensors, 1)
+    one, _ = _sizes(tensors, 1, int8_format)
     return WeightSizes(
         source="HunyuanImage-3.0, built-in config (no --model)",
         config=None,
@@ -152,7 +154,7 @@ def _header(file: Path) -> dict[str, Any]:
         return json.loads(fh.read(length))
 
 
-def checkpoint_sizes(path: str | Path) -> WeightSizes:
+def checkpoint_sizes(path: str | Path, int8_format: str = "w8a16") -> WeightSizes:
     """Sizes of a checkpoint folder from its config.json and safetensors headers (no weights read)."""
     from .checkpoint import validate_checkpoint
 
@@ -163,7 +165,7 @@ def checkpoint_sizes(path: str | Path) -> WeightSizes:
             if name != "__metadata__":
                 tensors.append((name, tuple(meta["shape"])))
     n_blocks = 1 + max((int(m.group(1)) for n, _ in tensors if (m := _BLOCK.match(n))), default=-1)
-    block, other = _sizes(tensors, n_blocks)
+    block, other = _sizes(tensors, n_blocks, int8_format)
     return WeightSizes(f"{info.path} (its safetensors headers)", info.config, block, other)
 
 

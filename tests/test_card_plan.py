@@ -42,18 +42,18 @@ def test_real_model_sizes_match_the_published_figures() -> None:
     assert 40 * GB <= sizes.total("nf4") <= 50 * GB  # community NF4 ~40-48 GB
 
 
-@pytest.mark.parametrize("quant", ["bf16", "int8", "nf4"])
-def test_checkpoint_sizes_equal_what_a_load_puts_in_memory(base_checkpoint: Path, quant: str, one_thread) -> None:
-    """The plan's bytes per block, from the headers alone, equal the loaded model's (incl. bnb state)."""
-    from fixtures_model import load_test_model
-
-    from hunyuan_image3.hunyuan_loader.quantization import restore_float32_routers
+@pytest.mark.parametrize(("quant", "int8_format"), [("bf16", "w8a16"), ("int8", "w8a16"), ("int8", "bnb"),
+                                                   ("nf4", "w8a16")])
+def test_checkpoint_sizes_equal_what_the_loader_puts_in_memory(
+    base_checkpoint: Path, quant: str, int8_format: str, cache, one_thread
+) -> None:
+    """The plan's bytes per block, from the headers alone, equal the loaded model's (incl. quant state)."""
+    from hunyuan_image3.hunyuan_loader.spec import LoadSpec
     from hunyuan_image3.memory.residency import module_weight_bytes
 
-    sizes = cp.checkpoint_sizes(base_checkpoint)
-    model = load_test_model(base_checkpoint, None if quant == "bf16" else quant)
-    if quant != "bf16":
-        restore_float32_routers(model, base_checkpoint)  # as the pack's loader does
+    sizes = cp.checkpoint_sizes(base_checkpoint, int8_format)
+    cache.load(LoadSpec(str(base_checkpoint), quant=quant, int8_format=int8_format))
+    model = cache.loaded.model
     assert sizes.block_bytes[quant] == tuple(module_weight_bytes(b) for b in model.model.layers)
     assert sizes.total(quant) == module_weight_bytes(model)
 
