@@ -19,7 +19,7 @@ from ..memory import stats
 from . import quiet
 from .cache import get_cache
 from .errors import HunyuanError, InputError
-from .generation import GenerationRequest, generate
+from .generation import BOT_TASKS, DEFAULT_MAX_NEW_TOKENS, GenerationRequest, generate, open_reference_images
 from .input_checks import check_output_path, check_request, check_resolution, checkpoint_variant, model_sizes
 from .spec import INT8_FORMATS, MOE_IMPLS, OFFLOAD_MODES, QUANTS, LoadSpec
 
@@ -58,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, help="with --resolution custom (default 1024)")
     gen.add_argument("--height", type=int, help="with --resolution custom (default 1024)")
     gen.add_argument("--out", default="hunyuan_image3.png", help="image file; its folder must exist")
+    gen.add_argument("--image", action="append", default=[], metavar="PATH",
+                     help="Instruct: a reference image (once = edit, 2-3 times = multi-image fusion)")
+    gen.add_argument("--bot-task", choices=BOT_TASKS,
+                     help="Instruct: image (default), think, recaption or think_recaption (text before drawing)")
+    gen.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                     help="Instruct: the most tokens of think / recaption text")
     pl = sub.add_parser("plan", parents=[common],
                         help="which loaders and offload modes fit a card, host RAM, projected s/step")
     pl.add_argument("--vram-gb", type=float, help="the GPU's memory (GB)")
@@ -101,7 +107,9 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 def _request(args: argparse.Namespace) -> GenerationRequest:
     return GenerationRequest(prompt=args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                             resolution=args.resolution, width=args.width or 1024, height=args.height or 1024)
+                             resolution=args.resolution, width=args.width or 1024, height=args.height or 1024,
+                             bot_task=args.bot_task, images=open_reference_images(args.image),
+                             max_new_tokens=args.max_new_tokens)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -139,15 +147,21 @@ def _generate(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - start
 
     def progress(done: int, total: int) -> None:
-        print(f"\rstep {done}/{total}", end="", flush=True)
+        print(f"\rstep {done}/{total}".ljust(30), end="", flush=True)
 
-    result = generate(cache.get(handle), request, progress=progress)
+    def text_progress(done: int, total: int) -> None:
+        print(f"\rtext token {done}/{total}".ljust(30), end="", flush=True)
+
+    result = generate(cache.get(handle), request, progress=progress, text_progress=text_progress)
     print()
     image = (result.image[0].numpy() * 255).round().clip(0, 255).astype("uint8")
     Image.fromarray(image).save(out)
     print(f"model:      {spec.describe()}")
     print(f"load:       {load_s:.2f} s")
     print(f"generate:   {result.seconds:.2f} s ({result.steps} steps, {result.width}x{result.height})")
+    if result.text_tokens:
+        print(f"stages:     text {result.text_seconds:.2f} s ({result.text_tokens} tokens), "
+              f"diffusion {result.diffusion_seconds:.2f} s")
     print(f"peak RAM:   {_peak_rss_gib():.2f} GiB (process RSS)")
     if torch.cuda.is_available():
         print(f"peak VRAM:  {torch.cuda.max_memory_allocated() / stats.GIB:.2f} GiB allocated")
