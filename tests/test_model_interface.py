@@ -151,8 +151,11 @@ def test_base_builds_its_text_mask_on_the_cpu_and_the_pack_moves_it(models: dict
     # accelerate's device-alignment hooks (H:1285 "attn_bias is on cpu" otherwise).
     from hunyuan_image3.hunyuan_loader.remote_code_fixes import _align_attention_mask, install_mask_alignment
 
-    assert models["base"]._text_attention_mask(4).device.type == "cpu"
-    assert models["instruct"]._text_attention_mask(4).device == models["instruct"].model.wte.weight.device
+    # Base passes no device (so the mask lands on the default device, the CPU): under a meta default
+    # device it follows it; Instruct names the model's device explicitly.
+    with torch.device("meta"):
+        assert models["base"]._text_attention_mask(4).device.type == "meta"
+        assert models["instruct"]._text_attention_mask(4).device == models["instruct"].model.wte.weight.device
     embeds = torch.zeros(1, 4, 8, device="meta")
     _, kwargs = _align_attention_mask(None, (), {"inputs_embeds": embeds, "attention_mask": torch.ones(1, 1, 4, 4)})
     assert kwargs["attention_mask"].device.type == "meta"
