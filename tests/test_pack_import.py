@@ -41,7 +41,7 @@ def test_loaders_output_the_handle_type() -> None:
     for name in REQUIRED:
         if name.startswith("HunyuanImage3Loader"):
             assert NODE_CLASS_MAPPINGS[name].RETURN_TYPES == ("HUNYUAN_IMAGE3",)
-    assert NODE_CLASS_MAPPINGS["HunyuanImage3Generate"].RETURN_TYPES == ("IMAGE",)
+    assert NODE_CLASS_MAPPINGS["HunyuanImage3Generate"].RETURN_TYPES == ("IMAGE", "STRING")  # image, model text
     assert NODE_CLASS_MAPPINGS["HunyuanImage3ForceUnload"].OUTPUT_NODE is True
     assert NODE_CLASS_MAPPINGS["HunyuanImage3ForceUnload"].RETURN_NAMES == ("trigger", "report")
 
