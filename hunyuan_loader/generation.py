@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -243,11 +244,21 @@ def step_hooks(model: Any, total: int, progress: ProgressFn | None, cancel: Canc
 
 
 @contextlib.contextmanager
-def generation_settings(model: Any, steps: int, guidance: float) -> Iterator[None]:
-    """Write steps/guidance into generation_config (the Instruct code ignores kwargs)."""
+def generation_settings(model: Any, steps: int, guidance: float, *, full_length: bool = False) -> Iterator[None]:
+    """Write steps/guidance into generation_config (the Instruct code ignores kwargs).
+
+    ``full_length`` (Instruct): for this call, let the input be as long as the model's positions
+    (``config.max_position_embeddings``) where generation_config's ``max_length`` is shorter. The
+    official code refuses a longer input (tokenization_hunyuan_image_3.py:1448-1452) and reads
+    max_length only from generation_config; with the real sizes (12,800 vs 22,800) two or three
+    reference images plus the system prompt, the text and the image already pass 12,800 tokens."""
     cfg = model.generation_config
-    saved = {k: getattr(cfg, k, None) for k in ("diff_infer_steps", "diff_guidance_scale")}
+    keys = ("diff_infer_steps", "diff_guidance_scale", "max_length")
+    saved = {k: getattr(cfg, k, None) for k in keys}
     cfg.diff_infer_steps, cfg.diff_guidance_scale = steps, guidance
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if full_length and positions and saved["max_length"] is not None and saved["max_length"] < positions:
+        cfg.max_length = int(positions)
     try:
         yield
     finally:
@@ -387,10 +398,19 @@ def _call_model(
         try:
             out = model.generate_image(prompt=req.prompt, **kwargs)
         except ValueError as exc:
-            if "ratio" in str(exc) and size is None and req.text_task:
+            message = str(exc)
+            if message.startswith("Unknown ratio token id") and size is None:
                 raise InputError(
                     f"The model's text stopped at max_new_tokens ({req.max_new_tokens}) before it chose the image's "
                     "aspect ratio (resolution 'auto'): raise max_new_tokens, or pick a resolution."
+                ) from None
+            too_long = re.match(r"Encoded token length (\d+) exceeds max_length (\d+)", message)
+            if too_long:
+                refs = f"{len(req.images)} reference image(s), " if req.images else ""
+                raise InputError(
+                    f"The model's input would be {too_long[1]} tokens ({refs}the prompt, the model's text and the "
+                    f"image), more than it takes ({too_long[2]}): use fewer reference images, a lower max_new_tokens "
+                    "or a smaller resolution."
                 ) from None
             raise
     if variant.returns_tuple:
@@ -432,7 +452,7 @@ def generate(
         call_start = time.perf_counter()
         try:
             with run_placement(loaded, size, notes, extra_margin=retried, extra_tokens=tokens), generation_settings(
-                loaded.model, steps, guidance
+                loaded.model, steps, guidance, full_length=loaded.variant.returns_tuple
             ), step_hooks(loaded.model, steps, progress, cancel):
                 image, cot = _call_model(
                     loaded, req, rendered, steps, guidance, stage, text_progress or progress, cancel

@@ -207,3 +207,22 @@ def test_reference_images_and_text_enter_the_memory_estimate(cache, instruct_che
     monkeypatch.setattr(gen, "run_placement", spy)
     _run(loaded, images=[EDIT, FUSE], resolution="1024x1024", bot_task="think", max_new_tokens=2)
     assert seen == [sum(per_image) + 2]
+
+
+def test_long_inputs_get_the_models_full_length_for_the_call(cache, instruct_checkpoint: Path) -> None:
+    # The official code caps the input at generation_config.max_length (12,800 of 22,800 positions): the pack
+    # raises it to the model's positions for the call, restores it, and says clearly when even that is short.
+    loaded = _loaded(cache, instruct_checkpoint)
+    cfg, config = loaded.model.generation_config, loaded.model.config
+    cfg.max_length = 300  # shorter than 2 reference images (2 x 278 tokens) + the 256-token image
+    try:
+        result, _ = _run(loaded, images=[EDIT, FUSE], resolution="1024x1024")
+        assert result.image.shape == (1, 1024, 1024, 3) and cfg.max_length == 300
+        positions, config.max_position_embeddings = config.max_position_embeddings, 400
+        try:
+            with pytest.raises(InputError, match=r"would be \d+ tokens \(2 reference image\(s\), .*more than it takes \(400\)"):
+                _run(loaded, images=[EDIT, FUSE], resolution="1024x1024")
+        finally:
+            config.max_position_embeddings = positions
+    finally:
+        cfg.max_length = 12800

@@ -481,3 +481,20 @@ def test_infer_align_image_size_stretches_the_reference_and_resizes_the_output(m
     same = [Image.new("RGB", (group[idx].width, group[idx].height))]
     proc.postprocess_outputs(same, [[stretched]], infer_align_image_size=False)
     assert same[0].size == (group[idx].width, group[idx].height)
+
+
+def test_an_input_longer_than_generation_config_max_length_is_refused(models: dict) -> None:
+    # T:1448-1452 (tokenization_hunyuan_image_3.py apply_general_template): the whole sequence (system prompt,
+    # reference images, prompt, text, the generated image's tokens) must fit max_length, which generate_image
+    # reads from generation_config only (M:2682 preprocess_inputs). Real: 12,800 of 22,800 positions.
+    model = models["instruct"]
+    assert model.config.max_position_embeddings == 22800 and model.generation_config.max_length == 12800
+    model.generation_config.diff_infer_steps, model.generation_config.diff_guidance_scale = 1, 2.0
+    model.generation_config.max_length = 200
+    try:
+        with pytest.raises(ValueError, match="Encoded token length \\d+ exceeds max_length 200"):
+            model.generate_image(prompt="x", image=_ref_image(64, 64), seed=1, image_size="1024x1024", bot_task="image")
+        model.generation_config.max_length = 12800
+        model.generate_image(prompt="x", image=_ref_image(64, 64), seed=1, image_size="1024x1024", bot_task="image")
+    finally:
+        model.generation_config.max_length = 12800

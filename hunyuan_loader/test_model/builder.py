@@ -42,12 +42,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     "instruct": {
         "files": _INSTRUCT_FILES,
-        "config": {"model_version": "HunyuanImage-3.0-Instruct", "cfg_distilled": False, "use_meanflow": False},
+        "config": {"model_version": "HunyuanImage-3.0-Instruct", "cfg_distilled": False, "use_meanflow": False,
+                   "max_position_embeddings": 22800},  # real: 22,800 positions, generation max_length 12,800
         "generation": {"diff_infer_steps": 50, "diff_guidance_scale": 5.0, "flow_shift": 3.0, **_INSTRUCT_TEXT},
     },
     "distil": {
         "files": _INSTRUCT_FILES,
-        "config": {"model_version": "HunyuanImage-3.0-Instruct-Distil", "cfg_distilled": True, "use_meanflow": True},
+        "config": {"model_version": "HunyuanImage-3.0-Instruct-Distil", "cfg_distilled": True, "use_meanflow": True,
+                   "max_position_embeddings": 22800},
         "generation": {"diff_infer_steps": 8, "diff_guidance_scale": 2.5, "flow_shift": 3.0, **_INSTRUCT_TEXT},
     },
 }

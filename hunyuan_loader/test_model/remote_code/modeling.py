@@ -906,6 +906,18 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
             tail = {"think": [tok.think_token_id], "recaption": [tok.recaption_token_id],
                     "img_ratio": [tok.boi_token_id, tok.size_token_id(base)]}.get(bot_task, [])
         ids, blocks = self._instruct_row(prompt, system_prompt, conds[0], cot_text, tail, uncond=False)
+        # The whole sequence (with the generated image's tokens) must fit generation_config.max_length
+        # (official tokenization_hunyuan_image_3.py:1448-1452).
+        length = len(ids)
+        if gen_info is not None:
+            length += gen_info.token_height * gen_info.token_width + 4 + int(self.config.cfg_distilled) + int(
+                self.config.use_meanflow)
+        max_length = kwargs.get("max_length", getattr(self.generation_config, "max_length", None))
+        if max_length is not None and length > max_length:
+            raise ValueError(
+                f"Encoded token length {length} exceeds max_length {max_length}.\n"
+                "Please set a larger max_length or check the input messages."
+            )
         rows = [ids]
         if mode == "gen_image" and not self.config.cfg_distilled:  # two CFG rows (official :2732)
             rows.append(self._instruct_row(prompt, system_prompt, conds[0], cot_text, tail, uncond=True)[0])
