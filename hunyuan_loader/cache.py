@@ -6,9 +6,11 @@ reloading it if something dropped it and bringing it back if it was soft-unloade
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..memory import stats
@@ -42,15 +44,24 @@ class HunyuanModelCache:
         self._load_id = 0
 
     # -- loading -----------------------------------------------------------------
-    def load(self, spec: LoadSpec) -> ModelHandle:
-        """Load ``spec`` unless it is already cached; return its handle."""
+    def load(
+        self,
+        spec: LoadSpec,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+        cancel: Callable[[], None] | None = None,
+    ) -> ModelHandle:
+        """Load ``spec`` unless it is already cached; return its handle.
+
+        ``progress(bytes_read, bytes_total)`` follows the read; ``cancel()`` is checked between
+        blocks (it raises to stop, and nothing stays loaded)."""
         with self._lock:
             if self.loaded is not None and self.loaded.spec == spec:
                 return ModelHandle(spec, self._load_id)
             if self.loaded is not None:
                 log.info("replacing %s with %s", self.loaded.spec.describe(), spec.describe())
                 self._drop()
-            self.loaded = load_model(spec)
+            self.loaded = load_model(spec, progress=progress, cancel=cancel)
             self.load_count += 1
             self._load_id = next(_load_counter)
             return ModelHandle(spec, self._load_id)
@@ -65,6 +76,29 @@ class HunyuanModelCache:
             if residency is not None and residency.state == "parked":
                 residency.restore()
             return self.loaded
+
+    @contextlib.contextmanager
+    def prepare_run(
+        self,
+        handle: ModelHandle,
+        size: tuple[int, int],
+        notes: list[str],
+        *,
+        make_room: Callable[[int], object] | None = None,
+        extra_margin: bool = False,
+    ) -> Iterator[LoadedModel]:
+        """Everything one Generate needs before it runs, in one call: room for the weights to come
+        back (``make_room``: ComfyUI's own models yield first), the model live (reloaded /
+        restored), then the offload policy's run placement (room for the activations, extra
+        blocks streamed for this run, restored afterwards)."""
+        from .placement import run_placement
+
+        with self._lock:
+            if make_room is not None:
+                make_room(self.bytes_to_bring_back(handle))
+            loaded = self.get(handle)
+        with run_placement(loaded, size, notes, extra_margin=extra_margin, make_room=make_room):
+            yield loaded
 
     # -- memory ------------------------------------------------------------------
     def gpu_bytes(self) -> int:
@@ -92,10 +126,11 @@ class HunyuanModelCache:
                     return int(residency.plan.gpu_weight_bytes)
                 return 0
         try:
-            disk = validate_checkpoint(handle.spec.path).weight_bytes
+            info = validate_checkpoint(handle.spec.path)
         except Exception:  # the load itself will report the problem
             return 0
-        return load_gpu_bytes(handle.spec, disk)
+        return load_gpu_bytes(handle.spec, info.weight_bytes,
+                              pre_quantized=bool(info.config.get("quantization_config")))
 
     def free_gpu(self, bytes_to_free: int) -> int:
         """Give VRAM back (for ComfyUI's own models): park the model off the GPU. Returns bytes freed."""

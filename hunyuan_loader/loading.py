@@ -1,22 +1,30 @@
-"""Loading a checkpoint through transformers (trust_remote_code) in bf16, int8 or nf4."""
+"""Loading a checkpoint in bf16, int8 or nf4: validation, then block-order loading.
+
+The default engine materialises the model block by block straight to where the offload
+policy (placement.py) puts it, quantizing on the GPU as each block arrives (block_loader.py).
+The 'accelerate' offload mode, and ``engine="from_pretrained"`` (the pack's earlier path,
+kept for the load benchmark), go through ``AutoModelForCausalLM.from_pretrained`` instead.
+"""
 
 from __future__ import annotations
 
 import gc
 import logging
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..memory import stats
-from ..memory.unload import track_model
+from ..memory.unload import strip_module_weights, track_model
 from . import quiet
-from .checkpoint import check_code_dependencies, loadable_path, validate_checkpoint
-from .errors import NotEnoughVRAMError
+from .checkpoint import CheckpointInfo, check_code_dependencies, loadable_path, validate_checkpoint
+from .placement import accelerate_kwargs, adopt_load, place_for_spec, plan_load, uses_accelerate
+from .prequantized import check_matches_loader, check_prequantized, prequantized_format
 from .quantization import (
     check_quantized_modules,
-    checkpoint_tensor_names,
     quantization_config,
     require_bitsandbytes,
     restore_float32_routers,
@@ -28,27 +36,141 @@ from .w8a16 import resolve_int8_format
 
 log = logging.getLogger(__name__)
 
+ProgressFn = Callable[[int, int], None]
+CancelFn = Callable[[], None]
+
+
 def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def load_model(spec: LoadSpec) -> LoadedModel:
-    """Validate, load through transformers, prepare MoE dispatch and weight placement.
+def _quant_config(spec: LoadSpec, info: CheckpointInfo, tensor_names: list[str]) -> tuple[Any, bool]:
+    """(quantization_config to pass, whether the checkpoint is pre-quantized). A pre-quantized
+    checkpoint brings its own config (None is passed, as to from_pretrained)."""
+    pre = prequantized_format(info.config)
+    check_matches_loader(pre, spec.quant, info.path)
+    int8_format = resolve_int8_format(spec.quant, spec.int8_format, info.config)  # w8a16 needs no bitsandbytes
+    require_bitsandbytes("bf16" if int8_format == "w8a16" else spec.quant)
+    if int8_format == "w8a16":  # issue 14: int8 weights x bf16 activations, quantized while loading
+        # importing it registers the quantization method with transformers
+        from .w8a16_transformers import quantization_config as w8a16_quantization_config
 
-    On any failure nothing stays loaded: the partial model is dropped and memory released.
+        if pre is None:
+            return w8a16_quantization_config(skip_modules_for(tensor_names)), False
+    if pre is not None:
+        return None, True
+    return quantization_config(spec.quant, skip_modules_for(tensor_names)), False
+
+
+def load_model(
+    spec: LoadSpec,
+    *,
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+    engine: str = "blocks",
+) -> LoadedModel:
+    """Validate, load, prepare MoE dispatch and weight placement.
+
+    ``progress(bytes_read, bytes_total)`` is called as weights are read; ``cancel()`` between
+    blocks (it raises to stop). Not enough VRAM or RAM for the plan is refused before any weight
+    is read. On any failure (or a cancel) nothing stays loaded: the partial model's weights are
+    freed and memory released before the exception leaves.
     """
     quiet.install()  # before bitsandbytes is imported: its messages that do not concern the user
     info = validate_checkpoint(spec.path)
-    int8_format = resolve_int8_format(spec.quant, spec.int8_format, info.config)  # w8a16 needs no bitsandbytes
-    require_bitsandbytes("bf16" if int8_format == "w8a16" else spec.quant)
-    check_code_dependencies(info.path)
-    from transformers import AutoModelForCausalLM
+    from .checkpoint_layout import read_layout
 
+    layout = read_layout(info.shard_files)
+    qconfig, pre_quantized = _quant_config(spec, info, sorted(layout))
+    check_code_dependencies(info.path)
+    device = default_device()
+    variant = detect_variant(info.config, read_generation_config(info.path))
+    start = time.perf_counter()
+    model = residency = skeleton = None
+    try:
+        if engine == "blocks" and not uses_accelerate(spec):
+            skeleton, residency = _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, cancel)
+            model = skeleton.model
+        else:
+            model, residency = _load_from_pretrained(spec, info, qconfig, pre_quantized, device)
+        _prepare(model, spec, info)
+        loaded = LoadedModel(model, spec, info, variant, device, 0.0)
+        loaded.residency = residency
+        loaded.load_seconds = time.perf_counter() - start
+        log.info("loaded %s in %.1f s (%s)", spec.describe(), loaded.load_seconds, variant.name)
+        return loaded
+    except BaseException as exc:
+        if residency is not None:
+            residency.close()
+        for m in (model, getattr(skeleton, "model", None)):
+            if m is not None:
+                strip_module_weights(m)  # even if something keeps the object, its memory goes
+        del model, residency, skeleton
+        _clear_inner_frames(exc)
+        gc.collect()
+        stats.release_cached_memory()
+        raise
+
+
+def _clear_inner_frames(exc: BaseException) -> None:
+    """Drop the locals of the finished frames below this one in the exception's traceback (the
+    partial model, its packed blocks): whoever keeps the exception (ComfyUI shows it) keeps
+    the line numbers, not the memory."""
+    tb = exc.__traceback__
+    tb = tb.tb_next if tb is not None else None  # this frame is still running
+    while tb is not None:
+        try:
+            tb.tb_frame.clear()
+        except RuntimeError:  # a frame that is still executing
+            pass
+        tb = tb.tb_next
+
+
+def _prepare(model: Any, spec: LoadSpec, info: CheckpointInfo) -> None:
+    """What every load does after the weights: tokenizer, MoE dispatch, remote-code fixes."""
     from .moe_dispatch import install_moe_dispatch
     from .remote_code_fixes import install_mask_alignment
 
-    device = default_device()
-    variant = detect_variant(info.config, read_generation_config(info.path))
+    if hasattr(model, "load_tokenizer"):
+        model.load_tokenizer(str(info.path))
+    install_moe_dispatch(model, spec.moe_impl)
+    install_mask_alignment(model)
+
+
+def _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, cancel):
+    """Plan from the headers, refuse before reading if the machine cannot hold the plan, then
+    materialise block by block (block_loader.py). Returns (skeleton, residency manager or None)."""
+    from .block_loader import build_skeleton, finish, materialise, staging_bytes, unit_bytes
+    from .checkpoint_layout import load_units
+
+    sk = build_skeleton(loadable_path(info), layout.keys(), spec.quant, qconfig, device)
+    track_model(sk.model)
+    if sk.hf_quantizer is not None:
+        if pre_quantized:
+            check_prequantized(sk.model, layout.keys())
+        else:
+            check_quantized_modules(sk.model)
+    units = load_units(layout, sk.to_load)
+    block_bytes = [0] * len(sk.blocks)
+    other_bytes = 0
+    for unit, nbytes in zip(units, unit_bytes(sk, units)):
+        if unit.block is None:
+            other_bytes = nbytes
+        else:
+            block_bytes[unit.block] = nbytes
+    staging = staging_bytes(sk, units, device)
+    placement = plan_load(spec, block_bytes, other_bytes, device, sk.config, staging_bytes=staging)
+    packed = materialise(sk, units, device, placement.streamed, progress=progress, cancel=cancel,
+                         ring_bytes=staging)
+    finish(sk)
+    return sk, adopt_load(sk.model, placement, packed)
+
+
+def _load_from_pretrained(spec, info, qconfig, pre_quantized, device):
+    """AutoModelForCausalLM.from_pretrained: the 'accelerate' offload mode (device_map auto), and
+    the earlier path (on the CPU, then placement by the residency engine) for comparisons."""
+    from transformers import AutoModelForCausalLM
+
     kwargs: dict[str, Any] = dict(
         trust_remote_code=True,
         dtype=torch.bfloat16,  # transformers >= 4.56 name (torch_dtype is deprecated)
@@ -56,55 +178,29 @@ def load_model(spec: LoadSpec) -> LoadedModel:
         moe_impl="eager",
         low_cpu_mem_usage=True,
     )
-    skips = skip_modules_for(checkpoint_tensor_names(info.path))
-    if int8_format == "w8a16":  # issue 14: int8 weights x bf16 activations, quantized while loading
-        from .w8a16_transformers import quantization_config as w8a16_quantization_config
-
-        qconfig = w8a16_quantization_config(skips)
-    else:
-        qconfig = quantization_config(spec.quant, skips)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-    streams = device.type == "cuda" and spec.offload in ("smart", "budget")
-    if device.type != "cuda" or streams:
-        kwargs["device_map"] = "cpu"  # the residency engine places blocks afterwards
-    elif spec.offload == "accelerate":
-        budget_gb = spec.vram_budget_gb or torch.cuda.mem_get_info()[1] / stats.GIB * 0.85
-        kwargs["device_map"] = "auto"
-        kwargs["max_memory"] = {device.index or 0: int(budget_gb * stats.GIB), "cpu": "2000GiB"}
+    accelerate = uses_accelerate(spec) and device.type == "cuda"
+    if accelerate:
+        kwargs.update(accelerate_kwargs(spec, device))
     else:
-        kwargs["device_map"] = {"": device.index or 0}
+        kwargs["device_map"] = "cpu"  # the residency engine places blocks afterwards
+    model = AutoModelForCausalLM.from_pretrained(str(loadable_path(info)), **kwargs)
+    model.eval()
+    track_model(model)
+    if qconfig is not None or pre_quantized:
+        check_quantized_modules(model)
+        restore_float32_routers(model, info.path)
+    residency = None
+    if device.type == "cuda" and not accelerate:
+        residency = place_for_spec(model, spec, device)
+    return model, residency
 
-    model = None
-    start = time.perf_counter()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(loadable_path(info)), **kwargs)
-        model.eval()
-        track_model(model)
-        if qconfig is not None:
-            check_quantized_modules(model)
-            restore_float32_routers(model, info.path)
-        if hasattr(model, "load_tokenizer"):
-            model.load_tokenizer(str(info.path))
-        install_moe_dispatch(model, spec.moe_impl)
-        install_mask_alignment(model)
-        loaded = LoadedModel(model, spec, info, variant, device, 0.0)
-        if device.type == "cuda" and spec.offload != "accelerate":
-            from ..memory.residency.planner import InsufficientVRAMError
-            from .placement import place_for_spec
 
-            try:
-                loaded.residency = place_for_spec(model, spec, device)
-            except InsufficientVRAMError as exc:
-                raise NotEnoughVRAMError(
-                    f"{exc} Choices: a larger vram_budget_gb, a smaller inference_headroom_gb, or the "
-                    "NF4 / INT8 loaders, whose weights are 4x / 2x smaller."
-                ) from None
-        loaded.load_seconds = time.perf_counter() - start
-        log.info("loaded %s in %.1f s (%s)", spec.describe(), loaded.load_seconds, variant.name)
-        return loaded
-    except BaseException:
-        del model
-        gc.collect()
-        stats.release_cached_memory()
-        raise
+def save_quantized_copy(loaded: LoadedModel, dest: str | Path | None = None,
+                        progress: ProgressFn | None = None) -> Path:
+    """Write the loaded int8/nf4 model as a pre-quantized checkpoint (default: next to its folder)."""
+    from .prequantized import default_copy_path, save_prequantized
+
+    target = Path(dest) if dest is not None else default_copy_path(loaded.info.path, loaded.spec.quant)
+    return save_prequantized(loaded.model, loaded.info.path, target, progress=progress)

@@ -90,7 +90,7 @@ def strip_module_weights(module: torch.nn.Module) -> int:
     freed = 0
     for sub in module.modules():
         for param in list(sub._parameters.values()):
-            if param is None:
+            if param is None or param.device.type == "meta":  # meta: no memory, and set_data refuses it
                 continue
             freed += param.numel() * param.element_size()
             for attr in ("CB", "SCB"):

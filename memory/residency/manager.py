@@ -6,7 +6,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -105,6 +105,14 @@ class ResidencyManager:
         return self._streamer
 
     # -- transitions -------------------------------------------------------------------------
+    def adopt_packed(self, packed: Mapping[int, PackedBlock]) -> None:
+        """Take blocks that a loader already packed into their pinned buffers (block-order
+        loading streams them straight there); the next ``apply`` streams them as they are."""
+        for i, pb in packed.items():
+            if not 0 <= i < len(self.blocks):
+                raise ValueError(f"packed block {i} is not one of the {len(self.blocks)} blocks")
+            self._packed[i] = pb
+
     def _check_streaming(self, plan: ResidencyPlan) -> None:
         if plan.streamed and self.device.type != "cuda" and not self.allow_cpu_streaming:
             raise StreamingUnavailableError(

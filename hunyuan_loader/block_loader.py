@@ -1,0 +1,418 @@
+"""Block-order loading: the model is materialised unit by unit (the non-block parts, then
+decoder block 0, 1, 2, ...) straight to where the plan puts it.
+
+Every unit is read from disk (``tensor_reader``), put on the compute device, quantized
+there as its tensors arrive (bitsandbytes quantizes when an Int8Params / Params4bit moves
+to the GPU), and, if the plan streams it, packed into its page-locked host buffer
+(``memory.residency.PackedBlock``) before the next unit comes. Host RAM therefore holds
+the streamed blocks plus the reader's ring; the GPU holds the resident part plus one unit.
+On a machine without CUDA the device is the CPU and nothing streams (int8/nf4 quantize on
+the CPU); the test checkpoint and the real model take the same path.
+
+The model is built the way ``AutoModelForCausalLM.from_pretrained`` builds it in
+transformers 4.57 (config, remote class, dtype, empty weights, bitsandbytes replacement,
+fp32 exceptions, missing keys, tied weights, eval, generation_config, quantizer
+post-processing), calling the same transformers functions; only the weight filling is
+ours, because from_pretrained reads shard by shard through mmap into pageable memory and
+places each tensor by ``device_map``: it cannot quantize on the GPU a block that then lives
+in pinned RAM, nor hold less than the whole model in RAM on the way. One deliberate
+difference: the routers (``mlp.gate.wg``) stay float32 under bitsandbytes, as the model
+code creates them (``quantization.restore_float32_routers`` does the same after a
+from_pretrained load); from_pretrained would cast them to bf16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..memory.residency.packed import PackedBlock
+from ..memory.residency.weights import weight_tensors
+from .checkpoint_layout import LoadUnit, TensorEntry
+from .errors import CheckpointError
+from .quantization import ROUTER_SUFFIX
+from .tensor_reader import TensorReader
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+CancelFn = Callable[[], None]
+CPU_READ_AHEAD = 256 << 20  # bytes a CPU load reads ahead of the tensor being placed
+
+@dataclass
+class Skeleton:
+    """The model on the meta device, built as from_pretrained builds it, before any weight."""
+
+    model: Any
+    config: Any
+    path: Path
+    quant: str
+    hf_quantizer: Any
+    keep_in_fp32_regex: re.Pattern | None
+    dtype: torch.dtype
+    device_map: dict
+    pre_quantized: bool
+    to_load: list[str]  # checkpoint keys that are loaded (unexpected ones left out, as transformers does)
+    missing: list[str]
+    repo_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+
+def _from_pretrained_kwargs(quant_config: Any, device: torch.device) -> dict[str, Any]:
+    """What loading.py passed to from_pretrained (and so what we reproduce)."""
+    kwargs: dict[str, Any] = dict(
+        trust_remote_code=True,
+        dtype=torch.bfloat16,
+        attn_implementation="sdpa",
+        moe_impl="eager",
+        low_cpu_mem_usage=True,
+        device_map={"": device.index if device.type == "cuda" else device},
+    )
+    if quant_config is not None:
+        kwargs["quantization_config"] = quant_config
+    return kwargs
+
+
+def build_skeleton(path: Path, checkpoint_keys: Iterable[str], quant: str, quant_config: Any,
+                   device: torch.device) -> Skeleton:
+    """The empty model, step for step as AutoModelForCausalLM.from_pretrained (transformers 4.57)
+    does it for our arguments, with the same functions; no weight is read."""
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    from transformers.modeling_utils import _find_missing_and_unexpected_keys, _get_dtype
+    from transformers.models.auto.auto_factory import add_generation_mixin_to_remote_model
+    from transformers.quantizers.auto import get_hf_quantizer
+    from transformers.utils.generic import ContextManagers
+
+    path = Path(path)
+    keys = list(checkpoint_keys)
+    kwargs = _from_pretrained_kwargs(quant_config, device)
+    # auto_factory: the config takes every kwarg but quantization_config; what it does not use goes on.
+    config_kwargs = {k: v for k, v in kwargs.items() if k != "quantization_config"}
+    config, model_kwargs = AutoConfig.from_pretrained(str(path), return_unused_kwargs=True, code_revision=None,
+                                                      **config_kwargs)
+    if "quantization_config" in kwargs:
+        model_kwargs["quantization_config"] = kwargs["quantization_config"]
+    class_ref = config.auto_map["AutoModelForCausalLM"]
+    model_class = get_class_from_dynamic_module(class_ref, str(path), code_revision=None)
+    AutoModelForCausalLM.register(config.__class__, model_class, exist_ok=True)
+    model_class.register_for_auto_class(auto_class=AutoModelForCausalLM)
+    model_class = add_generation_mixin_to_remote_model(model_class)
+
+    # PreTrainedModel.from_pretrained
+    config = copy.deepcopy(config)
+    model_kwargs.pop("trust_remote_code", None)
+    if "attn_implementation" in model_kwargs:
+        config._attn_implementation = model_kwargs.pop("attn_implementation")
+    dtype = model_kwargs.pop("dtype")
+    device_map = {"": model_kwargs.pop("device_map")[""]}
+    model_kwargs.pop("low_cpu_mem_usage", None)
+    qconf = model_kwargs.pop("quantization_config", None)
+    hf_quantizer, config, dtype, device_map = get_hf_quantizer(config, qconf, dtype, False, False, device_map,
+                                                               True, {})
+    config, dtype, dtype_orig = _get_dtype(model_class, dtype, None, config, None, None, True)
+    try:
+        config.name_or_path = str(path)
+        init_contexts = model_class.get_init_context(hf_quantizer is not None, False)
+        config = copy.deepcopy(config)
+        with ContextManagers(init_contexts):
+            model = model_class(config, **model_kwargs)
+        model.tie_weights()
+        config = model.config
+        keep: list[str] = []
+        if model._keep_in_fp32_modules is not None and (
+            dtype == torch.float16 or getattr(hf_quantizer, "use_keep_in_fp32_modules", False)
+        ):
+            keep.extend(model._keep_in_fp32_modules)
+        if model._keep_in_fp32_modules_strict is not None and dtype in (torch.float16, torch.bfloat16):
+            keep.extend(model._keep_in_fp32_modules_strict)
+        keep_regex = re.compile("|".join(rf"((^|\.){m}($|\.))" for m in keep)) if keep else None
+        if hf_quantizer is not None:
+            hf_quantizer.preprocess_model(model=model, device_map=device_map,
+                                          keep_in_fp32_modules=model._keep_in_fp32_modules, config=config,
+                                          use_kernels=False)
+            original = dtype if dtype is not None else torch.get_default_dtype()
+            config._pre_quantization_dtype = original
+            for sub in model.modules():
+                if sub is not model and isinstance(sub, PreTrainedModel):
+                    sub.config._pre_quantization_dtype = original
+    finally:
+        if dtype_orig is not None:
+            torch.set_default_dtype(dtype_orig)
+    missing, unexpected = _find_missing_and_unexpected_keys(model, keys, keys, False, hf_quantizer)
+    skipped = set(unexpected)
+    if skipped:
+        log.warning("%d checkpoint tensors are not used by the model, e.g. %s", len(skipped), sorted(skipped)[0])
+    sk = Skeleton(model, config, path, quant, hf_quantizer, keep_regex, dtype, device_map,
+                  bool(hf_quantizer is not None and hf_quantizer.pre_quantized),
+                  [k for k in keys if k not in skipped], list(missing), {})
+    _prepare_missing(sk)
+    return sk
+
+
+def _prepare_missing(sk: Skeleton) -> None:
+    """Missing keys (in the model, not in the checkpoint) as from_pretrained treats them: put
+    on the CPU and initialised; the loaded ones are marked initialised. Then fp32 modules."""
+    model = sk.model
+    if sk.missing:
+        log.warning("%d model tensors are not in the checkpoint and get initialised, e.g. %s",
+                    len(sk.missing), sk.missing[0])
+    model._move_missing_keys_from_meta_to_cpu(sk.missing, sk.dtype, sk.hf_quantizer)
+    model._initialize_missing_keys(sk.missing, sk.hf_quantizer is not None)
+    if sk.keep_in_fp32_regex is not None:
+        for name, param in model.named_parameters():
+            if sk.keep_in_fp32_regex.search(name):
+                param.data = param.data.to(torch.float32)
+
+
+# -- sizes for the plan ------------------------------------------------------------------------------
+_ALIGN = 256
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _int8_bytes(numel: int, rows: int) -> int:
+    return _aligned(numel) + _aligned(4 * rows)  # int8 weight + float32 row scales (bnb SCB)
+
+
+def _nf4_bytes(numel: int, rows: int) -> int:
+    blocks = -(-numel // 64)  # 4-bit data, uint8 absmax per 64 values, double-quantized (256 per block)
+    return (_aligned(-(-numel // 2)) + _aligned(blocks) + _aligned(16 * 4) + _aligned(4)
+            + _aligned(4 * -(-blocks // 256)) + _aligned(256 * 4))
+
+
+# Bytes of one quantized weight (numel, rows) per format; formats not listed count as int8 + scales.
+QUANTIZED_BYTES: dict[str, Callable[[int, int], int]] = {"int8": _int8_bytes, "nf4": _nf4_bytes}
+
+
+def placed_nbytes(sk: Skeleton, entry: TensorEntry) -> int:
+    """Bytes ``entry`` will take once placed (quantized or cast), as the residency engine counts
+    them (256-byte aligned), from the header only."""
+    hq = sk.hf_quantizer
+    if hq is not None and hq.param_needs_quantization(sk.model, entry.name):
+        if sk.pre_quantized:  # stored as it will live; bnb's packed metadata becomes python values
+            if entry.name.endswith("weight_format") or ".quant_state." in entry.name:
+                return 0
+            return _aligned(entry.nbytes)
+        numel = 1
+        for d in entry.shape:
+            numel *= d
+        rows = entry.shape[0] if entry.shape else 1
+        return QUANTIZED_BYTES.get(sk.quant, _int8_bytes)(numel, rows)
+    if entry.dtype.is_floating_point and entry.dtype.itemsize > 1:
+        dtype = _cast_dtype(sk, entry.name, entry.dtype) or entry.dtype
+        return _aligned(entry.nbytes // entry.dtype.itemsize * dtype.itemsize)
+    return _aligned(entry.nbytes)
+
+
+def unit_bytes(sk: Skeleton, units: list[LoadUnit]) -> list[int]:
+    """Placed bytes of each unit (see placed_nbytes), from the headers only."""
+    return [sum(placed_nbytes(sk, e) for e in u.entries) for u in units]
+
+
+# -- filling -------------------------------------------------------------------------------------------
+def _cast_dtype(sk: Skeleton, name: str, checkpoint_dtype: torch.dtype) -> torch.dtype | None:
+    """transformers' _infer_parameter_dtype, except that routers keep their float32 under bnb."""
+    from transformers.modeling_utils import _infer_parameter_dtype
+
+    empty = torch.empty(0, dtype=checkpoint_dtype, device="meta")
+    _, casting = _infer_parameter_dtype(sk.model, name, empty, sk.keep_in_fp32_regex, sk.hf_quantizer)
+    if sk.hf_quantizer is not None and name.endswith(ROUTER_SUFFIX + ".weight") and casting is not None:
+        try:
+            return sk.model.get_parameter(name).dtype  # what the model code created (float32)
+        except AttributeError:
+            return casting
+    return casting
+
+
+def _fill(sk: Skeleton, entry: TensorEntry, value: torch.Tensor, device: torch.device) -> None:
+    """Put one checkpoint tensor into the model on ``device`` (quantizing it there if its module
+    is a bitsandbytes layer), as transformers' _load_state_dict_into_meta_model does."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    name = entry.name
+    casting = _cast_dtype(sk, name, entry.dtype)
+    target: Any = device.index if device.type == "cuda" else device
+    hq = sk.hf_quantizer
+    if hq is not None and hq.param_needs_quantization(sk.model, name):
+        if casting is not None:
+            value = value.to(casting)
+        hq.create_quantized_param(sk.model, value, name, target)
+        return
+    if casting is not None and device.type == "cuda" and value.dtype != casting:
+        value = value.to(device).to(casting)  # cast on the GPU: same rounding, far faster than the CPU
+    elif casting is not None:
+        value = value.to(casting)
+    set_module_tensor_to_device(sk.model, name, device, value=value, dtype=value.dtype, clear_cache=False)
+    if hq is not None and name.endswith(ROUTER_SUFFIX + ".weight"):
+        sk.model.get_parameter(name).requires_grad_(False)  # as quantization.restore_float32_routers
+
+
+def _unit_modules(sk: Skeleton, unit: LoadUnit) -> list[nn.Module]:
+    if unit.block is not None:
+        return list(sk.blocks[unit.block].modules())
+    in_blocks = {id(m) for b in sk.blocks for m in b.modules()}
+    return [m for m in sk.model.modules() if id(m) not in in_blocks]
+
+
+@dataclass
+class LoadStats:
+    bytes_read: int = 0
+    bytes_total: int = 0
+    seconds: float = 0.0
+    order: list[str] = field(default_factory=list)  # units in the order they were completed
+
+
+def _transient(sk: Skeleton, entry: TensorEntry, device: torch.device) -> bool:
+    """Whether a checkpoint tensor is only passing through host memory: everything on a GPU
+    load; on a CPU load, the full-precision weights that get quantized (into new tensors)."""
+    if device.type == "cuda":
+        return True
+    hq = sk.hf_quantizer
+    return (hq is not None and not sk.pre_quantized and entry.dtype.is_floating_point
+            and hq.param_needs_quantization(sk.model, entry.name))
+
+
+def staging_bytes(sk: Skeleton, units: list[LoadUnit], device: torch.device) -> int:
+    """The reader's ring: on a GPU load one unit of read-ahead (at least the largest tensor and
+    256 MiB, page-locked); on a CPU load ``CPU_READ_AHEAD`` for the tensors that get quantized
+    (0 when none does: every tensor is kept in its own storage)."""
+    transient = [e.nbytes for u in units for e in u.entries if _transient(sk, e, device)]
+    if not transient:
+        return 0
+    if device.type != "cuda":
+        return max(CPU_READ_AHEAD, max(transient))
+    return max(256 << 20, max(transient), max((u.nbytes for u in units), default=0))
+
+
+class _Progress:
+    """Reports bytes read of total, at most every 1% (and at the end)."""
+
+    def __init__(self, total: int, fn: ProgressFn | None) -> None:
+        self.total, self.fn, self.done, self.last = total, fn, 0, -1
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self.fn is not None and (self.done - self.last >= self.total / 100 or self.done >= self.total):
+            self.last = self.done
+            self.fn(self.done, self.total)
+
+
+def materialise(
+    sk: Skeleton,
+    units: list[LoadUnit],
+    device: torch.device,
+    streamed: Iterable[int] = (),
+    *,
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+    ring_bytes: int | None = None,
+    stats: LoadStats | None = None,
+) -> dict[int, PackedBlock]:
+    """Read and place every unit in order; returns the streamed blocks' packed host buffers.
+
+    ``cancel`` is called between units (it raises to stop). On any failure the partial
+    weights are freed before the exception leaves (nothing stays alive, even if the
+    traceback keeps the model object).
+    """
+    from ..memory.stats import malloc_trim
+    from ..memory.unload import strip_module_weights
+
+    stats = stats if stats is not None else LoadStats()
+    streamed = set(streamed)
+    cuda = device.type == "cuda"
+    total = sum(u.nbytes for u in units)
+    stats.bytes_total = total
+    prog = _Progress(total, progress)
+    if ring_bytes is None:
+        ring_bytes = staging_bytes(sk, units, device)
+    entries = [e for u in units for e in u.entries]
+    packed: dict[int, PackedBlock] = {}
+    t0 = time.perf_counter()
+    reader = TensorReader(entries, to_ring=lambda e: _transient(sk, e, device), ring_bytes=ring_bytes,
+                          pin=cuda, window=max(ring_bytes, CPU_READ_AHEAD if not cuda else 0))
+    try:
+        with contextlib.closing(reader), torch.no_grad():
+            for unit in units:
+                if cancel is not None:
+                    cancel()
+                for entry in unit.entries:
+                    item = reader.next()
+                    assert item.entry is entry
+                    try:
+                        _fill(sk, entry, item.tensor, device)
+                    finally:
+                        item.release()
+                    prog.add(entry.nbytes)
+                _follow_unit(_unit_modules(sk, unit), device)
+                if not cuda:  # give the unit's freed buffers back to the OS (glibc keeps them)
+                    malloc_trim()
+                if unit.block is not None and unit.block in streamed:
+                    packed[unit.block] = PackedBlock(weight_tensors(sk.blocks[unit.block]), pin=cuda)
+                stats.order.append(unit.label)
+            if cuda:
+                torch.cuda.synchronize(device)
+        _check_no_meta(sk.model)
+    except BaseException:
+        packed.clear()
+        strip_module_weights(sk.model)
+        raise
+    stats.bytes_read = reader.bytes_read
+    stats.seconds = time.perf_counter() - t0
+    return packed
+
+
+def _follow_unit(modules: list[nn.Module], device: torch.device) -> None:
+    """Parameters and buffers the checkpoint does not hold (non-persistent buffers, initialised
+    missing keys) go where their unit went, as from_pretrained's ``model.to(device)`` moves them.
+    (bnb state is left where bnb put it: no normalisation, so resident units stay as
+    from_pretrained leaves them.)"""
+    for m in modules:
+        for name, b in m._buffers.items():
+            if b is not None and b.device.type != "meta" and b.device != device:
+                m._buffers[name] = b.to(device)
+        for p in m._parameters.values():
+            if p is not None and p.device.type not in ("meta", device.type):
+                p.data = p.data.to(device)
+
+
+def _check_no_meta(model: nn.Module) -> None:
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.device.type == "meta":
+            raise CheckpointError(f"the checkpoint did not fill {name}: the folder is incomplete. Re-download it.")
+
+
+def finish(sk: Skeleton) -> Any:
+    """What from_pretrained does after the weights: tied weights, eval, generation_config,
+    device map, quantizer post-processing. Returns the model."""
+    from transformers import GenerationConfig
+
+    model = sk.model
+    model.tie_weights()
+    model.eval()
+    if model.can_generate():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(str(sk.path), _from_auto=True,
+                                                                       _from_pipeline=None)
+        except OSError:
+            log.info("no generation_config.json: using the one derived from the model config")
+    model.hf_device_map = dict(sk.device_map)
+    if sk.hf_quantizer is not None:
+        model.hf_quantizer = sk.hf_quantizer
+        sk.hf_quantizer.postprocess_model(model, config=sk.config)
+    return model
