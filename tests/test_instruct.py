@@ -226,3 +226,32 @@ def test_long_inputs_get_the_models_full_length_for_the_call(cache, instruct_che
             config.max_position_embeddings = positions
     finally:
         cfg.max_length = 12800
+
+
+def test_cli_images_bot_task_and_model_text(cache, instruct_checkpoint: Path, base_checkpoint: Path, tmp_path: Path,
+                                            capsys) -> None:
+    from hunyuan_image3.hunyuan_loader import cli
+
+    EDIT.save(tmp_path / "a.png")
+    FUSE.save(tmp_path / "b.jpg")
+    out = tmp_path / "out.png"
+    args = ["generate", "--model", str(instruct_checkpoint), "--image", str(tmp_path / "a.png"), "--image",
+            str(tmp_path / "b.jpg"), "--bot-task", "think_recaption", "--max-new-tokens", "3", "--steps", "1",
+            "--guidance", "2", "--out", str(out)]
+    assert cli.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    text = [ln for ln in lines if ln.startswith("model text:")]
+    assert len(text) == 1 and text[0].startswith("model text: <think>")
+    assert any(ln.startswith("stages:     text") and "(3 tokens)" in ln for ln in lines)
+    assert Image.open(out).size == (1024, 1024)
+    loads = cache.load_count
+    for bad, message in (
+        (["--model", str(base_checkpoint), "--image", str(tmp_path / "a.png")], "base checkpoints take no reference"),
+        (["--model", str(base_checkpoint), "--bot-task", "think"], "bot_task 'think' needs an Instruct checkpoint"),
+        (["--model", str(instruct_checkpoint), "--image", str(tmp_path / "nope.png")], "nope.png: no such file"),
+        (["--model", str(instruct_checkpoint), "--max-new-tokens", "0"], "max_new_tokens must be between 1"),
+    ):
+        assert cli.main(["generate", *bad, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert cache.load_count == loads  # refused before loading
