@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors.index.json", "config.json")
 _QUANT_SUFFIXES = (".SCB", ".weight_format", ".weight.absmax", ".weight.quant_map", ".weight.nested_absmax",
-                   ".weight.nested_quant_map")
+                   ".weight.nested_quant_map", ".weight_scale")  # bnb int8 / nf4, W8A16
 
 
 def prequantized_format(config: dict) -> str | None:
@@ -136,6 +136,21 @@ def _quantization_config_dict(model: Any) -> dict:
     return json.loads(qc.to_json_string(use_diff=False))
 
 
+def _refuse_cpu_repacked(model: Any) -> None:
+    """bitsandbytes repacks 4-bit weights for its CPU kernels at the first CPU forward, and the way
+    back is not exact (the absmax statistics come back in bf16): such a model would not save as
+    its fresh quantization."""
+    for name, module in model.named_modules():
+        w = module._parameters.get("weight")
+        qs = getattr(w, "quant_state", None) if w is not None else None
+        if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+            raise InputError(
+                f"This NF4 model has run on the CPU, which repacks its weights for bitsandbytes' CPU kernels "
+                f"({name} and others), and they no longer save exactly. Write the quantized copy right after "
+                "loading, before generating (the CLI `quantize` command and the loader option do)."
+            )
+
+
 def _shards(state: dict[str, torch.Tensor]) -> list[tuple[str, list[str]]]:
     groups: dict[int | None, list[str]] = {}
     for key in state:
@@ -168,13 +183,14 @@ def save_prequantized(
     if not dest.parent.is_dir():
         raise InputError(f"The output folder's parent {dest.parent} does not exist.")
     qconfig = _quantization_config_dict(model)
+    _refuse_cpu_repacked(model)
     tmp = dest.parent / f".{dest.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     t0 = time.perf_counter()
     try:
-        state = model.state_dict()
+        state = model.state_dict()  # bnb layers add their quantization state (SCB, quant_state.*)
         total = sum(t.numel() * t.element_size() for t in state.values())
         done = 0
         weight_map: dict[str, str] = {}
@@ -207,3 +223,43 @@ def save_prequantized(
         raise
     log.info("wrote %s (%.1f GiB) in %.1f s", dest, total / 1024**3, time.perf_counter() - t0)
     return dest
+
+
+def quantize_checkpoint(
+    model_dir: str | Path,
+    quant: str,
+    out: str | Path,
+    *,
+    int8_format: str = "w8a16",
+    offload: str = "smart",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Path:
+    """Load a BF16 checkpoint quantized (on the GPU when there is one; blocks that do not fit
+    stream through pinned RAM) and write the pre-quantized copy ``out``. ``progress(stage,
+    done, total)`` with stage 'read' / 'write'. The model is freed afterwards."""
+    from ..memory.unload import collect_garbage
+    from .loading import load_model
+    from .spec import LoadSpec
+
+    if quant not in ("int8", "nf4"):
+        raise InputError(f"quantize writes int8 or nf4 copies (got '{quant}').")
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"{out} already exists. Choose another --out folder or delete it first.")
+    if not out.parent.is_dir():
+        raise InputError(f"The parent folder of --out ({out.parent}) does not exist.")
+    spec = LoadSpec(str(model_dir), quant=quant, offload=offload, int8_format=int8_format)
+    if prequantized_format(json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+                           if (Path(model_dir) / "config.json").is_file() else {}):
+        raise InputError(f"{model_dir} is already pre-quantized: quantize the BF16 checkpoint.")
+    read = (lambda d, t: progress("read", d, t)) if progress is not None else None
+    write = (lambda d, t: progress("write", d, t)) if progress is not None else None
+    loaded = load_model(spec, progress=read)
+    try:
+        return save_prequantized(loaded.model, loaded.info.path, out, progress=write)
+    finally:
+        if loaded.residency is not None:
+            loaded.residency.close()
+        loaded.model = None
+        del loaded
+        collect_garbage()

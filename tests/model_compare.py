@@ -29,8 +29,8 @@ def describe(model: torch.nn.Module) -> dict[str, Any]:
                                  getattr(t, "requires_grad", None), _bnb_state(t))
     for attr in LOADER_ATTRS:
         out[f"attr {attr}"] = repr(getattr(model, attr, "-"))
-    out["class"] = type(model)
-    out["config"] = model.config.to_dict()
+    out["class"] = type(model).__qualname__  # the module is named after the checkpoint folder
+    out["config"] = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
     out["generation_config"] = model.generation_config.to_dict()
     return out
 
