@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 AUTO_SWITCH_MP = 1.2
 OOM_RETRY_FACTOR = 1.5
 RAM_LIMIT_ENV = "HUNYUAN_RAM_LIMIT_GB"
+MIN_STREAMED_ENV = "HUNYUAN_MIN_STREAMED_BLOCKS"  # tests and benches: stream at least this many blocks
 RAM_MARGIN_BYTES = stats.GIB  # kept free for the process itself
 MakeRoom = Callable[[int], Any]  # asks other users of the GPU (ComfyUI's models) to free N bytes
 
@@ -84,6 +85,13 @@ def available_ram() -> int:
     avail = os_available()
     limit = os.environ.get(RAM_LIMIT_ENV, "").strip()
     return min(avail, int(float(limit) * stats.GIB)) if limit else avail
+
+
+def min_streamed_blocks() -> int:
+    """HUNYUAN_MIN_STREAMED_BLOCKS: with offload smart/budget, stream at least this many blocks
+    (a small model would otherwise never stream: two streaming slots cost as much as two blocks)."""
+    value = os.environ.get(MIN_STREAMED_ENV, "").strip()
+    return max(0, int(value)) if value else 0
 
 
 def _gib(n: float) -> str:
@@ -138,7 +146,8 @@ def plan_load(
                 )
         else:
             try:
-                plan = plan_placement(list(block_bytes), int(other_bytes), budget, headroom)
+                plan = plan_placement(list(block_bytes), int(other_bytes), budget, headroom,
+                                      min_streamed=min(min_streamed_blocks(), len(block_bytes)))
             except InsufficientVRAMError as exc:
                 raise NotEnoughVRAMError(
                     f"{exc} Choices: a larger vram_budget_gb, a smaller inference_headroom_gb, or the "
@@ -269,6 +278,8 @@ def run_placement(
         make_room(int(need))
     available = stats.usable_vram()
     extra = int(max(0.0, need - available))
+    if hasattr(manager, "extra_needed"):  # issue 13 hook: a model on several GPUs checks each (multi_gpu.py)
+        available, extra = manager.extra_needed(int(need), notes)
     if not (switch or extra):
         yield
         return

@@ -219,16 +219,13 @@ def test_cancel_between_blocks_leaves_nothing_alive(cache, base_checkpoint: Path
 
 
 # -- CUDA ----------------------------------------------------------------------------------------
-def _stream_half_budget(checkpoint: Path, quant: str, fmt: str) -> float:
-    """A VRAM budget (GB) with which about half of the blocks stream."""
-    probe = load_model(_spec(checkpoint, quant, fmt, offload="budget", vram_budget_gb=1000.0, headroom_gb=0.0))
-    mgr = probe.residency
-    n = len(mgr.block_bytes)
-    budget = mgr.other_bytes + sum(sorted(mgr.block_bytes)[: n - n // 2 - 2]) + 2 * max(mgr.block_bytes)
-    del probe, mgr
-    gc.collect()
-    torch.cuda.empty_cache()
-    return budget / 1024**3 * 1.001
+HALF_STREAMED = {"offload": "budget", "vram_budget_gb": 1000.0, "headroom_gb": 0.0}
+
+
+def _stream_half(monkeypatch, checkpoint: Path) -> None:
+    """Budget loads stream half of the blocks (a 4-block model would otherwise never stream)."""
+    n = json.loads((checkpoint / "config.json").read_text())["num_hidden_layers"]
+    monkeypatch.setenv("HUNYUAN_MIN_STREAMED_BLOCKS", str(n // 2))
 
 
 @pytest.mark.gpu
@@ -258,7 +255,7 @@ def test_gpu_load_is_the_model_from_pretrained_gives(base_checkpoint: Path, quan
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("quant", "fmt"), FORMATS)
-def test_gpu_half_streamed_load_matches_resident(base_checkpoint: Path, quant: str, fmt: str) -> None:
+def test_gpu_half_streamed_load_matches_resident(base_checkpoint: Path, quant: str, fmt: str, monkeypatch) -> None:
     """Blocks that stream are quantized on the GPU too: streamed and resident loads give
     bit-identical logits, and the streamed blocks sit in pinned RAM, not on the GPU."""
     resident = load_model(_spec(base_checkpoint, quant, fmt))
@@ -266,8 +263,8 @@ def test_gpu_half_streamed_load_matches_resident(base_checkpoint: Path, quant: s
     del resident
     gc.collect()
     torch.cuda.empty_cache()
-    budget = _stream_half_budget(base_checkpoint, quant, fmt)
-    smart = load_model(_spec(base_checkpoint, quant, fmt, offload="budget", vram_budget_gb=budget, headroom_gb=0.0))
+    _stream_half(monkeypatch, base_checkpoint)
+    smart = load_model(_spec(base_checkpoint, quant, fmt, **HALF_STREAMED))
     plan = smart.residency.plan
     assert 0 < len(plan.streamed) < len(plan.placements), plan.describe()
     from hunyuan_image3.memory.residency import weight_tensors
@@ -280,3 +277,33 @@ def test_gpu_half_streamed_load_matches_resident(base_checkpoint: Path, quant: s
     smart.residency.park()
     smart.residency.restore()
     assert torch.equal(logits(smart.model), ref)
+
+
+@pytest.mark.gpu
+def test_gpu_smart_load_peak_rss_is_the_ram_side_plus_one_block(base_checkpoint: Path, monkeypatch) -> None:
+    """Peak RSS of a half-streamed bf16 load <= the streamed (pinned) bytes + the read ring + slack,
+    and peak VRAM <= the plan's GPU bytes + one block."""
+    _stream_half(monkeypatch, base_checkpoint)
+    torch.empty(1, device="cuda")  # the CUDA context is not part of the load
+    torch.empty(1, pin_memory=True)
+    torch.cuda.synchronize()
+    base_alloc = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+    def hwm() -> int:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    before = hwm()
+    loaded = load_model(_spec(base_checkpoint, "bf16", "w8a16", **HALF_STREAMED))
+    added = hwm() - before
+    plan = loaded.residency.plan
+    block = max(plan.block_bytes)
+    layout = read_layout(validate_checkpoint(base_checkpoint).shard_files)
+    ring = max(256 << 20, max(e.nbytes for e in layout.values()))
+    assert added <= plan.streamed_bytes + ring + block + (256 << 20), (added, plan.describe())
+    assert torch.cuda.max_memory_allocated() - base_alloc <= plan.gpu_weight_bytes + block + (16 << 20)
