@@ -3,6 +3,9 @@
     python tests/e2e/build_workflows.py      # from the pack root; rewrites workflows/
 
 One description per workflow, two renderings, so both formats always say the same thing.
+The Instruct workflows (edit, 2-image fusion, think + recaption) feed LoadImage nodes into the
+Generate node's image_1 / image_2 and its `text` output into ComfyUI's Preview Any node; their
+example images (INSTRUCT_IMAGES) must be in ComfyUI's input folder (the e2e runner writes them).
 Widget order follows the nodes' INPUT_TYPES (required, then optional); the UI format adds the
 frontend's control_after_generate value after `seed`. run_comfyui_e2e.py checks both formats
 against the live server's /object_info.
@@ -15,6 +18,7 @@ from pathlib import Path
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 MODEL_NAME = "HunyuanImage-3"  # ComfyUI/models/HunyuanImage-3/HunyuanImage-3, as the README says
+INSTRUCT_MODEL_NAME = "HunyuanImage-3-Instruct"  # ComfyUI/models/HunyuanImage-3/HunyuanImage-3-Instruct
 PROMPT = "a red fox in fresh snow, morning light, photograph"
 
 LOADERS = {
@@ -22,7 +26,8 @@ LOADERS = {
     "hunyuan_image3_int8": (
         "HunyuanImage3LoaderINT8",
         "HunyuanImage-3 Loader (INT8)",
-        [("model_name", MODEL_NAME), ("offload_mode", "disabled"), ("moe_impl", "gather_scatter")],
+        [("model_name", MODEL_NAME), ("offload_mode", "disabled"), ("moe_impl", "gather_scatter"),
+         ("int8_format", "w8a16")],
     ),
     "hunyuan_image3_nf4": (
         "HunyuanImage3LoaderNF4",
@@ -43,6 +48,7 @@ LOADERS = {
             ("vram_budget_gb", 80.0),
             ("inference_headroom_gb", 0.0),
             ("moe_impl", "gather_scatter"),
+            ("int8_format", "w8a16"),
         ],
     ),
 }
@@ -56,7 +62,30 @@ GENERATE = [
     ("width", 1024),
     ("height", 1024),
     ("use_checkpoint_defaults", False),
+    ("bot_task", "image"),
+    ("max_new_tokens", 2048),
+    ("infer_align_image_size", True),
 ]
+GENERATE_OUTPUTS = ("image", "IMAGE"), ("text", "STRING")
+INSTRUCT_IMAGES = ("hunyuan_image3_example_1.png", "hunyuan_image3_example_2.png")
+
+# Instruct workflows: stem -> (loader stem, images, Generate widget overrides)
+INSTRUCT = {
+    "hunyuan_image3_instruct_edit": (
+        "hunyuan_image3_int8", INSTRUCT_IMAGES[:1],
+        {"prompt": "make it a snowy winter evening, keep the composition", "resolution": "auto"},
+    ),
+    "hunyuan_image3_instruct_fusion": (
+        "hunyuan_image3_nf4", INSTRUCT_IMAGES,
+        {"prompt": "the object of image 1 made of the material of image 2, studio photograph",
+         "resolution": "1024x1024"},
+    ),
+    "hunyuan_image3_instruct_think": (
+        "hunyuan_image3_int8", INSTRUCT_IMAGES[:1],
+        {"prompt": "turn this into a vintage travel poster for the place it shows", "resolution": "1024x1024",
+         "bot_task": "think_recaption"},
+    ),
+}
 
 
 def _ui_node(node_id, type_, title, pos, widgets, inputs=(), outputs=(), order=0, size=(320, 130)):
@@ -103,8 +132,9 @@ def build(stem: str, force_unload: bool = False) -> tuple[dict, dict]:
             GENERATE,
             order=1,
             inputs=[{"name": "model", "type": "HUNYUAN_IMAGE3", "link": 1}],
-            outputs=[{"name": "image", "type": "IMAGE", "links": image_links, "slot_index": 0}],
-            size=(400, 380),
+            outputs=[{"name": "image", "type": "IMAGE", "links": image_links, "slot_index": 0},
+                     {"name": "text", "type": "STRING", "links": None, "slot_index": 1}],
+            size=(400, 460),
         ),
         _ui_node(
             3,
@@ -167,13 +197,95 @@ def build(stem: str, force_unload: bool = False) -> tuple[dict, dict]:
     return ui, api
 
 
+def build_instruct(name: str) -> tuple[dict, dict]:
+    """Loader -> Generate (LoadImage nodes into image_1.., text into Preview Any) -> Save Image."""
+    loader_stem, images, overrides = INSTRUCT[name]
+    loader_cls, loader_title, loader_widgets = LOADERS[loader_stem]
+    loader_widgets = [(k, INSTRUCT_MODEL_NAME if k == "model_name" else v) for k, v in loader_widgets]
+    generate = [(k, overrides.get(k, v)) for k, v in GENERATE]
+    prefix = name.replace("hunyuan_image3_", "HunyuanImage3_")
+    gen_id, save_id, preview_id = 2, 3, 4
+    image_ids = [5 + i for i in range(len(images))]
+    # links: 1 model, 2 image -> save, 3 text -> preview, 4.. LoadImage -> image_i
+    links = [[1, 1, 0, gen_id, 0, "HUNYUAN_IMAGE3"], [2, gen_id, 0, save_id, 0, "IMAGE"],
+             [3, gen_id, 1, preview_id, 0, "STRING"]]
+    gen_inputs = [{"name": "model", "type": "HUNYUAN_IMAGE3", "link": 1}]
+    nodes = []
+    for i, (node_id, file) in enumerate(zip(image_ids, images)):
+        link_id = 4 + i
+        links.append([link_id, node_id, 0, gen_id, 1 + i, "IMAGE"])
+        gen_inputs.append({"name": f"image_{i + 1}", "type": "IMAGE", "link": link_id})
+        nodes.append(_ui_node(
+            node_id, "LoadImage", f"Reference image {i + 1}", (40, 300 + 380 * i), [("image", file), ("upload", "image")],
+            outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [link_id], "slot_index": 0},
+                     {"name": "MASK", "type": "MASK", "links": None, "slot_index": 1}],
+            size=(340, 340),
+        ))
+    nodes += [
+        _ui_node(1, loader_cls, loader_title, (40, 120), loader_widgets,
+                 outputs=[{"name": "model", "type": "HUNYUAN_IMAGE3", "links": [1], "slot_index": 0}], size=(340, 130)),
+        _ui_node(gen_id, "HunyuanImage3Generate", "HunyuanImage-3 Generate", (420, 120), generate, order=1,
+                 inputs=gen_inputs,
+                 outputs=[{"name": "image", "type": "IMAGE", "links": [2], "slot_index": 0},
+                          {"name": "text", "type": "STRING", "links": [3], "slot_index": 1}],
+                 size=(400, 520)),
+        _ui_node(save_id, "SaveImage", "Save Image", (860, 120), [("filename_prefix", prefix)], order=2,
+                 inputs=[{"name": "images", "type": "IMAGE", "link": 2}], size=(512, 560)),
+        _ui_node(preview_id, "PreviewAny", "Model text", (860, 720), [], order=3,
+                 inputs=[{"name": "source", "type": "*", "link": 3}], size=(512, 200)),
+    ]
+    api: dict = {
+        "1": {"class_type": loader_cls, "inputs": dict(loader_widgets), "_meta": {"title": loader_title}},
+        str(gen_id): {
+            "class_type": "HunyuanImage3Generate",
+            "inputs": {"model": ["1", 0], **dict(generate),
+                       **{f"image_{i + 1}": [str(node_id), 0] for i, node_id in enumerate(image_ids)}},
+            "_meta": {"title": "HunyuanImage-3 Generate"},
+        },
+        str(save_id): {"class_type": "SaveImage", "inputs": {"images": [str(gen_id), 0], "filename_prefix": prefix},
+                       "_meta": {"title": "Save Image"}},
+        str(preview_id): {"class_type": "PreviewAny", "inputs": {"source": [str(gen_id), 1]},
+                          "_meta": {"title": "Model text"}},
+    }
+    for i, (node_id, file) in enumerate(zip(image_ids, images)):
+        api[str(node_id)] = {"class_type": "LoadImage", "inputs": {"image": file},
+                             "_meta": {"title": f"Reference image {i + 1}"}}
+    ui = {
+        "last_node_id": max(n["id"] for n in nodes),
+        "last_link_id": len(links),
+        "nodes": sorted(nodes, key=lambda n: n["id"]),
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}},
+        "version": 0.4,
+    }
+    return ui, api
+
+
+def write_example_images(folder: Path) -> list[Path]:
+    """The Instruct workflows' reference images (simple synthetic pictures) into ``folder``."""
+    from PIL import Image, ImageDraw
+
+    out = []
+    for i, name in enumerate(INSTRUCT_IMAGES):
+        image = Image.new("RGB", (768, 512) if i == 0 else (512, 640), (40 + 90 * i, 110, 200 - 80 * i))
+        draw = ImageDraw.Draw(image)
+        draw.ellipse((120, 80, 420, 380), fill=(230, 200 - 60 * i, 60 + 80 * i))
+        draw.rectangle((0, image.height - 120, image.width, image.height), fill=(70, 150 - 40 * i, 70))
+        path = folder / name
+        image.save(path)
+        out.append(path)
+    return out
+
+
 def main() -> None:
     WORKFLOWS.mkdir(exist_ok=True)
     jobs = [(stem, stem, False) for stem in LOADERS] + [
         ("hunyuan_image3_bf16", "hunyuan_image3_force_unload", True)
-    ]
+    ] + [(None, name, False) for name in INSTRUCT]
     for stem, name, unload in jobs:
-        ui, api = build(stem, unload)
+        ui, api = build(stem, unload) if stem is not None else build_instruct(name)
         (WORKFLOWS / f"{name}.json").write_text(json.dumps(ui, indent=2) + "\n", encoding="utf-8")
         (WORKFLOWS / f"{name}.api.json").write_text(json.dumps(api, indent=2) + "\n", encoding="utf-8")
         print(f"wrote workflows/{name}.json and workflows/{name}.api.json")

@@ -42,6 +42,8 @@ def expected_widget_values(info: dict) -> int:
             opts = spec[1] if len(spec) > 1 else {}
             if spec[0] == "INT" and (name in ("seed", "noise_seed") or opts.get("control_after_generate")):
                 count += 1
+            if opts.get("image_upload"):  # LoadImage: the frontend saves its upload button's value too
+                count += 1
     return count
 
 
