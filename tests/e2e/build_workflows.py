@@ -66,7 +66,6 @@ GENERATE = [
     ("max_new_tokens", 2048),
     ("infer_align_image_size", True),
 ]
-GENERATE_OUTPUTS = ("image", "IMAGE"), ("text", "STRING")
 INSTRUCT_IMAGES = ("hunyuan_image3_example_1.png", "hunyuan_image3_example_2.png")
 
 # Instruct workflows: stem -> (loader stem, images, Generate widget overrides)
