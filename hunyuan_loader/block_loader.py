@@ -289,15 +289,65 @@ def _transient(sk: Skeleton, entry: TensorEntry, device: torch.device) -> bool:
 
 
 def staging_bytes(sk: Skeleton, units: list[LoadUnit], device: torch.device) -> int:
-    """The reader's ring: on a GPU load one unit of read-ahead (at least the largest tensor and
-    256 MiB, page-locked); on a CPU load ``CPU_READ_AHEAD`` for the tensors that get quantized
-    (0 when none does: every tensor is kept in its own storage)."""
+    """The reader's ring. GPU load: page-locked, 1 GiB or twice the largest tensor (at most one
+    unit): enough read-ahead to keep the disk busy while a block is quantized or packed. CPU load:
+    ``CPU_READ_AHEAD`` for the tensors that get quantized (0 when none is: each tensor is kept in
+    its own storage)."""
     transient = [e.nbytes for u in units for e in u.entries if _transient(sk, e, device)]
     if not transient:
         return 0
     if device.type != "cuda":
         return max(CPU_READ_AHEAD, max(transient))
-    return max(256 << 20, max(transient), max((u.nbytes for u in units), default=0))
+    largest_unit = max((u.nbytes for u in units), default=0)
+    return max(max(transient), min(max(1 << 30, 2 * max(transient)), largest_unit))
+
+
+class _HostBuffersAhead:
+    """Allocates (page faults and pins) the host buffer of each streamed block on a helper thread,
+    one block ahead, so packing a block is just its copy. Sizes are the plan's estimates plus
+    slack; a buffer that turns out too small is ignored (PackedBlock then allocates its own)."""
+
+    def __init__(self, sizes: dict[int, int], pin: bool) -> None:
+        import threading
+
+        self._order = sorted(sizes)
+        self._sizes = sizes
+        self._pin = pin
+        self._ready: dict[int, Any] = {}
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="hunyuan-host-buffers", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from ..memory.residency.packed import HostBuffer
+
+        for i in self._order:
+            with self._cond:
+                while not self._stop and len(self._ready) >= 1:
+                    self._cond.wait()
+                if self._stop:
+                    return
+            size = self._sizes[i] + (1 << 20) + self._sizes[i] // 1000
+            buf = HostBuffer(size, pin=self._pin)
+            with self._cond:
+                self._ready[i] = buf
+                self._cond.notify_all()
+
+    def take(self, i: int) -> Any:
+        with self._cond:
+            while i not in self._ready and not self._stop and self._thread.is_alive():
+                self._cond.wait(timeout=0.5)
+            buf = self._ready.pop(i, None)
+            self._cond.notify_all()
+            return buf
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._ready.clear()
+            self._cond.notify_all()
+        self._thread.join()
 
 
 class _Progress:
@@ -323,10 +373,12 @@ def materialise(
     cancel: CancelFn | None = None,
     ring_bytes: int | None = None,
     stats: LoadStats | None = None,
+    streamed_sizes: dict[int, int] | None = None,
 ) -> dict[int, PackedBlock]:
     """Read and place every unit in order; returns the streamed blocks' packed host buffers.
 
-    ``cancel`` is called between units (it raises to stop). On any failure the partial
+    ``streamed_sizes`` (block -> planned bytes) lets a helper thread prepare each streamed
+    block's pinned buffer ahead. ``cancel`` is called between units (it raises to stop). On any failure the partial
     weights are freed before the exception leaves (nothing stays alive, even if the
     traceback keeps the model object).
     """
@@ -346,6 +398,8 @@ def materialise(
     t0 = time.perf_counter()
     reader = TensorReader(entries, to_ring=lambda e: _transient(sk, e, device), ring_bytes=ring_bytes,
                           pin=cuda, window=max(ring_bytes, CPU_READ_AHEAD if not cuda else 0))
+    ahead = _HostBuffersAhead({i: streamed_sizes.get(i, 0) for i in streamed}, cuda) \
+        if (streamed and streamed_sizes) else None
     try:
         with contextlib.closing(reader), torch.no_grad():
             for unit in units:
@@ -363,7 +417,8 @@ def materialise(
                 if not cuda:  # give the unit's freed buffers back to the OS (glibc keeps them)
                     malloc_trim()
                 if unit.block is not None and unit.block in streamed:
-                    packed[unit.block] = PackedBlock(weight_tensors(sk.blocks[unit.block]), pin=cuda)
+                    host = ahead.take(unit.block) if ahead is not None else None
+                    packed[unit.block] = PackedBlock(weight_tensors(sk.blocks[unit.block]), pin=cuda, host=host)
                 stats.order.append(unit.label)
             if cuda:
                 torch.cuda.synchronize(device)
@@ -372,6 +427,9 @@ def materialise(
         packed.clear()
         strip_module_weights(sk.model)
         raise
+    finally:
+        if ahead is not None:
+            ahead.close()
     stats.bytes_read = reader.bytes_read
     stats.seconds = time.perf_counter() - t0
     return packed

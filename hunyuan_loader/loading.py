@@ -160,8 +160,9 @@ def _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, c
             block_bytes[unit.block] = nbytes
     staging = staging_bytes(sk, units, device)
     placement = plan_load(spec, block_bytes, other_bytes, device, sk.config, staging_bytes=staging)
+    sizes = {i: placement.plan.block_bytes[i] for i in placement.streamed} if placement.plan is not None else None
     packed = materialise(sk, units, device, placement.streamed, progress=progress, cancel=cancel,
-                         ring_bytes=staging)
+                         ring_bytes=staging, streamed_sizes=sizes)
     finish(sk)
     return sk, adopt_load(sk.model, placement, packed)
 

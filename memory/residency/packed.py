@@ -109,13 +109,19 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 class PackedBlock:
     """One block's weights packed into a single flat CPU buffer (the master copy)."""
 
-    def __init__(self, tensors: Sequence[WeightTensor], *, pin: bool = True) -> None:
+    def __init__(self, tensors: Sequence[WeightTensor], *, pin: bool = True, host: HostBuffer | None = None) -> None:
+        """``host``: a buffer allocated ahead (a loader prepares the next streamed block's while
+        reading); used if it is large enough and pinned as asked, else a new one is made."""
         self.tensors = list(tensors)
         for w in self.tensors:  # views need dense strides
             if not w.tensor.is_contiguous():
                 w.assign(_dense(w.tensor))
         self.layout = Layout.of(self.tensors)
-        self.host = HostBuffer(self.layout.total, pin=pin)
+        fits = host is not None and host.tensor.numel() >= self.layout.total
+        if fits and host.pinned == (pin and torch.cuda.is_available()):
+            self.host = host
+        else:
+            self.host = HostBuffer(self.layout.total, pin=pin)
         self.host_views: list[torch.Tensor] = []
         buf = self.host.tensor
         from_gpu = False
