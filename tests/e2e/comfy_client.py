@@ -58,13 +58,16 @@ class ComfyServer:
         port: int | None = None,
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
+        cpu: bool = True,
     ) -> None:
+        """``cpu``: start with ``--cpu``; False lets ComfyUI use its GPU (CUDA)."""
         self.comfy_dir = Path(comfy_dir)
         self.python = python
         self.base_dir = Path(base_dir)
         self.port = port or free_port()
         self.extra_args = extra_args or []
         self.env = env or {}
+        self.cpu = cpu
         self.proc: subprocess.Popen | None = None
         self.log_path = self.base_dir / "comfyui.log"
         self._log_fh = None
@@ -78,7 +81,7 @@ class ComfyServer:
         cmd = [
             self.python,
             "main.py",
-            "--cpu",
+            *(["--cpu"] if self.cpu else []),
             "--listen",
             HOST,
             "--port",

@@ -7,7 +7,8 @@
 Without COMFYUI_DIR and COMFYUI_PYTHON it prints SKIPPED and exits 0. Otherwise it:
   * makes a throw-away base directory B, links this pack in as B/custom_nodes/ComfyUI-HunyuanImage3
     (a name with dashes) and writes the test checkpoint to B/models/HunyuanImage-3/HunyuanImage-3;
-  * starts `main.py --cpu` on a free loopback port (always stopped at the end, also on failure);
+  * starts `main.py` on a free loopback port, with `--cpu` unless it runs on CUDA (--device), plus the
+    arguments in COMFYUI_ARGS, e.g. '--front-end-root DIR' (always stopped at the end, also on failure);
   * checks /object_info for our nodes and documented inputs, and the workflows/ files against it;
   * queues every workflows/*.api.json via POST /prompt, follows /ws and /history, fetches each
     image via /view and checks its size, checks 'progress' events (max = steps);
@@ -18,6 +19,8 @@ Without COMFYUI_DIR and COMFYUI_PYTHON it prints SKIPPED and exits 0. Otherwise 
     it by '../../input/<subfolder>', by its absolute path and through a symlink in the model folder,
     and checks each is refused and the marker never appears; a folder named in an
     --extra-model-paths-config yaml is listed, a hidden one is not;
+  * on CUDA only (cuda_oom_check.py): a second process fills the GPU, a queued prompt hits a real
+    CUDA out-of-memory inside the server (execution_error, server up), and the next prompt succeeds;
   * prints a summary table and exits 1 if any check failed.
 Stdlib only: runs with any Python 3.10+.
 """
@@ -28,6 +31,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -43,6 +47,7 @@ PACK_ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
 from comfy_client import ComfyServer, WebSocket, collect_until_done, png_size  # noqa: E402
+from cuda_oom_check import check_cuda_oom  # noqa: E402
 from workflow_check import check_api, check_ui  # noqa: E402
 
 PACK_DIR_NAME = "ComfyUI-HunyuanImage3"
@@ -495,6 +500,13 @@ def make_test_checkpoint(python: str, dest: Path, env: dict) -> None:
         )
 
 
+def cuda_available(python: str, env: dict) -> bool:
+    """Whether torch in ComfyUI's Python sees a CUDA GPU."""
+    code = "import torch; print(torch.cuda.is_available())"
+    res = subprocess.run([python, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    return res.returncode == 0 and res.stdout.strip().endswith("True")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -506,6 +518,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=600, help="seconds per prompt")
     ap.add_argument("--keep", action="store_true", help="keep the base directory (log, outputs)")
     ap.add_argument("--port", type=int, help="default: a free loopback port")
+    ap.add_argument(
+        "--device", choices=("auto", "cpu", "gpu"), default="auto",
+        help="ComfyUI on the CPU (--cpu) or its GPU; auto: the GPU when CUDA is available (default)",
+    )
     args = ap.parse_args(argv)
 
     comfy_dir, python = os.environ.get("COMFYUI_DIR"), os.environ.get("COMFYUI_PYTHON")
@@ -536,13 +552,23 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
+    gpu = args.device == "gpu" or (args.device == "auto" and cuda_available(python, env))
+    print(
+        "ComfyUI on " + ("the GPU (CUDA)" if gpu else "the CPU (--cpu); the CUDA OOM check is skipped"),
+        flush=True,
+    )
     server = ComfyServer(
         Path(comfy_dir),
         python,
         base,
         port=args.port,
-        extra_args=["--extra-model-paths-config", str(base / "extra_model_paths.yaml")],
+        extra_args=[
+            "--extra-model-paths-config",
+            str(base / "extra_model_paths.yaml"),
+            *shlex.split(os.environ.get("COMFYUI_ARGS", "")),
+        ],
         env={k: env[k] for k in ("HF_HOME", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "HF_MODULES_CACHE")},
+        cpu=not gpu,
     )
     ws = None
     e2e = None
@@ -582,6 +608,12 @@ def main(argv: list[str] | None = None) -> int:
                 ("repeated", lambda: e2e.check_repeated("hunyuan_image3_bf16")),
                 ("cancel", lambda: e2e.check_cancel("hunyuan_image3_bf16", args.cancel_steps)),
                 ("free", lambda: e2e.check_free("hunyuan_image3_bf16")),
+                *(
+                    [("cuda oom", lambda: check_cuda_oom(e2e, python, env, "hunyuan_image3_bf16",
+                                                         base / "vram_filler.log"))]
+                    if gpu
+                    else []
+                ),
                 ("bad input", lambda: e2e.check_bad_input("hunyuan_image3_bf16")),
                 ("security", lambda: e2e.check_security(model_dir, base)),
             ]
