@@ -38,6 +38,7 @@ import torch
 from ..memory import stats
 from .errors import InputError, OutOfMemoryError
 from .placement import run_placement
+from .remote_code_fixes import cpu_autocast
 from .spec import LoadedModel
 from .variants import Variant
 
@@ -371,6 +372,11 @@ def text_stage_criteria(
     return StoppingCriteriaList([TextStageHook()])
 
 
+def _model_dtype(model: Any) -> torch.dtype | None:
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(getattr(embed, "weight", None), "dtype", None)
+
+
 def _call_model(
     loaded: LoadedModel,
     req: GenerationRequest,
@@ -394,11 +400,18 @@ def _call_model(
         kwargs["bot_task"] = req.bot_task
     if variant.honours_step_kwargs:
         kwargs.update(diff_infer_steps=steps, diff_guidance_scale=guidance)
-    with torch.inference_mode(), seeded_rng(loaded, req.seed):
+    with torch.inference_mode(), seeded_rng(loaded, req.seed), cpu_autocast(loaded.device, _model_dtype(model)):
         try:
             out = model.generate_image(prompt=req.prompt, **kwargs)
         except ValueError as exc:
             message = str(exc)
+            if "Expected a torch.device with a specified index" in message and loaded.device.type == "cpu":
+                # The model's own MoE calls torch.cuda.set_device(hidden_states.device.index) (official
+                # modeling_hunyuan_image_3.py:1173, hunyuan.py:1110): it cannot run on a CPU.
+                raise InputError(
+                    "moe_impl 'reference' runs the model's own MoE code, which needs a CUDA GPU (it calls "
+                    "torch.cuda.set_device). On a CPU use moe_impl 'gather_scatter' (the default)."
+                ) from None
             if message.startswith("Unknown ratio token id") and size is None:
                 raise InputError(
                     f"The model's text stopped at max_new_tokens ({req.max_new_tokens}) before it chose the image's "

@@ -44,3 +44,19 @@ def install_mask_alignment(model: Any) -> bool:
     setattr(decoder, _MARK, True)
     log.debug("attention-mask alignment installed on %s", type(decoder).__name__)
     return True
+
+
+def cpu_autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    """The CPU counterpart of the autocast the official code relies on.
+
+    Its pipeline runs every diffusion forward under ``torch.autocast("cuda", bfloat16)``
+    (official hunyuan_image_3_pipeline.py:856), so float32 latents meet bf16 conv weights in
+    patch_embed and the VAE only on CUDA; on a CPU that autocast is a no-op and the first conv
+    fails ("Input type (float) and bias type (c10::BFloat16) should be the same", H:794 /
+    M:810). On CPU with a bf16 model the pack runs the call under CPU autocast instead.
+    """
+    import contextlib
+
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
