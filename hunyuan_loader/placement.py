@@ -205,12 +205,18 @@ def place_for_spec(model: Any, spec: LoadSpec, device: torch.device) -> Any:
     """Today's path (from_pretrained on the CPU, then placement): create the model's
     ResidencyManager and apply the load-time plan (disabled: every block on the GPU; smart: the
     usable VRAM is the budget; budget: the user's; both keep the inference headroom)."""
-    from ..memory.residency import place_loaded_model
+    from ..memory.residency import ResidencyManager
 
     headroom_gb = spec.headroom_gb if spec.headroom_gb is not None else default_headroom_gb(model)
+    budget = budget_bytes(spec)
     try:
-        manager = place_loaded_model(model, decoder_blocks(model), device, budget_bytes=budget_bytes(spec),
-                                     headroom_bytes=int(headroom_gb * stats.GIB))
+        manager = ResidencyManager(model, decoder_blocks(model), device)
+        if budget is None:
+            plan = ResidencyPlan.uniform(Placement.GPU, manager.block_bytes, manager.other_bytes)
+        else:
+            plan = manager.plan_for_budget(budget, int(headroom_gb * stats.GIB),
+                                           min_streamed=min(min_streamed_blocks(), len(manager.block_bytes)))
+        manager.apply(plan)
     except InsufficientVRAMError as exc:
         raise NotEnoughVRAMError(
             f"{exc} Choices: a larger vram_budget_gb, a smaller inference_headroom_gb, or the "
