@@ -252,6 +252,10 @@ def _fill(sk: Skeleton, entry: TensorEntry, value: torch.Tensor, device: torch.d
     if hq is not None and hq.param_needs_quantization(sk.model, name):
         if casting is not None:
             value = value.to(casting)
+        if sk.pre_quantized and hasattr(hq, "bnb_keys") and value.device != device:
+            # bnb's 4-bit quantizer keeps a module's tensors until all of them have arrived: give it
+            # its own copy, not a view of the read ring (which the reader reuses once released)
+            value = value.to(device) if device.type == "cuda" else value.clone()
         hq.create_quantized_param(sk.model, value, name, target)
         return
     if casting is not None and device.type == "cuda" and value.dtype != casting:

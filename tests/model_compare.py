@@ -11,10 +11,16 @@ LOADER_ATTRS = ("is_quantized", "is_loaded_in_8bit", "is_loaded_in_4bit", "quant
                 "_keep_in_fp32_modules", "training")
 
 
-def _bnb_state(t: Any) -> tuple:
+def _bnb_state(module: torch.nn.Module, t: Any) -> tuple:
+    """int8 scales (wherever bnb keeps them: weight.SCB before the first forward, module.state.SCB
+    after it or after the residency engine normalised the layer) and the 4-bit quant_state."""
+    scb = getattr(t, "SCB", None)
+    state = module.__dict__.get("state")
+    if scb is None and state is not None:
+        scb = getattr(state, "SCB", None)
     qs = getattr(t, "quant_state", None)
     return (
-        None if getattr(t, "SCB", None) is None else tuple(t.SCB.shape),
+        None if scb is None else tuple(scb.shape),
         None if qs is None else (qs.quant_type, qs.blocksize, tuple(qs.shape), str(qs.dtype), qs.nested),
     )
 
@@ -24,9 +30,12 @@ def describe(model: torch.nn.Module) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, m in model.named_modules():
         out[f"module {name}"] = (type(m).__name__, m.training)
-    for name, t in model.state_dict(keep_vars=True).items():
-        out[f"tensor {name}"] = (type(t).__name__, str(t.dtype), tuple(t.shape), t.device.type,
-                                 getattr(t, "requires_grad", None), _bnb_state(t))
+        prefix = f"{name}." if name else ""
+        for pname, t in [*m._parameters.items(), *m._buffers.items()]:
+            if t is None or (pname in m._buffers and pname in m._non_persistent_buffers_set):
+                continue
+            out[f"tensor {prefix}{pname}"] = (type(t).__name__, str(t.dtype), tuple(t.shape), t.device.type,
+                                              getattr(t, "requires_grad", None), _bnb_state(m, t))
     for attr in LOADER_ATTRS:
         out[f"attr {attr}"] = repr(getattr(model, attr, "-"))
     out["class"] = type(model).__qualname__  # the module is named after the checkpoint folder
