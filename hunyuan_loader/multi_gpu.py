@@ -1,0 +1,300 @@
+"""One model on several GPUs: the loaders' ``devices`` and ``multi_gpu`` inputs, and the load on them.
+
+- ``devices``: "auto" (every visible GPU, the current one first) or a list such as
+  "cuda:0,cuda:1", checked against the machine before anything loads (``resolve_devices``).
+- ``multi_gpu``: auto | split | cfg_parallel | off (``memory.devices.choose_mode``): auto runs the
+  CFG halves in parallel when every GPU holds the model with nothing streamed (and the checkpoint
+  has CFG rows), keeps the model on the first GPU when it fits there, and splits it otherwise.
+- ``load_blocks``: the block loader's plan, materialisation and residency for those devices.
+  split: each decoder block is read straight to its GPU (the non-block parts to the first),
+  streamed blocks to pinned RAM; ``split_exec.SplitExecution`` moves the activations at the
+  boundaries. cfg_parallel: the model on the first GPU, a replica of the decoder on each other
+  (``cfg_parallel.CfgParallelResidency``).
+
+``HUNYUAN_LOGICAL_DEVICES=1`` also accepts "cpu" and a GPU named twice ("cuda:0,cuda:0": two
+logical parts on one card): for the tests and the one-GPU benchmark, never needed by a user.
+The Budget loader's ``vram_budget_gb`` applies to each GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..memory import devices as dv
+from ..memory.residency.multi import MultiDeviceResidency
+from ..memory.residency.planner import InsufficientVRAMError, ResidencyPlan
+from .errors import InputError, NotEnoughVRAMError
+from .split_exec import SplitExecution
+
+log = logging.getLogger(__name__)
+
+LOGICAL_ENV = "HUNYUAN_LOGICAL_DEVICES"
+MODES = dv.MODES
+CPU_ROOM = 1 << 50  # a logical CPU "device" (tests): no memory limit
+_NAME = re.compile(r"cuda:(\d+)|cpu")
+
+
+def logical_devices_allowed() -> bool:
+    return os.environ.get(LOGICAL_ENV, "").strip() not in ("", "0")
+
+
+# -- the devices input ----------------------------------------------------------------------------
+def parse_devices(text: str) -> tuple[str, ...] | None:
+    """The syntax of a ``devices`` input: None for auto, else the device names ("cuda:N")."""
+    raw = (text or "").strip().lower()
+    if raw in ("", "auto"):
+        return None
+    names: list[str] = []
+    for token in raw.replace(" ", "").split(","):
+        if token.isdigit():
+            token = f"cuda:{token}"
+        if not token or not _NAME.fullmatch(token):
+            raise InputError(
+                f"devices '{text}': '{token}' is not a GPU name. List GPUs as cuda:N separated by commas "
+                "(e.g. 'cuda:0,cuda:1'), or use 'auto' for every visible GPU."
+            )
+        if token == "cpu" and not logical_devices_allowed():
+            raise InputError(f"devices '{text}' lists 'cpu': list GPUs only (cuda:N), or use 'auto' (on a machine "
+                             "without a CUDA GPU, auto runs on the CPU).")
+        if token in names and not logical_devices_allowed():
+            raise InputError(f"devices '{text}' names {token} twice: name each GPU once.")
+        names.append(token)
+    return tuple(names)
+
+
+def normalise_devices(text: str) -> str:
+    """The canonical form of a ``devices`` input (the cache key): 'auto' or 'cuda:0,cuda:1'."""
+    names = parse_devices(text)
+    return "auto" if names is None else ",".join(names)
+
+
+def resolve_devices(text: str) -> list[torch.device]:
+    """The devices a ``devices`` input means on this machine; InputError for one it does not have."""
+    names = parse_devices(text)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if names is None:
+        if count == 0:
+            return [torch.device("cpu")]
+        current = torch.cuda.current_device()
+        return [torch.device("cuda", current)] + [torch.device("cuda", i) for i in range(count) if i != current]
+    out = []
+    for name in names:
+        device = torch.device(name)
+        if device.type == "cuda" and device.index >= count:
+            have = ("no CUDA GPU is visible to this process" if count == 0
+                    else f"this machine has {count} visible GPU(s): cuda:0 to cuda:{count - 1}")
+            raise InputError(f"devices: {name} does not exist ({have}). Use 'auto', or GPUs from that list.")
+        out.append(device)
+    return out
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def primary_device(spec: Any) -> torch.device:
+    """Where the model's non-block parts live: the first device of ``spec.devices``."""
+    return resolve_devices(getattr(spec, "devices", "auto"))[0]
+
+
+def handled_here(spec: Any) -> bool:
+    """Whether the load goes through this module: several devices, or one that is not the current."""
+    found = resolve_devices(getattr(spec, "devices", "auto"))
+    return len(found) > 1 or found[0] != default_device()
+
+
+# -- the plan -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MultiPlan:
+    """What a load on several devices does."""
+
+    mode: str  # "split" (also one device: "off") or "cfg_parallel"
+    devices: tuple[torch.device, ...]  # the devices used, the first holding the non-block parts
+    reason: str
+    split: dv.SplitPlan | None = None
+    cfg_plan: ResidencyPlan | None = None
+
+    def describe(self) -> str:
+        if self.mode == "cfg_parallel" and self.cfg_plan is not None:
+            text = f"CFG-parallel over {', '.join(map(str, self.devices))}"
+            if self.cfg_plan.streamed:
+                text += f" ({len(self.cfg_plan.streamed)} blocks streamed on each)"
+        elif self.split is not None:
+            text = self.split.describe()
+        else:
+            text = self.mode
+        return f"{text} ({self.reason})"
+
+
+def device_room(spec: Any, device: torch.device) -> int:
+    """Bytes weights and activations may use on ``device``: the budget (per GPU), else what is free."""
+    if device.type != "cuda":
+        return CPU_ROOM
+    if spec.offload == "budget" and spec.vram_budget_gb is not None:
+        return int(spec.vram_budget_gb * dv.GIB)
+    return dv.usable_vram(device)
+
+
+def _headrooms(spec: Any, config: Any) -> tuple[int, int]:
+    """Activation headroom of the full batch (a split runs both rows on every device) and of one row
+    (a CFG-parallel replica): the user's, else the 1 MP estimate."""
+    from ..memory.estimator import estimate_inference_gb
+
+    if spec.headroom_gb is not None:
+        full = int(spec.headroom_gb * dv.GIB)
+        return full, full
+    est = [estimate_inference_gb(1024, 1024, config=config, moe_impl=spec.moe_impl, cfg=cfg) for cfg in (True, False)]
+    return int(est[0] * dv.GIB), int(est[1] * dv.GIB)
+
+
+def plan_devices(
+    spec: Any,
+    block_bytes: Sequence[int],
+    other_bytes: int,
+    config: Any,
+    *,
+    replica_other_bytes: int | None = None,
+    replicable: bool = True,
+    devices: Sequence[torch.device] | None = None,
+    rooms: Sequence[int] | None = None,
+) -> MultiPlan:
+    """Choose the mode and the placement (NotEnoughVRAMError / InputError with the numbers and the
+    choices). ``replicable``: the weight format can be copied to a replica (not bitsandbytes);
+    ``devices`` / ``rooms`` default to the spec's devices and what each has free (or the budget)."""
+    found = list(devices) if devices is not None else resolve_devices(spec.devices)
+    names = [str(d) for d in found]
+    rooms = list(rooms) if rooms is not None else [device_room(spec, d) for d in found]
+    allow = spec.offload != "disabled"
+    full, half = _headrooms(spec, config)
+    distilled = bool(getattr(config, "cfg_distilled", False) or getattr(config, "use_meanflow", False))
+
+    def split_over(n: int, streaming: bool) -> dv.SplitPlan:
+        return dv.plan_split(block_bytes, other_bytes, names[:n], rooms[:n], full, allow_streaming=streaming)
+
+    try:
+        split_over(1, False)
+        single_resident = True
+    except InsufficientVRAMError:
+        single_resident = False
+    cfg_kwargs = dict(replica_other_bytes=replica_other_bytes)
+    cfg_resident = cfg_any = None
+    if replicable and len(found) > 1:
+        cfg_resident = dv.plan_cfg_parallel(block_bytes, other_bytes, rooms, half, allow_streaming=False, **cfg_kwargs)
+        cfg_any = cfg_resident or dv.plan_cfg_parallel(block_bytes, other_bytes, rooms, half,
+                                                       allow_streaming=allow, **cfg_kwargs)
+    try:
+        choice = dv.choose_mode(spec.multi_gpu, len(found), cfg_batch=not distilled,
+                                single_fits_resident=single_resident, cfg_fits_resident=cfg_resident is not None,
+                                cfg_fits=cfg_any is not None)
+    except ValueError as exc:
+        extra = "" if replicable else " (and its weight format, bitsandbytes, cannot be replicated: use BF16 or INT8 w8a16)"
+        raise InputError(f"multi_gpu cfg_parallel cannot run on {', '.join(names)}: {exc}{extra}. "
+                         "Use multi_gpu auto or split.") from None
+    if choice.mode == "cfg_parallel":
+        return MultiPlan("cfg_parallel", tuple(found), choice.reason, cfg_plan=cfg_any)
+    n = 1 if choice.mode == "off" else len(found)
+    try:
+        split = split_over(n, allow)
+    except InsufficientVRAMError as exc:
+        where = names[0] if n == 1 else f"{n} GPUs ({', '.join(names)})"
+        choices = ("offload_mode smart (streams the blocks that do not fit from RAM), " if not allow else
+                   "a larger vram_budget_gb, a smaller inference_headroom_gb, ")
+        raise NotEnoughVRAMError(
+            f"{spec.describe()} does not fit {where}: {exc} Choices: {choices}more GPUs in devices, or the "
+            "NF4 / INT8 loaders, whose weights are 4x / 2x smaller."
+        ) from None
+    return MultiPlan("split", tuple(found[:n]), choice.reason, split=split)
+
+
+# -- the load -------------------------------------------------------------------------------------
+class SplitResidency(MultiDeviceResidency):
+    """MultiDeviceResidency plus the activation moves at the device boundaries."""
+
+    def __init__(self, model: Any, blocks: Sequence[Any], split: dv.SplitPlan, **kwargs: Any) -> None:
+        super().__init__(model, blocks, split, **kwargs)
+        starts = [a for a, b in split.ranges if b > a]
+        self.execution = (SplitExecution(blocks, split.block_devices, split.devices[0], starts=starts)
+                          if len(split.devices) > 1 else None)
+
+    def extra_needed(self, need: int, notes: list[str] | None = None) -> tuple[int, int]:
+        result = super().extra_needed(need, notes)
+        if notes is not None and self.execution is not None:
+            notes.append(self.split.describe() + ".")
+        return result
+
+    def close(self) -> None:
+        if self.execution is not None:
+            self.execution.close()
+            self.execution = None
+        super().close()
+
+
+def _replica_other_bytes(sk: Any, units: Sequence[Any]) -> int:
+    """Non-block bytes a decoder replica carries (model.wte, model.ln_f), from the headers."""
+    from .block_loader import placed_nbytes
+
+    return sum(placed_nbytes(sk, e) for u in units if u.block is None for e in u.entries
+               if e.name.startswith("model."))
+
+
+def load_blocks(
+    spec: Any,
+    sk: Any,
+    units: Sequence[Any],
+    block_bytes: Sequence[int],
+    other_bytes: int,
+    staging: int,
+    progress: Callable[[int, int], None] | None,
+    cancel: Callable[[], None] | None,
+) -> Any:
+    """loading._load_blocks for several devices (or one that is not the current): plan, refuse
+    before reading if the machine cannot hold it, materialise, and return the residency."""
+    from .block_loader import finish, materialise
+    from .placement import LoadPlacement, adopt_load, check_load_ram
+
+    bnb = type(sk.hf_quantizer).__name__.lower().startswith("bnb") if sk.hf_quantizer is not None else False
+    mp = plan_devices(spec, block_bytes, other_bytes, sk.config, replicable=not bnb,
+                      replica_other_bytes=_replica_other_bytes(sk, units))
+    log.info("load plan for %s: %s", spec.describe(), mp.describe())
+    primary = mp.devices[0]
+    if mp.mode == "cfg_parallel":
+        from .cfg_parallel import CfgParallelResidency
+
+        plan = mp.cfg_plan
+        assert plan is not None
+        placement = LoadPlacement(primary, plan, plan.streamed_bytes, staging)
+        check_load_ram(spec, placement)
+        packed = materialise(sk, units, primary, plan.streamed, progress=progress, cancel=cancel, ring_bytes=staging)
+        finish(sk)
+        manager = adopt_load(sk.model, placement, packed)
+        try:
+            return CfgParallelResidency(sk.model, manager, mp.devices, moe_impl=spec.moe_impl)
+        except BaseException:
+            manager.close()
+            raise
+    split = mp.split
+    assert split is not None
+    whole = ResidencyPlan(split.placements, tuple(int(b) for b in block_bytes), int(other_bytes))
+    check_load_ram(spec, LoadPlacement(primary, whole, split.streamed_bytes, staging))
+    block_devices = [torch.device(d) for d in split.block_devices]
+    packed = materialise(sk, units, primary, split.streamed, progress=progress, cancel=cancel, ring_bytes=staging,
+                         unit_device=lambda unit: primary if unit.block is None else block_devices[unit.block])
+    finish(sk)
+    residency = SplitResidency(sk.model, sk.blocks, split)
+    try:
+        for manager, (start, stop) in zip(residency.managers, split.ranges):
+            mine = {i - start: pb for i, pb in packed.items() if start <= i < stop}
+            if mine:
+                manager.adopt_packed(mine)
+        residency.apply_split()
+    except BaseException:
+        residency.close()
+        raise
+    return residency

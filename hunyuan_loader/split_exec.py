@@ -1,0 +1,118 @@
+"""Run a model whose decoder blocks live on several devices: activations cross at block boundaries.
+
+Forward pre-hooks on the decoder blocks (the model code never knows, as with accelerate's or
+diffusers' hooks) move every tensor a block is called with (hidden states, attention mask,
+position ids, the rope ``(cos, sin)`` tuple, anything nested in tuples, lists or dicts) to the
+block's device; a forward hook on the last block brings its output back to the first device,
+where the model's non-block parts (final norm, heads, VAE) live. A KV cache object passes
+through untouched: transformers' static and dynamic cache layers allocate lazily on the device
+of the keys they are first given, so each layer's cache lives with its block.
+
+Tensors shared by every block (the mask, rope, position ids) are copied once per device per
+pass over the stack, not once per block: copies are remembered from the first block's hook to
+the end of the pass. The CUDA current device follows the block (code that allocates on "cuda"
+inside a block gets the block's GPU) and is put back after the last block.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def move_to(value: Any, device: torch.device, memo: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Any:
+    """``value`` with every tensor in it (through tuples, lists and dicts) on ``device``; other
+    objects (a KV cache, numbers, strings) as they are. ``memo`` reuses copies of the same tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.device == device:
+            return value
+        if memo is not None:
+            hit = memo.get(id(value))
+            if hit is not None and hit[0] is value and hit[1].device == device:
+                return hit[1]
+        moved = value.to(device, non_blocking=True)
+        if memo is not None:
+            memo[id(value)] = (value, moved)  # keeps the source alive, so its id is not reused
+        return moved
+    if isinstance(value, (tuple, list)):
+        items = [move_to(v, device, memo) for v in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value  # nothing moved: the same object
+        if isinstance(value, list):
+            return items
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, dict) and type(value) is dict:
+        moved = {k: move_to(v, device, memo) for k, v in value.items()}
+        return value if all(moved[k] is value[k] for k in value) else moved
+    return value
+
+
+class SplitExecution:
+    """Hooks that run ``blocks[i]`` on ``devices[i]`` and return to ``primary`` after the last."""
+
+    def __init__(self, blocks: Sequence[nn.Module], devices: Sequence[torch.device | str],
+                 primary: torch.device | str, *, starts: Sequence[int] | None = None) -> None:
+        """``starts``: the first block of each run (default: where the device changes); two runs on
+        one device (logical parts, tests) get their boundary hook too."""
+        if len(blocks) != len(devices):
+            raise ValueError(f"{len(blocks)} blocks but {len(devices)} devices")
+        self.blocks = list(blocks)
+        self.devices = [torch.device(d) for d in devices]
+        self.primary = torch.device(primary)
+        self._memos: dict[torch.device, dict] = {}
+        self.moves = 0  # boundary crossings with a tensor moved (tests, bench)
+        self._handles: list[Any] = []
+        hooked = {0, *(starts or [i for i in range(1, len(self.blocks)) if self.devices[i] != self.devices[i - 1]])}
+        for i, block in enumerate(self.blocks):
+            if i in hooked:  # block 0 also starts a new pass
+                self._handles.append(block.register_forward_pre_hook(self._make_pre(i), with_kwargs=True))
+        if self.blocks:
+            self._handles.append(
+                self.blocks[-1].register_forward_hook(self._after_last, always_call=True))
+
+    @property
+    def crossings(self) -> int:
+        """Device changes along the stack (the first device counted from ``primary``)."""
+        prev, n = self.primary, 0
+        for d in self.devices:
+            n += d != prev
+            prev = d
+        return n
+
+    def _make_pre(self, i: int):
+        device = self.devices[i]
+
+        def pre(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if i == 0:
+                self._memos.clear()  # a new pass over the stack
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            memo = self._memos.setdefault(device, {})
+            new_args, new_kwargs = move_to(args, device, memo), move_to(kwargs, device, memo)
+            if new_args is args and new_kwargs is kwargs:
+                return None
+            self.moves += 1
+            return new_args, new_kwargs
+
+        return pre
+
+    def _after_last(self, _module: nn.Module, _args: tuple, output: Any) -> Any:
+        self._memos.clear()
+        if self.primary.type == "cuda":
+            torch.cuda.set_device(self.primary)
+        if self.devices[-1] == self.primary:
+            return None
+        self.moves += 1
+        return move_to(output, self.primary)
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._memos.clear()
