@@ -377,12 +377,14 @@ def materialise(
     cancel: CancelFn | None = None,
     ring_bytes: int | None = None,
     stats: LoadStats | None = None,
+    unit_device: Callable[[LoadUnit], torch.device] | None = None,
     streamed_sizes: dict[int, int] | None = None,
 ) -> dict[int, PackedBlock]:
     """Read and place every unit in order; returns the streamed blocks' packed host buffers.
 
-    ``streamed_sizes`` (block -> planned bytes) lets a helper thread prepare each streamed
-    block's pinned buffer ahead. ``cancel`` is called between units (it raises to stop). On any failure the partial
+    ``unit_device(unit)`` puts units on other devices than ``device`` (issue 13: a model split
+    over several GPUs). ``streamed_sizes`` (block -> planned bytes) lets a helper thread prepare
+    each streamed block's pinned buffer ahead. ``cancel`` is called between units (it raises to stop). On any failure the partial
     weights are freed before the exception leaves (nothing stays alive, even if the
     traceback keeps the model object).
     """
@@ -409,15 +411,18 @@ def materialise(
             for unit in units:
                 if cancel is not None:
                     cancel()
+                target = device if unit_device is None else unit_device(unit)  # issue 13 hook
                 for entry in unit.entries:
                     item = reader.next()
                     assert item.entry is entry
                     try:
-                        _fill(sk, entry, item.tensor, device)
+                        # issue 13 hook: a CPU unit of a GPU load keeps its own copy (the ring is reused)
+                        value = item.tensor.clone() if target.type != device.type else item.tensor
+                        _fill(sk, entry, value, target)
                     finally:
                         item.release()
                     prog.add(entry.nbytes)
-                _follow_unit(_unit_modules(sk, unit), device)
+                _follow_unit(_unit_modules(sk, unit), target)
                 if not cuda:  # give the unit's freed buffers back to the OS (glibc keeps them)
                     malloc_trim()
                 if unit.block is not None and unit.block in streamed:
@@ -426,6 +431,10 @@ def materialise(
                 stats.order.append(unit.label)
             if cuda:
                 torch.cuda.synchronize(device)
+                if unit_device is not None:  # issue 13 hook: every GPU the units went to
+                    for dev in {unit_device(u) for u in units} - {device}:
+                        if dev.type == "cuda":
+                            torch.cuda.synchronize(dev)
         _check_no_meta(sk.model)
     except BaseException:
         packed.clear()

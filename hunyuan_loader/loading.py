@@ -19,7 +19,7 @@ import torch
 
 from ..memory import stats
 from ..memory.unload import strip_module_weights, track_model
-from . import quiet
+from . import multi_gpu, quiet
 from .checkpoint import CheckpointInfo, check_code_dependencies, loadable_path, validate_checkpoint
 from .placement import accelerate_kwargs, adopt_load, place_for_spec, plan_load, uses_accelerate
 from .prequantized import check_matches_loader, check_prequantized, prequantized_format
@@ -83,7 +83,7 @@ def load_model(
     layout = read_layout(info.shard_files)
     qconfig, pre_quantized = _quant_config(spec, info, sorted(layout))
     check_code_dependencies(info.path)
-    device = default_device()
+    device = multi_gpu.primary_device(spec)  # issue 13 hook: the first of spec.devices (auto: the current GPU)
     variant = detect_variant(info.config, read_generation_config(info.path))
     start = time.perf_counter()
     model = residency = skeleton = None
@@ -174,6 +174,8 @@ def _load_from_pretrained(spec, info, qconfig, pre_quantized, device):
 
     kwargs: dict[str, Any] = dict(
         trust_remote_code=True,
+    if multi_gpu.handled_here(spec):  # issue 13 hook: several GPUs (hunyuan_loader/multi_gpu.py)
+        return sk, multi_gpu.load_blocks(spec, sk, units, block_bytes, other_bytes, staging, progress, cancel)
         dtype=torch.bfloat16,  # transformers >= 4.56 name (torch_dtype is deprecated)
         attn_implementation="sdpa",
         moe_impl="eager",
