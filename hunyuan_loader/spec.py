@@ -30,6 +30,10 @@ class LoadSpec:
     headroom_gb: float | None = None
     moe_impl: str = "gather_scatter"
     int8_format: str = "w8a16"
+    # Several GPUs (issue 13, hunyuan_loader/multi_gpu.py): "auto" = every visible GPU, or "cuda:0,cuda:1";
+    # multi_gpu: auto | split | cfg_parallel | off.
+    devices: str = "auto"
+    multi_gpu: str = "auto"
 
     def __post_init__(self) -> None:
         if self.quant not in QUANTS:
@@ -46,12 +50,29 @@ class LoadSpec:
             raise InputError(f"vram_budget_gb must be positive (got {self.vram_budget_gb}).")
         if self.headroom_gb is not None and self.headroom_gb < 0:
             raise InputError(f"inference_headroom_gb must be 0 or more (got {self.headroom_gb}).")
+        self._check_devices()
+
+    def _check_devices(self) -> None:
+        """devices: syntax and existence on this machine (normalised: the cache key); multi_gpu."""
+        from .multi_gpu import MODES, normalise_devices, resolve_devices
+
+        if self.multi_gpu not in MODES:
+            raise InputError(f"multi_gpu '{self.multi_gpu}' is not one of {', '.join(MODES)}.")
+        object.__setattr__(self, "devices", normalise_devices(self.devices))
+        resolve_devices(self.devices)  # a device this machine does not have: InputError before anything loads
+        if self.offload == "accelerate" and self.devices != "auto":
+            raise InputError("offload_mode accelerate places the model with accelerate's own device map: leave "
+                             "devices on auto, or use offload_mode disabled / smart / budget with devices.")
 
     def describe(self) -> str:
         quant = f"{self.quant} {self.int8_format}" if self.quant == "int8" else self.quant
         text = f"{Path(self.path).name} [{quant}, offload {self.offload}"
         if self.vram_budget_gb is not None:
             text += f", budget {self.vram_budget_gb:g} GB"
+        if self.devices != "auto":
+            text += f", devices {self.devices}"
+        if self.multi_gpu != "auto":
+            text += f", multi_gpu {self.multi_gpu}"
         return text + f", moe {self.moe_impl}]"
 
 
