@@ -175,15 +175,21 @@ class HunyuanModelCache:
 
     def force_unload(self, nuke_orphaned_tensors: bool = False) -> UnloadReport:
         """Drop the cache, optionally hunt orphaned HunyuanImage-3 tensors, free everything."""
+        from ..memory.devices import allocated_by_device, describe_allocated_change
+
         with self._lock:
             before = stats.snapshot()
+            per_device = allocated_by_device()  # issue 13 hook: every GPU, not only the current one
             dropped = self.loaded.spec.describe() if self.loaded is not None else "nothing cached"
             self._drop()
             frames = orphan_bytes = 0
             if nuke_orphaned_tensors:
                 frames, orphan_bytes = nuke_orphans(live=())
             collect_garbage()
-            return UnloadReport(before, stats.snapshot(), dropped, frames, orphan_bytes)
+            report = UnloadReport(before, stats.snapshot(), dropped, frames, orphan_bytes)
+            if len(per_device) > 1:
+                report.notes += ["Per GPU: " + "; ".join(describe_allocated_change(per_device, allocated_by_device()))]
+            return report
 
     def _drop(self) -> None:
         loaded, self.loaded = self.loaded, None
