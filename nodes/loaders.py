@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..hunyuan_loader.cache import ModelHandle, get_cache
+from ..hunyuan_loader.multi_gpu import MODES as MULTI_GPU_MODES
 from ..hunyuan_loader.spec import INT8_FORMATS, LoadSpec
 from . import comfy_adapter, comfy_memory
 
@@ -39,8 +40,24 @@ def load_through_cache(spec: LoadSpec) -> tuple[ModelHandle]:
     return (cache.load(spec),)
 
 
+DEVICES_TIP = (
+    "GPUs for this model: auto = every visible GPU (ComfyUI's first), or a list such as cuda:0,cuda:1. "
+    "One GPU that holds the model uses that GPU only."
+)
+MULTI_GPU_TIP = (
+    "With several GPUs. auto: the CFG halves of each step run on different GPUs at once when every GPU holds "
+    "the model, else the decoder blocks are split over the GPUs (no CPU offload when they hold it together). "
+    "split / cfg_parallel: force one; off: the first GPU only. The Generate node's text says which ran."
+)
+
+
 def _common_optional() -> dict[str, Any]:
-    return {"moe_impl": (["gather_scatter", "reference"], {"default": "gather_scatter", "tooltip": MOE_TIP})}
+    return {
+        "moe_impl": (["gather_scatter", "reference"], {"default": "gather_scatter", "tooltip": MOE_TIP}),
+        # issue 13: several GPUs (hunyuan_loader/multi_gpu.py)
+        "devices": ("STRING", {"default": "auto", "tooltip": DEVICES_TIP}),
+        "multi_gpu": (list(MULTI_GPU_MODES), {"default": "auto", "tooltip": MULTI_GPU_TIP}),
+    }
 
 
 class _LoaderBase:
@@ -66,9 +83,11 @@ class _LoaderBase:
         # rule (a listed folder name, never a path) and says where models go.
         return comfy_adapter.check_model_name(model_name)
 
-    def load(self, model_name: str, offload_mode: str, moe_impl: str = "gather_scatter") -> tuple[ModelHandle]:
+    def load(self, model_name: str, offload_mode: str, moe_impl: str = "gather_scatter", devices: str = "auto",
+             multi_gpu: str = "auto") -> tuple[ModelHandle]:
         path = comfy_adapter.resolve_model_path(model_name)
-        return load_through_cache(LoadSpec(str(path), quant=self.QUANT, offload=offload_mode, moe_impl=moe_impl))
+        return load_through_cache(LoadSpec(str(path), quant=self.QUANT, offload=offload_mode, moe_impl=moe_impl,
+                                           devices=devices, multi_gpu=multi_gpu))
 
 
 class HunyuanImage3LoaderINT8(_LoaderBase):
@@ -87,11 +106,12 @@ class HunyuanImage3LoaderINT8(_LoaderBase):
         return types
 
     def load(
-        self, model_name: str, offload_mode: str, moe_impl: str = "gather_scatter", int8_format: str = INT8_FORMATS[0]
+        self, model_name: str, offload_mode: str, moe_impl: str = "gather_scatter", int8_format: str = INT8_FORMATS[0],
+        devices: str = "auto", multi_gpu: str = "auto",
     ) -> tuple[ModelHandle]:
         path = comfy_adapter.resolve_model_path(model_name)
         return load_through_cache(LoadSpec(str(path), quant=self.QUANT, offload=offload_mode, moe_impl=moe_impl,
-                                           int8_format=int8_format))
+                                           int8_format=int8_format, devices=devices, multi_gpu=multi_gpu))
 
 
 class HunyuanImage3LoaderNF4(_LoaderBase):
@@ -132,12 +152,13 @@ class HunyuanImage3LoaderBudget:
                 "vram_budget_gb": (
                     "FLOAT",
                     {"default": 80.0, "min": 1.0, "max": 1024.0, "step": 1.0,
-                     "tooltip": "GPU memory this model may use in all, weights plus inference."},
+                     "tooltip": "GPU memory this model may use in all, weights plus inference (on each GPU "
+                                "when devices lists several)."},
                 ),
                 "inference_headroom_gb": (
                     "FLOAT",
                     {"default": 0.0, "min": 0.0, "max": 512.0, "step": 0.5,
-                     "tooltip": "Kept free for activations. 0 = the estimate for a 1 MP image."},
+                     "tooltip": "Kept free for activations (on each GPU). 0 = the estimate for a 1 MP image."},
                 ),
             },
             "optional": {
@@ -160,6 +181,8 @@ class HunyuanImage3LoaderBudget:
         inference_headroom_gb: float,
         moe_impl: str = "gather_scatter",
         int8_format: str = INT8_FORMATS[0],
+        devices: str = "auto",
+        multi_gpu: str = "auto",
     ) -> tuple[ModelHandle]:
         path = comfy_adapter.resolve_model_path(model_name)
         spec = LoadSpec(
@@ -170,5 +193,7 @@ class HunyuanImage3LoaderBudget:
             headroom_gb=inference_headroom_gb or None,
             moe_impl=moe_impl,
             int8_format=int8_format,
+            devices=devices,
+            multi_gpu=multi_gpu,
         )
         return load_through_cache(spec)
