@@ -21,6 +21,7 @@ from .cache import get_cache
 from .errors import HunyuanError, InputError
 from .generation import BOT_TASKS, DEFAULT_MAX_NEW_TOKENS, GenerationRequest, generate, open_reference_images
 from .input_checks import check_output_path, check_request, check_resolution, checkpoint_variant, model_sizes
+from .multi_gpu import MODES as MULTI_GPU_MODES
 from .spec import INT8_FORMATS, MOE_IMPLS, OFFLOAD_MODES, QUANTS, LoadSpec
 
 TEST_VARIANTS = ("base", "instruct", "distil")
@@ -49,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--budget-gb", type=float, help="VRAM budget (offload budget)")
     gen.add_argument("--headroom-gb", type=float, help="inference headroom (offload budget)")
     gen.add_argument("--moe-impl", choices=MOE_IMPLS, default="gather_scatter")
+    gen.add_argument("--devices", default="auto",
+                     help="GPUs for the model: auto (every visible GPU) or a list such as cuda:0,cuda:1")
+    gen.add_argument("--multi-gpu", choices=MULTI_GPU_MODES, default="auto",
+                     help="with several GPUs: auto, split (blocks over the GPUs), cfg_parallel (the CFG halves on "
+                          "different GPUs at once) or off (the first GPU only)")
     gen.add_argument("--prompt", default="a red fox in fresh snow, morning light, photograph")
     gen.add_argument("--seed", type=int, default=42)
     gen.add_argument("--steps", type=int, help="default: the checkpoint's generation_config")
@@ -141,7 +147,8 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         model_dir = args.model
     spec = LoadSpec(model_dir, quant=args.quant, offload=args.offload, vram_budget_gb=args.budget_gb,
-                    headroom_gb=args.headroom_gb, moe_impl=args.moe_impl, int8_format=args.int8_format)
+                    headroom_gb=args.headroom_gb, moe_impl=args.moe_impl, int8_format=args.int8_format,
+                    devices=args.devices, multi_gpu=args.multi_gpu)
     info = validate_checkpoint(model_dir)
     variant = checkpoint_variant(model_dir)
     check_request(request, variant)
