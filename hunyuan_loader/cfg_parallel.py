@@ -268,6 +268,7 @@ class CfgParallel:
         self.replicas = list(replicas)
         self.devices = [self.primary] + [r.device for r in self.replicas]
         self.enabled = True
+        self._warm = False
         self.calls = 0
         self.parallel_calls = 0
         self.last_seconds = 0.0
@@ -326,6 +327,14 @@ class CfgParallel:
             return (take_rows(args, batch, r * rows, (r + 1) * rows, caches),
                     take_rows(kwargs, batch, r * rows, (r + 1) * rows, caches))
 
+        if not self._warm:  # the first time one after another: lazy set-ups (kernel autotuning, cuBLAS
+            # handles, Triton compiles) then happen in one thread at a time
+            self._warm = True
+            a0, k0 = part(0)
+            outs = [self._original(*a0, **k0)]
+            for i in range(len(self.replicas)):
+                outs.append(self._pool.submit(self._run_replica, i, part(i + 1), state, ready).result())
+            return merge_rows(outs, originals)
         futures = [self._pool.submit(self._run_replica, i, part(i + 1), state, ready)
                    for i in range(len(self.replicas))]
         try:

@@ -202,40 +202,49 @@ class _CachedStack(nn.Module):
         torch.manual_seed(0)
         self.layers = nn.ModuleList(nn.Linear(h, h) for _ in range(n))
 
-    def forward(self, inputs_embeds, past_key_values=None):
+    def forward(self, inputs_embeds, past_key_values=None, cache_position=None):
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
             k = layer(h)[:, None]  # [batch, heads=1, seq, dim]
-            keys, values = past_key_values.update(k, k, i)
+            keys, values = past_key_values.update(k, k, i, {"cache_position": cache_position})
             h = h + keys.mean(dim=2) + values[:, 0, -1:, :]
         from transformers.modeling_outputs import BaseModelOutputWithPast
 
         return BaseModelOutputWithPast(last_hidden_state=h, past_key_values=past_key_values)
 
 
-def test_cfg_parallel_keeps_one_cache_per_replica() -> None:
-    from transformers import DynamicCache
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_cfg_parallel_keeps_one_cache_per_replica(kind: str) -> None:
+    from transformers import DynamicCache, PretrainedConfig, StaticCache
+
+    def new_cache():  # the official image stage uses a StaticCache subclass (HunyuanStaticCache)
+        if kind == "dynamic":
+            return DynamicCache()
+        cfg = PretrainedConfig(num_hidden_layers=2, hidden_size=8, num_attention_heads=1, num_key_value_heads=1,
+                               head_dim=8)
+        return StaticCache(config=cfg, max_cache_len=8)
 
     x1, x2 = torch.randn(2, 5, 8), torch.randn(2, 1, 8)
+    p1, p2 = torch.arange(5), torch.tensor([5])
     ref_model = _CachedStack()
-    ref_cache = DynamicCache()
+    ref_cache = new_cache()
     with torch.no_grad():
-        ref = [ref_model(x1, ref_cache).last_hidden_state, ref_model(x2, ref_cache).last_hidden_state]
+        ref = [ref_model(x1, ref_cache, p1).last_hidden_state, ref_model(x2, ref_cache, p2).last_hidden_state]
     model = _CachedStack()
     par = CfgParallel(model, "cpu", [clone_decoder(model, "cpu")])
-    cache = DynamicCache()
+    cache = new_cache()
     with torch.no_grad():
-        out1 = model(x1, past_key_values=cache)
-        out2 = model(x2, past_key_values=out1.past_key_values)
+        out1 = model(x1, past_key_values=cache, cache_position=p1)
+        out2 = model(x2, past_key_values=out1.past_key_values, cache_position=p2)
     assert out1.past_key_values is cache and par.parallel_calls == 2
     assert torch.allclose(out1.last_hidden_state, ref[0], atol=1e-6)
     assert torch.allclose(out2.last_hidden_state, ref[1], atol=1e-6)
     with torch.no_grad():
-        single = model(x1[:1], past_key_values=DynamicCache())  # one row: the first device alone
+        single = model(x1[:1], past_key_values=new_cache(), cache_position=p1)  # one row: the first device alone
         par.enabled = False
-        started = model(x1, past_key_values=DynamicCache()).past_key_values  # keys of both rows, unsplit
+        started = model(x1, past_key_values=new_cache(), cache_position=p1).past_key_values  # both rows, unsplit
         par.enabled = True
-        late = model(x2, past_key_values=started)  # a cache that already holds keys is not split by rows
+        late = model(x2, past_key_values=started, cache_position=p2)  # a cache holding keys is not split by rows
     assert par.calls == 5 and par.parallel_calls == 2
     assert torch.allclose(single.last_hidden_state, ref[0][:1], atol=1e-6)
     assert torch.allclose(late.last_hidden_state, ref[1], atol=1e-6)
