@@ -159,6 +159,8 @@ def _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, c
         else:
             block_bytes[unit.block] = nbytes
     staging = staging_bytes(sk, units, device)
+    if multi_gpu.handled_here(spec):  # issue 13 hook: several GPUs (hunyuan_loader/multi_gpu.py)
+        return sk, multi_gpu.load_blocks(spec, sk, units, block_bytes, other_bytes, staging, progress, cancel)
     placement = plan_load(spec, block_bytes, other_bytes, device, sk.config, staging_bytes=staging)
     sizes = {i: placement.plan.block_bytes[i] for i in placement.streamed} if placement.plan is not None else None
     packed = materialise(sk, units, device, placement.streamed, progress=progress, cancel=cancel,
@@ -174,8 +176,6 @@ def _load_from_pretrained(spec, info, qconfig, pre_quantized, device):
 
     kwargs: dict[str, Any] = dict(
         trust_remote_code=True,
-    if multi_gpu.handled_here(spec):  # issue 13 hook: several GPUs (hunyuan_loader/multi_gpu.py)
-        return sk, multi_gpu.load_blocks(spec, sk, units, block_bytes, other_bytes, staging, progress, cancel)
         dtype=torch.bfloat16,  # transformers >= 4.56 name (torch_dtype is deprecated)
         attn_implementation="sdpa",
         moe_impl="eager",
