@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..memory import stats
 from ..memory.unload import UnloadReport, collect_garbage, nuke_orphans
@@ -99,6 +100,23 @@ class HunyuanModelCache:
             loaded = self.get(handle)
         with run_placement(loaded, size, notes, extra_margin=extra_margin, make_room=make_room):
             yield loaded
+
+    def save_quantized_copy(
+        self, handle: ModelHandle, dest: Path, progress: Callable[[int, int], None] | None = None
+    ) -> Path | None:
+        """Write the cached int8/nf4 model as a pre-quantized checkpoint at ``dest`` (the loaders'
+        save option, right after loading). None when there is nothing to do: ``dest`` exists
+        already, the model is bf16, or its checkpoint is pre-quantized itself."""
+        from .prequantized import save_prequantized
+
+        with self._lock:
+            loaded = self.get(handle)
+            if loaded.spec.quant == "bf16" or loaded.info.config.get("quantization_config"):
+                return None
+            if Path(dest).exists():
+                log.info("quantized copy %s exists already: not written again", dest)
+                return None
+            return save_prequantized(loaded.model, loaded.info.path, Path(dest), progress=progress)
 
     # -- memory ------------------------------------------------------------------
     def gpu_bytes(self) -> int:

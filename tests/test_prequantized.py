@@ -198,3 +198,27 @@ def test_gpu_round_trip_identical_to_fresh_gpu_quantization(base_checkpoint: Pat
     plain_copy = _plain(copy, device_map={"": 0})
     plain_fresh = _plain(base_checkpoint, _fresh_qconfig(base_checkpoint, quant, fmt), device_map={"": 0})
     assert torch.equal(logits(plain_copy), logits(plain_fresh))
+
+
+def test_loader_option_writes_the_copy_once_next_to_the_model(cache, base_checkpoint: Path, tmp_path: Path,
+                                                              monkeypatch) -> None:
+    """The NF4 loader's save_quantized_copy: <name>-NF4 appears next to the model folder after the
+    load, is not rewritten by the next run, and loads with the NF4 loader to the same logits."""
+    from hunyuan_image3.nodes.loaders import HunyuanImage3LoaderNF4
+
+    root = tmp_path / "models"
+    shutil.copytree(base_checkpoint, root / base_checkpoint.name)
+    monkeypatch.setenv("HUNYUAN_MODELS_DIR", str(root))
+    node = HunyuanImage3LoaderNF4()
+    assert node.FUNCTION == "load_and_save"
+    assert "save_quantized_copy" in node.INPUT_TYPES()["optional"]
+    (handle,) = getattr(node, node.FUNCTION)(model_name=base_checkpoint.name, offload_mode="disabled",
+                                             save_quantized_copy=True)
+    copy = root / f"{base_checkpoint.name}-NF4"
+    assert (copy / "config.json").is_file() and list(copy.glob("*.safetensors"))
+    ref = logits(cache.get(handle).model)
+    stamp = (copy / "config.json").stat().st_mtime_ns
+    getattr(node, node.FUNCTION)(model_name=base_checkpoint.name, offload_mode="disabled", save_quantized_copy=True)
+    assert (copy / "config.json").stat().st_mtime_ns == stamp  # not written again
+    (handle2,) = node.load(copy.name, "disabled")
+    assert torch.equal(logits(cache.get(handle2).model), ref)
