@@ -222,6 +222,7 @@ def free(loaded) -> None:
     if loaded is not None and loaded.residency is not None:
         loaded.residency.close()
     if loaded is not None:
+        loaded.residency = None
         loaded.model = None
     gc.collect()
     torch.cuda.synchronize()
@@ -305,7 +306,7 @@ def main() -> int:
     def spec(path: Path, quant: str, smart: bool = False, **kw) -> LoadSpec:
         if smart:
             kw.setdefault("offload", "smart")
-        return LoadSpec(str(path), quant=quant, int8_format=fmt, **kw)
+        return LoadSpec(str(path), quant=quant, int8_format=fmt, multi_gpu="off", **kw)  # one GPU
 
     def record(row: Row, out: torch.Tensor, ref_key: str | None, key: str | None = None) -> None:
         if ref_key is not None and ref_key in refs:
