@@ -234,6 +234,18 @@ def merge_rows(outs: Sequence[Any], originals: dict[int, Any]) -> Any:
     return first
 
 
+_STREAMS: dict[tuple[torch.device, int], Any] = {}
+
+
+def _stream(device: torch.device, slot: int) -> Any:
+    """One CUDA stream per (device, replica) for the whole process: cuBLAS keeps a workspace per
+    stream, so new streams at every load would leave workspaces behind."""
+    key = (device, slot)
+    if key not in _STREAMS:
+        _STREAMS[key] = torch.cuda.Stream(device)
+    return _STREAMS[key]
+
+
 @dataclass(frozen=True)
 class _ThreadState:
     grad: bool
@@ -275,7 +287,7 @@ class CfgParallel:
         self._caches: dict[int, tuple[weakref.ref, list[Any]]] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.replicas)), thread_name_prefix="cfg-parallel")
-        self._streams = [torch.cuda.Stream(r.device) if r.device.type == "cuda" else None for r in self.replicas]
+        self._streams = [_stream(r.device, i) if r.device.type == "cuda" else None for i, r in enumerate(self.replicas)]
         self._previous = decoder.__dict__.get("forward")
         self._original: Callable[..., Any] = decoder.forward
         decoder.forward = self._forward
