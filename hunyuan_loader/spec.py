@@ -59,7 +59,8 @@ class LoadSpec:
         if self.multi_gpu not in MODES:
             raise InputError(f"multi_gpu '{self.multi_gpu}' is not one of {', '.join(MODES)}.")
         object.__setattr__(self, "devices", normalise_devices(self.devices))
-        resolve_devices(self.devices)  # a device this machine does not have: InputError before anything loads
+        if self.devices != "auto":
+            resolve_devices(self.devices)  # a device this machine does not have: InputError before anything loads
         if self.offload == "accelerate" and self.devices != "auto":
             raise InputError("offload_mode accelerate places the model with accelerate's own device map: leave "
                              "devices on auto, or use offload_mode disabled / smart / budget with devices.")
