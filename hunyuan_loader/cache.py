@@ -82,7 +82,7 @@ class HunyuanModelCache:
     def prepare_run(
         self,
         handle: ModelHandle,
-        size: tuple[int, int],
+        size: tuple[int, int] | Callable[[LoadedModel], tuple[int, int]],
         notes: list[str],
         *,
         make_room: Callable[[int], object] | None = None,
@@ -91,14 +91,16 @@ class HunyuanModelCache:
         """Everything one Generate needs before it runs, in one call: room for the weights to come
         back (``make_room``: ComfyUI's own models yield first), the model live (reloaded /
         restored), then the offload policy's run placement (room for the activations, extra
-        blocks streamed for this run, restored afterwards)."""
+        blocks streamed for this run, restored afterwards). ``size`` is (width, height) or a
+        function of the live model (its snapped size)."""
         from .placement import run_placement
 
         with self._lock:
             if make_room is not None:
                 make_room(self.bytes_to_bring_back(handle))
             loaded = self.get(handle)
-        with run_placement(loaded, size, notes, extra_margin=extra_margin, make_room=make_room):
+        target = size(loaded) if callable(size) else size
+        with run_placement(loaded, target, notes, extra_margin=extra_margin, make_room=make_room):
             yield loaded
 
     def save_quantized_copy(

@@ -308,3 +308,26 @@ def test_gpu_smart_load_peak_rss_is_the_ram_side_plus_one_block(base_checkpoint:
     ring = max(256 << 20, max(e.nbytes for e in layout.values()))
     assert added <= plan.streamed_bytes + ring + block + (256 << 20), (added, plan.describe())
     assert torch.cuda.max_memory_allocated() - base_alloc <= plan.gpu_weight_bytes + block + (16 << 20)
+
+
+def test_prepare_run_is_one_call_node_cache_policy_residency(cache, base_checkpoint: Path) -> None:
+    """cache.prepare_run: room for the weights to come back, the model reloaded if dropped, the
+    policy's run placement entered and left; the size may be a function of the live model."""
+    handle = cache.load(_spec(base_checkpoint, "bf16"))
+    cache.unload("drop")
+    asked: list[int] = []
+    notes: list[str] = []
+    sizes: list[object] = []
+
+    def size(loaded):
+        sizes.append(loaded)
+        return (1024, 1024)
+
+    with cache.prepare_run(handle, size, notes, make_room=asked.append) as loaded:
+        assert loaded is cache.loaded and loaded.model is not None
+    assert sizes == [loaded]
+    assert asked and asked[0] > 0  # a reload: its GPU bytes were asked for before it started
+    before = len(asked)
+    with cache.prepare_run(handle, (1024, 1024), notes, make_room=asked.append):
+        pass
+    assert asked[before] == 0  # loaded and resident: nothing to bring back (on a GPU the run's room follows)
