@@ -101,18 +101,25 @@ def clone_decoder(
     originals = weight_tensors(decoder)
     saved = [w.tensor for w in originals]
     memo: dict[int, Any] = {id(k): k for k in keep}
+    stashed: list[tuple[nn.Module, str, Any]] = []
     try:
         for w in originals:  # deepcopy the structure, not the weights
             w.assign(torch.empty(1, dtype=w.tensor.dtype))
+        for m in decoder.modules():  # nor the hooks, nor a forward another object installed (a wrapper)
+            for name in _HOOK_DICTS:
+                if m.__dict__.get(name):
+                    stashed.append((m, name, m.__dict__[name]))
+                    m.__dict__[name] = type(m.__dict__[name])()
+            fwd = m.__dict__.get("forward")
+            if fwd is not None and getattr(fwd, "__self__", m) is not m:
+                stashed.append((m, "forward", fwd))
+                del m.__dict__["forward"]
         replica = copy.deepcopy(decoder, memo)
     finally:
         for w, t in zip(originals, saved):
             w.assign(t)
-    for m in replica.modules():
-        for name in _HOOK_DICTS:
-            hooks = m.__dict__.get(name)
-            if hooks:
-                hooks.clear()
+        for m, name, value in stashed:
+            m.__dict__[name] = value
     host = {t.data_ptr() for pb in (packed or {}).values() for t in pb.host_views}
     owned = 0
     with torch.no_grad(), torch.inference_mode(False):

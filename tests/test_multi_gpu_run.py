@@ -58,11 +58,11 @@ def test_split_over_two_cpu_parts_gives_the_same_image(cache, base_checkpoint: P
     assert execution.moves == 0  # both parts on the CPU: nothing to move
 
 
-@pytest.mark.parametrize("variant", ["base", "instruct"])
-def test_cfg_parallel_over_two_cpu_replicas(cache, request, variant: str) -> None:
+@pytest.mark.parametrize("variant,quant", [("base", "bf16"), ("instruct", "bf16"), ("base", "int8")])
+def test_cfg_parallel_over_two_cpu_replicas(cache, request, variant: str, quant: str) -> None:
     path = request.getfixturevalue(f"{variant}_checkpoint")
-    ref, _, _ = _image(cache, path)
-    img, loaded, notes = _image(cache, path, devices="cpu,cpu", multi_gpu="cfg_parallel")
+    ref, _, _ = _image(cache, path, quant=quant)
+    img, loaded, notes = _image(cache, path, quant=quant, devices="cpu,cpu", multi_gpu="cfg_parallel")
     residency = loaded.residency
     assert isinstance(residency, CfgParallelResidency)
     par = residency.parallel
@@ -274,6 +274,12 @@ def test_clone_decoder_copies_weights_not_hooks() -> None:
     same = clone_decoder(model.model, "cpu")
     assert same.owned_bytes == 0 and same.module.layers[0].mlp is not model.model.layers[0].mlp
     assert same.module.layers[0].mlp.gate.wg.weight.data_ptr() == model.model.layers[0].mlp.gate.wg.weight.data_ptr()
+    # a decoder already wrapped (a forward bound to another object, which holds a lock and threads)
+    par = CfgParallel(model.model, "cpu", [same])
+    again = clone_decoder(model.model, "cpu")
+    assert "forward" not in again.module.__dict__ and model.model.__dict__["forward"] == par._forward
+    assert model.model.layers[0]._forward_pre_hooks  # the original keeps its hooks
+    par.close()
 
 
 # -- one GPU: two logical parts, and a real device boundary ---------------------------------------------
