@@ -370,3 +370,22 @@ def test_gpu_cfg_parallel_soft_unload_and_back(cache, base_checkpoint: Path) -> 
     assert torch.cuda.memory_allocated(0) < before
     img, _, _ = _image(cache, base_checkpoint, devices="cuda:0,cuda:0", multi_gpu="cfg_parallel")
     assert torch.equal(img, ref)
+
+
+@gpu
+@pytest.mark.parametrize("devices,mode", [("cuda:0,cuda:0", "cfg_parallel"), ("cuda:0,cpu", "split")])
+def test_gpu_instruct_text_stage_and_image_on_several_devices(cache, instruct_checkpoint: Path, devices, mode) -> None:
+    from PIL import Image
+
+    req = GenerationRequest("make the fox blue", seed=5, steps=2, resolution="1024x1024", bot_task="think",
+                            max_new_tokens=6, images=[Image.new("RGB", (512, 512), (200, 80, 40))])
+    ref = generate(cache.get(cache.load(LoadSpec(str(instruct_checkpoint)))), req)
+    loaded = cache.get(cache.load(LoadSpec(str(instruct_checkpoint), devices=devices, multi_gpu=mode)))
+    result = generate(loaded, req)
+    assert result.text_tokens > 0 and result.cot_text and torch.isfinite(result.image).all()
+    if mode == "cfg_parallel":  # the text stage is one row: it runs on the first device, as on one GPU
+        assert result.cot_text == ref.cot_text
+        assert loaded.residency.parallel.parallel_calls == req.steps
+        assert (result.image - ref.image).abs().max() <= 4 / 255
+    else:
+        assert loaded.residency.execution.moves > 0
