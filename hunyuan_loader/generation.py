@@ -373,8 +373,12 @@ def text_stage_criteria(
 
 
 def _model_dtype(model: Any) -> torch.dtype | None:
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return getattr(getattr(embed, "weight", None), "dtype", None)
+    """The model's compute dtype (its config's torch_dtype; the official class has no
+    get_input_embeddings, so nothing that needs it)."""
+    dtype = getattr(getattr(model, "config", None), "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def _call_model(
