@@ -36,7 +36,9 @@ def move_to(value: Any, device: torch.device, memo: dict[int, tuple[torch.Tensor
             hit = memo.get(id(value))
             if hit is not None and hit[0] is value and hit[1].device == device:
                 return hit[1]
-        moved = value.to(device, non_blocking=True)
+        # to a GPU asynchronously (stream-ordered); to the CPU synchronously: an asynchronous
+        # device-to-host copy may still be running when the CPU reads the result
+        moved = value.to(device, non_blocking=device.type == "cuda")
         if memo is not None:
             memo[id(value)] = (value, moved)  # keeps the source alive, so its id is not reused
         return moved
