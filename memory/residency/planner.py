@@ -159,6 +159,5 @@ def plan_placement(
     raise InsufficientVRAMError(
         f"the model does not fit a GPU budget of {_gib(budget_bytes)} even with all {n} blocks "
         f"streamed: it needs {_gib(floor)} = non-block modules {_gib(other_bytes)} + {slots} "
-        f"streaming slots x {_gib(max(sizes, default=0))} + activation headroom {_gib(headroom_bytes)}. "
-        f"Use a smaller resolution, a quantized model (int8/nf4), or a larger budget."
+        f"streaming slots x {_gib(max(sizes, default=0))} + activation headroom {_gib(headroom_bytes)}."
     )
