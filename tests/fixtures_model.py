@@ -53,3 +53,18 @@ def poisoned_copy(src: Path, dest: Path) -> Path:
     for code in dest.glob("*.py"):
         code.write_text(code.read_text(encoding="utf-8") + f"\nraise RuntimeError({POISON!r})\n", encoding="utf-8")
     return dest
+
+
+def portable_nf4_on_cpu(model):
+    """Keep bitsandbytes' Linear4bit on its portable CPU path.
+
+    On CPUs with AVX512-BF16 (and AMX), bitsandbytes 0.50 repacks a 4-bit weight at its first CPU
+    forward into a CPU-only layout (nn/modules.py Linear4bit.forward -> _convert_weight_packed_for_cpu:
+    new data, bf16 absmax, nested statistics dropped). The residency engine moves weights between
+    devices, and the pack only does that on CUDA, where that layout never exists; the CPU tests of
+    the engine therefore run the layout CUDA sees, on every CPU.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model

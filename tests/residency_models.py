@@ -90,7 +90,7 @@ class Inner(nn.Module):
 
 
 class TinyHunyuan(nn.Module):
-    def __init__(self, n: int = 4, h: int = 64, w: int = 32, e: int = 4, k: int = 2) -> None:
+    def __init__(self, n: int = 4, h: int = 64, w: int = 64, e: int = 4, k: int = 2) -> None:
         super().__init__()
         self.model = Inner(n, h, w, e, k)
         self.final_layer = nn.Linear(h, h)
@@ -119,10 +119,12 @@ def quantize_experts(model: nn.Module, mode: str) -> nn.Module:
             q.load_state_dict(child.state_dict())
             q = q.to("cpu")  # quantizes
             setattr(mod, child_name, q)
-    return model.eval()
+    from fixtures_model import portable_nf4_on_cpu
+
+    return portable_nf4_on_cpu(model.eval())
 
 
-def make_model(mode: str = "bf16", n: int = 4, seed: int = 0, h: int = 64, w: int = 32, e: int = 4) -> TinyHunyuan:
+def make_model(mode: str = "bf16", n: int = 4, seed: int = 0, h: int = 64, w: int = 64, e: int = 4) -> TinyHunyuan:
     torch.manual_seed(seed)
     model = TinyHunyuan(n=n, h=h, w=w, e=e).eval()
     if mode == "bf16":

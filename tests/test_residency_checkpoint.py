@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from fixtures_model import load_test_model
+from fixtures_model import load_test_model, portable_nf4_on_cpu
 
 from hunyuan_image3.memory.residency import (
     ResidencyManager,
@@ -27,7 +27,7 @@ def _logits(model) -> torch.Tensor:
 
 @pytest.mark.parametrize("quant", [None, "int8", "nf4"])
 def test_stream_park_restore_on_test_checkpoint(base_checkpoint, quant):
-    model = load_test_model(base_checkpoint, quant)
+    model = portable_nf4_on_cpu(load_test_model(base_checkpoint, quant))
     layers = model.model.layers
     assert type(layers[0]).__name__ == "HunyuanImage3DecoderLayer"
     ref = _logits(model)

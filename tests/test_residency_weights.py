@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from fixtures_model import portable_nf4_on_cpu
 from residency_models import inputs, make_model
 from torch import nn
 
@@ -29,14 +30,14 @@ def _int8(out=32, inp=64):
     return q.to("cpu").eval()
 
 
-def _nf4(out=32, inp=64):
+def _nf4(out=64, inp=64):  # bnb 4-bit CPU kernels work in 64-wide blocks, like the real shapes
     import bitsandbytes as bnb
 
     torch.manual_seed(0)
     lin = nn.Linear(inp, out)
     q = bnb.nn.Linear4bit(inp, out, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
     q.load_state_dict(lin.state_dict())
-    return q.to("cpu").eval()
+    return portable_nf4_on_cpu(q.to("cpu").eval())
 
 
 def test_plain_module_bytes_and_refs():
