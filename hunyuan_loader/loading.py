@@ -21,6 +21,7 @@ from ..memory import stats
 from ..memory.unload import strip_module_weights, track_model
 from . import multi_gpu, quiet
 from .checkpoint import CheckpointInfo, check_code_dependencies, loadable_path, validate_checkpoint
+from .errors import DependencyError
 from .placement import accelerate_kwargs, adopt_load, place_for_spec, plan_load, uses_accelerate
 from .prequantized import check_matches_loader, check_prequantized, prequantized_format
 from .quantization import (
@@ -109,7 +110,21 @@ def load_model(
         _clear_inner_frames(exc)
         gc.collect()
         stats.release_cached_memory()
+        if device.type == "cpu" and _needs_cuda(exc):
+            raise DependencyError(
+                f"{info.path.name}'s own code needs a CUDA GPU: it allocates on CUDA while the model is built "
+                "(the official Instruct VAE does `torch.empty(0, device=\"cuda\")`). Run it on a machine with an "
+                "NVIDIA GPU and a CUDA build of torch."
+            ) from None
         raise
+
+
+def _needs_cuda(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, (AssertionError, RuntimeError)) and (
+        "Torch not compiled with CUDA enabled" in text or "Found no NVIDIA driver" in text
+        or "No CUDA GPUs are available" in text
+    )
 
 
 def _clear_inner_frames(exc: BaseException) -> None:

@@ -78,3 +78,23 @@ def test_dotted_folder_gets_a_dot_free_unique_link(tmp_path: Path) -> None:
     other = validate_checkpoint(_folder(tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path,
                                         name="HunyuanImage-3.0"))
     assert loadable_path(other) != link  # same name, other folder: no shared module cache
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_code_that_allocates_on_cuda_is_a_clear_error_on_a_cpu(tmp_path_factory) -> None:
+    """The official Instruct VAE does torch.empty(0, device="cuda") in its constructor
+    (autoencoder_kl_3d.py:502): on a CPU-only machine the pack says so instead of a raw assertion."""
+    from fixtures_model import build
+
+    from hunyuan_image3.hunyuan_loader.errors import DependencyError
+    from hunyuan_image3.hunyuan_loader.loading import load_model
+    from hunyuan_image3.hunyuan_loader.spec import LoadSpec
+
+    path = build(tmp_path_factory, "instruct")
+    code = path / "modeling_hunyuan_image_3.py"
+    text = code.read_text()
+    guarded = "if torch.cuda.is_available():  # the real constructor allocates on CUDA unconditionally"
+    assert guarded in text
+    code.write_text(text.replace(guarded, "if True:"))
+    with pytest.raises(DependencyError, match="needs a CUDA GPU"):
+        load_model(LoadSpec(str(path)))
