@@ -12,6 +12,11 @@ Without COMFYUI_DIR and COMFYUI_PYTHON it prints SKIPPED and exits 0. Otherwise 
   * checks /object_info for our nodes and documented inputs, and the workflows/ files against it;
   * queues every workflows/*.api.json via POST /prompt, follows /ws and /history, fetches each
     image via /view and checks its size, checks 'progress' events (max = steps);
+  * Instruct (issue 11): writes an Instruct test checkpoint (models/HunyuanImage-3/HunyuanImage-3-Instruct)
+    and the example images into input/, runs the edit / fusion / think+recaption workflows (LoadImage ->
+    Generate image_1..) and checks the model's text reaches the UI (/history outputs and the ws 'executed'
+    message of the Preview Any node and of Generate), text-stage progress (tokens of max_new_tokens) before
+    the step progress, and that a base checkpoint refuses reference images before loading;
   * proves cancel (/interrupt), ComfyUI's own unload (/free; server RSS before/after), bad input
     (missing model folder, steps=0) and repeated queueing (the model loads once);
   * security (issue 15, docs/security.md): uploads a copy of the checkpoint whose remote code writes a
@@ -52,6 +57,8 @@ from workflow_check import check_api, check_ui  # noqa: E402
 
 PACK_DIR_NAME = "ComfyUI-HunyuanImage3"
 MODEL_NAME = "HunyuanImage-3"
+INSTRUCT_MODEL_NAME = "HunyuanImage-3-Instruct"
+TEXT_TOKENS = 6  # max_new_tokens of the queued think / recaption runs (random weights: the text runs to it)
 GENERATE_ID = "2"
 LOADER_ID = "1"
 LOAD_LINE = re.compile(r"loaded .+ in [\d.]+ s")  # hunyuan_loader.loading logs one per load from disk
@@ -72,8 +79,9 @@ DOCUMENTED = {  # class: (required inputs, optional inputs, outputs)
     ),
     "HunyuanImage3Generate": (
         ["model", "prompt", "seed", "steps", "guidance_scale", "resolution", "width", "height"],
-        ["use_checkpoint_defaults"],
-        ["IMAGE"],
+        ["use_checkpoint_defaults", "image_1", "image_2", "image_3", "bot_task", "max_new_tokens",
+         "infer_align_image_size"],
+        ["IMAGE", "STRING"],
     ),
     "HunyuanImage3ForceUnload": (["nuke_orphaned_tensors"], ["trigger"], ["*", "STRING"]),
     "HunyuanImage3SoftUnload": (["model"], ["trigger"], ["HUNYUAN_IMAGE3", "*"]),
@@ -99,6 +107,13 @@ class Run:
             if e["type"].startswith("execution_") and e["type"] not in ("execution_start", "execution_cached")
         ]
         return ends[-1] if ends else ("rejected" if self.status != 200 else "none")
+
+    def executed_text(self, node: str) -> list[str] | None:
+        """The ui text of a node's ws 'executed' message (None if it sent none)."""
+        for e in self.events:
+            if e["type"] == "executed" and str(e["data"].get("node")) == node:
+                return list((e["data"].get("output") or {}).get("text") or [])
+        return None
 
     def progress(self, node: str = GENERATE_ID) -> list[tuple[int, int]]:
         return [
@@ -147,6 +162,8 @@ class E2E:
             gen["steps"] = self.steps
         self.seed += 1
         gen["seed"] = self.seed
+        if gen.get("bot_task", "image") != "image":
+            gen["max_new_tokens"] = TEXT_TOKENS
         gen.update(generate_inputs)
         return prompt
 
@@ -169,7 +186,7 @@ class E2E:
         return run
 
     def good_run(
-        self, label: str, prompt: dict, size: tuple[int, int] = (1024, 1024)
+        self, label: str, prompt: dict, size: tuple[int, int] | None = (1024, 1024)
     ) -> tuple[bool, Run, str]:
         run = self.run(label, prompt)
         node_errors = run.body.get("node_errors") if isinstance(run.body, dict) else None
@@ -187,9 +204,10 @@ class E2E:
         if not images:
             return False, run, "no image in /history outputs"
         sizes = [png_size(self.server.view(img)) for img in images]
-        if any(s != size for s in sizes):
+        if size is not None and any(s != size for s in sizes):
             return False, run, f"image sizes {sizes}, expected {size}"
-        return True, run, f"{len(images)} image(s) {size[0]}x{size[1]} via /view in {run.seconds:.1f} s"
+        shown = "/".join(f"{w}x{h}" for w, h in sizes)
+        return True, run, f"{len(images)} image(s) {shown} via /view in {run.seconds:.1f} s"
 
     # -- checks -------------------------------------------------------------------
     def check_object_info(self) -> dict:
@@ -237,7 +255,7 @@ class E2E:
             not problems,
             "; ".join(problems)
             if problems
-            else "7 nodes, category HunyuanImage3, steps min 1, model combo ok",
+            else "7 nodes, category HunyuanImage3, steps min 1, model combo ok, Generate -> IMAGE + STRING",
         )
         return info
 
@@ -263,21 +281,67 @@ class E2E:
         progress_problems = []
         for name in names:
             prompt = self.workflow(name)
-            steps = prompt[GENERATE_ID]["inputs"]["steps"]
-            ok, run, detail = self.good_run(f"workflow {name}", prompt)
+            gen = prompt[GENERATE_ID]["inputs"]
+            steps = gen["steps"]
+            res = gen.get("resolution", "1024x1024")
+            size = tuple(int(v) for v in res.split("x")) if "x" in res else None  # auto: the model picks
+            ok, run, detail = self.good_run(f"workflow {name}", prompt, size)
             self.check(f"queue workflows/{name}.api.json", ok, detail + f" (loads from disk: {run.loads})")
             prog = run.progress()
-            if not prog or any(m != steps for _, m in prog) or prog[-1][0] != steps:
+            text_task = gen.get("bot_task", "image") != "image"
+            text_prog = [p for p in prog if text_task and p[1] == gen.get("max_new_tokens")]
+            step_prog = prog[len(text_prog):]
+            if not step_prog or any(m != steps for _, m in step_prog) or step_prog[-1][0] != steps:
                 progress_problems.append(f"{name}: {prog[:3]}...{prog[-2:]} (steps {steps})")
-            if "4" in prompt and ok:
+            if text_task and [v for v, _ in text_prog] != list(range(1, len(text_prog) + 1)):
+                progress_problems.append(f"{name}: text progress {text_prog} (max_new_tokens {gen['max_new_tokens']})")
+            kinds = {k: v["class_type"] for k, v in prompt.items()}
+            if "HunyuanImage3ForceUnload" in kinds.values() and ok:
                 text = run.history.get("outputs", {}).get("4", {}).get("text", [])
                 self.check("Force Unload report in /history", bool(text), (text[0] if text else "none")[:160])
+            if "PreviewAny" in kinds.values() and ok:
+                self.check_model_text(name, run, prompt, text_task)
         self.check(
             "progress over /ws (max = steps, last = steps)",
             not progress_problems,
             "; ".join(progress_problems)
             if progress_problems
             else f"{len(names)} runs, e.g. {self.runs[-1].progress()[:2]}...{self.runs[-1].progress()[-1:]}",
+        )
+
+    def check_model_text(self, name: str, run: Run, prompt: dict, text_task: bool) -> None:
+        """The Generate node's STRING output reaches the UI: Preview Any's text (fed by it) in /history
+        and in its ws 'executed' message, and Generate's own ui text carries it."""
+        preview = next(k for k, v in prompt.items() if v["class_type"] == "PreviewAny")
+        outputs = run.history.get("outputs", {})
+        shown = outputs.get(preview, {}).get("text", [])
+        ws_shown = run.executed_text(preview)
+        node_text = outputs.get(GENERATE_ID, {}).get("text", [])
+        value = shown[0] if shown else None
+        if text_task:
+            task = prompt[GENERATE_ID]["inputs"]["bot_task"]
+            start = "<think>" if task.startswith("think") else "<recaption>"
+            ok = (value is not None and value.startswith(start) and ws_shown == shown
+                  and f"model text: {value}" in node_text and "text " in node_text[0])
+        else:
+            ok = value == "" and ws_shown == [""] and not any(t.startswith("model text") for t in node_text)
+        self.check(
+            f"{name}: the model's text reaches the UI (Preview Any /history + ws, Generate's text)",
+            ok,
+            f"preview {value!r:.80}; ws {ws_shown!r:.40}; generate {node_text!r:.160}",
+        )
+
+    def check_base_refuses_images(self) -> None:
+        """A base checkpoint with a reference image: refused with the message naming the fix, nothing loaded."""
+        prompt = self.workflow("hunyuan_image3_instruct_edit")
+        prompt[LOADER_ID]["inputs"]["model_name"] = MODEL_NAME
+        run = self.run("base checkpoint + reference image", prompt)
+        err = run.error()
+        message = str(err.get("exception_message", ""))
+        self.check(
+            "base checkpoint + reference image -> clear error before loading",
+            run.end == "execution_error" and "take no reference images" in message and run.loads <= 1,
+            f"{run.end}: {err.get('exception_type', '')}: {message[:160]} (loads from disk: {run.loads})",
         )
 
     def check_repeated(self, name: str, count: int = 5) -> None:
@@ -337,6 +401,40 @@ class E2E:
             "cancel: next prompt succeeds on the still-loaded model",
             ok2 and run2.loads == 0,
             detail + f"; loads from disk {run2.loads}; loader cached: {LOADER_ID in run2.cached()}",
+        )
+
+    def check_text_cancel(self, name: str = "hunyuan_image3_instruct_think", tokens: int = 400) -> None:
+        """/interrupt during the think / recaption text: the run ends within one token, no diffusion
+        step runs, and the next prompt works on the still-loaded model."""
+        self.good_run("text warm-up", self.workflow(name))
+        sent = {}
+
+        def on_event(msg: dict) -> None:
+            d = msg.get("data") or {}
+            if (msg["type"] == "progress" and str(d.get("node")) == GENERATE_ID and not sent
+                    and d.get("max") == tokens and d["value"] >= 3):
+                sent["value"], sent["t"] = d["value"], time.monotonic()
+                self.server.interrupt()
+
+        run = self.run("text cancel (interrupted)", self.workflow(name, max_new_tokens=tokens, steps=3), on_event)
+        prog = run.progress()
+        text = [v for v, m in prog if m == tokens]
+        steps = [v for v, m in prog if m != tokens]
+        last = text[-1] if text else 0
+        after = (run.events[-1]["t"] - sent["t"]) if sent else float("nan")
+        ok = (run.end == "execution_interrupted" and sent and last <= sent["value"] + 1 and last < tokens
+              and not steps)
+        self.check(
+            "text cancel: /interrupt ends the think text within one token",
+            ok,
+            f"end={run.end}, interrupt at token {sent.get('value')}, last text progress {last}/{tokens}, "
+            f"diffusion steps run {len(steps)}, ended {after:.2f} s after /interrupt",
+        )
+        ok2, run2, detail = self.good_run("after text cancel", self.workflow(name))
+        self.check(
+            "text cancel: next prompt succeeds on the still-loaded model",
+            ok2 and run2.loads == 0,
+            detail + f"; loads from disk {run2.loads}",
         )
 
     def check_free(self, name: str) -> None:
@@ -491,8 +589,8 @@ class E2E:
         return 1 if failed else 0
 
 
-def make_test_checkpoint(python: str, dest: Path, env: dict) -> None:
-    cmd = [python, "-m", "hunyuan_loader", "make-test-model", str(dest)]
+def make_test_checkpoint(python: str, dest: Path, env: dict, variant: str = "base") -> None:
+    cmd = [python, "-m", "hunyuan_loader", "make-test-model", str(dest), "--variant", variant]
     res = subprocess.run(cmd, cwd=PACK_ROOT, env=env, capture_output=True, text=True, timeout=600)
     if res.returncode != 0 or not (dest / "config.json").is_file():
         raise RuntimeError(
@@ -575,6 +673,15 @@ def main(argv: list[str] | None = None) -> int:
     rc = 1
     try:
         make_test_checkpoint(python, model_dir, env)
+        make_test_checkpoint(python, model_dir.parent / INSTRUCT_MODEL_NAME, env, "instruct")
+        (base / "input").mkdir(exist_ok=True)
+        images = subprocess.run(  # the Instruct workflows' LoadImage files (PIL: ComfyUI's Python has it)
+            [python, "-c", f"import sys; sys.path.insert(0, {str(HERE)!r}); from pathlib import Path; "
+             f"from build_workflows import write_example_images; write_example_images(Path({str(base / 'input')!r}))"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )
+        if images.returncode != 0:
+            raise RuntimeError(f"writing the example images failed:\n{images.stderr[-2000:]}")
         shutil.copy2(model_dir / "config.json", extra_root / EXTRA_NAME / "config.json")  # listed only
         mem = subprocess.run(
             [python, str(HERE / "comfy_memory_check.py"), str(model_dir)],
@@ -605,8 +712,10 @@ def main(argv: list[str] | None = None) -> int:
         if all(c in info for c in DOCUMENTED):
             steps = [
                 ("workflows", lambda: e2e.check_workflows(names)),
+                ("base refuses images", e2e.check_base_refuses_images),
                 ("repeated", lambda: e2e.check_repeated("hunyuan_image3_bf16")),
                 ("cancel", lambda: e2e.check_cancel("hunyuan_image3_bf16", args.cancel_steps)),
+                ("text cancel", e2e.check_text_cancel),
                 ("free", lambda: e2e.check_free("hunyuan_image3_bf16")),
                 *(
                     [("cuda oom", lambda: check_cuda_oom(e2e, python, env, "hunyuan_image3_bf16",
