@@ -87,6 +87,7 @@ class HunyuanModelCache:
         *,
         make_room: Callable[[int], object] | None = None,
         extra_margin: bool = False,
+        extra_tokens: int = 0,
     ) -> Iterator[LoadedModel]:
         """Everything one Generate needs before it runs, in one call: room for the weights to come
         back (``make_room``: ComfyUI's own models yield first), the model live (reloaded /
@@ -95,13 +96,19 @@ class HunyuanModelCache:
         function of the live model (its snapped size)."""
         from .placement import run_placement
 
+        loaded = self.bring_back(handle, make_room)
+        target = size(loaded) if callable(size) else size
+        with run_placement(loaded, target, notes, extra_margin=extra_margin, make_room=make_room,
+                           extra_tokens=extra_tokens):
+            yield loaded
+
+    def bring_back(self, handle: ModelHandle, make_room: Callable[[int], object] | None = None) -> LoadedModel:
+        """The live model for ``handle`` (reloaded / restored from RAM), after ``make_room(bytes)``
+        let ComfyUI's own models give back the VRAM its weights need."""
         with self._lock:
             if make_room is not None:
                 make_room(self.bytes_to_bring_back(handle))
-            loaded = self.get(handle)
-        target = size(loaded) if callable(size) else size
-        with run_placement(loaded, target, notes, extra_margin=extra_margin, make_room=make_room):
-            yield loaded
+            return self.get(handle)
 
     def save_quantized_copy(
         self, handle: ModelHandle, dest: Path, progress: Callable[[int, int], None] | None = None

@@ -375,7 +375,8 @@ def text_stage_criteria(
 def _model_dtype(model: Any) -> torch.dtype | None:
     """The model's compute dtype (its config's torch_dtype; the official class has no
     get_input_embeddings, so nothing that needs it)."""
-    dtype = getattr(getattr(model, "config", None), "torch_dtype", None)
+    config = getattr(model, "config", None)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)  # 4.57: dtype; older: torch_dtype
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) else None
@@ -437,18 +438,48 @@ def _call_model(
     return out, None
 
 
+RunPlacement = Callable[[tuple[int, int], list[str], bool, int], contextlib.AbstractContextManager]
+
+
+def generate_cached(
+    handle: Any,
+    req: GenerationRequest,
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+    make_room: Callable[[int], object] | None = None,
+) -> GenerationResult:
+    """The one call a Generate node makes: the cache brings the model back (``make_room(bytes)``
+    lets ComfyUI's own models yield first) and, for each attempt, ``cache.prepare_run`` has the
+    offload policy place the run (node -> cache -> policy -> residency)."""
+    from .cache import get_cache
+
+    cache = get_cache()
+    loaded = cache.bring_back(handle, make_room)
+
+    def placement(size: tuple[int, int], notes: list[str], retried: bool, tokens: int):
+        return cache.prepare_run(handle, size, notes, make_room=make_room, extra_margin=retried, extra_tokens=tokens)
+
+    return generate(loaded, req, progress, cancel, placement=placement)
+
+
 def generate(
     loaded: LoadedModel,
     req: GenerationRequest,
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
     text_progress: ProgressFn | None = None,
+    placement: RunPlacement | None = None,
 ) -> GenerationResult:
     """Generate one image with the cached model. Raises InputError / OutOfMemoryError.
 
     ``progress(step, steps)`` follows the diffusion steps; ``text_progress(tokens, max_new_tokens)``
     the think / recaption text (default: ``progress``); ``cancel()`` is checked once per token and
-    once per step (it raises to stop; the model stays usable)."""
+    once per step (it raises to stop; the model stays usable). ``placement(size, notes, retried,
+    extra_tokens)`` places each attempt (default: the offload policy's run placement)."""
+    if placement is None:
+        def placement(size: tuple[int, int], notes: list[str], retried: bool, tokens: int):
+            return run_placement(loaded, size, notes, extra_margin=retried, extra_tokens=tokens)
+
     validate_request(req)
     check_variant_request(loaded.variant, req)
     steps = req.steps if req.steps is not None else loaded.variant.default_steps
@@ -468,7 +499,7 @@ def generate(
         stage = _TextStage()
         call_start = time.perf_counter()
         try:
-            with run_placement(loaded, size, notes, extra_margin=retried, extra_tokens=tokens), generation_settings(
+            with placement(size, notes, retried, tokens), generation_settings(
                 loaded.model, steps, guidance, full_length=loaded.variant.returns_tuple
             ), step_hooks(loaded.model, steps, progress, cancel):
                 image, cot = _call_model(

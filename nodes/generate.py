@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..hunyuan_loader.cache import ModelHandle, get_cache
+from ..hunyuan_loader.cache import ModelHandle
 from ..hunyuan_loader.errors import HunyuanError
 from ..hunyuan_loader.generation import (
     BOT_TASKS,
@@ -22,13 +22,10 @@ from ..hunyuan_loader.generation import (
     MAX_STEPS,
     GenerationRequest,
     GenerationResult,
-    extra_tokens,
-    generate,
+    generate_cached,
     image_tensor_to_pils,
-    planned_size,
 )
 from ..hunyuan_loader.input_checks import check_queued_inputs, check_request, checkpoint_variant
-from ..hunyuan_loader.placement import inference_bytes
 from ..hunyuan_loader.resolution import resolution_buckets
 from . import comfy_adapter, comfy_memory
 from .loaders import CATEGORY, MODEL_TYPE
@@ -159,12 +156,8 @@ class HunyuanImage3Generate:
         )
         # Per variant (guidance; base: no images, no text task), from config.json before any (re)load.
         check_request(request, checkpoint_variant(model.spec.path))
-        cache = get_cache()
-        comfy_memory.make_room_on_gpu(cache.bytes_to_bring_back(model))  # ComfyUI's models yield first
-        loaded = cache.get(model)
-        size = planned_size(loaded, request)
-        comfy_memory.make_room_on_gpu(inference_bytes(loaded, *size, extra_tokens(loaded, request)))
-        total = request.steps or loaded.variant.default_steps
-        result = generate(loaded, request, comfy_adapter.progress_callback(total), comfy_adapter.cancel_check())
+        total = request.steps or checkpoint_variant(model.spec.path).default_steps
+        result = generate_cached(model, request, comfy_adapter.progress_callback(total),
+                                 comfy_adapter.cancel_check(), make_room=comfy_memory.make_room_on_gpu)
         text = result.cot_text or ""
         return {"ui": {"text": result_text(result)}, "result": (result.image, text)}

@@ -141,3 +141,18 @@ def test_distil_takes_any_guidance(cache, distil_checkpoint: Path) -> None:
     assert generate(loaded, GenerationRequest("x", steps=1, guidance=1.0)).steps == 1
 
 
+
+
+def test_generate_node_path_is_one_call_through_the_cache(cache, base_checkpoint: Path) -> None:
+    """node -> generation.generate_cached -> cache (bring back, prepare_run) -> policy -> residency."""
+    from hunyuan_image3.hunyuan_loader.generation import generate_cached
+
+    handle = cache.load(LoadSpec(str(base_checkpoint)))
+    asked: list[int] = []
+    first = generate_cached(handle, GenerationRequest("x", steps=1, seed=3), make_room=asked.append)
+    assert first.image.shape == (1, 1024, 1024, 3) and asked and set(asked) == {0}  # resident: nothing to bring back
+    loads, before = cache.load_count, len(asked)
+    cache.unload("drop")  # as ComfyUI's /free does: the handle reloads through the cache
+    again = generate_cached(handle, GenerationRequest("x", steps=1, seed=3), make_room=asked.append)
+    assert cache.load_count == loads + 1 and asked[before] > 0  # the reload's weights asked for room first
+    assert torch.equal(first.image, again.image)
