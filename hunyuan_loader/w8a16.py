@@ -109,6 +109,8 @@ def w8a16_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bia
                 return _kernel.launch(x, weight, scale, bias)
         except torch.OutOfMemoryError:
             raise
+        except _kernel.Unsupported as exc:  # this shape/key only: the kernel stays on for the others
+            log.debug("W8A16: %s; plain torch path for this call", exc)
         except Exception as exc:  # noqa: BLE001 - a Triton compile/launch failure: keep working, say so once
             log.warning("W8A16: Triton kernel failed (%s: %s); using the plain torch path from now on",
                         type(exc).__name__, exc)

@@ -6,62 +6,106 @@ loaded as int8 (half the bytes of bf16), cast to the activation dtype in registe
 |q| <= 127 fits the 8-bit significand of bf16) and fed to the tensor cores; the fp32
 accumulator is multiplied by the per-channel scale once, in the epilogue, and rounded to the
 output dtype once. ``SWAP`` computes the transposed tile ``q_tile @ x_tile.T`` so that the
-converted weight is the MMA's first operand (on Hopper it can stay in registers) and the
-token dimension, small for a single expert, is the MMA's N.
+converted weight is the MMA's first operand, kept in registers, and the token dimension,
+small for a single expert, is the MMA's N.
 
-Imported only where Triton exists (``hunyuan_loader.w8a16`` checks); config choice is autotuned
-per (token-count bucket, N, K). The raw kernel is testable on the CPU with ``TRITON_INTERPRET=1``
-through ``launch`` with an explicit config.
+SWAP is miscompiled on Hopper by Triton 3.6: the register operand becomes an asynchronous
+wgmma left in flight across the loop's back edge (``warp_group_dot_wait {pendings = 3}``
+listing only the accumulator and the shared-memory operand), and the next iteration loads the
+next weight slice into the same registers while up to 3 wgmmas still read them. The PTX ISA
+makes that undefined; in the SASS of the 256x128x64 swap config (8 warps), ``HGMMA ... R160``
+is followed by ``WARPGROUP.DEPBAR.LE gsb0, 0x3``, the back edge and ``MOV R160, 0x43`` /
+``LDS R153 ...`` with no wait in between. On an H200 that config (chosen by the autotuner
+for 1056 tokens) gave errors of ~2 on outputs of ~7 (issue 14). ``hazard`` finds that pattern
+in a compiled kernel's TTGIR; the tuner never uses a config that shows it (on Ampere the
+dot is a synchronous mma and SWAP stays available). The 4-warp swap configs have the same
+TTGIR; ptxas happened to serialise their wgmmas (warning C7515), which is safe but slow.
+
+Config choice (``tune``): the first call per (token-count bucket, N, K, dtype, bias, device)
+runs every candidate config on the real input and keeps only those that (1) compile without
+the hazard above, (2) match an fp32 reference and (3) are bit-identical over two runs; the
+fastest of those (a short CUDA-event timing, no cache-flush buffer) serves the key from then
+on. A config left out is logged: a miscompiled config costs speed, not a wrong image. Not
+Triton's autotuner: it checks nothing and its default benchmark allocates 256 MB per call.
+
+Imported only where Triton exists (``hunyuan_loader.w8a16`` checks). ``launch(config=...)``
+runs one config without tuning: the CPU interpreter tests (``TRITON_INTERPRET=1``) and the
+per-config GPU tests use it.
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Any
+import logging
+import re
+import threading
+import time
+from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-# (BLOCK_M tokens, BLOCK_N channels, BLOCK_K, GROUP_M, SWAP, num_warps, num_stages)
-_CONFIGS = [
-    (128, 256, 64, 8, False, 8, 3),
-    (128, 128, 64, 8, False, 4, 4),
-    (128, 128, 128, 8, False, 8, 3),
-    (64, 128, 64, 8, False, 4, 4),
-    (128, 128, 64, 8, True, 4, 4),
-    (256, 128, 64, 8, True, 8, 3),
-    (64, 128, 128, 8, True, 4, 4),
-    (32, 128, 128, 8, True, 4, 4),
+log = logging.getLogger(__name__)
+
+
+class Config(NamedTuple):
+    BLOCK_M: int  # tokens
+    BLOCK_N: int  # output channels
+    BLOCK_K: int
+    GROUP_M: int
+    SWAP: bool
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        return (f"{self.BLOCK_M}x{self.BLOCK_N}x{self.BLOCK_K}{' swap' if self.SWAP else ''}"
+                f" w{self.num_warps} s{self.num_stages}")
+
+
+CONFIGS = [
+    Config(128, 256, 64, 8, False, 8, 3),
+    Config(128, 128, 64, 8, False, 4, 4),
+    Config(128, 128, 128, 8, False, 8, 3),
+    Config(64, 128, 64, 8, False, 4, 4),
+    Config(32, 128, 128, 8, False, 4, 4),  # few tokens: an mma.sync tile, no wgmma
+    Config(128, 128, 64, 8, True, 4, 4),
+    Config(256, 128, 64, 8, True, 8, 3),
+    Config(64, 128, 128, 8, True, 4, 4),
+    Config(32, 128, 128, 8, True, 4, 4),
 ]
 MAX_BUCKET = 4096
+CHECK_TOL = 2**-6  # max |y - fp32 ref| / max |ref|: bf16 rounding is 2**-9; a wrong tile is ~2**-2
+TIME_BUDGET_MS = 10.0  # per candidate, after one warm-up call
+INT32_LIMIT = 2**31 - 1
 
 
-def configs() -> list[triton.Config]:
-    return [
-        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, SWAP=swap), num_warps=w, num_stages=s)
-        for bm, bn, bk, g, swap, w, s in _CONFIGS
-    ]
+class Unsupported(RuntimeError):
+    """This call cannot run on the kernel (no safe config, a too large weight): use the plain path."""
+
+
+def configs() -> list[Config]:
+    return list(CONFIGS)
 
 
 def m_bucket(m: int) -> int:
-    """Autotune key for the token count: the next power of two, 16..MAX_BUCKET."""
+    """Tuning key for the token count: the next power of two, 16..MAX_BUCKET."""
     return min(MAX_BUCKET, max(16, 1 << max(0, m - 1).bit_length()))
 
 
-def _prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
-    """Drop token tiles far larger than the token count (they only compute padding)."""
-    bucket = named_args["M_BUCKET"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, bucket)]
-    return kept or configs
+def candidates(m: int) -> list[Config]:
+    """The configs tried for ``m`` tokens: token tiles far larger than ``m`` only compute padding."""
+    bucket = m_bucket(m)
+    return [c for c in CONFIGS if c.BLOCK_M <= max(32, bucket)] or list(CONFIGS)
 
 
-@triton.jit
+# M is not specialised on (Triton would compile a second binary for M % 16 == 0 and one for
+# M == 1): one binary per config serves every token count, and the binary that passed the
+# check at tuning time is the one that runs afterwards.
+@triton.jit(do_not_specialize=["M"])
 def _w8a16_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-    M_BUCKET,  # autotune key only
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SWAP: tl.constexpr,
@@ -103,10 +147,9 @@ def _w8a16_kernel(
             w_ptrs += BLOCK_K * stride_wk
             x_ptrs += BLOCK_K * stride_xk
         scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         acc = acc * scale[:, None]
         if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             acc = acc + bias[:, None]
         y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
         mask = (offs_m[None, :] < M) & mask_n[:, None]
@@ -128,41 +171,187 @@ def _w8a16_kernel(
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
         scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         acc = acc * scale[None, :]
         if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             acc = acc + bias[None, :]
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
         mask = (offs_m[:, None] < M) & mask_n[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-_autotune_kwargs: dict[str, Any] = {}
-if "cache_results" in inspect.signature(triton.autotune).parameters:
-    _autotune_kwargs["cache_results"] = True  # keep timings on disk: no re-tuning in the next process
-_tuned = triton.autotune(
-    configs=configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune},
-    **_autotune_kwargs,
-)(_even_k(_w8a16_kernel))
-_fixed = _even_k(_w8a16_kernel)
-
-
-def _args(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-          y: torch.Tensor) -> tuple:
+def _run(cfg: Config, x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+         bias: torch.Tensor | None, y: torch.Tensor) -> Any:
+    """One launch of ``cfg`` writing ``y [M, N]``; rows in chunks that keep every offset in int32.
+    Returns Triton's compiled kernel (None under the interpreter)."""
     m, k = x2.shape
     n = weight.shape[0]
-    return (
-        x2, weight, scale, bias if bias is not None else scale, y,
-        m, n, k,
-        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
-        m_bucket(m),
-    )
+    row_stride = max(abs(x2.stride(0)), abs(y.stride(0)), 1)
+    step = max(1, (INT32_LIMIT - k - n) // row_stride - cfg.BLOCK_M)  # padded rows get offsets too
+    for r0 in range(0, m, step):
+        xr, yr = x2[r0:r0 + step], y[r0:r0 + step]
+        rows = xr.shape[0]
+        grid = (triton.cdiv(rows, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),)
+        compiled = _w8a16_kernel[grid](
+            xr, weight, scale, bias if bias is not None else scale, yr,
+            rows, n, k,
+            xr.stride(0), xr.stride(1), weight.stride(0), weight.stride(1), yr.stride(0), yr.stride(1),
+            HAS_BIAS=bias is not None, EVEN_K=k % cfg.BLOCK_K == 0,
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M, SWAP=cfg.SWAP,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return compiled
 
 
-def _grid(m: int, n: int):
-    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+_PENDING_WAIT = re.compile(r"ttng\.warp_group_dot_wait .*pendings = [1-9]")
+
+
+def _async_register_dot(line: str) -> bool:
+    """``ttng.warp_group_dot`` with ``isAsync = true`` whose first operand type is a register tensor."""
+    if "ttng.warp_group_dot " not in line or "isAsync = true" not in line:
+        return False
+    _, sep, types = line.partition("} : ")
+    return bool(sep) and types.lstrip().startswith("tensor<")
+
+
+def hazard(ttgir: str) -> str | None:
+    """Why a compiled kernel must not run, from its TTGIR, or None: an asynchronous wgmma with
+    a register operand while waits leave wgmmas in flight (see the module docstring)."""
+    lines = ttgir.splitlines()
+    dots = sum(1 for line in lines if _async_register_dot(line))
+    if dots and any(_PENDING_WAIT.search(line) for line in lines):
+        return (f"{dots} asynchronous wgmma(s) read a register operand that the next loop iteration "
+                "overwrites while they are in flight (Triton register-operand pipelining)")
+    return None
+
+
+def compiled_hazard(compiled: Any) -> str | None:
+    """``hazard`` of what ``_run`` returned (None under the interpreter, which compiles nothing)."""
+    asm = getattr(compiled, "asm", None)
+    return hazard(asm["ttgir"]) if asm is not None and "ttgir" in asm else None
+
+
+@torch.no_grad()
+def reference_error(y: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                    bias: torch.Tensor | None) -> float:
+    """``max |y - ref| / max |ref|`` with ``ref`` computed in fp32 on the same operands, in
+    blocks of rows and channels (no fp32 copy of the whole weight); 0.0 when both are zero."""
+    m, k = x2.shape
+    n = weight.shape[0]
+    rows = max(1, min(m, 4096))
+    cols = max(16, (1 << 23) // max(1, k))
+    err = peak = 0.0
+    for r0 in range(0, m, rows):
+        xr = x2[r0:r0 + rows].float()
+        for c0 in range(0, n, cols):
+            ref = xr @ weight[c0:c0 + cols].float().T
+            ref *= scale[c0:c0 + cols].float()
+            if bias is not None:
+                ref += bias[c0:c0 + cols].float()
+            peak = max(peak, float(ref.abs().max()))
+            err = max(err, float((y[r0:r0 + rows, c0:c0 + cols].float() - ref).abs().max()))
+    if peak == 0.0:
+        return 0.0 if err == 0.0 else float("inf")
+    return err / peak
+
+
+def _time_ms(fn, device: torch.device) -> float:
+    """Mean ms of ``fn`` on the current stream: one warm-up call, then about TIME_BUDGET_MS of
+    calls (wall clock off CUDA: the CPU interpreter)."""
+    if device.type != "cuda":
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    once = max(start.elapsed_time(end), 1e-3)
+    reps = max(1, min(20, int(TIME_BUDGET_MS / once)))
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+@torch.no_grad()
+def config_hazard(cfg: Config, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> str | None:
+    """Compile ``cfg`` for this input (running it once into scratch) and return ``hazard`` of
+    the compiled code: the per-config tests and the benchmark skip or flag such configs."""
+    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    y = torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    return compiled_hazard(_run(cfg, x2, weight, scale.contiguous(), bias, y))
+
+
+class Tuning(NamedTuple):
+    config: Config | None  # None: no config passed, the key runs the plain torch path
+    timings: dict[Config, float]  # ms per call of every config that passed
+    rejected: dict[Config, str]  # why each other config was left out
+    seconds: float  # the whole tuning, compiles included
+
+
+_lock = threading.Lock()
+_tuned: dict[tuple, Tuning] = {}
+
+
+def tuning_key(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    m, k = x2.shape
+    return (m_bucket(m), weight.shape[0], k, x2.dtype, bias is not None, x2.device.index)
+
+
+def tunings() -> dict[tuple, Tuning]:
+    """Every tuning done in this process (key -> Tuning): for benchmarks and tests."""
+    return dict(_tuned)
+
+
+@torch.no_grad()
+def tune(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+         y: torch.Tensor) -> Tuning:
+    """Check and time every candidate config on this input (``y`` is scratch); the fastest
+    that passes is kept for the key (``config`` None when none passes)."""
+    key = tuning_key(x2, weight, bias)
+    t0 = time.perf_counter()
+    timings: dict[Config, float] = {}
+    rejected: dict[Config, str] = {}
+    for cfg in candidates(x2.shape[0]):
+        try:
+            why = compiled_hazard(_run(cfg, x2, weight, scale, bias, y))
+            if why:
+                rejected[cfg] = why
+                continue
+            first = y.clone()
+            _run(cfg, x2, weight, scale, bias, y)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - out of shared memory, a compile error: not a candidate
+            rejected[cfg] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            continue
+        err = reference_error(y, x2, weight, scale, bias)
+        if not torch.equal(first, y):
+            rejected[cfg] = f"two runs differ (a race); error {err:.3g}"
+        elif not err <= CHECK_TOL:
+            rejected[cfg] = f"error {err:.3g} of the output's max (allowed {CHECK_TOL:.3g})"
+        else:
+            timings[cfg] = _time_ms(lambda c=cfg: _run(c, x2, weight, scale, bias, y), x2.device)
+    for cfg, why in rejected.items():
+        log.warning("W8A16 kernel: config %s left out for M bucket %d, N %d, K %d, %s: %s",
+                    cfg, key[0], key[1], key[2], str(x2.dtype).removeprefix("torch."), why)
+    if not timings:
+        log.warning("W8A16 kernel: no config passed for M bucket %d, N %d, K %d: plain torch path there",
+                    key[0], key[1], key[2])
+        return Tuning(None, timings, rejected, time.perf_counter() - t0)
+    best = min(timings, key=timings.__getitem__)
+    result = Tuning(best, timings, rejected, time.perf_counter() - t0)
+    log.info("W8A16 kernel: M bucket %d, N %d, K %d -> %s (%.3f ms; tuned in %.1f s)",
+             key[0], key[1], key[2], best, timings[best], result.seconds)
+    return result
 
 
 def launch(
@@ -171,12 +360,13 @@ def launch(
     scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    config: dict[str, Any] | None = None,
+    config: Config | dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """``(x @ weight.T) * scale (+ bias)`` in ``x.dtype``; ``x`` is ``[..., K]``.
 
-    ``config`` (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SWAP, optional num_warps/num_stages)
-    bypasses the autotuner: the CPU interpreter tests use it.
+    ``config`` (a ``Config``, or a dict of its fields; num_warps/num_stages default to 4/3)
+    runs that config without tuning; otherwise the tuned config of this input's key is used,
+    tuned on this input the first time.
     """
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
@@ -189,12 +379,24 @@ def launch(
     if k == 0:
         y.copy_(bias.expand_as(y) if bias is not None else torch.zeros_like(y))
         return y.reshape(*lead, n)
-    args = _args(x2, weight, scale, bias, y)
-    grid = _grid(x2.shape[0], n)
+    if weight.numel() > INT32_LIMIT:
+        raise Unsupported(f"W8A16 kernel: a weight of {weight.numel()} elements needs 64-bit offsets")
+    scale = scale.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     if config is None:
-        _tuned[grid](*args, HAS_BIAS=bias is not None)
+        key = tuning_key(x2, weight, bias)
+        tuned = _tuned.get(key)
+        if tuned is None:
+            with _lock:
+                tuned = _tuned.get(key)
+                if tuned is None:
+                    tuned = _tuned[key] = tune(x2, weight, scale, bias, y)
+        if tuned.config is None:
+            raise Unsupported(f"no W8A16 kernel config passed its check for M bucket {key[0]}, N {n}, K {k}")
+        cfg = tuned.config
+    elif isinstance(config, Config):
+        cfg = config
     else:
-        meta = dict(config)
-        extra = {key: meta.pop(key) for key in ("num_warps", "num_stages") if key in meta}
-        _fixed[grid](*args, HAS_BIAS=bias is not None, **meta, **extra)
+        cfg = Config(**{"num_warps": 4, "num_stages": 3, **config})
+    _run(cfg, x2, weight, scale, bias, y)
     return y.reshape(*lead, n)
