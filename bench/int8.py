@@ -1,21 +1,37 @@
 """INT8 speed, error and memory on real-size HunyuanImage-3 layers, from ONE run (issue 14).
 
+Every figure is printed (line-buffered) as soon as it is measured: a run stopped early still
+shows what it got. About 1-2 minutes on an H200 with the defaults (first Triton compiles
+included; the slow candidates are opt-in).
+
+Part 0, the W8A16 kernel configs one by one (``--skip-configs`` leaves it out): each forced on
+one expert's gate_and_up_proj at 1,056 tokens (8,448 x top-8 / 64, the mean per expert at
+1 MP), three runs: the compiled-code hazard check (``w8a16_kernel.hazard``), error vs fp32,
+whether the runs are bit-identical, ms. The tuner never uses a config with a hazard; this
+part shows whether such a config is also wrong on this GPU.
+
 Part 1, the 64 routed experts of one layer (hidden 4096, width 3072, top-8, near-uniform
 router) at the 1 MP and 2 MP CFG token counts, every path on the same bf16 weights, each expert
 called with ``[1, n, hidden]`` as the gather/scatter dispatch calls it:
-  bf16 | bitsandbytes LLM.int8 | W8A16 (a) plain torch, (b) torch.compile, (c) fused Triton
-  kernel (the pack's default), (d) torchao int8 weight-only, (e) torch._weight_int8pack_mm
-  | FP8 e4m3 weights + per-token e4m3 activations (fused quantization) via torch._scaled_mm.
+  bf16 | bitsandbytes LLM.int8 | W8A16 plain torch | W8A16 fused Triton kernel (the pack's
+  default; its first call tunes) | FP8 e4m3 weights + per-token e4m3 activations via
+  torch._scaled_mm (``--no-fp8`` leaves it out).
+  Opt-in, slow to compile or to set up: ``--compile MODE`` (torch.compile of the plain W8A16
+  expression; max-autotune takes minutes), ``--torchao`` (torchao int8 weight-only),
+  ``--int8pack`` (torch._weight_int8pack_mm).
 Time (CUDA events, median), output error vs an fp32 reference on the same bf16 weights
-(relative L2 and max), W8A16's error vs its own definition (fp32 on the dequantized
-weights), expert weight bytes.
-Part 2, the 10-layer step of bench/offload.py resident: bf16 vs bnb int8 vs W8A16 (experts
-and attention) vs W8A16 experts + bnb attention; s/step, ratio, GPU memory per layer.
+(relative L2 and max), W8A16's error vs its own definition (fp32 on the dequantized weights),
+expert weight bytes; then the kernel's tuning (config per key, ms, what was left out and why).
 
-    python bench/int8.py [--tokens 8448,16640] [--layers 10] [--steps 3]
-                         [--compile-mode max-autotune-no-cudagraphs|default|none] [--skip-step]
+Part 2, the 10-layer step of bench/offload.py resident: bf16 vs bnb int8 vs W8A16 (experts and
+attention) (``--step-all`` adds W8A16 experts + bnb attention); s/step, ratio, GPU memory per
+layer.
 
-Needs CUDA (says so and exits 0 otherwise). torchao is used if importable. Asserts nothing.
+    python bench/int8.py [--tokens 8448,16640] [--reps 3] [--layers 10] [--steps 3]
+                         [--compile MODE] [--torchao] [--int8pack] [--no-fp8]
+                         [--skip-configs] [--skip-step] [--step-all]
+
+Needs CUDA (says so and exits 0 otherwise). Asserts nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +53,7 @@ from _synthetic import (
     E,
     H,
     Stack,
+    W,
     bnb_linear,
     make_layer,
     quantize_layer,
@@ -46,11 +63,16 @@ from _synthetic import (
 )
 
 Lin = Callable[[torch.Tensor], torch.Tensor]
+T0 = time.perf_counter()
 
 
 def _free() -> None:
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def _elapsed() -> str:
+    return f"[{time.perf_counter() - T0:.0f} s]"
 
 
 def routed_inputs(layer, tokens: int, seed: int) -> list[torch.Tensor]:
@@ -77,7 +99,7 @@ def run(pairs: list[tuple[Lin, Lin]], xs: list[torch.Tensor]) -> list[torch.Tens
 
 
 def timed(pairs, xs, reps: int) -> tuple[float, list[torch.Tensor], float]:
-    """(median seconds, outputs, seconds of the first call: compile/autotune included)."""
+    """(median seconds, outputs, seconds of the first call: compile/tuning included)."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     out = run(pairs, xs)
@@ -137,14 +159,58 @@ def module_bytes(mods) -> int:
     return module_weight_bytes(mods)
 
 
-def build_candidates(experts, compile_mode: str) -> tuple[dict, dict, list[str], list]:
-    """name -> (gu, down) pairs, name -> expert weight bytes, notes on what was skipped, and
+# -- part 0: the kernel configs ------------------------------------------------------------------
+def _event_ms(fn, reps: int = 10) -> float:
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def part0(dev, tokens: int = 1056) -> None:
+    from hunyuan_image3.hunyuan_loader import w8a16_kernel as K
+    from hunyuan_image3.hunyuan_loader.w8a16 import quantize_weight, torch_w8a16
+
+    g = torch.Generator(device=dev).manual_seed(1)
+    q, s = quantize_weight(torch.randn(2 * W, H, device=dev, generator=g) * 0.02)
+    x = torch.randn(1, tokens, H, device=dev, generator=g).to(torch.bfloat16)
+    x2 = x.reshape(-1, H)
+    plain_ms = _event_ms(lambda: torch_w8a16(x, q, s))
+    print(f"\n## W8A16 kernel configs, forced one by one: gate_and_up_proj (N {2 * W}, K {H}), {tokens} tokens, "
+          f"bf16 {_elapsed()}\n")
+    print(f"plain torch path (int8 -> bf16 copy + cuBLAS): {plain_ms:.3f} ms\n")
+    print("| config | compiled-code hazard | error vs fp32 (of max) | 3 runs identical | ms | compile + first s |")
+    print("|---|---|---|---|---|---|")
+    for cfg in K.configs():
+        t0 = time.perf_counter()
+        try:
+            why = K.config_hazard(cfg, x, q, s)
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            ys = [K.launch(x, q, s, config=cfg) for _ in range(3)]
+            ms = _event_ms(lambda c=cfg: K.launch(x, q, s, config=c))
+        except Exception as exc:  # noqa: BLE001 - out of shared memory on a smaller GPU, a compile error
+            print(f"| {cfg} | failed: {type(exc).__name__}: {str(exc)[:100]} | - | - | - | - |")
+            continue
+        err = max(K.reference_error(y.reshape(-1, 2 * W), x2, q, s, None) for y in ys)
+        same = all(torch.equal(ys[0], y) for y in ys[1:])
+        verdict = "" if err <= 2**-7 and same else " WRONG"
+        print(f"| {cfg} | {'yes (never tuned in)' if why else '-'} | {err * 100:.3f}%{verdict} | "
+              f"{'yes' if same else 'NO'} | {ms:.3f} | {first:.1f} |")
+
+
+# -- part 1: the routed experts of one layer -----------------------------------------------------
+def build_candidates(experts, args) -> tuple[dict, dict, list]:
+    """name -> (gu, down) pairs and name -> expert weight bytes, printing what is skipped; and
     the W8A16 modules (their dequantized weights define W8A16's own reference)."""
     from hunyuan_image3.hunyuan_loader.w8a16 import Int8WeightOnlyLinear
 
     cands: dict[str, list[tuple[Lin, Lin]]] = {}
     nbytes: dict[str, int] = {}
-    notes: list[str] = []
     cands["bf16"] = [(e.gate_and_up_proj, e.down_proj) for e in experts]
     nbytes["bf16"] = module_bytes(experts)
     try:
@@ -152,33 +218,34 @@ def build_candidates(experts, compile_mode: str) -> tuple[dict, dict, list[str],
         cands["bnb LLM.int8"] = bnb_mods
         nbytes["bnb LLM.int8"] = module_bytes([m for p in bnb_mods for m in p])
     except Exception as exc:  # noqa: BLE001
-        notes.append(f"bnb LLM.int8 skipped: {type(exc).__name__}: {exc}")
+        print(f"note: bnb LLM.int8 skipped: {type(exc).__name__}: {exc}")
     ours = [(Int8WeightOnlyLinear.from_linear(e.gate_and_up_proj), Int8WeightOnlyLinear.from_linear(e.down_proj))
             for e in experts]
     w8_bytes = module_bytes([m for p in ours for m in p])
-    cands["W8A16 (a) plain torch"] = env_path(ours, "torch")
-    cands["W8A16 (c) fused Triton [default]"] = env_path(ours, None)
-    nbytes["W8A16 (a) plain torch"] = nbytes["W8A16 (c) fused Triton [default]"] = w8_bytes
-    if compile_mode != "none":
+    cands["W8A16 plain torch"] = env_path(ours, "torch")
+    cands["W8A16 fused Triton [default]"] = env_path(ours, None)
+    nbytes["W8A16 plain torch"] = nbytes["W8A16 fused Triton [default]"] = w8_bytes
+    if args.compile:
         fn = torch.compile(lambda x, q, s: F.linear(x, q.to(x.dtype)) * s.to(x.dtype), dynamic=True,
-                           mode=None if compile_mode == "default" else compile_mode)
+                           mode=None if args.compile == "default" else args.compile)
 
         def comp(m) -> Lin:
             return lambda x: fn(x, m.weight, m.weight_scale)
-        cands[f"W8A16 (b) torch.compile {compile_mode}"] = [(comp(a), comp(b)) for a, b in ours]
-        nbytes[f"W8A16 (b) torch.compile {compile_mode}"] = w8_bytes
-    try:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        cands[f"W8A16 torch.compile {args.compile}"] = [(comp(a), comp(b)) for a, b in ours]
+        nbytes[f"W8A16 torch.compile {args.compile}"] = w8_bytes
+    if args.torchao:
+        try:
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-        ao = copy.deepcopy(experts)
-        quantize_(ao, Int8WeightOnlyConfig())
-        cands["W8A16 (d) torchao int8 weight-only"] = [(e.gate_and_up_proj, e.down_proj) for e in ao]
-        nbytes["W8A16 (d) torchao int8 weight-only"] = sum(
-            t.numel() * t.element_size() for e in ao for p in e.parameters()
-            for t in ([getattr(p, n) for n in ("qdata", "scale", "int_data") if hasattr(p, n)] or [p]))
-    except Exception as exc:  # noqa: BLE001 - not installed, or not this torch
-        notes.append(f"torchao skipped: {type(exc).__name__}: {str(exc)[:160]}")
-    if hasattr(torch, "_weight_int8pack_mm"):
+            ao = copy.deepcopy(experts)
+            quantize_(ao, Int8WeightOnlyConfig())
+            cands["W8A16 torchao int8 weight-only"] = [(e.gate_and_up_proj, e.down_proj) for e in ao]
+            nbytes["W8A16 torchao int8 weight-only"] = sum(
+                t.numel() * t.element_size() for e in ao for p in e.parameters()
+                for t in ([getattr(p, n) for n in ("qdata", "scale", "int_data") if hasattr(p, n)] or [p]))
+        except Exception as exc:  # noqa: BLE001 - not installed, or not this torch
+            print(f"note: torchao skipped: {type(exc).__name__}: {str(exc)[:160]}")
+    if args.int8pack and hasattr(torch, "_weight_int8pack_mm"):
         def pack(m) -> Lin:
             s = m.weight_scale.to(torch.bfloat16)
 
@@ -188,107 +255,102 @@ def build_candidates(experts, compile_mode: str) -> tuple[dict, dict, list[str],
         try:
             probe = ours[0][0]
             pack(probe)(torch.zeros(1, 16, probe.in_features, device=probe.weight.device, dtype=torch.bfloat16))
-            cands["W8A16 (e) torch._weight_int8pack_mm"] = [(pack(a), pack(b)) for a, b in ours]
-            nbytes["W8A16 (e) torch._weight_int8pack_mm"] = w8_bytes
+            cands["W8A16 torch._weight_int8pack_mm"] = [(pack(a), pack(b)) for a, b in ours]
+            nbytes["W8A16 torch._weight_int8pack_mm"] = w8_bytes
         except Exception as exc:  # noqa: BLE001 - no CUDA kernel in this build
-            notes.append(f"torch._weight_int8pack_mm skipped: {type(exc).__name__}: {str(exc)[:120]}")
-    try:
-        from _fp8 import Fp8Linear
+            print(f"note: torch._weight_int8pack_mm skipped: {type(exc).__name__}: {str(exc)[:120]}")
+    if not args.no_fp8:
+        try:
+            from _fp8 import Fp8Linear
 
-        if torch.cuda.get_device_capability() < (8, 9):
-            raise RuntimeError("no FP8 tensor cores (compute capability < 8.9)")
-        f8 = [(Fp8Linear(e.gate_and_up_proj), Fp8Linear(e.down_proj)) for e in experts]
-        f8[0][0](torch.zeros(1, 16, H, device=experts[0].down_proj.weight.device, dtype=torch.bfloat16))
-        cands["FP8 e4m3 w + per-token act (fused quant), _scaled_mm"] = f8
-        nbytes["FP8 e4m3 w + per-token act (fused quant), _scaled_mm"] = sum(a.nbytes + b.nbytes for a, b in f8)
-    except Exception as exc:  # noqa: BLE001
-        notes.append(f"FP8 skipped: {type(exc).__name__}: {str(exc)[:160]}")
-    return cands, nbytes, notes, ours
+            if torch.cuda.get_device_capability() < (8, 9):
+                raise RuntimeError("no FP8 tensor cores (compute capability < 8.9)")
+            f8 = [(Fp8Linear(e.gate_and_up_proj), Fp8Linear(e.down_proj)) for e in experts]
+            f8[0][0](torch.zeros(1, 16, H, device=experts[0].down_proj.weight.device, dtype=torch.bfloat16))
+            cands["FP8 e4m3 w + per-token act, _scaled_mm"] = f8
+            nbytes["FP8 e4m3 w + per-token act, _scaled_mm"] = sum(a.nbytes + b.nbytes for a, b in f8)
+        except Exception as exc:  # noqa: BLE001
+            print(f"note: FP8 skipped: {type(exc).__name__}: {str(exc)[:160]}")
+    return cands, nbytes, ours
 
 
-def part1(dev, token_counts: list[int], reps: int, compile_mode: str) -> dict:
-    layer = make_layer(dev, seed=0)
-    experts = layer.mlp.experts
-    cands, nbytes, notes, ours = build_candidates(experts, compile_mode)
-    bf16_weights = [(e.gate_and_up_proj.weight, e.down_proj.weight) for e in experts]
-    res: dict[str, dict[int, tuple]] = {name: {} for name in cands}
-    own: dict[str, dict[int, float]] = {}
-    first_call: dict[str, float] = {}
-    for tokens in token_counts:
-        xs = routed_inputs(layer, tokens, seed=tokens)
-        ref = run(fp32_pairs(bf16_weights), xs)
-        ref_q = run([(lambda x, m=a: F.linear(x.float(), m.dequantize(torch.float32)),  # one expert at a time
-                      lambda x, m=b: F.linear(x.float(), m.dequantize(torch.float32))) for a, b in ours], xs)
-        for name, pairs in cands.items():
-            try:
-                t, out, first = timed(pairs, xs, reps)
-            except Exception as exc:  # noqa: BLE001 - report and go on
-                notes.append(f"{name} at {tokens} tokens failed: {type(exc).__name__}: {str(exc)[:200]}")
-                continue
-            first_call[name] = max(first_call.get(name, 0.0), first)
-            res[name][tokens] = (t, *errors(out, ref))
-            if name.startswith("W8A16") and "torchao" not in name:  # torchao quantizes its own way
-                own.setdefault(name, {})[tokens] = errors(out, ref_q)[0]
-            del out
-        del xs, ref, ref_q
-        _free()
-    del cands, ours, layer, experts
-    _free()
+def print_tunings() -> None:
     from hunyuan_image3.hunyuan_loader import w8a16
 
     if not w8a16._kernel:
-        notes.append("the fused Triton kernel was NOT used (unavailable or failed): (c) ran the plain torch path")
-    return dict(res=res, nbytes=nbytes, notes=notes, own=own, first=first_call)
+        print("\nthe fused Triton kernel was NOT used (unavailable or failed): that row ran the plain torch path")
+        return
+    print(f"\nW8A16 kernel tuning so far {_elapsed()}:")
+    for key, t in w8a16._kernel.tunings().items():
+        chosen = f"{t.config} {t.timings[t.config]:.3f} ms" if t.config else "none passed (plain torch)"
+        others = ", ".join(f"{c} {ms:.3f}" for c, ms in sorted(t.timings.items(), key=lambda kv: kv[1])
+                           if c != t.config)
+        print(f"- M bucket {key[0]}, N {key[1]}, K {key[2]}: {chosen}; tuned in {t.seconds:.1f} s; "
+              f"others (ms): {others or '-'}")
+        for c, why in t.rejected.items():
+            print(f"    left out {c}: {why}")
 
 
-def print_part1(p: dict, token_counts: list[int]) -> None:
-    res, nbytes = p["res"], p["nbytes"]
-    base = res["bf16"]
-    head = "| path | " + " | ".join(f"ms @{t} | vs bf16 | err L2 | err max" for t in token_counts)
-    print("\n## 64 routed experts of one layer (same bf16 weights; error vs fp32 reference)\n")
-    print(head + " | expert weights GB | first call s |")
-    print("|---" * (2 + 4 * len(token_counts)) + "|---|")
-    for name, by_t in res.items():
-        cells = []
-        for t in token_counts:
-            if t in by_t and t in base:
-                ms, l2, mx = by_t[t]
-                cells.append(f"{ms * 1e3:.1f} | {ms / base[t][0]:.2f}x | {l2 * 100:.2f}% | {mx * 100:.2f}%")
-            else:
-                cells.append("- | - | - | -")
-        print(f"| {name} | " + " | ".join(cells) + f" | {nbytes.get(name, 0) / GB:.2f} | {p['first'].get(name, 0):.1f} |")
-    bf16_err = {t: base[t][1] for t in token_counts if t in base}
-    print(f"\nW8A16 vs its own definition (fp32 matmuls on its dequantized weights), rel L2; "
-          f"bf16 vs fp32 on its own weights for scale: {', '.join(f'{e * 100:.2f}%' for e in bf16_err.values())}")
-    for name, by_t in p["own"].items():
-        print(f"  {name}: " + ", ".join(f"{by_t[t] * 100:.2f}% @{t}" for t in token_counts if t in by_t))
-    for n in p["notes"]:
-        print("note:", n)
-    # verdicts
-    t0 = token_counts[0]
-    w8 = {n: v[t0] for n, v in res.items() if n.startswith("W8A16") and t0 in v}
-    if w8 and t0 in base:
-        best = min(w8, key=lambda n: w8[n][0])
-        print(f"\nfastest W8A16 at {t0}: {best}, {w8[best][0] / base[t0][0]:.2f}x bf16 (target <= 1.3x)")
-        bnb = res.get("bnb LLM.int8", {}).get(t0)
-        if bnb:
-            ours = w8.get("W8A16 (c) fused Triton [default]", w8[best])
-            print(f"default W8A16 error {ours[1] * 100:.2f}% vs bnb LLM.int8 {bnb[1] * 100:.2f}% "
-                  f"({'<=' if ours[1] <= bnb[1] else 'ABOVE'} bnb); memory {nbytes.get('W8A16 (c) fused Triton [default]', 0) / max(1, nbytes.get('bnb LLM.int8', 1)):.3f}x bnb")
-        fp8 = next((v[t0] for n, v in res.items() if n.startswith("FP8") and t0 in v), None)
-        if fp8:
-            faster = fp8[0] < w8[best][0]
-            ok_err = bnb is None or fp8[1] <= bnb[1]
-            print(f"FP8: {fp8[0] / base[t0][0]:.2f}x bf16, error {fp8[1] * 100:.2f}% -> "
-                  f"{'worth a selectable format' if faster and ok_err else 'not adopted'} "
-                  f"({'faster' if faster else 'slower'} than the fastest W8A16; error "
-                  f"{'<=' if ok_err else 'above'} bnb's)")
+def part1(dev, token_counts: list[int], args) -> None:
+    layer = make_layer(dev, seed=0)
+    experts = layer.mlp.experts
+    cands, nbytes, ours = build_candidates(experts, args)
+    bf16_weights = [(e.gate_and_up_proj.weight, e.down_proj.weight) for e in experts]
+    for i, tokens in enumerate(token_counts):
+        xs = routed_inputs(layer, tokens, seed=tokens)
+        per = [x.shape[1] for x in xs]
+        ref = run(fp32_pairs(bf16_weights), xs)
+        ref_q = run([(lambda x, m=a: F.linear(x.float(), m.dequantize(torch.float32)),  # one expert at a time
+                      lambda x, m=b: F.linear(x.float(), m.dequantize(torch.float32))) for a, b in ours], xs)
+        print(f"\n## 64 routed experts of one layer, {tokens} tokens (per expert {min(per)}..{max(per)}, "
+              f"mean {sum(per) / len(per):.0f}); same bf16 weights, error vs fp32 {_elapsed()}\n")
+        print("| path | ms | vs bf16 | err L2 | err max | err L2 vs own definition | expert weights GB | first call s |")
+        print("|---|---|---|---|---|---|---|---|")
+        res: dict[str, tuple] = {}
+        for name, pairs in cands.items():
+            try:
+                t, out, first = timed(pairs, xs, args.reps)
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                print(f"| {name} | failed: {type(exc).__name__}: {str(exc)[:160]} | | | | | | |")
+                continue
+            l2, mx = errors(out, ref)
+            own = f"{errors(out, ref_q)[0] * 100:.2f}%" if name.startswith("W8A16") and "torchao" not in name else "-"
+            res[name] = (t, l2, mx)
+            ratio = f"{t / res['bf16'][0]:.2f}x" if "bf16" in res else "-"
+            print(f"| {name} | {t * 1e3:.1f} | {ratio} | {l2 * 100:.2f}% | {mx * 100:.2f}% | {own} | "
+                  f"{nbytes.get(name, 0) / GB:.2f} | {first:.1f} |")
+            del out
+        del xs, ref, ref_q
+        _free()
+        if "bf16" in res and "W8A16 fused Triton [default]" in res:
+            ours_t, ours_l2, _ = res["W8A16 fused Triton [default]"]
+            line = f"W8A16 fused at {tokens}: {ours_t / res['bf16'][0]:.2f}x bf16 (target <= 1.3x)"
+            if "bnb LLM.int8" in res:
+                bnb_t, bnb_l2, _ = res["bnb LLM.int8"]
+                line += (f"; error {ours_l2 * 100:.2f}% vs bnb {bnb_l2 * 100:.2f}% "
+                         f"({'<=' if ours_l2 <= bnb_l2 else 'ABOVE'} bnb); {bnb_t / ours_t:.1f}x faster than bnb; "
+                         f"expert bytes {nbytes['W8A16 fused Triton [default]'] / nbytes['bnb LLM.int8']:.3f}x bnb")
+            print(line)
+            fp8 = next((v for n, v in res.items() if n.startswith("FP8")), None)
+            if fp8:
+                print(f"FP8: {fp8[0] / res['bf16'][0]:.2f}x bf16, error {fp8[1] * 100:.2f}% "
+                      f"({'faster' if fp8[0] < ours_t else 'slower'} than W8A16 fused)")
+        if i == 0:
+            print_tunings()
+    del cands, ours, layer, experts
+    _free()
 
 
-def part2(dev, n: int, tokens: int, steps: int) -> None:
+# -- part 2: the N-layer step -----------------------------------------------------------------
+def part2(dev, n: int, tokens: int, steps: int, modes: tuple[str, ...]) -> None:
     x = step_input(dev, tokens)
+    names = {"bf16": "bf16 resident", "int8": "bnb LLM.int8 resident (experts + attention)",
+             "w8a16": "W8A16 resident (experts + attention) [the INT8 loader's default]",
+             "w8a16-experts": "W8A16 experts + bnb int8 attention"}
+    print(f"\n## {n}-layer step (bench/offload.py layers), {tokens} tokens, resident {_elapsed()}\n")
+    print("| weights | s/step | vs bf16 | GPU GB per layer | peak GB | built in s |\n|---|---|---|---|---|---|")
     rows = {}
-    for mode in ("bf16", "int8", "w8a16", "w8a16-experts"):
+    for mode in modes:
         _free()
         base = torch.cuda.memory_allocated(dev)
         t0 = time.perf_counter()
@@ -301,23 +363,18 @@ def part2(dev, n: int, tokens: int, steps: int) -> None:
         build = time.perf_counter() - t0
         per_layer = (torch.cuda.memory_allocated(dev) - base) / n
         t, _, peak = time_steps(model, x, steps)
-        rows[mode] = (t, per_layer, peak - base, build)
+        rows[mode] = (t, per_layer)
+        ratio = f"{t / rows['bf16'][0]:.2f}x" if "bf16" in rows else "-"
+        print(f"| {names[mode]} | {t:.3f} | {ratio} | {per_layer / GB:.3f} | {(peak - base) / GB:.1f} | {build:.1f} |")
         del model, layers
         _free()
-    names = {"bf16": "bf16 resident", "int8": "bnb LLM.int8 resident (experts + attention)",
-             "w8a16": "W8A16 resident (experts + attention) [the INT8 loader's default]",
-             "w8a16-experts": "W8A16 experts + bnb int8 attention"}
-    t_bf = rows["bf16"][0]
-    print(f"\n## {n}-layer step (bench/offload.py layers), {tokens} tokens, resident\n")
-    print("| weights | s/step | vs bf16 | GPU GB per layer | peak GB | built in s |\n|---|---|---|---|---|---|")
-    for mode, (t, per, peak, build) in rows.items():
-        print(f"| {names[mode]} | {t:.3f} | {t / t_bf:.2f}x | {per / GB:.3f} | {peak / GB:.1f} | {build:.1f} |")
-    if "int8" in rows:
+    if {"bf16", "int8", "w8a16"} <= set(rows):
+        t_bf = rows["bf16"][0]
         print(f"\nW8A16 per layer {rows['w8a16'][1] / max(1.0, rows['int8'][1]):.3f}x bnb int8's (target <= 1.03x); "
               f"step {rows['w8a16'][0] / t_bf:.2f}x bf16 (target <= 1.3x), {rows['int8'][0] / rows['w8a16'][0]:.1f}x "
               f"faster than bnb int8")
-    print(f"projection, 32 layers all resident: W8A16 {32 * rows['w8a16'][0] / n:.2f} s/step, "
-          f"bnb int8 {32 * rows['int8'][0] / n:.2f} s/step, bf16 {32 * t_bf / n:.2f} s/step")
+        print(f"projection, 32 layers all resident: W8A16 {32 * rows['w8a16'][0] / n:.2f} s/step, "
+              f"bnb int8 {32 * rows['int8'][0] / n:.2f} s/step, bf16 {32 * t_bf / n:.2f} s/step")
 
 
 def main() -> int:
@@ -326,28 +383,36 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
-                    help="torch.compile mode for candidate (b): max-autotune-no-cudagraphs, default or none")
-    ap.add_argument("--skip-step", action="store_true")
+    ap.add_argument("--compile", default="", metavar="MODE",
+                    help="add torch.compile of the plain W8A16 expression (default | max-autotune-no-cudagraphs ...)")
+    ap.add_argument("--torchao", action="store_true", help="add torchao int8 weight-only")
+    ap.add_argument("--int8pack", action="store_true", help="add torch._weight_int8pack_mm")
+    ap.add_argument("--no-fp8", action="store_true", help="leave out the FP8 candidate")
+    ap.add_argument("--skip-configs", action="store_true", help="leave out part 0 (every kernel config forced)")
+    ap.add_argument("--skip-step", action="store_true", help="leave out part 2 (the N-layer step)")
+    ap.add_argument("--step-all", action="store_true", help="part 2 also with W8A16 experts + bnb attention")
     args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # every line out as soon as it is printed
     if not start_bench("bench/int8.py"):
         return 0
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference is fp32
     dev = torch.device("cuda", 0)
-    print(f"device: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
     try:
         import triton
 
-        print(f"triton {triton.__version__}")
+        tri = f"triton {triton.__version__}"
     except ImportError:
-        print("triton: not installed (W8A16 runs its plain torch path)")
-    t0 = time.perf_counter()
+        tri = "triton not installed (W8A16 runs its plain torch path)"
+    print(f"device: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, {tri}")
     tokens = [int(t) for t in args.tokens.split(",")]
-    p = part1(dev, tokens, args.reps, args.compile_mode)
-    print_part1(p, tokens)
+    if not args.skip_configs and not tri.startswith("triton not"):
+        part0(dev)
+        _free()
+    part1(dev, tokens, args)
     if not args.skip_step:
-        part2(dev, args.layers, tokens[0], args.steps)
-    print(f"\nbench/int8.py ran in {time.perf_counter() - t0:.0f} s")
+        modes = ("bf16", "int8", "w8a16", "w8a16-experts") if args.step_all else ("bf16", "int8", "w8a16")
+        part2(dev, args.layers, tokens[0], args.steps, modes)
+    print(f"\nbench/int8.py ran in {time.perf_counter() - T0:.0f} s")
     return 0
 
 
