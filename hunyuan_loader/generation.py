@@ -38,7 +38,6 @@ import torch
 from ..memory import stats
 from .errors import InputError, OutOfMemoryError
 from .placement import run_placement
-from .remote_code_fixes import cpu_autocast
 from .spec import LoadedModel
 from .variants import Variant
 
@@ -372,16 +371,6 @@ def text_stage_criteria(
     return StoppingCriteriaList([TextStageHook()])
 
 
-def _model_dtype(model: Any) -> torch.dtype | None:
-    """The model's compute dtype (its config's torch_dtype; the official class has no
-    get_input_embeddings, so nothing that needs it)."""
-    config = getattr(model, "config", None)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)  # 4.57: dtype; older: torch_dtype
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return dtype if isinstance(dtype, torch.dtype) else None
-
-
 def _call_model(
     loaded: LoadedModel,
     req: GenerationRequest,
@@ -405,7 +394,7 @@ def _call_model(
         kwargs["bot_task"] = req.bot_task
     if variant.honours_step_kwargs:
         kwargs.update(diff_infer_steps=steps, diff_guidance_scale=guidance)
-    with torch.inference_mode(), seeded_rng(loaded, req.seed), cpu_autocast(loaded.device, _model_dtype(model)):
+    with torch.inference_mode(), seeded_rng(loaded, req.seed):
         try:
             out = model.generate_image(prompt=req.prompt, **kwargs)
         except ValueError as exc:

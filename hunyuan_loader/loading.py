@@ -94,7 +94,7 @@ def load_model(
             model = skeleton.model
         else:
             model, residency = _load_from_pretrained(spec, info, qconfig, pre_quantized, device)
-        _prepare(model, spec, info)
+        _prepare(model, spec, info, device)
         loaded = LoadedModel(model, spec, info, variant, device, 0.0)
         loaded.residency = residency
         loaded.load_seconds = time.perf_counter() - start
@@ -141,15 +141,17 @@ def _clear_inner_frames(exc: BaseException) -> None:
         tb = tb.tb_next
 
 
-def _prepare(model: Any, spec: LoadSpec, info: CheckpointInfo) -> None:
+def _prepare(model: Any, spec: LoadSpec, info: CheckpointInfo, device: torch.device) -> None:
     """What every load does after the weights: tokenizer, MoE dispatch, remote-code fixes."""
     from .moe_dispatch import install_moe_dispatch
-    from .remote_code_fixes import install_mask_alignment
+    from .remote_code_fixes import install_cpu_input_casts, install_mask_alignment
 
     if hasattr(model, "load_tokenizer"):
         model.load_tokenizer(str(info.path))
     install_moe_dispatch(model, spec.moe_impl)
     install_mask_alignment(model)
+    if device.type == "cpu":
+        install_cpu_input_casts(model)
 
 
 def _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, cancel):

@@ -46,17 +46,40 @@ def install_mask_alignment(model: Any) -> bool:
     return True
 
 
-def cpu_autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
-    """The CPU counterpart of the autocast the official code relies on.
+_CAST_MARK = "_hy3_cpu_input_casts"
 
-    Its pipeline runs every diffusion forward under ``torch.autocast("cuda", bfloat16)``
-    (official hunyuan_image_3_pipeline.py:856), so float32 latents meet bf16 conv weights in
-    patch_embed and the VAE only on CUDA; on a CPU that autocast is a no-op and the first conv
-    fails ("Input type (float) and bias type (c10::BFloat16) should be the same", H:794 /
-    M:810). On CPU with a bf16 model the pack runs the call under CPU autocast instead.
+
+def _cast_float_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    if dtype is None:
+        return None
+
+    def cast(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
+            return value.to(dtype)
+        return value
+
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+
+def install_cpu_input_casts(model: Any) -> int:
+    """On a CPU, cast the float inputs of the image modules to their weights' dtype.
+
+    The official pipeline runs the diffusion forward and the VAE under CUDA autocast
+    (hunyuan_image_3_pipeline.py:856; the model's vae_encode/decode autocast with
+    device_type="cuda"), so float32 latents meet bf16 convolution and GroupNorm weights only
+    on CUDA. On a CPU those autocasts are no-ops and the first conv or norm fails ("Input type
+    (float) and bias type (c10::BFloat16) should be the same", H:794 / M:810; "mixed dtype
+    (CPU)" in the VAE). Keyword pre-hooks on patch_embed, final_layer and the VAE's encoder and
+    decoder cast what CUDA autocast would. Idempotent; returns the number of modules hooked.
     """
-    import contextlib
-
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    hooked = 0
+    vae = getattr(model, "vae", None)
+    targets = [getattr(model, "patch_embed", None), getattr(model, "final_layer", None),
+               getattr(vae, "encoder", None), getattr(vae, "decoder", None)]
+    for module in targets:
+        if isinstance(module, torch.nn.Module) and not getattr(module, _CAST_MARK, False):
+            module.register_forward_pre_hook(_cast_float_inputs, with_kwargs=True)
+            setattr(module, _CAST_MARK, True)
+            hooked += 1
+    return hooked

@@ -498,3 +498,18 @@ def test_an_input_longer_than_generation_config_max_length_is_refused(models: di
         model.generate_image(prompt="x", image=_ref_image(64, 64), seed=1, image_size="1024x1024", bot_task="image")
     finally:
         model.generation_config.max_length = 12800
+
+
+def test_pack_casts_float_inputs_of_the_image_modules_on_cpu() -> None:
+    # The official pipeline relies on CUDA autocast (hunyuan_image_3_pipeline.py:856): float32 latents
+    # reach bf16 convs / GroupNorms, which a CPU refuses; the pack's pre-hooks cast what autocast would.
+    from hunyuan_image3.hunyuan_loader.remote_code_fixes import install_cpu_input_casts
+
+    model = torch.nn.Module()
+    model.patch_embed = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.GroupNorm(2, 8))
+    model.patch_embed.to(torch.bfloat16)
+    x = torch.randn(1, 4, 8, 8)
+    with pytest.raises(RuntimeError):
+        model.patch_embed(x)
+    assert install_cpu_input_casts(model) == 1 and install_cpu_input_casts(model) == 0
+    assert model.patch_embed(x).dtype == torch.bfloat16
