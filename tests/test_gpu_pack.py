@@ -131,7 +131,6 @@ def test_real_oom_retry_then_clear_error_then_nuke_recovers(cache, tmp_path_fact
     gc.collect()
     report = cache.force_unload(nuke_orphaned_tensors=True)
     after = torch.cuda.memory_allocated()
-    assert abs(after - baseline) <= 0.01 * baseline, (after, baseline, report.text())
-    assert after - baseline <= 64 << 20, (after, baseline, report.text())
+    assert after - baseline <= 64 << 20, (after, baseline, report.text())  # back to the baseline (or below)
     assert torch.equal(other(x), expected)
     del held
