@@ -21,23 +21,25 @@ MODEL_NAME = "HunyuanImage-3"  # ComfyUI/models/HunyuanImage-3/HunyuanImage-3, a
 INSTRUCT_MODEL_NAME = "HunyuanImage-3-Instruct"  # ComfyUI/models/HunyuanImage-3/HunyuanImage-3-Instruct
 PROMPT = "a red fox in fresh snow, morning light, photograph"
 
+_GPUS = [("devices", "auto"), ("multi_gpu", "auto")]
 LOADERS = {
-    # file stem: (class, title, [(widget, value)...])
+    # file stem: (class, title, [(widget, value)...]) in INPUT_TYPES order (required, then optional)
     "hunyuan_image3_int8": (
         "HunyuanImage3LoaderINT8",
         "HunyuanImage-3 Loader (INT8)",
-        [("model_name", MODEL_NAME), ("offload_mode", "disabled"), ("moe_impl", "gather_scatter"),
-         ("int8_format", "w8a16")],
+        [("model_name", MODEL_NAME), ("offload_mode", "disabled"), ("moe_impl", "gather_scatter"), *_GPUS,
+         ("save_quantized_copy", False), ("int8_format", "w8a16")],
     ),
     "hunyuan_image3_nf4": (
         "HunyuanImage3LoaderNF4",
         "HunyuanImage-3 Loader (NF4)",
-        [("model_name", MODEL_NAME), ("offload_mode", "disabled"), ("moe_impl", "gather_scatter")],
+        [("model_name", MODEL_NAME), ("offload_mode", "disabled"), ("moe_impl", "gather_scatter"), *_GPUS,
+         ("save_quantized_copy", False)],
     ),
     "hunyuan_image3_bf16": (
         "HunyuanImage3LoaderBF16",
         "HunyuanImage-3 Loader (BF16)",
-        [("model_name", MODEL_NAME), ("offload_mode", "smart"), ("moe_impl", "gather_scatter")],
+        [("model_name", MODEL_NAME), ("offload_mode", "smart"), ("moe_impl", "gather_scatter"), *_GPUS],
     ),
     "hunyuan_image3_budget": (
         "HunyuanImage3LoaderBudget",
@@ -48,6 +50,7 @@ LOADERS = {
             ("vram_budget_gb", 80.0),
             ("inference_headroom_gb", 0.0),
             ("moe_impl", "gather_scatter"),
+            *_GPUS,
             ("int8_format", "w8a16"),
         ],
     ),
