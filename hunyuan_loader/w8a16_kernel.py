@@ -341,7 +341,7 @@ def tune(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torc
         else:
             timings[cfg] = _time_ms(lambda c=cfg: _run(c, x2, weight, scale, bias, y), x2.device)
     for cfg, why in rejected.items():
-        log.warning("W8A16 kernel: config %s left out for M bucket %d, N %d, K %d, %s: %s",
+        log.debug("W8A16 kernel: config %s left out for M bucket %d, N %d, K %d, %s: %s",
                     cfg, key[0], key[1], key[2], str(x2.dtype).removeprefix("torch."), why)
     if not timings:
         log.warning("W8A16 kernel: no config passed for M bucket %d, N %d, K %d: plain torch path there",
