@@ -47,6 +47,19 @@ def process_rss(pid: int) -> int:
     raise RuntimeError(f"no RSS for pid {pid}")
 
 
+def _send(req: urllib.request.Request, timeout: float) -> tuple[int, Any]:
+    """(HTTP status, JSON body or raw bytes) of one request; an HTTP error status is a result too."""
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw, status = resp.read(), resp.status
+    except urllib.error.HTTPError as err:
+        raw, status = err.read(), err.code
+    try:
+        return status, json.loads(raw) if raw else None
+    except ValueError:
+        return status, raw
+
+
 class ComfyServer:
     """A ComfyUI server process on a loopback port with its own base directory."""
 
@@ -163,15 +176,7 @@ class ComfyServer:
             method=method,
             headers={"Content-Type": "application/json"} if data else {},
         )
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                raw, status = resp.read(), resp.status
-        except urllib.error.HTTPError as err:
-            raw, status = err.read(), err.code
-        try:
-            return status, json.loads(raw) if raw else None
-        except ValueError:
-            return status, raw
+        return _send(req, timeout)
 
     def get_json(self, path: str, timeout: float = 30.0) -> Any:
         status, data = self.request("GET", path, timeout=timeout)
@@ -231,15 +236,7 @@ class ComfyServer:
             method="POST",
             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
         )
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                raw, status = resp.read(), resp.status
-        except urllib.error.HTTPError as err:
-            raw, status = err.read(), err.code
-        try:
-            return status, json.loads(raw) if raw else None
-        except ValueError:
-            return status, raw
+        return _send(req, timeout)
 
     def interrupt(self) -> int:
         return self.request("POST", "/interrupt", {})[0]
