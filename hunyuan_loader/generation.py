@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..memory import stats
-from .errors import InputError, OutOfMemoryError
+from .errors import HunyuanError, InputError, NotEnoughRAMError, NotEnoughVRAMError, OutOfMemoryError
 from .placement import run_placement
 from .spec import LoadedModel
 from .variants import Variant
@@ -451,6 +451,23 @@ def generate_cached(
     return generate(loaded, req, progress, cancel, placement=placement)
 
 
+def _out_of_memory(
+    size: tuple[int, int], req: GenerationRequest, oom_message: str | None, retry_refused: Exception | None
+) -> OutOfMemoryError:
+    """The user's error after a CUDA out-of-memory that the one retry did not cure; it quotes CUDA's
+    message (and why the retry could not place the run, when that is what failed)."""
+    snap = stats.snapshot()
+    refs = f" with {len(req.images)} reference image(s)" if req.images else ""
+    retry = f" The retry could not place the run: {retry_refused}" if retry_refused is not None else ""
+    return OutOfMemoryError(
+        f"Out of GPU memory at {size[0]}x{size[1]}{refs} ({oom_message}); "
+        f"{snap.cuda_free / stats.GIB:.1f} GiB free of {snap.cuda_total / stats.GIB:.1f} GiB after "
+        "streaming more weights. Choices: a lower resolution, fewer reference images, the smart offload "
+        "mode or a smaller VRAM budget, or the NF4 loader; close other programs using the GPU. "
+        f"The model stays loaded.{retry}"
+    )
+
+
 def generate(
     loaded: LoadedModel,
     req: GenerationRequest,
@@ -483,10 +500,11 @@ def generate(
     start = time.perf_counter()
     notes: list[str] = []
     retried = False
+    oom_message = None  # CUDA's first line of the first out-of-memory error of this call
     while True:
-        oom_message = None
         stage = _TextStage()
         call_start = time.perf_counter()
+        retry_refused: HunyuanError | None = None
         try:
             with placement(size, notes, retried, tokens), generation_settings(
                 loaded.model, steps, guidance, full_length=loaded.variant.returns_tuple
@@ -496,22 +514,19 @@ def generate(
                 )
             break
         except torch.OutOfMemoryError as exc:
-            oom_message = str(exc).splitlines()[0]
+            oom_message = oom_message or str(exc).splitlines()[0]
+        except (NotEnoughVRAMError, NotEnoughRAMError) as exc:
+            if not retried:
+                raise
+            retry_refused = exc  # the retry's placement could not make room: report the OOM behind it
         # Outside the except block: the traceback (and the activations it holds) is gone.
         gc.collect()
         stats.release_cached_memory()
         if retried or loaded.residency is None:
-            snap = stats.snapshot()
-            refs = f" with {len(req.images)} reference image(s)" if req.images else ""
-            raise OutOfMemoryError(
-                f"Out of GPU memory at {size[0]}x{size[1]}{refs} ({oom_message}); "
-                f"{snap.cuda_free / stats.GIB:.1f} GiB free of {snap.cuda_total / stats.GIB:.1f} GiB after "
-                "streaming more weights. Choices: a lower resolution, fewer reference images, the smart offload "
-                "mode or a smaller VRAM budget, or the NF4 loader. The model stays loaded."
-            )
+            raise _out_of_memory(size, req, oom_message, retry_refused) from None
         retried = True
         notes.append(f"Out of memory at {size[0]}x{size[1]}: retrying once with more weights streamed.")
-        log.warning(notes[-1])
+        log.warning("%s (%s)", notes[-1], oom_message)
     end = time.perf_counter()
     text_end = stage.last_token_at if (stage.tokens and req.text_task) else None
     result = GenerationResult(

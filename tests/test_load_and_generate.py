@@ -156,3 +156,61 @@ def test_generate_node_path_is_one_call_through_the_cache(cache, base_checkpoint
     again = generate_cached(handle, GenerationRequest("x", steps=1, seed=3), make_room=asked.append)
     assert cache.load_count == loads + 1 and asked[before] > 0  # the reload's weights asked for room first
     assert torch.equal(first.image, again.image)
+
+
+class _OomOnce:
+    """A forward pre-hook that raises CUDA's out-of-memory error (a fault injected on the CPU) ``times`` times."""
+
+    def __init__(self, times: int) -> None:
+        self.left = times
+
+    def __call__(self, module, args):
+        if self.left > 0:
+            self.left -= 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; injected)")
+
+
+def test_an_out_of_memory_is_reported_with_cuda_text_and_the_model_stays_usable(cache, base_checkpoint: Path) -> None:
+    from hunyuan_image3.hunyuan_loader.errors import OutOfMemoryError
+
+    loaded = cache.get(cache.load(LoadSpec(str(base_checkpoint))))
+    req = GenerationRequest("x", seed=2, steps=1, resolution="1024x1024")
+    hook = loaded.model.model.layers[0].register_forward_pre_hook(_OomOnce(1))
+    try:
+        with pytest.raises(OutOfMemoryError, match="CUDA out of memory. Tried to allocate 2.00 GiB") as info:
+            generate(loaded, req)
+    finally:
+        hook.remove()
+    assert "1024x1024" in str(info.value) and "The model stays loaded" in str(info.value)
+    assert generate(loaded, req).image.shape == (1, 1024, 1024, 3)
+
+
+def test_a_retry_that_cannot_make_room_still_names_the_cuda_out_of_memory(cache, base_checkpoint: Path) -> None:
+    """The retry after an OOM asks the placement for more room; when that is refused (another program
+    holds the GPU), the user's error quotes CUDA's message and the refusal, not the refusal alone."""
+    import contextlib
+
+    from hunyuan_image3.hunyuan_loader.errors import NotEnoughVRAMError, OutOfMemoryError
+
+    loaded = cache.get(cache.load(LoadSpec(str(base_checkpoint))))
+    calls: list[bool] = []
+
+    @contextlib.contextmanager
+    def placement(size, notes, retried, tokens):
+        calls.append(retried)
+        if retried:
+            raise NotEnoughVRAMError("the model does not fit a GPU budget of 0.03 GiB")
+        yield
+
+    saved = loaded.residency
+    loaded.residency = object()  # a placed model (on the CPU there is none): the retry path runs
+    hook = loaded.model.model.layers[0].register_forward_pre_hook(_OomOnce(1))
+    try:
+        with pytest.raises(OutOfMemoryError) as info:
+            generate(loaded, GenerationRequest("x", seed=2, steps=1, resolution="1024x1024"), placement=placement)
+    finally:
+        hook.remove()
+        loaded.residency = saved
+    text = str(info.value)
+    assert calls == [False, True]
+    assert "CUDA out of memory. Tried to allocate 2.00 GiB" in text and "budget of 0.03 GiB" in text

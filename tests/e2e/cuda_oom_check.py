@@ -1,13 +1,17 @@
 """A real CUDA out-of-memory inside the ComfyUI server, then a successful run (CUDA only).
 
-    python tests/e2e/cuda_oom_check.py fill   # the filler alone: takes the GPU's free memory until stdin closes
+    python tests/e2e/cuda_oom_check.py fill   # the filler alone: after a line on stdin, takes the GPU's free memory
 
-run_comfyui_e2e.py calls check_cuda_oom() when ComfyUI runs on the GPU. With the model loaded, it
-asks the server to hand its cached CUDA blocks back (POST /free with free_memory only: the model
-stays), starts this file as a second process that takes all the GPU's free memory (as another
-program sharing the card would), and queues a prompt: it must end in an execution_error carrying
-CUDA's "out of memory" with the server still answering. Then the filler exits and the same prompt
-must succeed. Stdlib only at import (the runner runs under any Python); the filler imports torch.
+run_comfyui_e2e.py calls check_cuda_oom() when ComfyUI runs on the GPU. With the model loaded and the
+server's cached CUDA blocks handed back (POST /free with free_memory only: the model stays), it queues
+a long prompt; when the prompt reports its second step, a second process (started and armed before)
+takes all the GPU's free memory, as another program sharing the card would. The pack placed the run
+while the memory was there, so nothing refuses it up front: the next allocation the run makes (a later
+step, the VAE decode) hits CUDA's own out-of-memory. The prompt must end in an execution_error that
+quotes CUDA's "out of memory" with the server still answering; then the filler exits and the same
+prompt must succeed. (Filling the GPU BEFORE the prompt only shows the pack's own refusal: it plans
+with the free memory and says the model does not fit.) Stdlib only at import (the runner runs under
+any Python); the filler imports torch.
 """
 
 from __future__ import annotations
@@ -27,9 +31,14 @@ COMFY_OOM_LINE = "Got an OOM, unloading all loaded models."  # ComfyUI's executi
 
 
 def fill() -> int:
-    """Allocate the GPU's free memory in shrinking chunks; print what is left; hold until stdin closes."""
+    """Start CUDA, say ``ready``, wait for a line on stdin, then allocate the GPU's free memory in
+    shrinking chunks; print what is left; hold until stdin closes."""
     import torch
 
+    torch.empty(1, device="cuda")
+    print("ready", flush=True)
+    if not sys.stdin.readline():  # stdin closed before the signal: take nothing
+        return 0
     chunks, size = [], GIB
     while size >= MIB:
         try:
@@ -51,6 +60,7 @@ class VramFiller:
         self.taken = self.free = self.total = 0
 
     def __enter__(self) -> VramFiller:
+        """Start the filler armed: CUDA up, nothing taken until ``fill_now``."""
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [self.python, str(Path(__file__).resolve()), "fill"],
@@ -59,15 +69,27 @@ class VramFiller:
             stderr=self._log,
             env=self.env,
         )
+        self._expect("ready")
+        return self
+
+    def _expect(self, word: str) -> str:
         ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
         line = self.proc.stdout.readline().decode() if ready else ""
-        if not line.startswith("filled "):
+        if not line.startswith(word):
             self.proc.kill()
             self.__exit__(None, None, None)
-            raise RuntimeError(f"VRAM filler did not report within {self.timeout:.0f} s: {line!r}; log {self.log_path}")
-        fields = line.split()
+            raise RuntimeError(f"VRAM filler did not say {word!r} within {self.timeout:.0f} s: {line!r}; "
+                               f"log {self.log_path}")
+        return line
+
+    def fill_now(self) -> None:
+        """Take the GPU's free memory now; returns once it is taken."""
+        if self.taken or self.proc is None:
+            return
+        self.proc.stdin.write(b"go\n")
+        self.proc.stdin.flush()
+        fields = self._expect("filled ").split()
         self.taken, self.free, self.total = int(fields[1]), int(fields[3]), int(fields[5])
-        return self
 
     def __exit__(self, *exc: Any) -> None:
         proc, self.proc = self.proc, None
@@ -84,8 +106,10 @@ class VramFiller:
         return f"a second process took {self.taken / GIB:.1f} GiB, {self.free / MIB:.0f} MiB of {self.total / GIB:.0f} GiB left"
 
 
-def check_cuda_oom(e2e: Any, python: str, env: dict[str, str], name: str, log_path: Path) -> None:
-    """The e2e step (``e2e`` is run_comfyui_e2e.E2E): OOM prompt with the GPU filled, then a good prompt."""
+def check_cuda_oom(e2e: Any, python: str, env: dict[str, str], name: str, log_path: Path,
+                   steps: int = 200, fill_at: int = 2) -> None:
+    """The e2e step (``e2e`` is run_comfyui_e2e.E2E): a prompt whose GPU memory is taken by another
+    process at step ``fill_at`` of ``steps`` ends in CUDA's OOM, then the same prompt succeeds."""
     ok0, _, detail0 = e2e.good_run("before CUDA OOM (model on the GPU)", e2e.workflow(name))
     if not ok0:
         e2e.check("CUDA OOM: the model runs on the GPU first", False, detail0)
@@ -93,8 +117,17 @@ def check_cuda_oom(e2e: Any, python: str, env: dict[str, str], name: str, log_pa
     status = e2e.server.free(unload_models=False, free_memory=True)  # ComfyUI's soft_empty_cache
     time.sleep(3.0)
     mark = len(e2e.server.log_text())
+    fired: dict[str, Any] = {}
     with VramFiller(python, env, log_path) as filler:
-        run = e2e.run("CUDA OOM (GPU filled by a second process)", e2e.workflow(name))
+
+        def on_event(msg: dict) -> None:
+            data = msg.get("data") or {}
+            if msg.get("type") == "progress" and not fired and int(data.get("value", 0)) >= fill_at:
+                fired["step"] = int(data["value"])
+                filler.fill_now()
+
+        run = e2e.run("CUDA OOM (GPU taken by a second process during the run)",
+                      e2e.workflow(name, steps=steps), on_event)
     log = e2e.server.log_text()[mark:]
     try:
         alive = bool(e2e.server.get_json("/system_stats", timeout=10))
@@ -102,12 +135,15 @@ def check_cuda_oom(e2e: Any, python: str, env: dict[str, str], name: str, log_pa
         alive = False
     err = run.error()
     message = str(err.get("exception_message", ""))
-    seen = [text for text in CUDA_OOM if text in message or text in log]
+    seen = [text for text in CUDA_OOM if text in message]
+    last = max((v for v, _ in run.progress()), default=0)
     e2e.check(
         "CUDA OOM inside the server -> execution_error naming it, server still up",
         run.end == "execution_error" and bool(seen) and alive,
-        f"{run.end}: {err.get('exception_type', '')}: {message.strip()[:220]}; seen {seen}; server up: {alive}; "
-        f"ComfyUI's own OOM handler ran: {COMFY_OOM_LINE in log}; {filler.describe()}; /free(free_memory) HTTP {status}",
+        f"{run.end}: {err.get('exception_type', '')}: {message.strip()[:260]}; CUDA's text in the error: {seen}; "
+        f"server up: {alive}; GPU taken at step {fired.get('step')} of {steps}, last step reported {last}; "
+        f"ComfyUI's own OOM handler ran: {COMFY_OOM_LINE in log}; {filler.describe()}; "
+        f"/free(free_memory) HTTP {status}",
     )
     ok, run2, detail = e2e.good_run("after CUDA OOM (GPU freed)", e2e.workflow(name))
     e2e.check("after the CUDA OOM the next prompt succeeds", ok, detail + f"; loads from disk {run2.loads}")
