@@ -56,14 +56,19 @@ class RMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
+    """The official HunyuanMLP for hidden_act "silu" (hunyuan_image_3/hunyuan.py:1014-1019)."""
+
+    hidden_act = "silu"
+
     def __init__(self) -> None:
         super().__init__()
         self.gate_and_up_proj = nn.Linear(H, 2 * W, bias=False)
         self.down_proj = nn.Linear(W, H, bias=False)
+        self.act_fn = nn.SiLU()
 
     def forward(self, x):
         a, b = self.gate_and_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(a * F.silu(b))
+        return self.down_proj(a * self.act_fn(b))
 
 
 class Gate(nn.Module):

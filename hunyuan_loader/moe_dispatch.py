@@ -135,6 +135,102 @@ def plan_dispatch(
     return flat_tok[order], flat_w[order], counts.tolist()
 
 
+GROUPED_ENV = "HY3_MOE_GROUPED"  # auto (default) | 0: every expert called on its own (bench, bisecting)
+GROUPED_ROWS = 16384  # rows (token x expert assignments) per grouped launch: bounds the temporaries
+_grouped_off = False  # set when a grouped launch failed for a reason other than its input
+
+
+def _silu_act(act: Any) -> bool:
+    """``act_fn`` absent (F.silu in the forward) or a SiLU module (transformers' ACT2FN["silu"], nn.SiLU)."""
+    return act is None or type(act).__name__ in ("SiLU", "SiLUActivation")
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__
+                or getattr(m, "_hf_hook", None) is not None)
+
+
+def grouped_w8a16_reason(experts: nn.ModuleList, x: torch.Tensor) -> str | None:
+    """Why the experts of a block can NOT run as two grouped W8A16 launches (None: they can).
+
+    The grouped path computes what the official expert does for ``hidden_act == "silu"``
+    (HunyuanMLP.forward, hunyuan_image_3/hunyuan.py:1014-1019: ``x1, x2 =
+    gate_and_up_proj(x).chunk(2, dim=2); down_proj(x1 * act_fn(x2))``), so it is used only
+    when every expert is exactly that: ``hidden_act`` "silu", SiLU activation, both Linears
+    ``Int8WeightOnlyLinear`` without bias, no hooks or patched forwards on the expert or its
+    Linears; on CUDA with the fused kernel available and ``HY3_MOE_GROUPED`` not "0".
+    """
+    import os
+
+    from . import w8a16
+
+    if os.environ.get(GROUPED_ENV, "auto").strip().lower() in ("0", "off", "per_expert", "false"):
+        return f"{GROUPED_ENV}=0"
+    if _grouped_off:
+        return "the grouped kernel failed earlier in this process"
+    if not len(experts):
+        return "no experts"
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return "global module hooks"
+    for e in experts:
+        if getattr(e, "hidden_act", None) != "silu" or not _silu_act(getattr(e, "act_fn", None)):
+            return "an expert is not a SiLU-gated MLP (hidden_act 'silu')"
+        gu, down = e._modules.get("gate_and_up_proj"), e._modules.get("down_proj")
+        for lin in (gu, down):
+            if type(lin) is not w8a16.Int8WeightOnlyLinear or lin.bias is not None:
+                return "an expert Linear is not an Int8WeightOnlyLinear without bias"
+        if _hooked(e) or _hooked(gu) or _hooked(down):
+            return "hooks on an expert module"
+        if gu.out_features != 2 * down.in_features:
+            return "gate_and_up_proj is not twice down_proj's input width"
+    if not w8a16.fused_available(x):
+        return "the fused W8A16 kernel is not available for this input"
+    return None
+
+
+def _expert_chunks(counts: list[int]) -> list[tuple[int, int]]:
+    """Expert ranges [lo, hi) of at most GROUPED_ROWS rows each (an expert with more is alone)."""
+    chunks, lo, rows = [], 0, 0
+    for e, n in enumerate(counts):
+        if rows and rows + n > GROUPED_ROWS:
+            chunks.append((lo, e))
+            lo, rows = e, 0
+        rows += n
+    chunks.append((lo, len(counts)))
+    return chunks
+
+
+def _grouped_experts(experts: nn.ModuleList, x: torch.Tensor, tok: torch.Tensor, counts: list[int],
+                     lo: int, hi: int, start: int) -> torch.Tensor | None:
+    """Outputs ``[rows, hidden]`` of experts ``lo..hi-1`` on their tokens (``tok[start:]``, grouped
+    by expert) through two grouped launches; None when the kernel cannot take this input."""
+    global _grouped_off
+    from . import w8a16_grouped as G
+
+    sub = counts[lo:hi]
+    rows = sum(sub)
+    if rows == 0:
+        return None
+    ex = experts[lo:hi]
+    try:
+        xs = x.index_select(0, tok[start : start + rows])
+        h = G.grouped_linear(xs, [e.gate_and_up_proj.weight for e in ex],
+                             [e.gate_and_up_proj.weight_scale for e in ex], sub)
+        del xs
+        x1, x2 = h.chunk(2, dim=-1)
+        act = x1 * F.silu(x2)  # the official order: first half times silu(second half)
+        del h, x1, x2
+        return G.grouped_linear(act, [e.down_proj.weight for e in ex], [e.down_proj.weight_scale for e in ex], sub)
+    except torch.OutOfMemoryError:
+        raise
+    except G.Unsupported as exc:
+        logger.debug("grouped W8A16: %s; per-expert path for these experts", exc)
+    except Exception as exc:  # noqa: BLE001 - a Triton compile/launch failure: keep working, say so once
+        logger.warning("grouped W8A16 failed (%s: %s); per-expert path from now on", type(exc).__name__, exc)
+        _grouped_off = True
+    return None
+
+
 def gather_scatter_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """MoE forward with memory linear in tokens (bound to a block by ``install_moe_dispatch``)."""
     if hidden_states.is_cuda:
@@ -148,14 +244,25 @@ def gather_scatter_forward(self: nn.Module, hidden_states: torch.Tensor) -> torc
     w = w.to(hidden_states.dtype).float()  # the reference casts its combine weights to the hidden dtype
     del top_idx, weights
     out = torch.zeros(x.shape[0], shape[-1], dtype=torch.float32, device=x.device)
+    grouped = grouped_w8a16_reason(experts, x) is None
     start = 0
-    for expert, n in zip(experts, counts):
-        if n:
-            idx = tok[start : start + n]
-            y = expert(x.index_select(0, idx).unsqueeze(0))[0]  # [1, n, hidden], as the reference feeds it
-            out.index_add_(0, idx, y.float() * w[start : start + n, None])
-            del y
-        start += n
+    for lo, hi in _expert_chunks(counts) if grouped else [(0, len(counts))]:
+        ys = _grouped_experts(experts, x, tok, counts, lo, hi, start) if grouped else None
+        row = 0
+        for e in range(lo, hi):
+            n = counts[e]
+            if n:
+                idx = tok[start : start + n]
+                if ys is not None:
+                    y = ys[row : row + n]
+                else:  # [1, n, hidden], as the reference feeds it
+                    y = experts[e](x.index_select(0, idx).unsqueeze(0))[0]
+                # the combine is the same on both paths: float32, one expert at a time, in expert order
+                out.index_add_(0, idx, y.float() * w[start : start + n, None])
+                del y
+            start += n
+            row += n
+        del ys
     result = out.to(hidden_states.dtype).reshape(shape)
     del out
     shared = self._modules.get("shared_mlp")

@@ -140,6 +140,8 @@ class HunyuanMLP(nn.Module):
     """SwiGLU: down_proj(a * silu(b)) with (a, b) = gate_and_up_proj(x).chunk(2, dim=2): the SECOND half
     is activated. Input must be 3-D [batch, tokens, hidden] (official modeling_hunyuan_image_3.py:1080)."""
 
+    hidden_act = "silu"  # as the official HunyuanMLP sets it from the config (the MoE dispatch reads it)
+
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.gate_and_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
