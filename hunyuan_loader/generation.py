@@ -460,7 +460,7 @@ def _out_of_memory(
     refs = f" with {len(req.images)} reference image(s)" if req.images else ""
     retry = f" The retry could not place the run: {retry_refused}" if retry_refused is not None else ""
     return OutOfMemoryError(
-        f"Out of GPU memory at {size[0]}x{size[1]}{refs} ({oom_message}); "
+        f"Out of GPU memory at {size[0]}x{size[1]}{refs} (CUDA: {oom_message}); "
         f"{snap.cuda_free / stats.GIB:.1f} GiB free of {snap.cuda_total / stats.GIB:.1f} GiB after "
         "streaming more weights. Choices: a lower resolution, fewer reference images, the smart offload "
         "mode or a smaller VRAM budget, or the NF4 loader; close other programs using the GPU. "

@@ -25,8 +25,9 @@ from typing import Any
 
 MIB = 1 << 20
 GIB = 1 << 30
-# torch.OutOfMemoryError (caching allocator; the pack quotes its first line), or the CUDA runtime's own
-CUDA_OOM = ("CUDA out of memory", "CUDA error: out of memory")
+# torch.OutOfMemoryError's first line, which the pack quotes: "CUDA out of memory. Tried to allocate ..." or
+# (torch 2.11 on an H200, seen) "Allocation on device 0 would exceed allowed memory. (out of memory)"
+CUDA_OOM = ("CUDA out of memory", "CUDA error: out of memory", "(out of memory)")
 COMFY_OOM_LINE = "Got an OOM, unloading all loaded models."  # ComfyUI's execution.py on torch's OOM
 
 
@@ -107,9 +108,9 @@ class VramFiller:
 
 
 def check_cuda_oom(e2e: Any, python: str, env: dict[str, str], name: str, log_path: Path,
-                   steps: int = 200, fill_at: int = 2) -> None:
+                   generate_node: str, steps: int = 200, fill_at: int = 2) -> None:
     """The e2e step (``e2e`` is run_comfyui_e2e.E2E): a prompt whose GPU memory is taken by another
-    process at step ``fill_at`` of ``steps`` ends in CUDA's OOM, then the same prompt succeeds."""
+    process at step ``fill_at`` of ``steps`` (progress of node ``generate_node``) ends in CUDA's OOM, then the same prompt succeeds."""
     ok0, _, detail0 = e2e.good_run("before CUDA OOM (model on the GPU)", e2e.workflow(name))
     if not ok0:
         e2e.check("CUDA OOM: the model runs on the GPU first", False, detail0)
@@ -122,7 +123,8 @@ def check_cuda_oom(e2e: Any, python: str, env: dict[str, str], name: str, log_pa
 
         def on_event(msg: dict) -> None:
             data = msg.get("data") or {}
-            if msg.get("type") == "progress" and not fired and int(data.get("value", 0)) >= fill_at:
+            if (msg.get("type") == "progress" and str(data.get("node")) == generate_node and not fired
+                    and int(data.get("value", 0)) >= fill_at):
                 fired["step"] = int(data["value"])
                 filler.fill_now()
 

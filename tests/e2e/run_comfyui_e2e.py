@@ -719,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("free", lambda: e2e.check_free("hunyuan_image3_bf16")),
                 *(
                     [("cuda oom", lambda: check_cuda_oom(e2e, python, env, "hunyuan_image3_bf16",
-                                                         base / "vram_filler.log"))]
+                                                         base / "vram_filler.log", GENERATE_ID))]
                     if gpu
                     else []
                 ),
