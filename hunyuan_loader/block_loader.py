@@ -41,7 +41,7 @@ from ..memory.residency.weights import weight_tensors
 from .checkpoint_layout import LoadUnit, TensorEntry
 from .errors import CheckpointError
 from .quantization import ROUTER_SUFFIX
-from .tensor_reader import TensorReader
+from .tensor_reader import RingAhead, TensorReader
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,9 @@ class Skeleton:
     to_load: list[str]  # checkpoint keys that are loaded (unexpected ones left out, as transformers does)
     missing: list[str]
     repo_kwargs: dict = field(default_factory=dict)
+    # name -> dtype of every parameter and buffer once the skeleton is built (see _cast_dtype)
+    tensor_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    unknown_ok: bool | None = None  # whether transformers casts nothing for a name the model lacks
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -176,6 +179,9 @@ def _prepare_missing(sk: Skeleton) -> None:
         for name, param in model.named_parameters():
             if sk.keep_in_fp32_regex.search(name):
                 param.data = param.data.to(torch.float32)
+    sk.tensor_dtypes = {name: t.dtype for name, t in model.named_parameters(remove_duplicate=False)}
+    for name, t in model.named_buffers(remove_duplicate=False):
+        sk.tensor_dtypes.setdefault(name, t.dtype)
 
 
 # -- sizes for the plan ------------------------------------------------------------------------------
@@ -226,12 +232,33 @@ def unit_bytes(sk: Skeleton, units: list[LoadUnit]) -> list[int]:
 
 
 # -- filling -------------------------------------------------------------------------------------------
+def _infer_dtype(sk: Skeleton, name: str, checkpoint_dtype: torch.dtype) -> torch.dtype | None:
+    """transformers' _infer_parameter_dtype (4.57) for a tensor the skeleton holds, answered from
+    ``sk.tensor_dtypes``: that function looks the parameter up by walking the module tree
+    (get_parameter_or_buffer), ~0.1 ms a tensor, which is seconds on the real model's tens of
+    thousands of tensors (NF4 copies: six per Linear). The same rules: float tensors (not
+    float8_e4m3fn) are cast to float32 if the keep-in-fp32 pattern matches, else to the
+    pre-quantization dtype under a quantizer, else to the dtype the model created."""
+    if name not in sk.tensor_dtypes:
+        if sk.unknown_ok is None:  # transformers' own answer (None, or it raises) once; it depends only on the quantizer
+            from transformers.modeling_utils import _infer_parameter_dtype
+
+            empty = torch.empty(0, dtype=checkpoint_dtype, device="meta")
+            _infer_parameter_dtype(sk.model, name, empty, sk.keep_in_fp32_regex, sk.hf_quantizer)
+            sk.unknown_ok = True
+        return None
+    if not checkpoint_dtype.is_floating_point or checkpoint_dtype == getattr(torch, "float8_e4m3fn", None):
+        return None
+    if sk.keep_in_fp32_regex is not None and sk.keep_in_fp32_regex.search(name):
+        return torch.float32
+    if sk.hf_quantizer is not None:
+        return sk.model.config._pre_quantization_dtype
+    return sk.tensor_dtypes[name]
+
+
 def _cast_dtype(sk: Skeleton, name: str, checkpoint_dtype: torch.dtype) -> torch.dtype | None:
     """transformers' _infer_parameter_dtype, except that routers keep their float32 under bnb."""
-    from transformers.modeling_utils import _infer_parameter_dtype
-
-    empty = torch.empty(0, dtype=checkpoint_dtype, device="meta")
-    _, casting = _infer_parameter_dtype(sk.model, name, empty, sk.keep_in_fp32_regex, sk.hf_quantizer)
+    casting = _infer_dtype(sk, name, checkpoint_dtype)
     if sk.hf_quantizer is not None and name.endswith(ROUTER_SUFFIX + ".weight") and casting is not None:
         try:
             return sk.model.get_parameter(name).dtype  # what the model code created (float32)
@@ -276,10 +303,47 @@ def _unit_modules(sk: Skeleton, unit: LoadUnit) -> list[nn.Module]:
 
 @dataclass
 class LoadStats:
+    """What a load did and where its time went.
+
+    ``phases`` holds the wall seconds of each step between "load called" and "load returned", in
+    order (``phase()`` records one); ``seconds`` is the read+place step (materialise). Inside it,
+    ``wait_seconds`` is the time the placing thread waited for the reader (disk-bound), and
+    ``read_seconds`` the reader's time from its first byte to its last (``read_gbps``).
+    """
+
     bytes_read: int = 0
     bytes_total: int = 0
     seconds: float = 0.0
     order: list[str] = field(default_factory=list)  # units in the order they were completed
+    phases: dict[str, float] = field(default_factory=dict)
+    wait_seconds: float = 0.0
+    read_seconds: float = 0.0
+    ring_seconds: float = 0.0  # allocating (and pinning) the reader's ring, off the critical path if overlapped
+    tensors: int = 0
+    reads: int = 0  # preadv calls the reader made
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Add the wall time of the ``with`` body to ``phases[name]``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
+
+    @property
+    def read_gbps(self) -> float:
+        return self.bytes_read / 1e9 / self.read_seconds if self.read_seconds > 0 else 0.0
+
+    def describe(self) -> str:
+        """One line: every phase's seconds, the read rate and the time spent waiting on the disk."""
+        parts = [f"{k} {v:.2f}" for k, v in self.phases.items()]
+        total = sum(self.phases.values())
+        line = f"{total:.2f} s = " + " + ".join(parts) if parts else f"{self.seconds:.2f} s"
+        if self.bytes_read:
+            line += (f"; read {self.bytes_read / 1e9:.2f} GB in {self.read_seconds:.2f} s ({self.read_gbps:.2f} GB/s, "
+                     f"{self.tensors} tensors, {self.reads} reads), placing waited {self.wait_seconds:.2f} s")
+        return line
 
 
 def _transient(sk: Skeleton, entry: TensorEntry, device: torch.device) -> bool:
@@ -302,8 +366,25 @@ def staging_bytes(sk: Skeleton, units: list[LoadUnit], device: torch.device) -> 
         return 0
     if device.type != "cuda":
         return max(CPU_READ_AHEAD, max(transient))
-    largest_unit = max((u.nbytes for u in units), default=0)
-    return max(max(transient), min(max(1 << 30, 2 * max(transient)), largest_unit))
+    return _gpu_ring(max(transient), max((u.nbytes for u in units), default=0))
+
+
+def _gpu_ring(largest_tensor: int, largest_unit: int) -> int:
+    return max(largest_tensor, min(max(1 << 30, 2 * largest_tensor), largest_unit))
+
+
+def gpu_staging_bytes(layout: dict[str, TensorEntry]) -> int:
+    """staging_bytes of a GPU load, from the headers alone (every tensor passes through the ring),
+    so the ring can be made while the skeleton is built. At least what staging_bytes gives once the
+    skeleton is known (that one leaves out the tensors the model does not use)."""
+    from .checkpoint_layout import block_of
+
+    units: dict[int | None, int] = {}
+    for name, e in layout.items():
+        units[block_of(name)] = units.get(block_of(name), 0) + e.nbytes
+    if not layout:
+        return 0
+    return _gpu_ring(max(e.nbytes for e in layout.values()), max(units.values()))
 
 
 class _HostBuffersAhead:
@@ -379,12 +460,15 @@ def materialise(
     stats: LoadStats | None = None,
     unit_device: Callable[[LoadUnit], torch.device] | None = None,
     streamed_sizes: dict[int, int] | None = None,
+    ring: RingAhead | None = None,
 ) -> dict[int, PackedBlock]:
     """Read and place every unit in order; returns the streamed blocks' packed host buffers.
 
     ``unit_device(unit)`` puts units on other devices than ``device`` (issue 13: a model split
     over several GPUs). ``streamed_sizes`` (block -> planned bytes) lets a helper thread prepare
-    each streamed block's pinned buffer ahead. ``cancel`` is called between units (it raises to stop). On any failure the partial
+    each streamed block's pinned buffer ahead; ``ring`` is the reader's ring made ahead (used if it
+is at least ``ring_bytes``; closed here in any case). ``cancel`` is called between units (it
+raises to stop). On any failure the partial
     weights are freed before the exception leaves (nothing stays alive, even if the
     traceback keeps the model object).
     """
@@ -402,8 +486,19 @@ def materialise(
     entries = [e for u in units for e in u.entries]
     packed: dict[int, PackedBlock] = {}
     t0 = time.perf_counter()
+    made = None
+    if ring is not None:
+        if ring.nbytes >= ring_bytes > 0:
+            made = ring.take()
+            stats.ring_seconds = ring.seconds
+        ring.close()
+    if made is None and ring_bytes > 0:
+        t_ring = time.perf_counter()
     reader = TensorReader(entries, to_ring=lambda e: _transient(sk, e, device), ring_bytes=ring_bytes,
-                          pin=cuda, window=max(ring_bytes, CPU_READ_AHEAD if not cuda else 0))
+                          pin=cuda, window=max(ring_bytes, CPU_READ_AHEAD if not cuda else 0), ring=made)
+    if made is None and ring_bytes > 0:
+        stats.ring_seconds = time.perf_counter() - t_ring
+    stats.tensors = len(entries)
     ahead = _HostBuffersAhead({i: streamed_sizes.get(i, 0) for i in streamed}, cuda) \
         if (streamed and streamed_sizes) else None
     try:
@@ -444,6 +539,9 @@ def materialise(
         if ahead is not None:
             ahead.close()
     stats.bytes_read = reader.bytes_read
+    stats.reads = reader.reads
+    stats.wait_seconds = reader.wait_seconds
+    stats.read_seconds = reader.read_seconds
     stats.seconds = time.perf_counter() - t0
     return packed
 

@@ -77,28 +77,37 @@ def load_model(
     is read. On any failure (or a cancel) nothing stays loaded: the partial model's weights are
     freed and memory released before the exception leaves.
     """
-    quiet.install()  # before bitsandbytes is imported: its messages that do not concern the user
-    info = validate_checkpoint(spec.path)
-    from .checkpoint_layout import read_layout
+    from .block_loader import LoadStats
 
-    layout = read_layout(info.shard_files)
-    qconfig, pre_quantized = _quant_config(spec, info, sorted(layout))
-    check_code_dependencies(info.path)
-    device = multi_gpu.primary_device(spec)  # issue 13 hook: the first of spec.devices (auto: the current GPU)
-    variant = detect_variant(info.config, read_generation_config(info.path))
     start = time.perf_counter()
+    st = LoadStats()
+    quiet.install()  # before bitsandbytes is imported: its messages that do not concern the user
+    with st.phase("validate"):
+        info = validate_checkpoint(spec.path)
+        from .checkpoint_layout import read_layout
+
+        layout = read_layout(info.shard_files)
+        qconfig, pre_quantized = _quant_config(spec, info, sorted(layout))
+        check_code_dependencies(info.path)
+        device = multi_gpu.primary_device(spec)  # issue 13 hook: the first of spec.devices (auto: the current GPU)
+        variant = detect_variant(info.config, read_generation_config(info.path))
     model = residency = skeleton = None
     try:
         if engine == "blocks" and not uses_accelerate(spec):
-            skeleton, residency = _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, cancel)
+            skeleton, residency = _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, cancel,
+                                               st)
             model = skeleton.model
         else:
-            model, residency = _load_from_pretrained(spec, info, qconfig, pre_quantized, device)
-        _prepare(model, spec, info, device)
+            with st.phase("from_pretrained"):
+                model, residency = _load_from_pretrained(spec, info, qconfig, pre_quantized, device)
+        _prepare(model, spec, info, device, st)
         loaded = LoadedModel(model, spec, info, variant, device, 0.0)
         loaded.residency = residency
+        loaded.load_stats = st
         loaded.load_seconds = time.perf_counter() - start
+        st.phases["other"] = max(0.0, loaded.load_seconds - sum(st.phases.values()))
         log.info("loaded %s in %.1f s (%s)", spec.describe(), loaded.load_seconds, variant.name)
+        log.info("load phases: %s", st.describe())
         return loaded
     except BaseException as exc:
         if residency is not None:
@@ -141,49 +150,81 @@ def _clear_inner_frames(exc: BaseException) -> None:
         tb = tb.tb_next
 
 
-def _prepare(model: Any, spec: LoadSpec, info: CheckpointInfo, device: torch.device) -> None:
+def _prepare(model: Any, spec: LoadSpec, info: CheckpointInfo, device: torch.device, st: Any) -> None:
     """What every load does after the weights: tokenizer, MoE dispatch, remote-code fixes."""
     from .moe_dispatch import install_moe_dispatch
     from .remote_code_fixes import install_cpu_input_casts, install_mask_alignment
 
-    if hasattr(model, "load_tokenizer"):
-        model.load_tokenizer(str(info.path))
-    install_moe_dispatch(model, spec.moe_impl)
-    install_mask_alignment(model)
-    if device.type == "cpu":
-        install_cpu_input_casts(model)
+    with st.phase("tokenizer"):
+        if hasattr(model, "load_tokenizer"):
+            model.load_tokenizer(str(info.path))
+    with st.phase("moe dispatch"):
+        install_moe_dispatch(model, spec.moe_impl)
+        install_mask_alignment(model)
+        if device.type == "cpu":
+            install_cpu_input_casts(model)
 
 
-def _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, cancel):
+def _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, cancel, st):
     """Plan from the headers, refuse before reading if the machine cannot hold the plan, then
-    materialise block by block (block_loader.py). Returns (skeleton, residency manager or None)."""
-    from .block_loader import build_skeleton, finish, materialise, staging_bytes, unit_bytes
-    from .checkpoint_layout import load_units
+    materialise block by block (block_loader.py). Returns (skeleton, residency manager or None).
 
-    sk = build_skeleton(loadable_path(info), layout.keys(), spec.quant, qconfig, device)
-    track_model(sk.model)
-    if sk.hf_quantizer is not None:
-        if pre_quantized:
-            check_prequantized(sk.model, layout.keys())
-        else:
-            check_quantized_modules(sk.model)
-    units = load_units(layout, sk.to_load)
-    block_bytes = [0] * len(sk.blocks)
-    other_bytes = 0
-    for unit, nbytes in zip(units, unit_bytes(sk, units)):
-        if unit.block is None:
-            other_bytes = nbytes
-        else:
-            block_bytes[unit.block] = nbytes
-    staging = staging_bytes(sk, units, device)
-    if multi_gpu.handled_here(spec):  # issue 13 hook: several GPUs (hunyuan_loader/multi_gpu.py)
-        return sk, multi_gpu.load_blocks(spec, sk, units, block_bytes, other_bytes, staging, progress, cancel)
-    placement = plan_load(spec, block_bytes, other_bytes, device, sk.config, staging_bytes=staging)
-    sizes = {i: placement.plan.block_bytes[i] for i in placement.streamed} if placement.plan is not None else None
-    packed = materialise(sk, units, device, placement.streamed, progress=progress, cancel=cancel,
-                         ring_bytes=staging, streamed_sizes=sizes)
-    finish(sk)
-    return sk, adopt_load(sk.model, placement, packed)
+    On a GPU the reader's page-locked ring is allocated on a helper thread while the skeleton is
+    built and the plan made (pinning 1 GiB takes a few tenths of a second); no weight is read
+    before the plan has passed."""
+    from .block_loader import (
+        build_skeleton,
+        finish,
+        gpu_staging_bytes,
+        materialise,
+        staging_bytes,
+        unit_bytes,
+    )
+    from .checkpoint_layout import load_units
+    from .tensor_reader import RingAhead
+
+    ring = None
+    if device.type == "cuda" and not multi_gpu.handled_here(spec):
+        ring = RingAhead(gpu_staging_bytes(layout), pin=True)
+    try:
+        with st.phase("skeleton"):
+            sk = build_skeleton(loadable_path(info), layout.keys(), spec.quant, qconfig, device)
+            track_model(sk.model)
+        with st.phase("checks"):
+            if sk.hf_quantizer is not None:
+                if pre_quantized:
+                    check_prequantized(sk.model, layout.keys())
+                else:
+                    check_quantized_modules(sk.model)
+        with st.phase("plan"):
+            units = load_units(layout, sk.to_load)
+            block_bytes = [0] * len(sk.blocks)
+            other_bytes = 0
+            for unit, nbytes in zip(units, unit_bytes(sk, units)):
+                if unit.block is None:
+                    other_bytes = nbytes
+                else:
+                    block_bytes[unit.block] = nbytes
+            staging = staging_bytes(sk, units, device)
+            if ring is not None and ring.nbytes >= staging > 0:
+                staging = ring.nbytes  # the ring made ahead is what the load holds
+        if multi_gpu.handled_here(spec):  # issue 13 hook: several GPUs (hunyuan_loader/multi_gpu.py)
+            with st.phase("read+place"):
+                return sk, multi_gpu.load_blocks(spec, sk, units, block_bytes, other_bytes, staging, progress, cancel)
+        with st.phase("plan"):
+            placement = plan_load(spec, block_bytes, other_bytes, device, sk.config, staging_bytes=staging)
+            sizes = {i: placement.plan.block_bytes[i] for i in placement.streamed} if placement.plan is not None \
+                else None
+        with st.phase("read+place"):
+            packed = materialise(sk, units, device, placement.streamed, progress=progress, cancel=cancel,
+                                 ring_bytes=staging, streamed_sizes=sizes, ring=ring, stats=st)
+    finally:
+        if ring is not None:
+            ring.close()
+    with st.phase("finish"):
+        finish(sk)
+    with st.phase("adopt"):
+        return sk, adopt_load(sk.model, placement, packed)
 
 
 def _load_from_pretrained(spec, info, qconfig, pre_quantized, device):

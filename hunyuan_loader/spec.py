@@ -88,4 +88,5 @@ class LoadedModel:
     device: torch.device
     load_seconds: float
     residency: Any = None  # memory.residency.ResidencyManager on CUDA, else None
+    load_stats: Any = None  # block_loader.LoadStats: where the load's time went (phases)
     notes: list[str] = field(default_factory=list)

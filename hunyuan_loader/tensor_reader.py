@@ -12,6 +12,11 @@ tensor with large ``preadv`` calls (which release the GIL) straight into either
 
 at most ``window`` bytes ahead of the consumer. Disk reading thus overlaps the copies
 and the quantization of the tensors before it.
+
+Tensors that lie back to back in a file are read together: one ``preadv`` scatters a run of
+them (up to ``COALESCE`` bytes, ``MAX_IOV`` tensors) into their own destinations. A
+pre-quantized NF4 Linear is six tensors, five of them a few bytes to a few hundred KB; read one
+by one after the page cache is dropped, each would be its own small disk request.
 """
 
 from __future__ import annotations
@@ -19,14 +24,18 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .checkpoint_layout import TensorEntry
 
 CHUNK = 64 << 20  # bytes per preadv call
+COALESCE = 16 << 20  # a run of back-to-back tensors read by one preadv is at most this long ...
+MAX_IOV = 512  # ... and at most this many tensors (Linux allows 1024 buffers per call)
 ALIGN = 256
 
 
@@ -70,12 +79,13 @@ class TensorReader:
         ring_bytes: int = 0,
         pin: bool = True,
         window: int = 1 << 30,
+        ring: Any = None,
     ) -> None:
         self.entries = list(entries)
         self._to_ring = to_ring
         self.window = max(int(window), 1)
-        self._ring = None
-        if ring_bytes > 0:
+        self._ring = ring  # a HostBuffer made ahead (RingAhead), else made here
+        if self._ring is None and ring_bytes > 0:
             from ..memory.residency.packed import HostBuffer
 
             self._ring = HostBuffer(_align(ring_bytes), pin=pin)
@@ -88,6 +98,10 @@ class TensorReader:
         self._stop = False
         self._done = False
         self.bytes_read = 0
+        self.reads = 0  # preadv calls
+        self.wait_seconds = 0.0  # consumer time spent waiting in next()
+        self.first_read: float | None = None  # perf_counter of the first and after the last read
+        self.last_read: float | None = None
         self._files: dict[str, int] = {}
         self._thread = threading.Thread(target=self._run, name="hunyuan-tensor-reader", daemon=True)
         self._thread.start()
@@ -100,12 +114,15 @@ class TensorReader:
     def next(self) -> ReadTensor:
         """The next tensor in order (waits for the reader)."""
         with self._cond:
-            while not self._ready:
-                if self._error is not None:
-                    raise self._error
-                if self._stop:
-                    raise ReadCancelled("the tensor reader was closed")
-                self._cond.wait()
+            if not self._ready:
+                t0 = time.perf_counter()
+                while not self._ready:
+                    if self._error is not None:
+                        raise self._error
+                    if self._stop:
+                        raise ReadCancelled("the tensor reader was closed")
+                    self._cond.wait()
+                self.wait_seconds += time.perf_counter() - t0
             item = self._ready.popleft()
             if item._region is None:  # a kept tensor: the consumer owns it from here
                 self._in_flight -= _align(item.entry.nbytes)
@@ -122,7 +139,9 @@ class TensorReader:
             os.close(fd)
         self._files.clear()
         self._ready.clear()
-        self._ring = None
+        ring, self._ring = self._ring, None
+        if ring is not None:
+            release_later(ring)
 
     def __enter__(self) -> TensorReader:
         return self
@@ -163,37 +182,72 @@ class TensorReader:
             fd = self._files[key] = os.open(key, os.O_RDONLY)
         return fd
 
+    @property
+    def read_seconds(self) -> float:
+        """Seconds from the reader's first byte to its last."""
+        if self.first_read is None or self.last_read is None:
+            return 0.0
+        return self.last_read - self.first_read
+
+    def _place(self, entry: TensorEntry, wait: bool) -> tuple[bool, tuple[int, int] | None] | None:
+        """Reserve room for ``entry`` (a ring region or window bytes): (to ring, region). Waits for
+        room if ``wait``, else returns None when there is none now. Called with the lock held."""
+        ring = self._ring is not None and self._to_ring(entry) and _align(entry.nbytes) <= self.ring_bytes
+        need = _align(entry.nbytes)
+        while not self._stop:
+            if ring:
+                region = self._alloc(need) if self._in_flight + need <= self.window or not self._regions else None
+                if region is not None:
+                    self._regions.append(region)
+                    self._in_flight += need
+                    return True, region
+            elif self._in_flight + need <= self.window or self._in_flight == 0:
+                self._in_flight += need
+                return False, None
+            if not wait:
+                return None
+            self._cond.wait()
+        return None
+
+    def _destination(self, entry: TensorEntry, ring: bool, region: tuple[int, int] | None) -> torch.Tensor:
+        if ring:
+            assert region is not None and self._ring is not None
+            return self._ring.tensor[region[0] : region[0] + entry.nbytes]
+        return torch.empty(entry.nbytes, dtype=torch.uint8)
+
     def _run(self) -> None:
         try:
-            for entry in self.entries:
-                ring = self._ring is not None and self._to_ring(entry) and _align(entry.nbytes) <= self.ring_bytes
-                need = _align(entry.nbytes)
-                region = None
+            i, n = 0, len(self.entries)
+            while i < n:
+                # a run: the next tensor (waiting for room), then the ones right after it in the same
+                # file for which there is room now, up to COALESCE bytes / MAX_IOV tensors
+                run: list[tuple[TensorEntry, bool, tuple[int, int] | None]] = []
                 with self._cond:
-                    while not self._stop:
-                        if ring:
-                            region = self._alloc(need) if self._in_flight + need <= self.window or not self._regions else None
-                            if region is not None:
-                                self._regions.append(region)
-                                break
-                        elif self._in_flight + need <= self.window or self._in_flight == 0:
-                            break
-                        self._cond.wait()
-                    if self._stop:
+                    first = self._place(self.entries[i], wait=True)
+                    if first is None:
                         return
-                    self._in_flight += need
-                if ring:
-                    assert region is not None and self._ring is not None
-                    raw = self._ring.tensor[region[0] : region[0] + entry.nbytes]
-                else:
-                    raw = torch.empty(entry.nbytes, dtype=torch.uint8)
-                self._read_into(entry, raw)
-                tensor = raw.view(entry.dtype).view(entry.shape) if entry.nbytes else torch.empty(
-                    entry.shape, dtype=entry.dtype
-                )
-                item = ReadTensor(entry, tensor, self if ring else None, region if ring else None)
+                    run.append((self.entries[i], *first))
+                    size = self.entries[i].nbytes
+                    while i + len(run) < n and len(run) < MAX_IOV:
+                        prev, nxt = run[-1][0], self.entries[i + len(run)]
+                        if (nxt.file != prev.file or nxt.start != prev.start + prev.nbytes
+                                or size + nxt.nbytes > COALESCE):
+                            break
+                        got = self._place(nxt, wait=False)
+                        if got is None:
+                            break
+                        run.append((nxt, *got))
+                        size += nxt.nbytes
+                i += len(run)
+                raws = [self._destination(e, ring, region) for e, ring, region in run]
+                self._read_run([e for e, _, _ in run], raws)
+                items = [
+                    ReadTensor(e, raw.view(e.dtype).view(e.shape) if e.nbytes else torch.empty(e.shape, dtype=e.dtype),
+                               self if ring else None, region if ring else None)
+                    for (e, ring, region), raw in zip(run, raws)
+                ]
                 with self._cond:
-                    self._ready.append(item)
+                    self._ready.extend(items)
                     self._cond.notify_all()
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             with self._cond:
@@ -204,18 +258,84 @@ class TensorReader:
                 self._done = True
                 self._cond.notify_all()
 
-    def _read_into(self, entry: TensorEntry, raw: torch.Tensor) -> None:
-        if entry.nbytes == 0:
+    def _read_run(self, entries: list[TensorEntry], raws: list[torch.Tensor]) -> None:
+        """Read tensors that lie back to back in one file into their destinations: one preadv
+        scattering into all of them (a long single tensor: several, CHUNK bytes each)."""
+        total = sum(e.nbytes for e in entries)
+        if total == 0:
             return
-        fd = self._fd(entry)
-        view = memoryview(raw.numpy())
-        pos = 0
-        while pos < entry.nbytes:
+        fd = self._fd(entries[0])
+        views = [memoryview(raw.numpy()) for raw, e in zip(raws, entries) if e.nbytes]
+        if self.first_read is None:
+            self.first_read = time.perf_counter()
+        pos, k, off = 0, 0, 0  # bytes done; first unfinished view and the bytes of it done
+        while pos < total:
             if self._stop:
                 raise ReadCancelled("the tensor reader was closed")
-            n = os.preadv(fd, [view[pos : pos + CHUNK]], entry.start + pos)
-            if n <= 0:
-                raise OSError(f"{entry.file}: unexpected end of file reading {entry.name}")
-            pos += n
+            bufs, room = [], CHUNK
+            j, o = k, off
+            while j < len(views) and room > 0:
+                part = views[j][o : o + room]
+                bufs.append(part)
+                room -= len(part)
+                j, o = j + 1, 0
+            got = n = os.preadv(fd, bufs, entries[0].start + pos)
+            if got <= 0:
+                raise OSError(f"{entries[0].file}: unexpected end of file reading {entries[0].name}")
+            pos += got
+            self.reads += 1
+            while got > 0:  # advance (k, off) by the bytes read
+                step = min(got, len(views[k]) - off)
+                got -= step
+                off += step
+                if off == len(views[k]):
+                    k, off = k + 1, 0
             with self._cond:
                 self.bytes_read += n
+            self.last_read = time.perf_counter()
+
+
+def release_later(buffer: Any) -> None:
+    """Free a (page-locked) host buffer on a helper thread: unregistering and unmapping a 1 GiB
+    ring takes a tenth of a second that the load need not wait for."""
+    holder = [buffer]
+    del buffer
+    threading.Thread(target=holder.clear, name="hunyuan-ring-release", daemon=True).start()
+
+
+class RingAhead:
+    """The reader's ring allocated (page faulted and pinned) on a helper thread while the model
+    skeleton is built and the plan made; ``take()`` waits for it. Nothing is read here."""
+
+    def __init__(self, nbytes: int, pin: bool) -> None:
+        self.nbytes = _align(nbytes)
+        self.seconds = 0.0
+        self._buffer: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._make, args=(pin,), name="hunyuan-ring-ahead", daemon=True)
+        self._thread.start()
+
+    def _make(self, pin: bool) -> None:
+        from ..memory.residency.packed import HostBuffer
+
+        t0 = time.perf_counter()
+        try:
+            self._buffer = HostBuffer(self.nbytes, pin=pin)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by take()
+            self._error = exc
+        self.seconds = time.perf_counter() - t0
+
+    def take(self) -> Any:
+        """The buffer (raises what allocating it raised); the caller owns it from here."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        buffer, self._buffer = self._buffer, None
+        return buffer
+
+    def close(self) -> None:
+        """Free the buffer if nobody took it (idempotent)."""
+        self._thread.join()
+        buffer, self._buffer = self._buffer, None
+        if buffer is not None:
+            release_later(buffer)

@@ -159,13 +159,13 @@ def test_plan_is_refused_before_any_read_when_ram_is_short(cache, base_checkpoin
     """HUNYUAN_RAM_LIMIT_GB below the plan's RAM side: a clear error with needed vs available and
     the choices; not one tensor byte read; nothing loaded."""
     reads: list[str] = []
-    orig = TensorReader._read_into
+    orig = TensorReader._read_run
 
-    def counting(self, entry, raw):
-        reads.append(entry.name)
-        return orig(self, entry, raw)
+    def counting(self, entries, raws):
+        reads.extend(e.name for e in entries)
+        return orig(self, entries, raws)
 
-    monkeypatch.setattr(TensorReader, "_read_into", counting)
+    monkeypatch.setattr(TensorReader, "_read_run", counting)
     monkeypatch.setenv("HUNYUAN_RAM_LIMIT_GB", "0.5")
     gc.collect()
     before = len(tracked_models())
@@ -331,3 +331,103 @@ def test_prepare_run_is_one_call_node_cache_policy_residency(cache, base_checkpo
     with cache.prepare_run(handle, (1024, 1024), notes, make_room=asked.append):
         pass
     assert asked[before] == 0  # loaded and resident: nothing to bring back (on a GPU the run's room follows)
+
+
+def _all_entries(path: Path):
+    layout = read_layout(validate_checkpoint(path).shard_files)
+    return [e for u in load_units(layout) for e in u.entries]
+
+
+@pytest.mark.parametrize("ring", [0, 1 << 20, 96 << 10])
+def test_coalesced_reads_deliver_each_tensors_own_bytes(base_checkpoint: Path, ring: int) -> None:
+    """Back-to-back tensors come in one preadv each run (far fewer reads than tensors), each
+    delivered with exactly its own bytes, also through a small ring that wraps and cuts runs."""
+    from safetensors import safe_open
+
+    entries = _all_entries(base_checkpoint)
+    ring = max(ring, max(e.nbytes for e in entries)) if ring else 0
+    got = {}
+    with TensorReader(entries, to_ring=lambda e: True, ring_bytes=ring, pin=False, window=max(ring, 1 << 20)) \
+            as reader:
+        for entry in entries:
+            item = reader.next()
+            assert item.entry is entry
+            got[entry.name] = item.tensor.clone()
+            item.release()
+        assert reader.bytes_read == sum(e.nbytes for e in entries)
+        assert reader.reads < len(entries) / 3, (reader.reads, len(entries))
+    for file in {e.file for e in entries}:
+        with safe_open(str(file), framework="pt") as fh:
+            for name in fh.keys():
+                assert torch.equal(got[name], fh.get_tensor(name)), name
+
+
+def test_a_run_stops_at_a_gap_or_another_file(tmp_path: Path) -> None:
+    """Only tensors that lie back to back in one file share a read; a gap (a tensor left out)
+    or a new file starts a new one; the bytes stay right."""
+    from safetensors.torch import save_file
+
+    a = {f"t{i}": torch.full((i + 1,), i, dtype=torch.int32) for i in range(6)}
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file({"u": torch.arange(5, dtype=torch.int64)}, str(tmp_path / "b.safetensors"))
+    layout = read_layout([tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
+    order = sorted((e for n, e in layout.items() if n != "t3"), key=lambda e: (str(e.file), e.start))
+    runs: list[list[str]] = []
+    orig = TensorReader._read_run
+
+    def record(self, es, raws):
+        runs.append([e.name for e in es])
+        return orig(self, es, raws)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TensorReader, "_read_run", record)
+        with TensorReader(order) as reader:
+            values = {reader.next().entry.name: None for _ in order}
+            assert len(values) == len(order)
+    assert len(runs) == 3 and sum(runs, []) == [e.name for e in order], runs
+    with TensorReader(order) as reader:
+        for e in order:
+            t = reader.next().tensor
+            assert torch.equal(t, a[e.name] if e.name in a else torch.arange(5, dtype=torch.int64))
+
+
+@pytest.mark.parametrize(("quant", "fmt"), FORMATS)
+def test_cast_dtype_is_what_transformers_infers(base_checkpoint: Path, quant: str, fmt: str) -> None:
+    """The skeleton's dtype table gives, for every checkpoint tensor, the cast transformers'
+    _infer_parameter_dtype gives (it walks the module tree per tensor; we look it up)."""
+    from transformers.modeling_utils import _infer_parameter_dtype
+
+    from hunyuan_image3.hunyuan_loader.checkpoint import loadable_path
+    from hunyuan_image3.hunyuan_loader.loading import _quant_config
+
+    info = validate_checkpoint(base_checkpoint)
+    layout = read_layout(info.shard_files)
+    spec = _spec(base_checkpoint, quant, fmt)
+    qconfig, _ = _quant_config(spec, info, sorted(layout))
+    sk = block_loader.build_skeleton(loadable_path(info), layout.keys(), quant, qconfig, torch.device("cpu"))
+    for name in sk.to_load:
+        e = layout[name]
+        empty = torch.empty(0, dtype=e.dtype, device="meta")
+        _, want = _infer_parameter_dtype(sk.model, name, empty, sk.keep_in_fp32_regex, sk.hf_quantizer)
+        assert block_loader._infer_dtype(sk, name, e.dtype) == want, name
+
+
+def test_load_reports_where_its_time_went(base_checkpoint: Path, one_thread, caplog) -> None:
+    """load_model fills LoadStats: every phase from skeleton to MoE dispatch, adding up to the
+    load time, the bytes read, coalesced reads, and one info line."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="hunyuan_image3.hunyuan_loader.loading"):
+        loaded = load_model(_spec(base_checkpoint, "nf4"))
+    st = loaded.load_stats
+    for phase in ("validate", "skeleton", "checks", "plan", "read+place", "finish", "adopt", "tokenizer",
+                  "moe dispatch", "other"):
+        assert phase in st.phases, (phase, st.phases)
+    assert all(v >= 0 for v in st.phases.values())
+    assert abs(sum(st.phases.values()) - loaded.load_seconds) < 0.05 * loaded.load_seconds + 0.01
+    assert st.phases["skeleton"] > 0 and st.phases["read+place"] > 0
+    total = sum(p.stat().st_size for p in base_checkpoint.glob("*.safetensors"))
+    assert 0 < st.bytes_read <= total and st.bytes_read == st.bytes_total
+    assert 0 < st.reads < st.tensors
+    assert st.read_seconds > 0 and st.read_gbps > 0
+    assert any("load phases:" in r.getMessage() and "read+place" in r.getMessage() for r in caplog.records)

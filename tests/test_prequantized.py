@@ -88,8 +88,9 @@ def test_prequantized_load_reads_no_more_than_the_copy(base_checkpoint: Path, tm
     """A pre-quantized load reads the quantized files (smaller than the BF16 ones) and quantizes nothing."""
     copy = save_quantized_copy(load_model(_spec(base_checkpoint, "nf4", "w8a16")), tmp_path / "nf4")
     read: list[int] = []
-    orig = TensorReader._read_into
-    monkeypatch.setattr(TensorReader, "_read_into", lambda self, e, raw: (read.append(e.nbytes), orig(self, e, raw)))
+    orig = TensorReader._read_run
+    monkeypatch.setattr(TensorReader, "_read_run",
+                        lambda self, es, raws: (read.extend(e.nbytes for e in es), orig(self, es, raws)))
     import bitsandbytes.functional as bf
 
     quantized: list[int] = []
