@@ -72,6 +72,8 @@ class MLP(nn.Module):
 
 
 class Gate(nn.Module):
+    moe_topk = TOPK  # what moe_dispatch.routing_for reads when the model has no config
+
     def __init__(self) -> None:
         super().__init__()
         self.wg = nn.Linear(H, E, bias=False)

@@ -13,8 +13,9 @@ part shows whether such a config is also wrong on this GPU.
 Part 1, the 64 routed experts of one layer (hidden 4096, width 3072, top-8, near-uniform
 router) at the 1 MP and 2 MP CFG token counts, every path on the same bf16 weights, each expert
 called with ``[1, n, hidden]`` as the gather/scatter dispatch calls it:
-  bf16 | bitsandbytes LLM.int8 | W8A16 plain torch | W8A16 fused Triton kernel (the pack's
-  default; its first call tunes) | FP8 e4m3 weights + per-token e4m3 activations via
+  bf16 | bitsandbytes LLM.int8 | W8A16 plain torch | W8A16 per-expert Triton kernel (one launch
+  per expert Linear) | W8A16 grouped Triton kernel (two launches per layer, through the
+  dispatch's own code: the pack's default; its first call tunes) | FP8 e4m3 weights + per-token e4m3 activations via
   torch._scaled_mm (``--no-fp8`` leaves it out).
   Opt-in, slow to compile or to set up: ``--compile MODE`` (torch.compile of the plain W8A16
   expression; max-autotune takes minutes), ``--torchao`` (torchao int8 weight-only),
@@ -23,9 +24,10 @@ Time (CUDA events, median), output error vs an fp32 reference on the same bf16 w
 (relative L2 and max), W8A16's error vs its own definition (fp32 on the dequantized weights),
 expert weight bytes; then the kernel's tuning (config per key, ms, what was left out and why).
 
-Part 2, the 10-layer step of bench/offload.py resident: bf16 vs bnb int8 vs W8A16 (experts and
-attention) (``--step-all`` adds W8A16 experts + bnb attention); s/step, ratio, GPU memory per
-layer.
+Part 2, the 10-layer step of bench/offload.py resident, every layer through the loaders' MoE
+dispatch (install_moe_dispatch): bf16 vs bnb int8 vs W8A16 (experts and attention; grouped, and
+per-expert with HY3_MOE_GROUPED=0) (``--step-all`` adds W8A16 experts + bnb attention); s/step,
+ratio, GPU bytes per layer counted from the layer's tensors (allocated delta as a cross-check).
 
     python bench/int8.py [--tokens 8448,16640] [--reps 3] [--layers 10] [--steps 3]
                          [--compile MODE] [--torchao] [--int8pack] [--no-fp8]
@@ -64,6 +66,7 @@ from _synthetic import (
 
 Lin = Callable[[torch.Tensor], torch.Tensor]
 T0 = time.perf_counter()
+GROUPED = "W8A16 grouped Triton [default]"
 
 
 def _free() -> None:
@@ -93,9 +96,37 @@ def mlp(x: torch.Tensor, gu: Lin, down: Lin) -> torch.Tensor:
     return down(a * F.silu(b))
 
 
-def run(pairs: list[tuple[Lin, Lin]], xs: list[torch.Tensor]) -> list[torch.Tensor]:
+def run(pairs, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every expert's output; ``pairs`` is a list of (gate_and_up, down) per expert, or one
+    callable taking all experts' inputs at once (the grouped kernel)."""
     with torch.no_grad():
+        if callable(pairs):
+            return pairs(xs)
         return [mlp(x, gu, dn) for x, (gu, dn) in zip(xs, pairs)]
+
+
+def grouped_candidate(ours) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """All experts through the dispatch's grouped code (moe_dispatch._grouped_experts: two
+    launches per chunk of GROUPED_ROWS rows), from one [rows, H] tensor grouped by expert."""
+    import types
+
+    from hunyuan_image3.hunyuan_loader import moe_dispatch as md
+
+    experts = [types.SimpleNamespace(gate_and_up_proj=a, down_proj=b) for a, b in ours]
+
+    def whole(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        counts = [x.shape[1] for x in xs]
+        x2 = torch.cat([x[0] for x in xs])
+        tok = torch.arange(x2.shape[0], device=x2.device)
+        ys, start = [], 0
+        for lo, hi in md._expert_chunks(counts):
+            y = md._grouped_experts(experts, x2, tok, counts, lo, hi, start)
+            if y is None:
+                raise RuntimeError("the grouped kernel refused this input (see the log)")
+            ys.extend(t.unsqueeze(0) for t in y.split(counts[lo:hi]))
+            start += sum(counts[lo:hi])
+        return ys
+    return whole
 
 
 def timed(pairs, xs, reps: int) -> tuple[float, list[torch.Tensor], float]:
@@ -223,8 +254,9 @@ def build_candidates(experts, args) -> tuple[dict, dict, list]:
             for e in experts]
     w8_bytes = module_bytes([m for p in ours for m in p])
     cands["W8A16 plain torch"] = env_path(ours, "torch")
-    cands["W8A16 fused Triton [default]"] = env_path(ours, None)
-    nbytes["W8A16 plain torch"] = nbytes["W8A16 fused Triton [default]"] = w8_bytes
+    cands["W8A16 per-expert Triton"] = env_path(ours, None)
+    cands[GROUPED] = grouped_candidate(ours)
+    nbytes["W8A16 plain torch"] = nbytes["W8A16 per-expert Triton"] = nbytes[GROUPED] = w8_bytes
     if args.compile:
         fn = torch.compile(lambda x, q, s: F.linear(x, q.to(x.dtype)) * s.to(x.dtype), dynamic=True,
                            mode=None if args.compile == "default" else args.compile)
@@ -280,6 +312,17 @@ def print_tunings() -> None:
     if not w8a16._kernel:
         print("\nthe fused Triton kernel was NOT used (unavailable or failed): that row ran the plain torch path")
         return
+    from hunyuan_image3.hunyuan_loader import w8a16_grouped as G
+
+    print(f"\ngrouped W8A16 kernel tuning so far {_elapsed()}:")
+    for key, t in G.tunings().items():
+        chosen = f"{t.config} {t.timings[t.config]:.3f} ms" if t.config else "none passed (per-expert path)"
+        others = ", ".join(f"{c} {ms:.3f}" for c, ms in sorted(t.timings.items(), key=lambda kv: kv[1])
+                           if c != t.config)
+        print(f"- rows/expert bucket {key[0]}, N {key[1]}, K {key[2]}: {chosen}; tuned in {t.seconds:.1f} s; "
+              f"others (ms): {others or '-'}")
+        for c, why in t.rejected.items():
+            print(f"    left out {c}: {why}")
     print(f"\nW8A16 kernel tuning so far {_elapsed()}:")
     for key, t in w8a16._kernel.tunings().items():
         chosen = f"{t.config} {t.timings[t.config]:.3f} ms" if t.config else "none passed (plain torch)"
@@ -322,19 +365,21 @@ def part1(dev, token_counts: list[int], args) -> None:
             del out
         del xs, ref, ref_q
         _free()
-        if "bf16" in res and "W8A16 fused Triton [default]" in res:
-            ours_t, ours_l2, _ = res["W8A16 fused Triton [default]"]
-            line = f"W8A16 fused at {tokens}: {ours_t / res['bf16'][0]:.2f}x bf16 (target <= 1.3x)"
+        if "bf16" in res and GROUPED in res:
+            ours_t, ours_l2, _ = res[GROUPED]
+            line = f"W8A16 grouped at {tokens}: {ours_t / res['bf16'][0]:.2f}x bf16 (target <= 1.3x)"
+            if "W8A16 per-expert Triton" in res:
+                line += f" (per-expert Triton {res['W8A16 per-expert Triton'][0] / res['bf16'][0]:.2f}x)"
             if "bnb LLM.int8" in res:
                 bnb_t, bnb_l2, _ = res["bnb LLM.int8"]
                 line += (f"; error {ours_l2 * 100:.2f}% vs bnb {bnb_l2 * 100:.2f}% "
                          f"({'<=' if ours_l2 <= bnb_l2 else 'ABOVE'} bnb); {bnb_t / ours_t:.1f}x faster than bnb; "
-                         f"expert bytes {nbytes['W8A16 fused Triton [default]'] / nbytes['bnb LLM.int8']:.3f}x bnb")
+                         f"expert bytes {nbytes[GROUPED] / nbytes['bnb LLM.int8']:.3f}x bnb")
             print(line)
             fp8 = next((v for n, v in res.items() if n.startswith("FP8")), None)
             if fp8:
                 print(f"FP8: {fp8[0] / res['bf16'][0]:.2f}x bf16, error {fp8[1] * 100:.2f}% "
-                      f"({'faster' if fp8[0] < ours_t else 'slower'} than W8A16 fused)")
+                      f"({'faster' if fp8[0] < ours_t else 'slower'} than W8A16 grouped)")
         if i == 0:
             print_tunings()
     del cands, ours, layer, experts
@@ -342,14 +387,27 @@ def part1(dev, token_counts: list[int], args) -> None:
 
 
 # -- part 2: the N-layer step -----------------------------------------------------------------
+STEP_NAMES = {"bf16": "bf16 resident", "int8": "bnb LLM.int8 resident (experts + attention)",
+              "w8a16": "W8A16 resident (experts + attention) [the INT8 loader's default]",
+              "w8a16-per-expert": "W8A16 resident, per-expert launches (HY3_MOE_GROUPED=0)",
+              "w8a16-experts": "W8A16 experts + bnb int8 attention"}
+
+
 def part2(dev, n: int, tokens: int, steps: int, modes: tuple[str, ...]) -> None:
+    """The layers run through the loaders' MoE dispatch (install_moe_dispatch -> gather_scatter_forward).
+    GPU GB per layer counts the layer's tensors (memory/residency/weights.py module_weight_bytes);
+    the torch.cuda.memory_allocated delta from a clean base is printed beside it as a cross-check,
+    with what was still allocated before the build and after the teardown."""
+    from hunyuan_image3.hunyuan_loader import moe_dispatch as md
+
     x = step_input(dev, tokens)
-    names = {"bf16": "bf16 resident", "int8": "bnb LLM.int8 resident (experts + attention)",
-             "w8a16": "W8A16 resident (experts + attention) [the INT8 loader's default]",
-             "w8a16-experts": "W8A16 experts + bnb int8 attention"}
-    print(f"\n## {n}-layer step (bench/offload.py layers), {tokens} tokens, resident {_elapsed()}\n")
-    print("| weights | s/step | vs bf16 | GPU GB per layer | peak GB | built in s |\n|---|---|---|---|---|---|")
+    print(f"\n## {n}-layer step (bench/offload.py layers, the loaders' MoE dispatch), {tokens} tokens, resident "
+          f"{_elapsed()}\n")
+    print("| weights | s/step | vs bf16 | GPU GB per layer (tensors) | allocated delta GB per layer | peak GB | "
+          "built in s |\n|---|---|---|---|---|---|---|")
     rows = {}
+    _free()
+    clean = torch.cuda.memory_allocated(dev)
     for mode in modes:
         _free()
         base = torch.cuda.memory_allocated(dev)
@@ -357,17 +415,33 @@ def part2(dev, n: int, tokens: int, steps: int, modes: tuple[str, ...]) -> None:
         layers = []
         for i in range(n):
             layer = make_layer(dev, seed=i)
-            layers.append(layer if mode == "bf16" else quantize_layer(layer, mode))
+            layers.append(layer if mode == "bf16" else quantize_layer(layer, mode.removesuffix("-per-expert")))
             _free()
         model = Stack(layers, dev)
+        md.install_moe_dispatch(model, "gather_scatter")
         build = time.perf_counter() - t0
-        per_layer = (torch.cuda.memory_allocated(dev) - base) / n
-        t, _, peak = time_steps(model, x, steps)
+        _free()
+        per_layer = module_bytes(layers) / n
+        delta = (torch.cuda.memory_allocated(dev) - base) / n
+        old = os.environ.pop(md.GROUPED_ENV, None)
+        if mode.endswith("-per-expert"):
+            os.environ[md.GROUPED_ENV] = "0"
+        try:
+            t, _, peak = time_steps(model, x, steps)
+        finally:
+            os.environ.pop(md.GROUPED_ENV, None)
+            if old is not None:
+                os.environ[md.GROUPED_ENV] = old
         rows[mode] = (t, per_layer)
         ratio = f"{t / rows['bf16'][0]:.2f}x" if "bf16" in rows else "-"
-        print(f"| {names[mode]} | {t:.3f} | {ratio} | {per_layer / GB:.3f} | {(peak - base) / GB:.1f} | {build:.1f} |")
-        del model, layers
+        print(f"| {STEP_NAMES[mode]} | {t:.3f} | {ratio} | {per_layer / GB:.3f} | {delta / GB:.3f} | "
+              f"{(peak - base) / GB:.1f} | {build:.1f} |")
+        del model, layers, layer, _
         _free()
+        left = torch.cuda.memory_allocated(dev) - base
+        if abs(left) > 1 << 20 or abs(base - clean) > 1 << 20:
+            print(f"note: {mode}: {(base - clean) / GB:.3f} GB allocated above the clean base before the build, "
+                  f"{left / GB:.3f} GB left after the teardown")
     if {"bf16", "int8", "w8a16"} <= set(rows):
         t_bf = rows["bf16"][0]
         print(f"\nW8A16 per layer {rows['w8a16'][1] / max(1.0, rows['int8'][1]):.3f}x bnb int8's (target <= 1.03x); "
@@ -410,7 +484,8 @@ def main() -> int:
         _free()
     part1(dev, tokens, args)
     if not args.skip_step:
-        modes = ("bf16", "int8", "w8a16", "w8a16-experts") if args.step_all else ("bf16", "int8", "w8a16")
+        modes = ("bf16", "int8", "w8a16", "w8a16-per-expert")
+        modes += ("w8a16-experts",) if args.step_all else ()
         part2(dev, args.layers, tokens[0], args.steps, modes)
     print(f"\nbench/int8.py ran in {time.perf_counter() - T0:.0f} s")
     return 0

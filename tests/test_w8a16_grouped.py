@@ -8,6 +8,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -290,3 +291,51 @@ def test_gpu_grouped_real_expert_shapes_every_config() -> None:
                     assert reference_error(y[s:s + c], x[s:s + c], ws[e], ss[e], None) < 2**-7, (cfg, n, e)
                 s += c
         del ws, ss, x
+
+
+class _Stack(nn.Module):
+    """MoE blocks of the test model as decoder layers (``layers.N.mlp``), residual between them."""
+
+    def __init__(self, blocks: list[nn.Module], config) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(nn.Module() for _ in blocks)
+        for layer, block in zip(self.layers, blocks):
+            layer.mlp = block
+            layer.forward = types.MethodType(lambda self, x: x + self.mlp(x), layer)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.gpu
+def test_gpu_grouped_streamed_resident_and_parked_are_bit_identical(monkeypatch) -> None:
+    from hunyuan_image3.hunyuan_loader import w8a16_grouped as G
+    from hunyuan_image3.memory.residency import ResidencyManager
+
+    dev = torch.device("cuda", 0)
+    models = [_block(torch.bfloat16, topk=8, experts=16, seed=i, hidden=256, width=512) for i in range(6)]
+    model = _Stack([b for _, b in models], models[0][0].config)
+    assert md.install_moe_dispatch(model, "gather_scatter") == 6
+    calls = []
+    real = G.grouped_linear
+    monkeypatch.setattr(G, "grouped_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(2, 300, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).to(dev)
+    mgr = ResidencyManager(model, model.layers, dev)
+    mgr.apply(mgr.plan_for_budget(10**12, 0))
+    with torch.no_grad():
+        ref = model(x).cpu()
+    assert calls, "the grouped kernel was not used"
+    b = mgr.block_bytes[0]
+    plan = mgr.plan_for_budget(mgr.other_bytes + 4 * b, 0)
+    assert plan.streamed
+    mgr.apply(plan)
+    with torch.no_grad():
+        assert all(torch.equal(model(x).cpu(), ref) for _ in range(2))
+    mgr.park()
+    mgr.restore()
+    with torch.no_grad():
+        assert torch.equal(model(x).cpu(), ref)
+    mgr.close()
