@@ -1,16 +1,21 @@
 """Run a model whose decoder blocks live on several devices: activations cross at block boundaries.
 
-Forward pre-hooks on the decoder blocks (the model code never knows, as with accelerate's or
-diffusers' hooks) move every tensor a block is called with (hidden states, attention mask,
-position ids, the rope ``(cos, sin)`` tuple, anything nested in tuples, lists or dicts) to the
-block's device; a forward hook on the last block brings its output back to the first device,
-where the model's non-block parts (final norm, heads, VAE) live. A KV cache object passes
+Forward pre-hooks on EVERY decoder block (the model code never knows, as with accelerate's
+hooks) move every tensor a block is called with (hidden states, attention mask, position ids,
+the rope ``(cos, sin)`` tuple, anything nested in tuples, lists or dicts) to the block's device.
+Every block, not only the first of each device's run: the decoder computes the mask and the rope
+once on the first device and hands the SAME objects to each block (official
+modeling_hunyuan_image_3.py:1615-1628 / hunyuan.py:1667-1681: ``decoder_layer(hidden_states,
+attention_mask=, position_ids=, past_key_value=, custom_pos_emb=(cos, sin), ...)``), so only the
+hidden states arrive on the block's device from the block before. A forward hook on the last
+block brings its output back to the first device, where the model's non-block parts (final
+norm, heads, VAE) live. A KV cache object passes
 through untouched: transformers' static and dynamic cache layers allocate lazily on the device
 of the keys they are first given, so each layer's cache lives with its block.
 
 Tensors shared by every block (the mask, rope, position ids) are copied once per device per
-pass over the stack, not once per block: copies are remembered from the first block's hook to
-the end of the pass. The CUDA current device follows the block (code that allocates on "cuda"
+pass over the stack, not once per block: copies are remembered from block 0's hook to the end
+of the pass. The CUDA current device follows the block (code that allocates on "cuda"
 inside a block gets the block's GPU) and is put back after the last block.
 """
 
@@ -61,19 +66,21 @@ class SplitExecution:
     def __init__(self, blocks: Sequence[nn.Module], devices: Sequence[torch.device | str],
                  primary: torch.device | str, *, starts: Sequence[int] | None = None) -> None:
         """``starts``: the first block of each run (default: where the device changes); two runs on
-        one device (logical parts, tests) get their boundary hook too."""
+        one device (logical parts, tests) count as a boundary there. Every block gets a pre-hook
+        (the shared mask / rope reach each block from the decoder, not from the block before); on
+        a block whose inputs are already on its device it moves nothing."""
         if len(blocks) != len(devices):
             raise ValueError(f"{len(blocks)} blocks but {len(devices)} devices")
         self.blocks = list(blocks)
         self.devices = [torch.device(d) for d in devices]
         self.primary = torch.device(primary)
         self._memos: dict[torch.device, dict] = {}
-        self.moves = 0  # boundary crossings with a tensor moved (tests, bench)
+        self.moves = 0  # block calls with a tensor moved to the block's device (tests, bench)
         self._handles: list[Any] = []
-        hooked = {0, *(starts or [i for i in range(1, len(self.blocks)) if self.devices[i] != self.devices[i - 1]])}
+        self.starts = sorted({0, *(starts or [i for i in range(1, len(self.blocks))
+                                             if self.devices[i] != self.devices[i - 1]])})
         for i, block in enumerate(self.blocks):
-            if i in hooked:  # block 0 also starts a new pass
-                self._handles.append(block.register_forward_pre_hook(self._make_pre(i), with_kwargs=True))
+            self._handles.append(block.register_forward_pre_hook(self._make_pre(i), with_kwargs=True))
         if self.blocks:
             self._handles.append(
                 self.blocks[-1].register_forward_hook(self._after_last, always_call=True))
@@ -89,11 +96,12 @@ class SplitExecution:
 
     def _make_pre(self, i: int):
         device = self.devices[i]
+        start = i in self.starts
 
         def pre(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             if i == 0:
                 self._memos.clear()  # a new pass over the stack
-            if device.type == "cuda":
+            if start and device.type == "cuda":
                 torch.cuda.set_device(device)
             memo = self._memos.setdefault(device, {})
             new_args, new_kwargs = move_to(args, device, memo), move_to(kwargs, device, memo)

@@ -54,8 +54,8 @@ def test_split_over_two_cpu_parts_gives_the_same_image(cache, base_checkpoint: P
     assert torch.equal(img, ref)
     assert any(n.startswith("split over cpu: blocks 0-1") for n in notes), notes
     execution = loaded.residency.execution
-    assert len(execution._handles) == 3  # block 0 (a new pass), block 2 (the boundary), after the last
-    assert execution.moves == 0  # both parts on the CPU: nothing to move
+    assert len(execution._handles) == 5  # every block (the rope / mask reach each one), after the last
+    assert execution.starts == [0, 2] and execution.moves == 0  # both parts on the CPU: nothing to move
 
 
 @pytest.mark.parametrize("variant,quant", [("base", "bf16"), ("instruct", "bf16"), ("base", "int8")])
@@ -180,6 +180,116 @@ def test_move_to_reaches_nested_tensors_once_and_leaves_caches() -> None:
     assert again["m"] is moved[1]["attention_mask"]  # remembered for the rest of the pass
     same = (torch.zeros(1), [1, 2])
     assert move_to(same, torch.device("cpu")) is same  # nothing to move: the same object
+
+
+# The official decoder loop, modeling_hunyuan_image_3.py:1615-1628 (Instruct) and hunyuan.py:1667-1681
+# (base): every layer is called with the SAME attention_mask / position_ids / past_key_values /
+# custom_pos_emb=(cos, sin) objects, made once on the first device; only hidden_states comes from the
+# layer before. The test model passes position_embeddings=(cos, sin) the same way.
+OFFICIAL_LAYER_KWARGS = {
+    "instruct/hunyuan_image_3/modeling_hunyuan_image_3.py": {
+        "attention_mask", "position_ids", "past_key_value", "output_attentions", "use_cache", "custom_pos_emb",
+        "mode", "first_step"},
+    "base/hunyuan_image_3/hunyuan.py": {
+        "attention_mask", "position_ids", "past_key_value", "output_attentions", "use_cache", "custom_pos_emb",
+        "mode", "first_step", "gen_timestep_scatter_index"},
+}
+
+
+def test_official_decoder_layer_call_is_the_one_the_split_hooks_expect() -> None:
+    import re
+
+    root = Path("/tmp/official")
+    if not root.is_dir():
+        pytest.skip("the official HunyuanImage-3.0 code is not at /tmp/official")
+    for rel, expected in OFFICIAL_LAYER_KWARGS.items():
+        text = (root / rel).read_text(encoding="utf-8")
+        call = re.search(r"layer_outputs = decoder_layer\((.*?)\n\s*\)\n", text, re.S)
+        assert call is not None, rel
+        args = [a.strip() for a in call.group(1).split(",") if a.strip()]
+        assert args[0] == "hidden_states", (rel, args)
+        assert {a.split("=")[0] for a in args[1:]} == expected, (rel, args)
+        assert "custom_pos_emb=custom_pos_emb" in args  # the tuple (cos, sin), the same object for every layer
+
+
+class _OfficialLayer(nn.Module):
+    """A decoder layer with the official signature that uses every tensor it is given."""
+
+    def __init__(self, h: int = 8) -> None:
+        super().__init__()
+        self.proj = nn.Linear(h, h)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None,
+                output_attentions=False, use_cache=False, custom_pos_emb=None, mode="gen_image", first_step=None,
+                gen_timestep_scatter_index=None, position_embeddings=None):
+        cos, sin = custom_pos_emb if custom_pos_emb is not None else position_embeddings
+        h = self.proj(hidden_states) * cos + sin + position_ids[..., None]
+        h = h.masked_fill(~attention_mask[:, 0, :, :1], 0.0) + gen_timestep_scatter_index[:, :1, None]
+        return (h, past_key_value) if use_cache else (h,)
+
+
+class _OfficialStack(nn.Module):
+    def __init__(self, n: int = 5, h: int = 8, *, test_model_kwarg: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(_OfficialLayer(h) for _ in range(n))
+        self.test_model_kwarg = test_model_kwarg
+
+    def forward(self, x: torch.Tensor, cache: object) -> torch.Tensor:
+        b, t, h = x.shape
+        pos = torch.arange(t)[None].expand(b, -1)  # made once, on the first device, as the official code does
+        cos, sin = torch.randn(b, t, h).cos(), torch.randn(b, t, h).sin()
+        mask = torch.ones(b, 1, t, t, dtype=torch.bool)
+        index = torch.arange(b * 2).reshape(b, 2).float()
+        for layer in self.layers:
+            rope = {"position_embeddings": (cos, sin)} if self.test_model_kwarg else {"custom_pos_emb": (cos, sin)}
+            x = layer(x, attention_mask=mask, position_ids=pos, past_key_value=cache, output_attentions=False,
+                      use_cache=True, mode="gen_image", first_step=True, gen_timestep_scatter_index=index, **rope)[0]
+        return x
+
+
+@pytest.mark.parametrize("test_model_kwarg", [False, True])
+def test_split_moves_every_tensor_each_block_receives(test_model_kwarg: bool) -> None:
+    """Blocks 2-4 on a second device ("meta" stands for it on a CPU machine): every tensor reaching ANY of
+    them, nested ones included, must be on that device, not only at the boundary block (the GPU failure:
+    the rope of block 3 was still on cuda:0 while its weights were on the CPU)."""
+    from transformers import DynamicCache
+
+    stack = _OfficialStack(test_model_kwarg=test_model_kwarg)
+    devices = ["cpu", "cpu", "meta", "meta", "meta"]
+    for layer, dev in zip(stack.layers, devices):
+        layer.to(dev)
+    seen: list[tuple[int, str, str]] = []
+
+    def tensors(value, where, out):
+        if isinstance(value, torch.Tensor):
+            out.append((where, str(value.device)))
+        elif isinstance(value, (tuple, list)):
+            for j, v in enumerate(value):
+                tensors(v, f"{where}[{j}]", out)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                tensors(v, f"{where}.{k}", out)
+
+    def recorder(i):
+        def pre(_m, args, kwargs):
+            found: list = []
+            tensors((args, kwargs), "", found)
+            seen.extend((i, where, dev) for where, dev in found)
+        return pre
+
+    ex = SplitExecution(list(stack.layers), devices, "meta")  # output stays on "meta": nothing copies out of it
+    for i, layer in enumerate(stack.layers):  # registered after the split's hooks: sees what the block gets
+        layer.register_forward_pre_hook(recorder(i), with_kwargs=True)
+    cache = DynamicCache()
+    with torch.no_grad():
+        out = stack(torch.randn(2, 4, 8), cache)
+    wrong = [(i, where, dev) for i, where, dev in seen if dev != devices[i]]
+    assert not wrong, wrong
+    assert {i for i, _, _ in seen} == set(range(5)) and len(seen) >= 5 * 6  # hidden, mask, pos, cos, sin, index
+    assert out.device.type == "meta" and ex.moves == 3  # blocks 2-4 got copies (made once, at block 2)
+    ex.close()
+    assert all(not layer._forward_pre_hooks or len(layer._forward_pre_hooks) == 1 for layer in stack.layers)
 
 
 def test_rows_split_and_merge() -> None:
