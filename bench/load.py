@@ -2,8 +2,12 @@
 on a synthetic checkpoint of real-size HunyuanImage-3 layers, page cache dropped before EVERY
 load, from ONE run. Everything goes through the pack's library (hunyuan_loader.loading).
 
-    python bench/load.py [--layers 4] [--dir /tmp/hy3_load_bench] [--int8-format w8a16|bnb]
+    python bench/load.py [--layers N] [--dir /tmp/hy3_load_bench] [--int8-format w8a16|bnb]
                          [--today-int8] [--keep]
+
+Without --layers, the layer count is chosen from the free space of --dir (at least 4): the BF16
+set plus the largest pre-quantized copy that exists at the same time (each copy is deleted after
+its rows), with a safety margin, and at most what fits the time limit.
 
 Rows: the disk read floor (plain sequential read of the same files); ours for bf16 / int8 / nf4
 from the BF16 files and for int8 / nf4 pre-quantized copies (written by the pack from the
@@ -33,6 +37,11 @@ from _synthetic import start_bench
 
 GB = 1e9
 GIB = 1024**3
+# bytes per real-size layer on disk (measured: 4 layers = 20.2 GB BF16, 10.4 GB int8, 5.6 GB nf4)
+LAYER_BYTES = {"bf16": 5.05 * GB, "int8": 2.6 * GB, "nf4": 1.4 * GB}
+NON_LAYER_BYTES = 1.0 * GB  # the rest of the synthetic checkpoint (embeddings, VAE, ...), with room to spare
+SECONDS_PER_LAYER = 60.0  # the whole bench per layer at ~1.9 GB/s (4 layers took 243 s incl. ~20 s fixed)
+TIME_LIMIT = 8 * 60.0  # the bench must end within 9 minutes: plan for 8
 REAL = dict(hidden_size=4096, intermediate_size=3072, num_attention_heads=32, num_key_value_heads=8,
             attention_head_dim=128, num_experts=64, moe_topk=8, moe_intermediate_size=3072, num_shared_expert=1)
 T0 = time.perf_counter()
@@ -186,16 +195,21 @@ class Row:
     block: int
     vram: int
     check: str = ""
+    breakdown: str = ""
+    order: int = 0
 
     def line(self) -> str:
         over = (self.rss_added - self.ram_side - self.block) / GB
         ratio = f"{self.rss_added / self.ram_side:.2f}" if self.ram_side else "-"
-        return (f"| {self.name} | {self.seconds:.1f} | {self.seconds / self.floor:.2f} | {self.rss_added / GB:.1f} | "
-                f"{self.ram_side / GB:.1f} | {ratio} | {over:+.1f} | {self.vram / GB:.1f} | {self.check} |")
+        return (f"| {self.name} | {self.seconds:.1f} | {self.seconds / self.floor:.2f} | "
+                f"{self.seconds - self.floor:+.1f} | {self.rss_added / GB:.1f} | "
+                f"{self.ram_side / GB:.1f} | {ratio} | {over:+.1f} | {self.vram / GB:.1f} | {self.check} | "
+                f"{self.breakdown} |")
 
 
-HEADER = ("| load | time s | x disk floor | peak RSS added GB | plan RAM side GB | RSS / RAM side | "
-          "RSS - (RAM side + 1 block) GB | peak VRAM GB | logits |\n|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| load | time s | x disk floor | s over floor | peak RSS added GB | plan RAM side GB | RSS / RAM side | "
+          "RSS - (RAM side + 1 block) GB | peak VRAM GB | logits | where the time went (s) |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def logits(model) -> torch.Tensor:
@@ -248,18 +262,54 @@ def run_load(name: str, files: list[Path], floor: float, load: Callable[[], obje
     vram = torch.cuda.max_memory_allocated() - base
     block = max(loaded.residency.block_bytes) if loaded.residency is not None else 0
     side = ram_side(loaded)
+    st = getattr(loaded, "load_stats", None)
+    breakdown = st.compact() if st is not None else ""
+    outside = seconds - loaded.load_seconds  # between load_model's return and the GPU being idle
+    if abs(outside) >= 0.05:
+        breakdown += f", after return {outside:.2f}"
     if after is not None:
         after(loaded)
     out = logits(loaded.model)
     free(loaded)
-    row = Row(name, seconds, floor, rss.added, side, block, vram)
+    row = Row(name, seconds, floor, rss.added, side, block, vram, breakdown=breakdown)
     return row, out
+
+
+def choose_layers(root: Path, asked: int | None) -> int:
+    """--layers, else as many as the free space of ``root`` holds: the BF16 set and the int8 copy
+    (the larger copy; each copy is deleted after its rows) with a margin of 5% of the disk + 4 GB,
+    capped by the time limit; at least 4. Prints the count and why."""
+    if asked is not None:
+        say(f"layers: {asked} (--layers)")
+        return asked
+    usage = shutil.disk_usage(root)
+    ours = sum(f.stat().st_size for d in root.glob("HunyuanImage-3-bench-L*") for f in d.rglob("*")
+               if f.is_file())  # an earlier run's checkpoints: reused or replaced
+    free = usage.free + ours
+    margin = 0.05 * usage.total + 4 * GB
+    per_layer = LAYER_BYTES["bf16"] + max(LAYER_BYTES["int8"], LAYER_BYTES["nf4"])
+    by_disk = int((free - margin - 2 * NON_LAYER_BYTES) // per_layer)
+    by_time = int((TIME_LIMIT - 30.0) // SECONDS_PER_LAYER)
+    n = max(4, min(by_disk, by_time))
+    say(f"layers: {n} (free space {free / GB:.1f} GB of {usage.total / GB:.1f} GB incl. {ours / GB:.1f} GB of "
+        f"earlier bench files in {root}; margin {margin / GB:.1f} GB; a layer needs {per_layer / GB:.2f} GB "
+        f"(BF16 + int8 copy at once) -> {by_disk} fit; the {TIME_LIMIT / 60:.0f}-minute limit allows {by_time})")
+    if by_disk < 4:
+        say(f"WARNING: only {by_disk} layers fit the free space with the margin; running 4 anyway")
+    return n
+
+
+def remove_other_checkpoints(root: Path, keep: Path) -> None:
+    """Synthetic checkpoints of another layer count (and their copies) left by an earlier run."""
+    for d in root.glob("HunyuanImage-3-bench-L*"):
+        if d.is_dir() and d != keep:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 # -- main -------------------------------------------------------------------------------------------
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=None, help="real-size layers (default: from the free space)")
     ap.add_argument("--dir", default=os.environ.get("HY3_BENCH_DIR", "/tmp/hy3_load_bench"))
     ap.add_argument("--int8-format", choices=("w8a16", "bnb"), default="w8a16",
                     help="INT8 kernels of the int8 rows (the INT8 loader's default is w8a16)")
@@ -277,8 +327,9 @@ def main() -> int:
     torch.empty(1, pin_memory=True)
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
-    n = args.layers
+    n = choose_layers(root, args.layers)
     half = n // 2
+    remove_other_checkpoints(root, root / f"HunyuanImage-3-bench-L{n}")
     ckpt = build_checkpoint(root, n, dev)
     # imports and the remote code's first import are not part of a load (ComfyUI has them already)
     import accelerate  # noqa: F401
@@ -322,30 +373,19 @@ def main() -> int:
         return lambda loaded: save_quantized_copy(loaded, copies[quant])
 
     os.environ["HUNYUAN_MIN_STREAMED_BLOCKS"] = str(half)  # smart rows: half of the blocks stream
-    for quant in ("bf16", "int8", "nf4"):
-        label = quant if quant != "int8" else f"int8 {fmt}"
-        r, out = run_load(f"ours {label} resident", bf16_files, floor, lambda q=quant: load_model(spec(ckpt, q)),
-                          after=saver(quant) if quant != "bf16" else None)
-        record(r, out, None, quant)
-        r, out = run_load(f"ours {label} smart ({half}/{n} streamed)", bf16_files, floor,
-                          lambda q=quant: load_model(spec(ckpt, q, smart=True)))
-        record(r, out, quant)
-    for quant in ("int8", "nf4"):
-        files = weight_files(copies[quant])
-        qfloor, qbytes = disk_floor(files)
-        say(f"disk floor ({quant} copy): {qbytes / GB:.1f} GB in {qfloor:.1f} s")
-        label = quant if quant != "int8" else f"int8 {fmt}"
-        r, out = run_load(f"ours {label} pre-quantized resident", files, qfloor,
-                          lambda q=quant: load_model(spec(copies[q], q)))
-        record(r, out, quant)
-        r, out = run_load(f"ours {label} pre-quantized smart ({half}/{n} streamed)", files, qfloor,
-                          lambda q=quant: load_model(spec(copies[q], q, smart=True)))
-        record(r, out, quant)
+    # Rows that read the BF16 files come first; then per format: from BF16 (resident writes the copy),
+    # the copy's floor and loads, and the copy is deleted, so at most one copy is on disk at a time.
+    r, out = run_load("ours bf16 resident", bf16_files, floor, lambda: load_model(spec(ckpt, "bf16")))
+    record(r, out, None, "bf16")
+    r, out = run_load(f"ours bf16 smart ({half}/{n} streamed)", bf16_files, floor,
+                      lambda: load_model(spec(ckpt, "bf16", smart=True)))
+    record(r, out, "bf16")
     today = ["bf16"] + (["int8"] if args.today_int8 else [])
     for quant in today:
         label = quant if quant != "int8" else f"int8 {fmt}"
         r, out = run_load(f"earlier path {label} smart ({half}/{n} streamed)", bf16_files, floor,
                           lambda q=quant: load_model(spec(ckpt, q, smart=True), engine="from_pretrained"))
+        r.order = 10
         record(r, out, quant)
     os.environ.pop("HUNYUAN_MIN_STREAMED_BLOCKS", None)
     # accelerate: device_map="auto" within a budget that holds about half of the blocks
@@ -358,7 +398,36 @@ def main() -> int:
     budget = (other + (n - half) * max(sizes.values())) / GIB * 1.05
     r, out = run_load(f"accelerate device_map=auto bf16 (budget {budget:.0f} GiB)", bf16_files, floor,
                       lambda: load_model(spec(ckpt, "bf16", offload="accelerate", vram_budget_gb=budget)))
+    r.order = 11
     record(r, out, "bf16")
+    os.environ["HUNYUAN_MIN_STREAMED_BLOCKS"] = str(half)
+    floors = {"bf16": floor}
+    for k, quant in enumerate(("int8", "nf4")):
+        label = quant if quant != "int8" else f"int8 {fmt}"
+        r, out = run_load(f"ours {label} resident", bf16_files, floor, lambda q=quant: load_model(spec(ckpt, q)),
+                          after=saver(quant))
+        r.order = 1 + k
+        record(r, out, None, quant)
+        r, out = run_load(f"ours {label} smart ({half}/{n} streamed)", bf16_files, floor,
+                          lambda q=quant: load_model(spec(ckpt, q, smart=True)))
+        r.order = 1 + k
+        record(r, out, quant)
+        files = weight_files(copies[quant])
+        qfloor, qbytes = disk_floor(files)
+        floors[quant] = qfloor
+        say(f"disk floor ({quant} copy): {qbytes / GB:.1f} GB in {qfloor:.1f} s = {qbytes / GB / qfloor:.2f} GB/s")
+        r, out = run_load(f"ours {label} pre-quantized resident", files, qfloor,
+                          lambda q=quant: load_model(spec(copies[q], q)))
+        r.order = 3 + k
+        record(r, out, quant)
+        r, out = run_load(f"ours {label} pre-quantized smart ({half}/{n} streamed)", files, qfloor,
+                          lambda q=quant: load_model(spec(copies[q], q, smart=True)))
+        r.order = 3 + k
+        record(r, out, quant)
+        if not args.keep:
+            shutil.rmtree(copies[quant], ignore_errors=True)
+    os.environ.pop("HUNYUAN_MIN_STREAMED_BLOCKS", None)
+    rows.sort(key=lambda row: row.order)  # the table in the earlier order: bf16, int8, nf4, copies, others
 
     print(f"\n{n} real-size layers ({nbytes / GB:.1f} GB BF16 on disk), disk floor {floor:.1f} s "
           f"({nbytes / GB / floor:.2f} GB/s, page cache dropped by {method} before every load); "
@@ -368,6 +437,13 @@ def main() -> int:
         print(row.line())
     print("\nTargets: bf16 and pre-quantized <= 1.2x their floor; int8/nf4 from BF16 <= 1.4x; smart peak RSS <= "
           "RAM side + 1 block + 2 GB (the 'RSS - (RAM side + 1 block)' column <= +2.0).")
+    print("Where the time went: load_model's phases (val: checkpoint checks and headers; skel: the empty model "
+          "from the remote code; chk: quantized-module checks; plan; read: reading and placing every tensor, with "
+          "the reader's rate from its first byte to its last and the time placing waited on it; fin: "
+          "generation_config, quantizer post-processing; adopt: the residency manager takes the placed blocks; "
+          "tok: tokenizer; moe: MoE dispatch; other: the rest of load_model), the ring's allocation (made "
+          "ahead while the skeleton is built, or inside read), and the time between load_model's return and the "
+          "GPU being idle. " + ", ".join(f"{q} floor {t:.1f} s" for q, t in floors.items()) + ".")
     if not args.keep:
         for c in copies.values():
             shutil.rmtree(c, ignore_errors=True)

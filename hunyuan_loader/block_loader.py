@@ -318,7 +318,8 @@ class LoadStats:
     phases: dict[str, float] = field(default_factory=dict)
     wait_seconds: float = 0.0
     read_seconds: float = 0.0
-    ring_seconds: float = 0.0  # allocating (and pinning) the reader's ring, off the critical path if overlapped
+    ring_seconds: float = 0.0  # allocating (and pinning) the reader's ring ...
+    ring_ahead: bool = False  # ... on a helper thread while the skeleton was built (else inside read+place)
     tensors: int = 0
     reads: int = 0  # preadv calls the reader made
 
@@ -334,6 +335,20 @@ class LoadStats:
     @property
     def read_gbps(self) -> float:
         return self.bytes_read / 1e9 / self.read_seconds if self.read_seconds > 0 else 0.0
+
+    def compact(self) -> str:
+        """The phases in a few characters each, for a table cell."""
+        short = {"validate": "val", "skeleton": "skel", "checks": "chk", "read+place": "read", "finish": "fin",
+                 "tokenizer": "tok", "moe dispatch": "moe", "from_pretrained": "from_pretrained"}
+        parts = []
+        for k, v in self.phases.items():
+            text = f"{short.get(k, k)} {v:.2f}"
+            if k == "read+place" and self.bytes_read:
+                text += f" ({self.read_gbps:.2f} GB/s, waited {self.wait_seconds:.2f}, {self.reads} reads)"
+            parts.append(text)
+        if self.ring_seconds:
+            parts.append(f"ring {self.ring_seconds:.2f} {'ahead' if self.ring_ahead else 'in read'}")
+        return ", ".join(parts)
 
     def describe(self) -> str:
         """One line: every phase's seconds, the read rate and the time spent waiting on the disk."""
@@ -490,7 +505,7 @@ raises to stop). On any failure the partial
     if ring is not None:
         if ring.nbytes >= ring_bytes > 0:
             made = ring.take()
-            stats.ring_seconds = ring.seconds
+            stats.ring_seconds, stats.ring_ahead = ring.seconds, True
         ring.close()
     if made is None and ring_bytes > 0:
         t_ring = time.perf_counter()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -212,7 +213,8 @@ def _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, c
             with st.phase("read+place"):
                 return sk, multi_gpu.load_blocks(spec, sk, units, block_bytes, other_bytes, staging, progress, cancel)
         with st.phase("plan"):
-            placement = plan_load(spec, block_bytes, other_bytes, device, sk.config, staging_bytes=staging)
+            placement = plan_load(spec, block_bytes, other_bytes, device, sk.config, staging_bytes=staging,
+                                  ram_available=_ram_available(ring))
             sizes = {i: placement.plan.block_bytes[i] for i in placement.streamed} if placement.plan is not None \
                 else None
         with st.phase("read+place"):
@@ -225,6 +227,20 @@ def _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, c
         finish(sk)
     with st.phase("adopt"):
         return sk, adopt_load(sk.model, placement, packed)
+
+
+def _ram_available(ring: Any) -> int | None:
+    """Host RAM for the plan when the ring is already made: what is available plus the ring (the
+    plan counts the ring as staging), within HUNYUAN_RAM_LIMIT_GB as placement.available_ram."""
+    held = ring.wait() if ring is not None else 0
+    if not held:
+        return None
+    from ..memory.residency.ram import available_ram as os_available
+    from .placement import RAM_LIMIT_ENV
+
+    avail = os_available() + held
+    limit = os.environ.get(RAM_LIMIT_ENV, "").strip()
+    return min(avail, int(float(limit) * stats.GIB)) if limit else avail
 
 
 def _load_from_pretrained(spec, info, qconfig, pre_quantized, device):

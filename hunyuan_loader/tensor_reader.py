@@ -325,6 +325,11 @@ class RingAhead:
             self._error = exc
         self.seconds = time.perf_counter() - t0
 
+    def wait(self) -> int:
+        """Wait until the buffer is made; its bytes (0 if making it failed or it was taken)."""
+        self._thread.join()
+        return self.nbytes if self._buffer is not None else 0
+
     def take(self) -> Any:
         """The buffer (raises what allocating it raised); the caller owns it from here."""
         self._thread.join()
