@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -126,11 +127,23 @@ def test_real_oom_retry_then_clear_error_then_nuke_recovers(cache, tmp_path_fact
     torch.cuda.empty_cache()
     ok = generate(loaded, GenerationRequest(**(REQ | dict(steps=1, resolution="custom", width=4096, height=4096))))
     assert ok.image.shape == (1, 4096, 4096, 3)
+    from hunyuan_image3.memory.residency import weight_tensors
+
+    weights = [weakref.ref(w.tensor) for w in weight_tensors(loaded.model) if w.tensor.is_cuda]
+    assert weights
     del loaded, ok, info
     cache.loaded = None  # ComfyUI's OOM handler drops references; the held traceback does not
     gc.collect()
     report = cache.force_unload(nuke_orphaned_tensors=True)
     after = torch.cuda.memory_allocated()
-    assert after - baseline <= 64 << 20, (after, baseline, report.text())  # back to the baseline (or below)
+    # The weights of this checkpoint are ~2 MiB, below the allocator's noise: check them one by one (a
+    # weight still holding GPU memory is a leak, whatever the totals say) ...
+    kept = [t for t in (r() for r in weights) if t is not None and t.is_cuda and t.untyped_storage().nbytes() > 0]
+    assert not kept, f"{len(kept)} weights still on the GPU after Force Unload: {report.text()}"
+    # ... and the total against the baseline within max(8 MiB, 1%), both ways: cuBLAS / cuDNN workspaces and
+    # small cached tensors come and go between the two readings (seen: 0.9 MB below a 39.8 MB baseline, 2.3%),
+    # while a leaked 4096x4096 run (activations, latents: hundreds of MiB) is far outside it.
+    tolerance = max(8 << 20, baseline // 100)
+    assert abs(after - baseline) <= tolerance, (after, baseline, report.text())
     assert torch.equal(other(x), expected)
     del held
