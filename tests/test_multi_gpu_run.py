@@ -73,6 +73,53 @@ def test_cfg_parallel_over_two_cpu_replicas(cache, request, variant: str, quant:
     assert rep.module is not loaded.model.model and rep.owned_bytes == 0  # same device: weights shared
 
 
+def _rows_one_at_a_time(decoder: nn.Module):
+    """The one-device decoder running each CFG row alone (what each replica computes): on a GPU the
+    batched forward uses other GEMM shapes (M = 2 x tokens), so its bf16 rounding differs; this one does
+    not. Returns a function that puts the decoder back."""
+    from hunyuan_image3.hunyuan_loader.cfg_parallel import batch_size
+
+    original = decoder.forward
+
+    def forward(*args, **kwargs):
+        b = batch_size(args, kwargs)
+        if not b or b < 2:
+            return original(*args, **kwargs)
+        outs = [original(*take_rows(args, b, r, r + 1, {}), **take_rows(kwargs, b, r, r + 1, {})) for r in range(b)]
+        return merge_rows(outs, {})
+
+    decoder.forward = forward
+    return lambda: decoder.__dict__.pop("forward", None)
+
+
+INSTRUCT_REQ = dict(prompt="make the fox blue", seed=5, steps=2, resolution="1024x1024", bot_task="think",
+                    max_new_tokens=6)
+
+
+def _instruct_req() -> GenerationRequest:
+    from PIL import Image
+
+    return GenerationRequest(**INSTRUCT_REQ, images=[Image.new("RGB", (512, 512), (200, 80, 40))])
+
+
+def test_cfg_parallel_instruct_with_text_stage_and_reference_image_on_cpu(cache, instruct_checkpoint: Path) -> None:
+    """The GPU case that differed (think + a reference image): on the CPU, where bf16 GEMMs do not
+    depend on the batch, the parallel image is the one-device image bit for bit, and so is the
+    one-device image with the CFG rows run one at a time (the GPU test's reference)."""
+    req = _instruct_req()
+    loaded = cache.get(cache.load(LoadSpec(str(instruct_checkpoint))))
+    ref = generate(loaded, req)
+    undo = _rows_one_at_a_time(loaded.model.model)
+    rows = generate(loaded, req)
+    undo()
+    par = cache.get(cache.load(LoadSpec(str(instruct_checkpoint), devices="cpu,cpu", multi_gpu="cfg_parallel")))
+    result = generate(par, req)
+    assert par.residency.parallel.parallel_calls == req.steps  # the diffusion rows ran on the two replicas
+    assert par.residency.parallel.calls > req.steps  # the text stage (one row) went through the first device
+    assert result.cot_text == ref.cot_text == rows.cot_text
+    assert torch.equal(rows.image, ref.image) and torch.equal(result.image, ref.image)
+
+
 def test_auto_mode_on_cpu_parts(cache, base_checkpoint: Path, distil_checkpoint: Path) -> None:
     _, loaded, _ = _image(cache, base_checkpoint, devices="cpu,cpu")
     assert isinstance(loaded.residency, CfgParallelResidency)  # each part holds the model: CFG-parallel
@@ -485,17 +532,28 @@ def test_gpu_cfg_parallel_soft_unload_and_back(cache, base_checkpoint: Path) -> 
 @gpu
 @pytest.mark.parametrize("devices,mode", [("cuda:0,cuda:0", "cfg_parallel"), ("cuda:0,cpu", "split")])
 def test_gpu_instruct_text_stage_and_image_on_several_devices(cache, instruct_checkpoint: Path, devices, mode) -> None:
-    from PIL import Image
-
-    req = GenerationRequest("make the fox blue", seed=5, steps=2, resolution="1024x1024", bot_task="think",
-                            max_new_tokens=6, images=[Image.new("RGB", (512, 512), (200, 80, 40))])
-    ref = generate(cache.get(cache.load(LoadSpec(str(instruct_checkpoint)))), req)
+    req = _instruct_req()
+    one = cache.get(cache.load(LoadSpec(str(instruct_checkpoint))))
+    ref = generate(one, req)
+    undo = _rows_one_at_a_time(one.model.model)
+    rows = generate(one, req)  # one GPU, each CFG row alone: the GEMM shapes each replica sees
+    undo()
+    del one
     loaded = cache.get(cache.load(LoadSpec(str(instruct_checkpoint), devices=devices, multi_gpu=mode)))
     result = generate(loaded, req)
     assert result.text_tokens > 0 and result.cot_text and torch.isfinite(result.image).all()
     if mode == "cfg_parallel":  # the text stage is one row: it runs on the first device, as on one GPU
         assert result.cot_text == ref.cot_text
         assert loaded.residency.parallel.parallel_calls == req.steps
-        assert (result.image - ref.image).abs().max() <= 4 / 255
+        to_rows, to_batched = (result.image - rows.image).abs(), (result.image - ref.image).abs()
+        info = (f"vs rows one at a time: max {float(to_rows.max()):.4f}; vs the batched one-GPU image: max "
+                f"{float(to_batched.max()):.4f} mean {float(to_batched.mean()):.5f}; rows vs batched: max "
+                f"{float((rows.image - ref.image).abs().max()):.4f}")
+        # Threads, streams and replicas add nothing: the same image as one GPU running the rows one by one.
+        assert to_rows.max() <= 1 / 255, info
+        # Against the batched one-GPU forward only bf16 GEMM-shape rounding differs, which this random tiny
+        # MoE amplifies where a token's top-k experts are nearly tied (a flipped expert changes a patch):
+        # a bf16-sized perturbation of each block's output moves this image by up to 0.43 on the CPU.
+        assert to_batched.mean() <= 4 / 255, info
     else:
         assert loaded.residency.execution.moves > 0
