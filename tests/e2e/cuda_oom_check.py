@@ -108,8 +108,8 @@ class VramFiller:
 
 
 def check_cuda_oom(e2e: Any, python: str, env: dict[str, str], name: str, log_path: Path,
-                   generate_node: str, steps: int = 500, fill_at: int = 2) -> None:
-    """The e2e step (``e2e`` is run_comfyui_e2e.E2E): a prompt whose GPU memory is taken by another
+                   generate_node: str, steps: int = 200, fill_at: int = 2) -> None:
+    """The e2e step (``e2e`` is run_comfyui_e2e.E2E; ``steps`` at most the node's maximum, 200): a prompt whose GPU memory is taken by another
     process at step ``fill_at`` of ``steps`` (progress of node ``generate_node``) ends in CUDA's OOM, then the same prompt succeeds."""
     ok0, _, detail0 = e2e.good_run("before CUDA OOM (model on the GPU)", e2e.workflow(name))
     if not ok0:
