@@ -14,8 +14,10 @@ Part 1, the 64 routed experts of one layer (hidden 4096, width 3072, top-8, near
 router) at the 1 MP and 2 MP CFG token counts, every path on the same bf16 weights, each expert
 called with ``[1, n, hidden]`` as the gather/scatter dispatch calls it:
   bf16 | bitsandbytes LLM.int8 | W8A16 plain torch | W8A16 per-expert Triton kernel (one launch
-  per expert Linear) | W8A16 grouped Triton kernel (two launches per layer, through the
-  dispatch's own code: the pack's default; its first call tunes) | FP8 e4m3 weights + per-token e4m3 activations via
+  per expert Linear) | the grouped engines through the dispatch's own code, each forced
+  (Triton grouped kernel; a chunk dequantized to a bf16 scratch + torch._grouped_mm; the same +
+  per-expert cuBLAS) and the automatic choice (the pack's default; its first call times the
+  engines and tunes) | FP8 e4m3 weights + per-token e4m3 activations via
   torch._scaled_mm (``--no-fp8`` leaves it out).
   Opt-in, slow to compile or to set up: ``--compile MODE`` (torch.compile of the plain W8A16
   expression; max-autotune takes minutes), ``--torchao`` (torchao int8 weight-only),
@@ -66,7 +68,9 @@ from _synthetic import (
 
 Lin = Callable[[torch.Tensor], torch.Tensor]
 T0 = time.perf_counter()
-GROUPED = "W8A16 grouped Triton [default]"
+GROUPED = "W8A16 grouped, engine chosen per shape [default]"
+ENGINE_ROWS = {"triton": "W8A16 grouped Triton", "dequant": "W8A16 dequant + torch._grouped_mm",
+               "linear": "W8A16 dequant + per-expert cuBLAS"}
 
 
 def _free() -> None:
@@ -105,9 +109,10 @@ def run(pairs, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         return [mlp(x, gu, dn) for x, (gu, dn) in zip(xs, pairs)]
 
 
-def grouped_candidate(ours) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
-    """All experts through the dispatch's grouped code (moe_dispatch._grouped_experts: two
-    launches per chunk of GROUPED_ROWS rows), from one [rows, H] tensor grouped by expert."""
+def grouped_candidate(ours, engine: str | None = None) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """All experts through the dispatch's grouped code (moe_dispatch._grouped_experts, chunks of at
+    most GROUPED_ROWS rows and SCRATCH_BYTES of dequantized weights), from one [rows, H] tensor
+    grouped by expert; ``engine`` forces one (None: the dispatch's automatic choice)."""
     import types
 
     from hunyuan_image3.hunyuan_loader import moe_dispatch as md
@@ -119,11 +124,12 @@ def grouped_candidate(ours) -> Callable[[list[torch.Tensor]], list[torch.Tensor]
         x2 = torch.cat([x[0] for x in xs])
         tok = torch.arange(x2.shape[0], device=x2.device)
         ys, start = [], 0
-        for lo, hi in md._expert_chunks(counts):
-            y = md._grouped_experts(experts, x2, tok, counts, lo, hi, start)
-            if y is None:
-                raise RuntimeError("the grouped kernel refused this input (see the log)")
-            ys.extend(t.unsqueeze(0) for t in y.split(counts[lo:hi]))
+        for lo, hi in md._expert_chunks(counts, md.scratch_experts(experts)):
+            got = md._grouped_experts(experts, x2, tok, counts, lo, hi, start, engine)
+            if got is None:
+                raise RuntimeError("the grouped engine refused this input (see the log)")
+            y, rows = got
+            ys.extend(y[r:r + c].unsqueeze(0) for r, c in zip(rows, counts[lo:hi]))
             start += sum(counts[lo:hi])
         return ys
     return whole
@@ -255,6 +261,9 @@ def build_candidates(experts, args) -> tuple[dict, dict, list]:
     w8_bytes = module_bytes([m for p in ours for m in p])
     cands["W8A16 plain torch"] = env_path(ours, "torch")
     cands["W8A16 per-expert Triton"] = env_path(ours, None)
+    for engine, name in ENGINE_ROWS.items():
+        cands[name] = grouped_candidate(ours, engine)
+        nbytes[name] = w8_bytes
     cands[GROUPED] = grouped_candidate(ours)
     nbytes["W8A16 plain torch"] = nbytes["W8A16 per-expert Triton"] = nbytes[GROUPED] = w8_bytes
     if args.compile:
@@ -335,6 +344,8 @@ def print_tunings() -> None:
 
 
 def part1(dev, token_counts: list[int], args) -> None:
+    from hunyuan_image3.hunyuan_loader import moe_dispatch as md
+
     layer = make_layer(dev, seed=0)
     experts = layer.mlp.experts
     cands, nbytes, ours = build_candidates(experts, args)
@@ -367,7 +378,9 @@ def part1(dev, token_counts: list[int], args) -> None:
         _free()
         if "bf16" in res and GROUPED in res:
             ours_t, ours_l2, _ = res[GROUPED]
-            line = f"W8A16 grouped at {tokens}: {ours_t / res['bf16'][0]:.2f}x bf16 (target <= 1.3x)"
+            chosen = sorted({v for v in md.engine_choices().values()}, key=str)
+            line = (f"W8A16 default (engine {'/'.join(map(str, chosen))}) at {tokens}: "
+                    f"{ours_t / res['bf16'][0]:.2f}x bf16 (target <= 1.3x)")
             if "W8A16 per-expert Triton" in res:
                 line += f" (per-expert Triton {res['W8A16 per-expert Triton'][0] / res['bf16'][0]:.2f}x)"
             if "bnb LLM.int8" in res:
@@ -379,7 +392,7 @@ def part1(dev, token_counts: list[int], args) -> None:
             fp8 = next((v for n, v in res.items() if n.startswith("FP8")), None)
             if fp8:
                 print(f"FP8: {fp8[0] / res['bf16'][0]:.2f}x bf16, error {fp8[1] * 100:.2f}% "
-                      f"({'faster' if fp8[0] < ours_t else 'slower'} than W8A16 grouped)")
+                      f"({'faster' if fp8[0] < ours_t else 'slower'} than the W8A16 default)")
         if i == 0:
             print_tunings()
     del cands, ours, layer, experts
@@ -421,7 +434,7 @@ def part2(dev, n: int, tokens: int, steps: int, modes: tuple[str, ...]) -> None:
         md.install_moe_dispatch(model, "gather_scatter")
         build = time.perf_counter() - t0
         _free()
-        per_layer = module_bytes(layers) / n
+        per_layer = module_bytes([m for layer in layers for m in layer.modules()]) / n  # every submodule
         delta = (torch.cuda.memory_allocated(dev) - base) / n
         old = os.environ.pop(md.GROUPED_ENV, None)
         if mode.endswith("-per-expert"):

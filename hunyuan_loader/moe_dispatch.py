@@ -26,6 +26,7 @@ the decoder layer (the block's module calls are kept).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import types
 from dataclasses import dataclass
@@ -135,9 +136,54 @@ def plan_dispatch(
     return flat_tok[order], flat_w[order], counts.tolist()
 
 
-GROUPED_ENV = "HY3_MOE_GROUPED"  # auto (default) | 0: every expert called on its own (bench, bisecting)
-GROUPED_ROWS = 16384  # rows (token x expert assignments) per grouped launch: bounds the temporaries
-_grouped_off = False  # set when a grouped launch failed for a reason other than its input
+GROUPED_ENV = "HY3_MOE_GROUPED"  # auto (default) | triton | dequant | linear | 0 (every expert on its own)
+GROUPED_ROWS = 16384  # rows (token x expert assignments) per grouped chunk: bounds the activations
+SCRATCH_BYTES = 512 * 2**20  # dequantized bf16 weights of one chunk (the dequant engines)
+ENGINES = ("triton", "dequant", "linear")
+SELECT_TOL = 2**-6  # an engine whose output differs from the first one's by more (of the max) is left out
+_grouped_off: set[str] = set()  # engines that failed for a reason other than their input
+_chosen: dict[tuple, str | None] = {}  # engine per (rows/expert bucket, shapes, dtype, device)
+
+
+def grouped_mode() -> str:
+    """``HY3_MOE_GROUPED``: "auto", "off", or one engine name."""
+    mode = os.environ.get(GROUPED_ENV, "auto").strip().lower()
+    if mode in ("0", "off", "per_expert", "false"):
+        return "off"
+    if mode in ENGINES or mode == "auto":
+        return mode
+    raise ValueError(f"{GROUPED_ENV}={mode!r}: use auto, triton, dequant, linear or 0")
+
+
+def grouped_engines(x: torch.Tensor) -> list[str]:
+    """Engines that can run ``x`` now, fastest-first guess (``auto`` times them on first use).
+
+    triton: the fused grouped kernel (``w8a16_grouped``; CUDA, Triton). dequant: the chunk's
+    weights dequantized into a bf16 scratch, then ``torch._grouped_mm`` (``w8a16_dequant``).
+    linear: the same scratch, one cuBLAS matmul per expert. In ``auto`` the dequant engines
+    are offered on CUDA only (CPU keeps the per-expert plain path); a forced engine runs anywhere
+    it works (CPU tests)."""
+    from . import w8a16, w8a16_dequant
+
+    mode = grouped_mode()
+    if mode == "off" or x.dtype not in (torch.bfloat16, torch.float16):
+        return []
+    wanted = ENGINES if mode == "auto" else (mode,)
+    out = []
+    for name in wanted:
+        if name in _grouped_off:
+            continue
+        if name == "triton":
+            ok = w8a16.fused_available(x)
+        elif mode == "auto" and not x.is_cuda:
+            ok = False
+        elif name == "dequant":
+            ok = w8a16_dequant.grouped_mm_available(x)
+        else:
+            ok = True
+        if ok:
+            out.append(name)
+    return out
 
 
 def _silu_act(act: Any) -> bool:
@@ -151,27 +197,23 @@ def _hooked(m: nn.Module) -> bool:
 
 
 def grouped_w8a16_reason(experts: nn.ModuleList, x: torch.Tensor) -> str | None:
-    """Why the experts of a block can NOT run as two grouped W8A16 launches (None: they can).
+    """Why the experts of a block can NOT run through a grouped engine (None: they can).
 
     The grouped path computes what the official expert does for ``hidden_act == "silu"``
     (HunyuanMLP.forward, hunyuan_image_3/hunyuan.py:1014-1019: ``x1, x2 =
     gate_and_up_proj(x).chunk(2, dim=2); down_proj(x1 * act_fn(x2))``), so it is used only
     when every expert is exactly that: ``hidden_act`` "silu", SiLU activation, both Linears
     ``Int8WeightOnlyLinear`` without bias, no hooks or patched forwards on the expert or its
-    Linears; on CUDA with the fused kernel available and ``HY3_MOE_GROUPED`` not "0".
+    Linears; with an engine available (``grouped_engines``) and ``HY3_MOE_GROUPED`` not "0".
     """
-    import os
-
-    from . import w8a16
-
-    if os.environ.get(GROUPED_ENV, "auto").strip().lower() in ("0", "off", "per_expert", "false"):
+    if grouped_mode() == "off":
         return f"{GROUPED_ENV}=0"
-    if _grouped_off:
-        return "the grouped kernel failed earlier in this process"
     if not len(experts):
         return "no experts"
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return "global module hooks"
+    from . import w8a16
+
     for e in experts:
         if getattr(e, "hidden_act", None) != "silu" or not _silu_act(getattr(e, "act_fn", None)):
             return "an expert is not a SiLU-gated MLP (hidden_act 'silu')"
@@ -183,28 +225,145 @@ def grouped_w8a16_reason(experts: nn.ModuleList, x: torch.Tensor) -> str | None:
             return "hooks on an expert module"
         if gu.out_features != 2 * down.in_features:
             return "gate_and_up_proj is not twice down_proj's input width"
-    if not w8a16.fused_available(x):
-        return "the fused W8A16 kernel is not available for this input"
+    if not grouped_engines(x):
+        return "no grouped engine: the fused W8A16 kernel is not available for this input"
     return None
 
 
-def _expert_chunks(counts: list[int]) -> list[tuple[int, int]]:
-    """Expert ranges [lo, hi) of at most GROUPED_ROWS rows each (an expert with more is alone)."""
-    chunks, lo, rows = [], 0, 0
+def scratch_experts(experts: Any) -> int:
+    """Experts per chunk whose dequantized weights fit ``SCRATCH_BYTES`` (the larger Linear sets it)."""
+    from .w8a16_dequant import experts_per_chunk
+
+    e = experts[0]
+    shapes = [tuple(e.gate_and_up_proj.weight.shape), tuple(e.down_proj.weight.shape)]
+    return experts_per_chunk(shapes, SCRATCH_BYTES)
+
+
+def _expert_chunks(counts: list[int], max_experts: int | None = None) -> list[tuple[int, int]]:
+    """Expert ranges [lo, hi) of at most GROUPED_ROWS rows (an expert with more is alone) and at
+    most ``max_experts`` experts with rows each."""
+    chunks, lo, rows, busy = [], 0, 0, 0
     for e, n in enumerate(counts):
-        if rows and rows + n > GROUPED_ROWS:
+        if rows and (rows + n > GROUPED_ROWS or (n and max_experts is not None and busy >= max_experts)):
             chunks.append((lo, e))
-            lo, rows = e, 0
+            lo, rows, busy = e, 0, 0
         rows += n
+        busy += bool(n)
     chunks.append((lo, len(counts)))
     return chunks
 
 
-def _grouped_experts(experts: nn.ModuleList, x: torch.Tensor, tok: torch.Tensor, counts: list[int],
-                     lo: int, hi: int, start: int) -> torch.Tensor | None:
-    """Outputs ``[rows, hidden]`` of experts ``lo..hi-1`` on their tokens (``tok[start:]``, grouped
-    by expert) through two grouped launches; None when the kernel cannot take this input."""
-    global _grouped_off
+def _engine_rows(engine: str, ex: Any, x: torch.Tensor, idx: torch.Tensor,
+                 sub: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """(outputs, first output row per expert) of experts ``ex`` on the rows ``x[idx]`` (grouped by
+    expert, ``sub`` rows each) through ``engine``."""
+    from . import w8a16_dequant as D
+    from . import w8a16_grouped as G
+
+    if engine == "triton":
+        xs = x.index_select(0, idx)
+        h = G.grouped_linear(xs, [e.gate_and_up_proj.weight for e in ex],
+                             [e.gate_and_up_proj.weight_scale for e in ex], sub)
+        del xs
+        x1, x2 = h.chunk(2, dim=-1)
+        act = x1 * F.silu(x2)  # the official order: first half times silu(second half)
+        del h, x1, x2
+        y = G.grouped_linear(act, [e.down_proj.weight for e in ex], [e.down_proj.weight_scale for e in ex], sub)
+        starts = [0]
+        for c in sub[:-1]:
+            starts.append(starts[-1] + c)
+        return y, starts
+    busy = [i for i, c in enumerate(sub) if c]
+    cb = [sub[i] for i in busy]
+    gemm = "grouped_mm" if engine == "dequant" else "linear"
+    if gemm == "grouped_mm":
+        pos, sb = D.gather_index(cb)
+        src = idx.index_select(0, torch.tensor(pos, dtype=torch.long).to(idx.device, non_blocking=True))
+    else:
+        sb, s = [], 0
+        for c in cb:
+            sb.append(s)
+            s += c
+        src = idx
+    gu = [ex[i].gate_and_up_proj for i in busy]
+    dn = [ex[i].down_proj for i in busy]
+    numel = max(gu[0].weight.numel(), dn[0].weight.numel()) * len(busy)
+    scratch = torch.empty(numel, dtype=x.dtype, device=x.device)
+    xs = x.index_select(0, src)
+    h = D.dequant_linear(xs, [m.weight for m in gu], [m.weight_scale for m in gu], cb, scratch,
+                         gemm=gemm, starts=sb)
+    del xs
+    x1, x2 = h.chunk(2, dim=-1)
+    act = x1 * F.silu(x2)
+    del h, x1, x2
+    y = D.dequant_linear(act, [m.weight for m in dn], [m.weight_scale for m in dn], cb, scratch,
+                         gemm=gemm, starts=sb)
+    del scratch, act
+    starts = [0] * len(sub)
+    for i, s0 in zip(busy, sb):
+        starts[i] = s0
+    return y, starts
+
+
+def _time_engine(fn: Any, device: torch.device) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(2):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 2
+
+
+def engine_key(ex: Any, x: torch.Tensor, sub: list[int]) -> tuple:
+    from .w8a16_kernel import m_bucket
+
+    busy = sum(1 for c in sub if c) or 1
+    gu, dn = ex[0].gate_and_up_proj.weight.shape, ex[0].down_proj.weight.shape
+    return (m_bucket(sum(sub) // busy), tuple(gu), tuple(dn), x.dtype, x.device.type, x.device.index)
+
+
+def _select_engine(names: list[str], ex: Any, x: torch.Tensor, idx: torch.Tensor, sub: list[int]) -> str | None:
+    """The engine for this chunk's key: the only one offered, or (several) the fastest of those
+    that run this chunk and agree with the first one within ``SELECT_TOL`` (timed once, on it)."""
+    key = engine_key(ex, x, sub)
+    if key in _chosen:
+        return _chosen[key]
+    if len(names) == 1 or not x.is_cuda or not bool(torch.isfinite(x).all()):
+        return names[0]  # nothing to choose, no CUDA timer, or an input no comparison can use
+    ref, timings = None, {}
+    for name in names:
+        try:
+            y, starts = _engine_rows(name, ex, x, idx, sub)  # first call: compiles / tunes
+            rows = torch.cat([y[s:s + c] for s, c in zip(starts, sub) if c]).float()
+            if ref is None:
+                ref = rows
+            elif not float((rows - ref).abs().max()) <= SELECT_TOL * float(ref.abs().max()):
+                logger.warning("grouped MoE engine %s disagrees with %s on %s: left out", name, names[0], key[:3])
+                continue
+            del y, rows
+            timings[name] = _time_engine(lambda n=name: _engine_rows(n, ex, x, idx, sub), x.device)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - no config / not built here: not a candidate
+            logger.info("grouped MoE engine %s unavailable for %s: %s: %s", name, key[:3], type(exc).__name__, exc)
+    best = min(timings, key=timings.__getitem__) if timings else None
+    logger.info("grouped MoE engine for rows/expert %d, %s x %s: %s (%s)", key[0], key[1], key[2], best,
+                ", ".join(f"{n} {t:.2f} ms" for n, t in timings.items()))
+    _chosen[key] = best
+    return best
+
+
+def engine_choices() -> dict[tuple, str | None]:
+    """Every automatic engine choice made in this process (key -> engine): benches and tests."""
+    return dict(_chosen)
+
+
+def _grouped_experts(experts: Any, x: torch.Tensor, tok: torch.Tensor, counts: list[int],
+                     lo: int, hi: int, start: int, engine: str | None = None) -> tuple[torch.Tensor, list[int]] | None:
+    """(outputs, first row per expert) of experts ``lo..hi-1`` on their tokens (``tok[start:]``,
+    grouped by expert) through a grouped engine (``engine``, else the one chosen for this key);
+    None when no engine can take this input."""
     from . import w8a16_grouped as G
 
     sub = counts[lo:hi]
@@ -212,22 +371,20 @@ def _grouped_experts(experts: nn.ModuleList, x: torch.Tensor, tok: torch.Tensor,
     if rows == 0:
         return None
     ex = experts[lo:hi]
+    idx = tok[start : start + rows]
+    names = [engine] if engine is not None else grouped_engines(x)
+    name = _select_engine(names, ex, x, idx, sub) if names else None
+    if name is None:
+        return None
     try:
-        xs = x.index_select(0, tok[start : start + rows])
-        h = G.grouped_linear(xs, [e.gate_and_up_proj.weight for e in ex],
-                             [e.gate_and_up_proj.weight_scale for e in ex], sub)
-        del xs
-        x1, x2 = h.chunk(2, dim=-1)
-        act = x1 * F.silu(x2)  # the official order: first half times silu(second half)
-        del h, x1, x2
-        return G.grouped_linear(act, [e.down_proj.weight for e in ex], [e.down_proj.weight_scale for e in ex], sub)
+        return _engine_rows(name, ex, x, idx, sub)
     except torch.OutOfMemoryError:
         raise
     except G.Unsupported as exc:
-        logger.debug("grouped W8A16: %s; per-expert path for these experts", exc)
-    except Exception as exc:  # noqa: BLE001 - a Triton compile/launch failure: keep working, say so once
-        logger.warning("grouped W8A16 failed (%s: %s); per-expert path from now on", type(exc).__name__, exc)
-        _grouped_off = True
+        logger.debug("grouped W8A16 (%s): %s; per-expert path for these experts", name, exc)
+    except Exception as exc:  # noqa: BLE001 - a compile/launch failure: keep working, say so once
+        logger.warning("grouped MoE engine %s failed (%s: %s); not used from now on", name, type(exc).__name__, exc)
+        _grouped_off.add(name)
     return None
 
 
@@ -246,23 +403,22 @@ def gather_scatter_forward(self: nn.Module, hidden_states: torch.Tensor) -> torc
     out = torch.zeros(x.shape[0], shape[-1], dtype=torch.float32, device=x.device)
     grouped = grouped_w8a16_reason(experts, x) is None
     start = 0
-    for lo, hi in _expert_chunks(counts) if grouped else [(0, len(counts))]:
-        ys = _grouped_experts(experts, x, tok, counts, lo, hi, start) if grouped else None
-        row = 0
+    for lo, hi in _expert_chunks(counts, scratch_experts(experts)) if grouped else [(0, len(counts))]:
+        got = _grouped_experts(experts, x, tok, counts, lo, hi, start) if grouped else None
+        ys, rows = got if got is not None else (None, None)
         for e in range(lo, hi):
             n = counts[e]
             if n:
                 idx = tok[start : start + n]
                 if ys is not None:
-                    y = ys[row : row + n]
+                    y = ys[rows[e - lo] : rows[e - lo] + n]
                 else:  # [1, n, hidden], as the reference feeds it
                     y = experts[e](x.index_select(0, idx).unsqueeze(0))[0]
                 # the combine is the same on both paths: float32, one expert at a time, in expert order
                 out.index_add_(0, idx, y.float() * w[start : start + n, None])
                 del y
             start += n
-            row += n
-        del ys
+        del ys, got
     result = out.to(hidden_states.dtype).reshape(shape)
     del out
     shared = self._modules.get("shared_mlp")

@@ -390,6 +390,8 @@ def launch(
             with _lock:
                 tuned = _tuned.get(key)
                 if tuned is None:
+                    if not bool(torch.isfinite(x2).all()):  # every config would fail its check: not cached
+                        raise Unsupported("non-finite input: the tuner waits for a finite one")
                     tuned = _tuned[key] = tune(x2, weight, scale, bias, y)
         if tuned.config is None:
             raise Unsupported(f"no W8A16 kernel config passed its check for M bucket {key[0]}, N {n}, K {k}")

@@ -1,0 +1,177 @@
+"""W8A16 experts as "dequantize, then a bf16 GEMM on the vendor kernels" (issue 14).
+
+The fused Triton kernel (``w8a16_grouped``) converts the int8 operand in registers and
+re-stages it in shared memory for wgmma, ~25-30% slower than cuBLAS on the MoE shapes. This
+engine instead writes the bf16 weights of a chunk of experts into a stacked scratch
+``[E_chunk, N, K]`` (one bandwidth-bound launch: 1 byte read, 2 written per weight) and runs
+the GEMM on cuBLAS/CUTLASS: ``torch._grouped_mm`` (one launch per chunk) or one ``F.linear``
+per expert.
+
+Definition: the scale is folded into the dequantization, ``w = bf16(fp32(q) * fp32(s))`` per
+output channel, exactly ``w8a16.dequantize_weight(q, s, bf16)``; the GEMM then computes
+``x @ w.T`` with an fp32 accumulator. ``dequantize_into`` is bit-exact to that definition on
+both of its paths (the Triton kernel and the torch fallback; the kernel rounds fp32 -> bf16 to
+nearest-even on the bits itself, so Triton's CPU interpreter, whose bf16 cast truncates, gives
+the GPU's bits too).
+
+The experts stay separate parameters (streaming, parking, soft unload move them one by one):
+the Triton kernel addresses them as ``w8a16_grouped`` does, from the lowest-addressed
+weight/scale as base pointers plus a per-expert offset table in 16-byte units, rebuilt every
+call.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from . import w8a16
+
+log = logging.getLogger(__name__)
+
+ALIGN = 16  # bytes: weight and scale offsets are sent in these units
+BLOCK = 4096  # elements per program of the dequantization kernel
+ROW_ALIGN = 16  # rows per expert are padded to a multiple of this for torch._grouped_mm
+
+_triton: Any = None  # the Triton kernel (a function), False once unavailable
+_grouped_mm_ok: dict[tuple[str, int | None], bool] = {}
+
+
+def _kernel() -> Any:
+    global _triton
+    if _triton is None:
+        try:
+            import triton
+            import triton.language as tl
+
+            @triton.jit
+            def _dequant_kernel(w_ptr, s_ptr, out_ptr, table_ptr, n_experts, NK, K,
+                                BLOCK: tl.constexpr, W_UNIT: tl.constexpr, S_UNIT: tl.constexpr,
+                                BF16_BITS: tl.constexpr):
+                e = tl.program_id(0)
+                offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+                mask = offs < NK
+                w_off = tl.load(table_ptr + e) * W_UNIT
+                s_off = tl.load(table_ptr + n_experts + e) * S_UNIT
+                q = tl.load(w_ptr + w_off + offs, mask=mask, other=0)
+                s = tl.load(s_ptr + s_off + offs // K, mask=mask, other=0.0)
+                w = q.to(tl.float32) * s.to(tl.float32)
+                dst = out_ptr + e.to(tl.int64) * NK + offs
+                if BF16_BITS:  # out is bf16 seen as int16: round to nearest even on the bits
+                    bits = w.to(tl.uint32, bitcast=True)
+                    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+                    tl.store(dst, bits.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+                else:
+                    tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+            _triton = (triton, _dequant_kernel)
+        except Exception as exc:  # noqa: BLE001 - no Triton: the torch fallback
+            log.info("W8A16 dequantization: Triton unavailable (%s); torch fallback", exc)
+            _triton = False
+    return _triton
+
+
+def _triton_ok(weights: list[torch.Tensor], scales: list[torch.Tensor]) -> bool:
+    n, k = weights[0].shape
+    return (all(w.data_ptr() % ALIGN == 0 and s.data_ptr() % ALIGN == 0 and w.is_contiguous()
+                and s.is_contiguous() and s.dtype == scales[0].dtype for w, s in zip(weights, scales))
+            and n * k < 2**31 - BLOCK)
+
+
+@torch.no_grad()
+def dequantize_into(weights: list[torch.Tensor], scales: list[torch.Tensor], out: torch.Tensor,
+                    *, use_triton: bool | None = None) -> torch.Tensor:
+    """Write ``dequantize_weight(weights[i], scales[i], out.dtype)`` into ``out[i]`` for every
+    expert (``out`` is ``[E, N, K]``, contiguous): one Triton launch for all of them (CUDA, or the
+    interpreter), else one torch expression per expert. ``use_triton`` forces a path (tests)."""
+    e = len(weights)
+    if out.shape[0] < e or not out.is_contiguous():
+        raise ValueError(f"scratch {tuple(out.shape)} cannot hold {e} experts (or is not contiguous)")
+    if e == 0:
+        return out
+    n, k = weights[0].shape
+    if use_triton is None:
+        use_triton = out.is_cuda and bool(_kernel()) and _triton_ok(weights, scales)
+    if not use_triton:
+        for i, (q, s) in enumerate(zip(weights, scales)):
+            out[i].copy_(w8a16.dequantize_weight(q, s, out.dtype))
+        return out
+    triton, kern = _kernel()
+    w_base = min(weights, key=torch.Tensor.data_ptr)
+    s_base = min(scales, key=torch.Tensor.data_ptr)
+    wp, sp = w_base.data_ptr(), s_base.data_ptr()
+    table = torch.tensor([(w.data_ptr() - wp) // ALIGN for w in weights]
+                         + [(s.data_ptr() - sp) // ALIGN for s in scales], dtype=torch.int64,
+                         pin_memory=out.is_cuda).to(out.device, non_blocking=True)
+    grid = (e, triton.cdiv(n * k, BLOCK))
+    bf16 = out.dtype == torch.bfloat16
+    kern[grid](w_base, s_base, out.view(torch.int16) if bf16 else out, table, e, n * k, k,
+               BLOCK=BLOCK, W_UNIT=ALIGN, S_UNIT=ALIGN // s_base.element_size(), BF16_BITS=bf16, num_warps=8)
+    return out
+
+
+def experts_per_chunk(shapes: list[tuple[int, int]], scratch_bytes: int, itemsize: int = 2) -> int:
+    """How many experts' dequantized weights fit ``scratch_bytes`` (the largest of ``shapes``
+    sets it; the scratch is reused by each Linear in turn); at least 1."""
+    per = max(n * k for n, k in shapes) * itemsize
+    return max(1, scratch_bytes // max(1, per))
+
+
+def padded_rows(counts: list[int], align: int = ROW_ALIGN) -> list[int]:
+    return [-(-c // align) * align for c in counts]
+
+
+def gather_index(counts: list[int], align: int = ROW_ALIGN) -> tuple[list[int], list[int]]:
+    """(positions into the rows grouped by expert, per-expert first output row) for rows padded to
+    ``align`` per expert; a padding row repeats the expert's last row (computed, never read)."""
+    pos, starts, src = [], [], 0
+    for c, p in zip(counts, padded_rows(counts, align)):
+        starts.append(len(pos))
+        pos.extend(range(src, src + c))
+        pos.extend([src + c - 1] * (p - c))
+        src += c
+    return pos, starts
+
+
+def grouped_mm_available(x: torch.Tensor) -> bool:
+    """``torch._grouped_mm`` exists and runs a tiny bf16 problem on this device (probed once)."""
+    key = (x.device.type, x.device.index)
+    if key not in _grouped_mm_ok:
+        ok = hasattr(torch, "_grouped_mm")
+        if ok:
+            try:
+                a = torch.ones(32, 32, dtype=x.dtype, device=x.device)
+                b = torch.ones(2, 32, 32, dtype=x.dtype, device=x.device)
+                offs = torch.tensor([16, 32], dtype=torch.int32, device=x.device)
+                y = torch._grouped_mm(a, b.transpose(-2, -1), offs=offs)
+                ok = bool((y == 32).all())
+            except Exception as exc:  # noqa: BLE001 - not built for this device/dtype
+                log.info("torch._grouped_mm unavailable on %s (%s: %s)", x.device, type(exc).__name__, exc)
+                ok = False
+        _grouped_mm_ok[key] = ok
+    return _grouped_mm_ok[key]
+
+
+def dequant_linear(xs: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor],
+                   counts: list[int], scratch: torch.Tensor, *, gemm: str, starts: list[int]) -> torch.Tensor:
+    """``y[rows of e] = xs[rows of e] @ dequantize_weight(weights[e], scales[e]).T`` for the experts
+    given (every one with rows). ``xs`` rows: expert ``e``'s start at ``starts[e]``; for
+    ``gemm="grouped_mm"`` each expert's block is ``padded_rows`` long. ``scratch`` is a flat buffer
+    of at least ``E * N * K`` elements of ``xs.dtype``."""
+    n, k = weights[0].shape
+    e = len(weights)
+    w = scratch[: e * n * k].view(e, n, k)
+    dequantize_into(weights, scales, w)
+    if gemm == "grouped_mm":
+        ends = [s + p for s, p in zip(starts, padded_rows(counts))]
+        offs = torch.tensor(ends, dtype=torch.int32, pin_memory=xs.is_cuda).to(xs.device, non_blocking=True)
+        return torch._grouped_mm(xs, w.transpose(-2, -1), offs=offs)
+    if gemm != "linear":
+        raise ValueError(f"gemm must be 'grouped_mm' or 'linear', got {gemm!r}")
+    y = torch.empty(xs.shape[0], n, dtype=xs.dtype, device=xs.device)
+    for i, (s, c) in enumerate(zip(starts, counts)):
+        if c:
+            torch.mm(xs[s:s + c], w[i].t(), out=y[s:s + c])
+    return y

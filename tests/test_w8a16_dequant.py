@@ -1,0 +1,184 @@
+"""The "dequantize, then bf16 GEMM" W8A16 MoE engines (hunyuan_loader/w8a16_dequant.py) and the
+dispatch's engine choice (hunyuan_loader/moe_dispatch.py). The dequantization kernel runs in
+Triton's CPU interpreter (a subprocess); GPU tests are marked."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hunyuan_image3.hunyuan_loader import moe_dispatch as md
+from hunyuan_image3.hunyuan_loader import w8a16_dequant as D
+from hunyuan_image3.hunyuan_loader.w8a16 import dequantize_weight, quantize_weight
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed here")
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def _experts(e: int, n: int, k: int, seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    ws, ss = zip(*[quantize_weight(torch.randn(n, k, generator=g) * 0.05) for _ in range(e)])
+    return list(ws), list(ss)
+
+
+def test_torch_fallback_is_dequantize_weight_bit_for_bit() -> None:
+    ws, ss = _experts(3, 24, 40)
+    for dtype in (torch.bfloat16, torch.float16):
+        out = torch.full((4, 24, 40), 7.0, dtype=dtype)
+        D.dequantize_into(ws, ss, out, use_triton=False)
+        for i in range(3):
+            assert torch.equal(out[i], dequantize_weight(ws[i], ss[i], dtype))
+        assert bool((out[3] == 7).all())  # the spare slot is left alone
+    with pytest.raises(ValueError, match="cannot hold"):
+        D.dequantize_into(ws, ss, torch.empty(2, 24, 40, dtype=torch.bfloat16))
+
+
+_KERNEL = r"""
+import sys, torch
+sys.path.insert(0, {root!r})
+from hunyuan_loader.standalone import load_pack
+load_pack()
+from hunyuan_image3.hunyuan_loader import w8a16_dequant as D
+from hunyuan_image3.hunyuan_loader.w8a16 import quantize_weight, dequantize_weight
+torch.manual_seed(0)
+# N*K not a multiple of BLOCK (a partial last program), weights allocated out of order (the base
+# pointer is the lowest address), large and tiny values (rounding ties and subnormal-free range).
+D.BLOCK = 256
+ws, ss = zip(*[quantize_weight(torch.randn(48, 80) * 10 ** (i - 2)) for i in range(4)])
+ws, ss = list(ws)[::-1], list(ss)[::-1]
+for dtype in (torch.bfloat16, torch.float16):
+    out = torch.empty(5, 48, 80, dtype=dtype)
+    D.dequantize_into(ws, ss, out, use_triton=True)
+    for i in range(4):
+        ref = dequantize_weight(ws[i], ss[i], dtype)
+        assert torch.equal(out[i], ref), (dtype, i, int((out[i] != ref).sum()))
+print("KERNEL OK")
+"""
+
+
+@needs_triton
+def test_dequant_kernel_bit_exact_in_the_triton_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", _KERNEL.replace("{root!r}", repr(str(ROOT)))],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0 and "KERNEL OK" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+
+
+def test_scratch_chunking() -> None:
+    # real shapes: gate_and_up 6144 x 4096 (48 MiB in bf16) sets it; 512 MiB -> 10 experts
+    assert D.experts_per_chunk([(6144, 4096), (4096, 3072)], 512 * 2**20) == 10
+    assert D.experts_per_chunk([(6144, 4096)], 1) == 1
+    counts = [5, 0, 5, 5, 0, 0, 5, 5]
+    assert md._expert_chunks(counts, 2) == [(0, 3), (3, 7), (7, 8)]  # at most 2 experts WITH rows each
+    assert md._expert_chunks(counts) == [(0, 8)]
+    assert md._expert_chunks([], 2) == [(0, 0)]
+
+
+def test_gather_index_pads_each_expert() -> None:
+    assert D.padded_rows([0, 1, 16, 17], 16) == [0, 16, 16, 32]
+    pos, starts = D.gather_index([3, 0, 2], 4)
+    assert pos == [0, 1, 2, 2, 3, 4, 4, 4] and starts == [0, 4, 4]
+
+
+def test_engine_modes_and_env_override(monkeypatch) -> None:
+    x = torch.zeros(2, 8, dtype=torch.bfloat16)
+    assert md.grouped_mode() == "auto"
+    assert md.grouped_engines(x) == []  # auto on the CPU: the per-expert plain path
+    monkeypatch.setenv(md.GROUPED_ENV, "linear")
+    assert md.grouped_engines(x) == ["linear"]
+    monkeypatch.setenv(md.GROUPED_ENV, "dequant")
+    assert md.grouped_engines(x) == (["dequant"] if D.grouped_mm_available(x) else [])
+    assert md.grouped_engines(x.float()) == []  # the engines are for bf16 / fp16 activations
+    monkeypatch.setenv(md.GROUPED_ENV, "0")
+    assert md.grouped_mode() == "off" and md.grouped_engines(x) == []
+    monkeypatch.setenv(md.GROUPED_ENV, "cutlass")
+    with pytest.raises(ValueError, match="auto, triton, dequant, linear or 0"):
+        md.grouped_mode()
+
+
+@pytest.mark.parametrize("engine", ["linear", "dequant"])
+def test_dispatch_engine_matches_per_expert_on_cpu(engine: str, monkeypatch) -> None:
+    from test_w8a16_grouped import _block
+
+    x0 = torch.zeros(1, 8, dtype=torch.bfloat16)
+    if engine == "dequant" and not D.grouped_mm_available(x0):
+        pytest.skip("torch._grouped_mm does not run on this CPU build")
+    _, block = _block(torch.bfloat16, topk=2)
+    x = (torch.rand(2, 37, 64, generator=torch.Generator().manual_seed(1)) + 0.05).to(torch.bfloat16)
+    calls = []
+    real = D.dequant_linear
+    monkeypatch.setattr(D, "dequant_linear", lambda *a, **k: calls.append(k["gemm"]) or real(*a, **k))
+    with torch.no_grad():
+        per_expert = block(x)
+        assert not calls
+        monkeypatch.setenv(md.GROUPED_ENV, engine)
+        ours = block(x)
+        assert calls == [{"linear": "linear", "dequant": "grouped_mm"}[engine]] * 2
+        assert torch.equal(block(x), ours)
+        monkeypatch.setattr(md, "SCRATCH_BYTES", 1)  # one expert per chunk: many chunks, same result
+        n = len(calls)
+        chunked = block(x)
+        top = md.route(md.router_logits(block.gate, x.reshape(-1, 64)), getattr(block, md._CFG))[0]
+        assert 3 not in top.tolist() and len(calls) - n == 2 * top.unique().numel() > 4
+    ref = per_expert.float()
+    for y in (ours, chunked):
+        assert float((y.float() - ref).abs().max() / ref.abs().max()) < 2**-7
+    assert torch.equal(chunked, ours) or engine == "dequant"  # linear: the same matmul per expert either way
+
+
+# -- GPU ---------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_gpu_dequant_kernel_bit_exact_real_shapes() -> None:
+    g = torch.Generator("cuda").manual_seed(0)
+    ws, ss = zip(*[quantize_weight(torch.randn(6144, 4096, device="cuda", generator=g) * 0.02) for _ in range(3)])
+    out = torch.empty(3, 6144, 4096, dtype=torch.bfloat16, device="cuda")
+    D.dequantize_into(list(ws)[::-1], list(ss)[::-1], out)
+    for i, (w, s) in enumerate(zip(list(ws)[::-1], list(ss)[::-1])):
+        assert torch.equal(out[i], dequantize_weight(w, s, torch.bfloat16)), i
+
+
+@pytest.mark.gpu
+def test_gpu_grouped_mm_row_alignment() -> None:
+    """What torch._grouped_mm accepts here: padded offsets (what the engine sends) must work; offsets
+    that are not multiples of 16 are reported (the engine pads, so either answer is fine)."""
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(2, 128, 256, device="cuda", dtype=torch.bfloat16)
+    assert D.grouped_mm_available(x)
+    y = torch._grouped_mm(x, w.transpose(-2, -1), offs=torch.tensor([32, 64], dtype=torch.int32, device="cuda"))
+    ref = torch.cat([x[:32] @ w[0].T, x[32:] @ w[1].T])
+    assert float((y.float() - ref.float()).abs().max() / ref.float().abs().max()) < 2**-7
+    try:
+        torch._grouped_mm(x[:37], w.transpose(-2, -1), offs=torch.tensor([5, 37], dtype=torch.int32, device="cuda"))
+        print("torch._grouped_mm accepts offsets that are not multiples of 16")
+    except RuntimeError as exc:
+        print(f"torch._grouped_mm refuses unaligned offsets: {exc}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("engine", ["triton", "dequant", "linear", "auto"])
+@pytest.mark.parametrize("tokens", [1, 37, 1056, 8448])
+def test_gpu_engine_matches_per_expert_and_repeats(engine: str, tokens: int, monkeypatch) -> None:
+    from test_w8a16_grouped import _gpu_layer
+
+    _, block = _gpu_layer()
+    x = torch.randn(1, tokens, 1024, device="cuda", generator=torch.Generator("cuda").manual_seed(tokens))
+    x = x.to(torch.bfloat16)
+    with torch.no_grad():
+        monkeypatch.setenv(md.GROUPED_ENV, "0")
+        per_expert = block(x)
+        monkeypatch.setenv(md.GROUPED_ENV, engine)
+        assert md.grouped_w8a16_reason(block.experts, x.reshape(-1, 1024)) is None
+        ours = [block(x) for _ in range(3)]
+    assert all(torch.equal(o, ours[0]) for o in ours[1:])
+    ref = per_expert.float()
+    err = float((ours[0].float() - ref).abs().max() / ref.abs().max())
+    assert err < 2**-6, err
+    if engine == "auto" and tokens >= 1056:
+        print("engine choices:", md.engine_choices())
