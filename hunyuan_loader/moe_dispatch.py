@@ -21,6 +21,18 @@ Each expert is called with 3-D input ``[1, tokens, hidden]``, as the reference d
 official HunyuanMLP.forward splits with ``chunk(2, dim=2)`` (modeling_hunyuan_image_3.py:1080)
 and fails on 2-D input. Works with bnb Linear8bitLt / Linear4bit experts and with hooks on
 the decoder layer (the block's module calls are kept).
+
+W8A16 experts (``grouped_w8a16_reason``) run in chunks of experts through one of the grouped
+engines (``grouped_engines``: the fused Triton grouped kernel; dequantize + ``torch._grouped_mm``;
+dequantize + per-expert cuBLAS). ``HY3_MOE_GROUPED`` = auto (default: on CUDA, the first call
+per (rows/expert bucket, shapes) times every available engine once on its first chunk and keeps
+the fastest whose output agrees with the first's; fixed from then on in the process) | triton |
+dequant | linear | 0 (per-expert calls). Memory bound of the grouped path, on top of the
+per-expert path's: a chunk has at most ``GROUPED_ROWS`` rows (gathered input, gate_up output,
+activation, output: 16384 x (4096 + 6144 + 3072 + 4096) x 2 B = ~0.57 GB on the real config) and
+the dequant engines' scratch holds at most ``SCRATCH_BYTES`` (512 MiB: 10 experts' bf16
+gate_up) — ~1.1 GB in all, freed after each chunk (the caching allocator keeps it reserved).
+The inference estimate (memory/estimator.py) does not add it separately.
 """
 
 from __future__ import annotations
