@@ -34,7 +34,12 @@ import torch
 from .checkpoint_layout import TensorEntry
 
 CHUNK = 64 << 20  # bytes per preadv call
-COALESCE = 16 << 20  # a run of back-to-back tensors read by one preadv is at most this long ...
+COALESCE = 64 << 20  # a run of back-to-back tensors read by one preadv is at most this long ...
+# The kernel is asked (posix_fadvise WILLNEED) to start reading this far past the current read, so
+# the disk has requests queued while one preadv copies out: a single synchronous reader otherwise
+# leaves the device idle between calls (measured on the H200 VM's disk: our reader 1.8 GB/s vs a
+# plain 64 MiB sequential read 2.26 GB/s on an NF4 copy). Page cache only: it counts in no RSS.
+READ_AHEAD = 256 << 20
 MAX_IOV = 512  # ... and at most this many tensors (Linux allows 1024 buffers per call)
 ALIGN = 256
 
@@ -103,6 +108,7 @@ class TensorReader:
         self.first_read: float | None = None  # perf_counter of the first and after the last read
         self.last_read: float | None = None
         self._files: dict[str, int] = {}
+        self._advised: dict[int, tuple[int, int]] = {}  # fd -> the byte window the kernel was asked to read ahead
         self._thread = threading.Thread(target=self._run, name="hunyuan-tensor-reader", daemon=True)
         self._thread.start()
 
@@ -258,6 +264,20 @@ class TensorReader:
                 self._done = True
                 self._cond.notify_all()
 
+    def _advise(self, fd: int, end: int) -> None:
+        """Keep the kernel reading ahead up to READ_AHEAD bytes past ``end`` (this read's end) in ``fd``;
+        a jump elsewhere in the file starts a new window."""
+        lo, hi = self._advised.get(fd, (0, 0))
+        if lo <= end and hi >= end + READ_AHEAD // 2:
+            return
+        start = hi if lo <= end <= hi else end
+        try:
+            os.posix_fadvise(fd, start, end + READ_AHEAD - start, os.POSIX_FADV_WILLNEED)
+        except (OSError, AttributeError):  # no fadvise here: reading works the same, only without the hint
+            self._advised[fd] = (0, 1 << 62)
+            return
+        self._advised[fd] = (lo if lo <= end <= hi else end, end + READ_AHEAD)
+
     def _read_run(self, entries: list[TensorEntry], raws: list[torch.Tensor]) -> None:
         """Read tensors that lie back to back in one file into their destinations: one preadv
         scattering into all of them (a long single tensor: several, CHUNK bytes each)."""
@@ -265,6 +285,7 @@ class TensorReader:
         if total == 0:
             return
         fd = self._fd(entries[0])
+        self._advise(fd, entries[0].start + total)
         views = [memoryview(raw.numpy()) for raw, e in zip(raws, entries) if e.nbytes]
         if self.first_read is None:
             self.first_read = time.perf_counter()

@@ -465,3 +465,29 @@ def test_gpu_load_makes_its_ring_while_the_skeleton_is_built(base_checkpoint: Pa
     st = load_model(_spec(base_checkpoint, "nf4", multi_gpu="off")).load_stats
     assert st.ring_ahead and st.ring_seconds > 0, st.describe()
     assert 0 < st.reads < st.tensors
+
+
+def test_reader_keeps_the_kernel_reading_ahead_and_restarts_the_window_after_a_jump(tmp_path: Path) -> None:
+    """posix_fadvise(WILLNEED) windows: one READ_AHEAD past each read, extended only once half of it is used,
+    a new window where a read jumps back in the file."""
+    import os
+
+    from hunyuan_image3.hunyuan_loader import tensor_reader as tr
+
+    f = tmp_path / "data.bin"
+    f.write_bytes(b"\0" * 4096)
+    reader = TensorReader([], window=1 << 20)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        ahead = tr.READ_AHEAD
+        reader._advise(fd, 1000)
+        assert reader._advised[fd] == (1000, 1000 + ahead)
+        reader._advise(fd, 2000)  # still more than half a window ahead: no new call
+        assert reader._advised[fd] == (1000, 1000 + ahead)
+        reader._advise(fd, 1000 + ahead // 2 + 1)
+        assert reader._advised[fd] == (1000, 1000 + ahead // 2 + 1 + ahead)
+        reader._advise(fd, 10)  # a jump back: a new window from there
+        assert reader._advised[fd] == (10, 10 + ahead)
+    finally:
+        os.close(fd)
+        reader.close()
