@@ -316,6 +316,9 @@ def main() -> int:
     ap.add_argument("--today-int8", action="store_true",
                     help="also the earlier path for int8 smart (quantizes on the CPU: slow)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
+    ap.add_argument("--prequantized-only", action="store_true",
+                    help="only what the pre-quantized rows need: the BF16 floor, each resident load from BF16 that "
+                         "writes the copy, the copy's floor and its two loads (a shorter GPU run)")
     args = ap.parse_args()
     if not start_bench("bench/load.py"):
         return 0
@@ -375,12 +378,14 @@ def main() -> int:
     os.environ["HUNYUAN_MIN_STREAMED_BLOCKS"] = str(half)  # smart rows: half of the blocks stream
     # Rows that read the BF16 files come first; then per format: from BF16 (resident writes the copy),
     # the copy's floor and loads, and the copy is deleted, so at most one copy is on disk at a time.
-    r, out = run_load("ours bf16 resident", bf16_files, floor, lambda: load_model(spec(ckpt, "bf16")))
-    record(r, out, None, "bf16")
-    r, out = run_load(f"ours bf16 smart ({half}/{n} streamed)", bf16_files, floor,
-                      lambda: load_model(spec(ckpt, "bf16", smart=True)))
-    record(r, out, "bf16")
-    today = ["bf16"] + (["int8"] if args.today_int8 else [])
+    only_copies = args.prequantized_only
+    if not only_copies:
+        r, out = run_load("ours bf16 resident", bf16_files, floor, lambda: load_model(spec(ckpt, "bf16")))
+        record(r, out, None, "bf16")
+        r, out = run_load(f"ours bf16 smart ({half}/{n} streamed)", bf16_files, floor,
+                          lambda: load_model(spec(ckpt, "bf16", smart=True)))
+        record(r, out, "bf16")
+    today = [] if only_copies else ["bf16"] + (["int8"] if args.today_int8 else [])
     for quant in today:
         label = quant if quant != "int8" else f"int8 {fmt}"
         r, out = run_load(f"earlier path {label} smart ({half}/{n} streamed)", bf16_files, floor,
@@ -396,10 +401,11 @@ def main() -> int:
         sizes[block_of(name)] = sizes.get(block_of(name), 0) + e.nbytes
     other = sizes.pop(None, 0)
     budget = (other + (n - half) * max(sizes.values())) / GIB * 1.05
-    r, out = run_load(f"accelerate device_map=auto bf16 (budget {budget:.0f} GiB)", bf16_files, floor,
-                      lambda: load_model(spec(ckpt, "bf16", offload="accelerate", vram_budget_gb=budget)))
-    r.order = 11
-    record(r, out, "bf16")
+    if not only_copies:
+        r, out = run_load(f"accelerate device_map=auto bf16 (budget {budget:.0f} GiB)", bf16_files, floor,
+                          lambda: load_model(spec(ckpt, "bf16", offload="accelerate", vram_budget_gb=budget)))
+        r.order = 11
+        record(r, out, "bf16")
     os.environ["HUNYUAN_MIN_STREAMED_BLOCKS"] = str(half)
     floors = {"bf16": floor}
     for k, quant in enumerate(("int8", "nf4")):
@@ -408,10 +414,11 @@ def main() -> int:
                           after=saver(quant))
         r.order = 1 + k
         record(r, out, None, quant)
-        r, out = run_load(f"ours {label} smart ({half}/{n} streamed)", bf16_files, floor,
-                          lambda q=quant: load_model(spec(ckpt, q, smart=True)))
-        r.order = 1 + k
-        record(r, out, quant)
+        if not only_copies:
+            r, out = run_load(f"ours {label} smart ({half}/{n} streamed)", bf16_files, floor,
+                              lambda q=quant: load_model(spec(ckpt, q, smart=True)))
+            r.order = 1 + k
+            record(r, out, quant)
         files = weight_files(copies[quant])
         qfloor, qbytes = disk_floor(files)
         floors[quant] = qfloor
