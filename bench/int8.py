@@ -16,9 +16,10 @@ called with ``[1, n, hidden]`` as the gather/scatter dispatch calls it:
   bf16 | bitsandbytes LLM.int8 | W8A16 plain torch | W8A16 per-expert Triton kernel (one launch
   per expert Linear) | the grouped engines through the dispatch's own code, each forced
   (Triton grouped kernel; a chunk dequantized to a bf16 scratch + torch._grouped_mm; the same +
-  per-expert cuBLAS) and the automatic choice (the pack's default; its first call times the
-  engines and tunes) | FP8 e4m3 weights + per-token e4m3 activations via
-  torch._scaled_mm (``--no-fp8`` leaves it out).
+  per-expert cuBLAS; the dequant engines dequantize the next Linear on a side stream while the
+  GEMMs run, and the last one is shown again without that overlap, HY3_MOE_OVERLAP=0) and the
+  automatic choice (the pack's default, overlapped; its first call times the engines and
+  tunes) | FP8 e4m3 weights + per-token e4m3 activations via torch._scaled_mm (``--no-fp8`` leaves it out).
   Opt-in, slow to compile or to set up: ``--compile MODE`` (torch.compile of the plain W8A16
   expression; max-autotune takes minutes), ``--torchao`` (torchao int8 weight-only),
   ``--int8pack`` (torch._weight_int8pack_mm).
@@ -71,6 +72,7 @@ T0 = time.perf_counter()
 GROUPED = "W8A16 grouped, engine chosen per shape [default]"
 ENGINE_ROWS = {"triton": "W8A16 grouped Triton", "dequant": "W8A16 dequant + torch._grouped_mm",
                "linear": "W8A16 dequant + per-expert cuBLAS"}
+NO_OVERLAP = "W8A16 dequant + per-expert cuBLAS, no overlap"
 
 
 def _free() -> None:
@@ -109,10 +111,12 @@ def run(pairs, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         return [mlp(x, gu, dn) for x, (gu, dn) in zip(xs, pairs)]
 
 
-def grouped_candidate(ours, engine: str | None = None) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
-    """All experts through the dispatch's grouped code (moe_dispatch._grouped_experts, chunks of at
-    most GROUPED_ROWS rows and SCRATCH_BYTES of dequantized weights), from one [rows, H] tensor
-    grouped by expert; ``engine`` forces one (None: the dispatch's automatic choice)."""
+def grouped_candidate(ours, engine: str | None = None,
+                      overlap: bool | None = None) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """All experts through the dispatch's grouped code (moe_dispatch.grouped_chunks: chunks of at
+    most GROUPED_ROWS rows and SCRATCH_BYTES of dequantized weights, the dequantization overlapped
+    with the GEMMs unless ``overlap`` is False), from one [rows, H] tensor grouped by expert;
+    ``engine`` forces one (None: the dispatch's automatic choice)."""
     import types
 
     from hunyuan_image3.hunyuan_loader import moe_dispatch as md
@@ -123,14 +127,11 @@ def grouped_candidate(ours, engine: str | None = None) -> Callable[[list[torch.T
         counts = [x.shape[1] for x in xs]
         x2 = torch.cat([x[0] for x in xs])
         tok = torch.arange(x2.shape[0], device=x2.device)
-        ys, start = [], 0
-        for lo, hi in md._expert_chunks(counts, md.scratch_experts(experts)):
-            got = md._grouped_experts(experts, x2, tok, counts, lo, hi, start, engine)
-            if got is None:
+        ys = []
+        for lo, hi, _, y, rows in md.grouped_chunks(experts, x2, tok, counts, engine, overlap=overlap):
+            if y is None:
                 raise RuntimeError("the grouped engine refused this input (see the log)")
-            y, rows = got
             ys.extend(y[r:r + c].unsqueeze(0) for r, c in zip(rows, counts[lo:hi]))
-            start += sum(counts[lo:hi])
         return ys
     return whole
 
@@ -264,6 +265,8 @@ def build_candidates(experts, args) -> tuple[dict, dict, list]:
     for engine, name in ENGINE_ROWS.items():
         cands[name] = grouped_candidate(ours, engine)
         nbytes[name] = w8_bytes
+    cands[NO_OVERLAP] = grouped_candidate(ours, "linear", overlap=False)  # what the overlap saves
+    nbytes[NO_OVERLAP] = w8_bytes
     cands[GROUPED] = grouped_candidate(ours)
     nbytes["W8A16 plain torch"] = nbytes["W8A16 per-expert Triton"] = nbytes[GROUPED] = w8_bytes
     if args.compile:
@@ -389,6 +392,10 @@ def part1(dev, token_counts: list[int], args) -> None:
                          f"({'<=' if ours_l2 <= bnb_l2 else 'ABOVE'} bnb); {bnb_t / ours_t:.1f}x faster than bnb; "
                          f"expert bytes {nbytes[GROUPED] / nbytes['bnb LLM.int8']:.3f}x bnb")
             print(line)
+            if NO_OVERLAP in res and ENGINE_ROWS["linear"] in res:
+                seq, ovl = res[NO_OVERLAP][0], res[ENGINE_ROWS["linear"]][0]
+                print(f"dequant/GEMM overlap (engine linear): {seq * 1e3:.1f} -> {ovl * 1e3:.1f} ms "
+                      f"({(seq - ovl) * 1e3:+.1f} ms saved)")
             fp8 = next((v for n, v in res.items() if n.startswith("FP8")), None)
             if fp8:
                 print(f"FP8: {fp8[0] / res['bf16'][0]:.2f}x bf16, error {fp8[1] * 100:.2f}% "

@@ -27,16 +27,22 @@ engines (``grouped_engines``: the fused Triton grouped kernel; dequantize + ``to
 dequantize + per-expert cuBLAS). ``HY3_MOE_GROUPED`` = auto (default: on CUDA, the first call
 per (rows/expert bucket, shapes) times every available engine once on its first chunk and keeps
 the fastest whose output agrees with the first's; fixed from then on in the process) | triton |
-dequant | linear | 0 (per-expert calls). Memory bound of the grouped path, on top of the
-per-expert path's: a chunk has at most ``GROUPED_ROWS`` rows (gathered input, gate_up output,
-activation, output: 16384 x (4096 + 6144 + 3072 + 4096) x 2 B = ~0.57 GB on the real config) and
-the dequant engines' scratch holds at most ``SCRATCH_BYTES`` (512 MiB: 10 experts' bf16
-gate_up) — ~1.1 GB in all, freed after each chunk (the caching allocator keeps it reserved).
-The inference estimate (memory/estimator.py) does not add it separately.
+dequant | linear | 0 (per-expert calls). The dequant engines overlap the dequantization with the
+GEMMs (``w8a16_dequant.DequantPipeline``): on CUDA the next Linear's weights (the down_proj of
+this chunk, then the gate_up of the next) are dequantized on a side stream into a second buffer
+while this one's GEMMs run; bit-identical to the sequential order, which ``HY3_MOE_OVERLAP=0``
+(and the CPU) keeps. Memory bound of the grouped path, on top of the per-expert path's: a chunk
+has at most ``GROUPED_ROWS`` rows (gathered input, gate_up output, activation, output: 16384 x
+(4096 + 6144 + 3072 + 4096) x 2 B = ~0.57 GB on the real config) and the dequant engines' two
+buffers together hold at most ``SCRATCH_BYTES`` (512 MiB: 7 experts' bf16 gate_up + down, 504
+MiB; the same chunks with and without overlap) — ~1.1 GB in all; the activations are freed after
+each chunk, the buffers at the end of the layer's MoE call (the caching allocator keeps them
+reserved). The inference estimate (memory/estimator.py) does not add it separately.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -150,7 +156,7 @@ def plan_dispatch(
 
 GROUPED_ENV = "HY3_MOE_GROUPED"  # auto (default) | triton | dequant | linear | 0 (every expert on its own)
 GROUPED_ROWS = 16384  # rows (token x expert assignments) per grouped chunk: bounds the activations
-SCRATCH_BYTES = 512 * 2**20  # dequantized bf16 weights of one chunk (the dequant engines)
+SCRATCH_BYTES = 512 * 2**20  # both buffers of dequantized bf16 weights (gate_up + down of one chunk)
 ENGINES = ("triton", "dequant", "linear")
 SELECT_TOL = 2**-6  # an engine whose output differs from the first one's by more (of the max) is left out
 _grouped_off: set[str] = set()  # engines that failed for a reason other than their input
@@ -243,7 +249,8 @@ def grouped_w8a16_reason(experts: nn.ModuleList, x: torch.Tensor) -> str | None:
 
 
 def scratch_experts(experts: Any) -> int:
-    """Experts per chunk whose dequantized weights fit ``SCRATCH_BYTES`` (the larger Linear sets it)."""
+    """Experts per chunk whose dequantized weights, gate_up and down together (the two buffers of
+    ``DequantPipeline``), fit ``SCRATCH_BYTES``: 7 on the real config."""
     from .w8a16_dequant import experts_per_chunk
 
     e = experts[0]
@@ -265,10 +272,27 @@ def _expert_chunks(counts: list[int], max_experts: int | None = None) -> list[tu
     return chunks
 
 
-def _engine_rows(engine: str, ex: Any, x: torch.Tensor, idx: torch.Tensor,
-                 sub: list[int]) -> tuple[torch.Tensor, list[int]]:
+DEQUANT_ENGINES = ("dequant", "linear")  # the engines that read a DequantPipeline
+
+
+def _busy(sub: list[int]) -> list[int]:
+    return [i for i, c in enumerate(sub) if c]
+
+
+def dequant_stages(ex: Any, sub: list[int]) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """The two dequantization stages of one chunk (gate_up, then down) over its experts with rows."""
+    busy = _busy(sub)
+    gu = [ex[i].gate_and_up_proj for i in busy]
+    dn = [ex[i].down_proj for i in busy]
+    return [([m.weight for m in gu], [m.weight_scale for m in gu]), ([m.weight for m in dn], [m.weight_scale for m in dn])]
+
+
+def _engine_rows(engine: str, ex: Any, x: torch.Tensor, idx: torch.Tensor, sub: list[int],
+                 pipe: Any = None, stage: int = 0) -> tuple[torch.Tensor, list[int]]:
     """(outputs, first output row per expert) of experts ``ex`` on the rows ``x[idx]`` (grouped by
-    expert, ``sub`` rows each) through ``engine``."""
+    expert, ``sub`` rows each) through ``engine``. The dequant engines read their weights from
+    ``pipe`` (a ``DequantPipeline``; stages ``stage`` and ``stage + 1`` are this chunk's), else
+    from a pipeline of their own for this chunk."""
     from . import w8a16_dequant as D
     from . import w8a16_grouped as G
 
@@ -285,32 +309,35 @@ def _engine_rows(engine: str, ex: Any, x: torch.Tensor, idx: torch.Tensor,
         for c in sub[:-1]:
             starts.append(starts[-1] + c)
         return y, starts
-    busy = [i for i, c in enumerate(sub) if c]
-    cb = [sub[i] for i in busy]
-    gemm = "grouped_mm" if engine == "dequant" else "linear"
-    if gemm == "grouped_mm":
-        pos, sb = D.gather_index(cb)
-        src = idx.index_select(0, torch.tensor(pos, dtype=torch.long).to(idx.device, non_blocking=True))
-    else:
-        sb, s = [], 0
-        for c in cb:
-            sb.append(s)
-            s += c
-        src = idx
-    gu = [ex[i].gate_and_up_proj for i in busy]
-    dn = [ex[i].down_proj for i in busy]
-    numel = max(gu[0].weight.numel(), dn[0].weight.numel()) * len(busy)
-    scratch = torch.empty(numel, dtype=x.dtype, device=x.device)
-    xs = x.index_select(0, src)
-    h = D.dequant_linear(xs, [m.weight for m in gu], [m.weight_scale for m in gu], cb, scratch,
-                         gemm=gemm, starts=sb)
-    del xs
-    x1, x2 = h.chunk(2, dim=-1)
-    act = x1 * F.silu(x2)
-    del h, x1, x2
-    y = D.dequant_linear(act, [m.weight for m in dn], [m.weight_scale for m in dn], cb, scratch,
-                         gemm=gemm, starts=sb)
-    del scratch, act
+    own = pipe is None
+    if own:
+        pipe, stage = D.DequantPipeline(dequant_stages(ex, sub), x.dtype, x.device), 0
+    try:
+        busy = _busy(sub)
+        cb = [sub[i] for i in busy]
+        gemm = "grouped_mm" if engine == "dequant" else "linear"
+        if gemm == "grouped_mm":
+            pos, sb = D.gather_index(cb)
+            src = idx.index_select(0, torch.tensor(pos, dtype=torch.long).to(idx.device, non_blocking=True))
+        else:
+            sb, s = [], 0
+            for c in cb:
+                sb.append(s)
+                s += c
+            src = idx
+        xs = x.index_select(0, src)
+        h = D.gemm_rows(xs, pipe.acquire(stage), cb, gemm=gemm, starts=sb)
+        pipe.release(stage)
+        del xs
+        x1, x2 = h.chunk(2, dim=-1)
+        act = x1 * F.silu(x2)
+        del h, x1, x2
+        y = D.gemm_rows(act, pipe.acquire(stage + 1), cb, gemm=gemm, starts=sb)
+        pipe.release(stage + 1)
+        del act
+    finally:
+        if own:
+            pipe.close()
     starts = [0] * len(sub)
     for i, s0 in zip(busy, sb):
         starts[i] = s0
@@ -371,25 +398,22 @@ def engine_choices() -> dict[tuple, str | None]:
     return dict(_chosen)
 
 
-def _grouped_experts(experts: Any, x: torch.Tensor, tok: torch.Tensor, counts: list[int],
-                     lo: int, hi: int, start: int, engine: str | None = None) -> tuple[torch.Tensor, list[int]] | None:
-    """(outputs, first row per expert) of experts ``lo..hi-1`` on their tokens (``tok[start:]``,
-    grouped by expert) through a grouped engine (``engine``, else the one chosen for this key);
-    None when no engine can take this input."""
+def _chunk_engine(experts: Any, x: torch.Tensor, idx: torch.Tensor, sub: list[int],
+                  engine: str | None) -> str | None:
+    """The engine for one chunk (``engine`` forces one; None: the chunk has no rows or no engine)."""
+    if sum(sub) == 0:
+        return None
+    names = [engine] if engine is not None else grouped_engines(x)
+    name = _select_engine(names, experts, x, idx, sub) if names else None
+    return None if name is None or (engine is None and name in _grouped_off) else name
+
+
+def _run_chunk(name: str, ex: Any, x: torch.Tensor, idx: torch.Tensor, sub: list[int], pipe: Any,
+               stage: int) -> tuple[torch.Tensor, list[int]] | None:
     from . import w8a16_grouped as G
 
-    sub = counts[lo:hi]
-    rows = sum(sub)
-    if rows == 0:
-        return None
-    ex = experts[lo:hi]
-    idx = tok[start : start + rows]
-    names = [engine] if engine is not None else grouped_engines(x)
-    name = _select_engine(names, ex, x, idx, sub) if names else None
-    if name is None:
-        return None
     try:
-        return _engine_rows(name, ex, x, idx, sub)
+        return _engine_rows(name, ex, x, idx, sub, pipe, stage)
     except torch.OutOfMemoryError:
         raise
     except G.Unsupported as exc:
@@ -398,6 +422,67 @@ def _grouped_experts(experts: Any, x: torch.Tensor, tok: torch.Tensor, counts: l
         logger.warning("grouped MoE engine %s failed (%s: %s); not used from now on", name, type(exc).__name__, exc)
         _grouped_off.add(name)
     return None
+
+
+def grouped_chunks(experts: Any, x: torch.Tensor, tok: torch.Tensor, counts: list[int],
+                   engine: str | None = None, *, overlap: bool | None = None) -> Any:
+    """Yield ``(lo, hi, start, outputs, first row per expert)`` for each chunk of experts
+    (``_expert_chunks``: at most ``GROUPED_ROWS`` rows and ``scratch_experts`` experts with rows);
+    outputs None where no grouped engine took the chunk (the caller runs those experts one by one).
+    ``tok[start:]`` are the chunk's rows of ``x``, grouped by expert.
+
+    Each chunk's engine is chosen first (``engine`` forces one); the chunks on a dequant engine
+    share one ``DequantPipeline``, so on CUDA the next Linear's weights are dequantized on a side
+    stream while this one's GEMMs run (``overlap``: None follows ``HY3_MOE_OVERLAP``)."""
+    from . import w8a16_dequant as D
+
+    chunks, start, plan = _expert_chunks(counts, scratch_experts(experts)), 0, []
+    for lo, hi in chunks:
+        sub = counts[lo:hi]
+        idx = tok[start : start + sum(sub)]
+        plan.append((lo, hi, start, sub, idx, _chunk_engine(experts[lo:hi], x, idx, sub, engine)))
+        start += sum(sub)
+    stages, first = [], {}
+    for lo, hi, _, sub, _, name in plan:
+        if name in DEQUANT_ENGINES:
+            first[lo] = len(stages)
+            stages.extend(dequant_stages(experts[lo:hi], sub))
+    pipe = D.DequantPipeline(stages, x.dtype, x.device, overlap=overlap) if stages else None
+    try:
+        for lo, hi, start, sub, idx, name in plan:
+            got = None
+            if name is not None and (name not in _grouped_off or engine is not None):
+                got = _run_chunk(name, experts[lo:hi], x, idx, sub, pipe, first.get(lo, 0))
+            ys, rows = got if got is not None else (None, None)
+            del got
+            yield lo, hi, start, ys, rows
+            del ys
+    finally:
+        if pipe is not None:
+            pipe.close()
+
+
+def _per_expert_chunk(n: int) -> Any:
+    yield 0, n, 0, None, None
+
+
+def _combine(chunks: Any, experts: Any, x: torch.Tensor, tok: torch.Tensor, w: torch.Tensor,
+             counts: list[int], out: torch.Tensor) -> None:
+    """Every expert's weighted output added into ``out`` (float32, one expert at a time, in expert
+    order, the same on both paths); ``chunks`` as ``grouped_chunks`` yields them."""
+    for lo, hi, start, ys, rows in chunks:
+        for e in range(lo, hi):
+            n = counts[e]
+            if n:
+                idx = tok[start : start + n]
+                if ys is not None:
+                    y = ys[rows[e - lo] : rows[e - lo] + n]
+                else:  # [1, n, hidden], as the reference feeds it
+                    y = experts[e](x.index_select(0, idx).unsqueeze(0))[0]
+                out.index_add_(0, idx, y.float() * w[start : start + n, None])
+                del y
+            start += n
+        del ys
 
 
 def gather_scatter_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -413,24 +498,12 @@ def gather_scatter_forward(self: nn.Module, hidden_states: torch.Tensor) -> torc
     w = w.to(hidden_states.dtype).float()  # the reference casts its combine weights to the hidden dtype
     del top_idx, weights
     out = torch.zeros(x.shape[0], shape[-1], dtype=torch.float32, device=x.device)
-    grouped = grouped_w8a16_reason(experts, x) is None
-    start = 0
-    for lo, hi in _expert_chunks(counts, scratch_experts(experts)) if grouped else [(0, len(counts))]:
-        got = _grouped_experts(experts, x, tok, counts, lo, hi, start) if grouped else None
-        ys, rows = got if got is not None else (None, None)
-        for e in range(lo, hi):
-            n = counts[e]
-            if n:
-                idx = tok[start : start + n]
-                if ys is not None:
-                    y = ys[rows[e - lo] : rows[e - lo] + n]
-                else:  # [1, n, hidden], as the reference feeds it
-                    y = experts[e](x.index_select(0, idx).unsqueeze(0))[0]
-                # the combine is the same on both paths: float32, one expert at a time, in expert order
-                out.index_add_(0, idx, y.float() * w[start : start + n, None])
-                del y
-            start += n
-        del ys, got
+    if grouped_w8a16_reason(experts, x) is None:
+        chunks = grouped_chunks(experts, x, tok, counts)
+    else:
+        chunks = _per_expert_chunk(len(counts))
+    with contextlib.closing(chunks):  # an error in the loop still closes the dequant pipeline
+        _combine(chunks, experts, x, tok, w, counts, out)
     result = out.to(hidden_states.dtype).reshape(shape)
     del out
     shared = self._modules.get("shared_mlp")

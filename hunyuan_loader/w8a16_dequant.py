@@ -23,6 +23,7 @@ call.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -113,9 +114,11 @@ def dequantize_into(weights: list[torch.Tensor], scales: list[torch.Tensor], out
 
 
 def experts_per_chunk(shapes: list[tuple[int, int]], scratch_bytes: int, itemsize: int = 2) -> int:
-    """How many experts' dequantized weights fit ``scratch_bytes`` (the largest of ``shapes``
-    sets it; the scratch is reused by each Linear in turn); at least 1."""
-    per = max(n * k for n, k in shapes) * itemsize
+    """How many experts' dequantized weights fit ``scratch_bytes`` when every one of ``shapes`` (the
+    Linears of an expert, run in turn) has its own buffer at once (``DequantPipeline`` holds the
+    gate_up and the down buffer together, so the next one is written while the GEMMs read the
+    other); at least 1."""
+    per = sum(n * k for n, k in shapes) * itemsize
     return max(1, scratch_bytes // max(1, per))
 
 
@@ -154,16 +157,13 @@ def grouped_mm_available(x: torch.Tensor) -> bool:
     return _grouped_mm_ok[key]
 
 
-def dequant_linear(xs: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor],
-                   counts: list[int], scratch: torch.Tensor, *, gemm: str, starts: list[int]) -> torch.Tensor:
-    """``y[rows of e] = xs[rows of e] @ dequantize_weight(weights[e], scales[e]).T`` for the experts
-    given (every one with rows). ``xs`` rows: expert ``e``'s start at ``starts[e]``; for
-    ``gemm="grouped_mm"`` each expert's block is ``padded_rows`` long. ``scratch`` is a flat buffer
-    of at least ``E * N * K`` elements of ``xs.dtype``."""
-    n, k = weights[0].shape
-    e = len(weights)
-    w = scratch[: e * n * k].view(e, n, k)
-    dequantize_into(weights, scales, w)
+def gemm_rows(xs: torch.Tensor, w: torch.Tensor, counts: list[int], *, gemm: str,
+              starts: list[int]) -> torch.Tensor:
+    """``y[rows of e] = xs[rows of e] @ w[e].T`` for ``w`` ``[E, N, K]`` (dequantized weights of the
+    experts with rows). ``xs`` rows: expert ``e``'s start at ``starts[e]``; for ``gemm="grouped_mm"``
+    each expert's block is ``padded_rows`` long. "linear": one ``torch.mm`` per expert straight into
+    its rows of one preallocated output (no per-expert allocation, copy or host sync)."""
+    n = w.shape[1]
     if gemm == "grouped_mm":
         ends = [s + p for s, p in zip(starts, padded_rows(counts))]
         offs = torch.tensor(ends, dtype=torch.int32, pin_memory=xs.is_cuda).to(xs.device, non_blocking=True)
@@ -175,3 +175,135 @@ def dequant_linear(xs: torch.Tensor, weights: list[torch.Tensor], scales: list[t
         if c:
             torch.mm(xs[s:s + c], w[i].t(), out=y[s:s + c])
     return y
+
+
+def dequant_linear(xs: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor],
+                   counts: list[int], scratch: torch.Tensor, *, gemm: str, starts: list[int]) -> torch.Tensor:
+    """``dequantize_into`` a flat ``scratch`` (at least ``E * N * K`` elements of ``xs.dtype``), then
+    ``gemm_rows``: one Linear of a chunk, sequentially on the current stream."""
+    n, k = weights[0].shape
+    e = len(weights)
+    w = scratch[: e * n * k].view(e, n, k)
+    dequantize_into(weights, scales, w)
+    return gemm_rows(xs, w, counts, gemm=gemm, starts=starts)
+
+
+# -- overlapping the dequantization with the GEMMs -----------------------------------------------
+OVERLAP_ENV = "HY3_MOE_OVERLAP"  # 1 (default): dequantize on a side CUDA stream ahead of the GEMMs | 0
+_side: dict[int, Any] = {}  # one side stream per CUDA device, created once
+
+
+def overlap_enabled(device: torch.device) -> bool:
+    """Double-buffered dequantization on a side stream: CUDA and ``HY3_MOE_OVERLAP`` not 0."""
+    flag = os.environ.get(OVERLAP_ENV, "1").strip().lower()
+    return device.type == "cuda" and flag not in ("0", "off", "false", "no")
+
+
+def side_stream(device: torch.device) -> Any:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _side:
+        _side[idx] = torch.cuda.Stream(device=idx)
+    return _side[idx]
+
+
+class DequantPipeline:
+    """The dequantized weights of a sequence of stages (one Linear of one chunk of experts each,
+    in the order their GEMMs run: chunk 0 gate_up, chunk 0 down, chunk 1 gate_up, ...), stage
+    ``j`` written into buffer ``j % 2`` (``buffer_of``). Use: ``w = acquire(j)``; the GEMMs that
+    read ``w`` on the current stream; ``release(j)``; at the end ``close()``.
+
+    With ``overlap`` (CUDA): ``acquire(j)`` also issues stage ``j + 1``'s dequantization on the
+    device's side stream, into the other buffer, so it runs while stage ``j``'s GEMMs do. Events
+    order it: the side stream waits, before overwriting a buffer, for the event recorded by
+    ``release`` after the GEMMs that last read it (stage ``j - 1``; when that was never released,
+    for everything queued on the main stream); the main stream waits for the stage's dequant event
+    before reading. The buffers are owned by the pipeline for the whole call and marked with
+    ``record_stream``; ``close`` makes the main stream wait for the side stream, so nothing the side
+    stream reads or writes (weights, scales, buffers) can be freed and handed out under it. Same
+    kernels, same inputs, same GEMMs on the same stream: bit-identical to the sequential order.
+    Without ``overlap`` (CPU, ``HY3_MOE_OVERLAP=0``) each stage is dequantized in ``acquire`` on the
+    current stream; ``prefetch`` keeps the overlapped issue order there too (CPU tests).
+
+    Memory: buffer ``p`` holds the largest stage of parity ``p`` (the dispatch alternates gate_up /
+    down, so one gate_up buffer and one down buffer: ``E * (6144 + 3072) * 4096 * 2`` bytes for a
+    chunk of ``E`` experts on the real config, within ``moe_dispatch.SCRATCH_BYTES``).
+    ``trace`` records ("dequant", j, buffer) / ("gemm", j) in issue order."""
+
+    def __init__(self, stages: list[tuple[list[torch.Tensor], list[torch.Tensor]]], dtype: torch.dtype,
+                 device: torch.device, *, overlap: bool | None = None, prefetch: bool | None = None) -> None:
+        self.stages = stages
+        self.shapes = [(len(ws), *ws[0].shape) for ws, _ in stages]
+        sizes = [0, 0]
+        for j, (e, n, k) in enumerate(self.shapes):
+            sizes[j % 2] = max(sizes[j % 2], e * n * k)
+        self.overlap = overlap_enabled(device) if overlap is None else overlap and device.type == "cuda"
+        self.prefetch = self.overlap if prefetch is None else prefetch
+        self.buffers = [torch.empty(n, dtype=dtype, device=device) for n in sizes]
+        self.trace: list[tuple] = []
+        self._issued: dict[int, Any] = {}  # j -> dequant event (None without overlap) or the exception
+        self._released: dict[int, Any] = {}
+        self._main = self._side = None
+        if self.overlap:
+            self._main = torch.cuda.current_stream(device)
+            self._side = side_stream(device)
+            self._side.wait_stream(self._main)  # weights just made resident on the main stream
+            for b in self.buffers:
+                b.record_stream(self._side)
+
+    @staticmethod
+    def buffer_of(j: int) -> int:
+        return j % 2
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers)
+
+    def _view(self, j: int) -> torch.Tensor:
+        e, n, k = self.shapes[j]
+        return self.buffers[self.buffer_of(j)][: e * n * k].view(e, n, k)
+
+    def _issue(self, j: int) -> None:
+        ws, ss = self.stages[j]
+        self.trace.append(("dequant", j, self.buffer_of(j)))
+        if not self.overlap:
+            self._issued[j] = None
+            dequantize_into(ws, ss, self._view(j))
+            return
+        try:
+            with torch.cuda.stream(self._side):
+                if j >= 2:  # the last reader of this buffer: stage j - 2's GEMMs
+                    done = self._released.get(j - 2)
+                    if done is not None:
+                        self._side.wait_event(done)
+                    else:
+                        self._side.wait_stream(self._main)
+                dequantize_into(ws, ss, self._view(j))
+                ev = torch.cuda.Event()
+                ev.record(self._side)
+            self._issued[j] = ev
+        except Exception as exc:  # noqa: BLE001 - raised by acquire(j), for the chunk it belongs to
+            self._issued[j] = exc
+
+    def acquire(self, j: int) -> torch.Tensor:
+        """Stage ``j``'s dequantized weights ``[E, N, K]``, readable on the current stream."""
+        if j not in self._issued:
+            self._issue(j)
+        if self.prefetch and j + 1 < len(self.stages) and j + 1 not in self._issued:
+            self._issue(j + 1)
+        got = self._issued[j]
+        if isinstance(got, Exception):
+            raise got
+        if got is not None:
+            self._main.wait_event(got)
+        self.trace.append(("gemm", j))
+        return self._view(j)
+
+    def release(self, j: int) -> None:
+        """The GEMMs reading stage ``j``'s buffer are queued: it may be overwritten after them."""
+        if self.overlap:
+            ev = torch.cuda.Event()
+            ev.record(self._main)
+            self._released[j] = ev
+
+    def close(self) -> None:
+        if self.overlap:
+            self._main.wait_stream(self._side)

@@ -4,6 +4,7 @@ Triton's CPU interpreter (a subprocess); GPU tests are marked."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import subprocess
@@ -72,8 +73,9 @@ def test_dequant_kernel_bit_exact_in_the_triton_interpreter() -> None:
 
 
 def test_scratch_chunking() -> None:
-    # real shapes: gate_and_up 6144 x 4096 (48 MiB in bf16) sets it; 512 MiB -> 10 experts
-    assert D.experts_per_chunk([(6144, 4096), (4096, 3072)], 512 * 2**20) == 10
+    # real shapes: gate_and_up 6144 x 4096 (48 MiB in bf16) + down 4096 x 3072 (24 MiB), both buffers
+    # held at once (the overlapped pipeline): 512 MiB -> 7 experts
+    assert D.experts_per_chunk([(6144, 4096), (4096, 3072)], 512 * 2**20) == 7
     assert D.experts_per_chunk([(6144, 4096)], 1) == 1
     counts = [5, 0, 5, 5, 0, 0, 5, 5]
     assert md._expert_chunks(counts, 2) == [(0, 3), (3, 7), (7, 8)]  # at most 2 experts WITH rows each
@@ -113,8 +115,8 @@ def test_dispatch_engine_matches_per_expert_on_cpu(engine: str, monkeypatch) -> 
     _, block = _block(torch.bfloat16, topk=2)
     x = (torch.rand(2, 37, 64, generator=torch.Generator().manual_seed(1)) + 0.05).to(torch.bfloat16)
     calls = []
-    real = D.dequant_linear
-    monkeypatch.setattr(D, "dequant_linear", lambda *a, **k: calls.append(k["gemm"]) or real(*a, **k))
+    real = D.gemm_rows
+    monkeypatch.setattr(D, "gemm_rows", lambda *a, **k: calls.append(k["gemm"]) or real(*a, **k))
     with torch.no_grad():
         per_expert = block(x)
         assert not calls
@@ -127,10 +129,81 @@ def test_dispatch_engine_matches_per_expert_on_cpu(engine: str, monkeypatch) -> 
         chunked = block(x)
         top = md.route(md.router_logits(block.gate, x.reshape(-1, 64)), getattr(block, md._CFG))[0]
         assert 3 not in top.tolist() and len(calls) - n == 2 * top.unique().numel() > 4
+        real_pipe = D.DequantPipeline
+        monkeypatch.setattr(D, "DequantPipeline", lambda *a, **k: real_pipe(*a, **{**k, "prefetch": True}))
+        prefetched = block(x)  # the overlapped issue order (next stage dequantized before the GEMMs)
     ref = per_expert.float()
     for y in (ours, chunked):
         assert float((y.float() - ref).abs().max() / ref.abs().max()) < 2**-7
     assert torch.equal(chunked, ours) or engine == "dequant"  # linear: the same matmul per expert either way
+    assert torch.equal(prefetched, chunked)
+
+
+def _stages(shapes: list[tuple[int, int, int]], device: str = "cpu") -> list[tuple[list, list]]:
+    out = []
+    for j, (e, n, k) in enumerate(shapes):
+        if device == "meta":
+            out.append(([torch.empty(n, k, dtype=torch.int8, device="meta")] * e,
+                        [torch.empty(n, dtype=torch.bfloat16, device="meta")] * e))
+        else:
+            out.append(_experts(e, n, k, seed=j))
+    return out
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_pipeline_bookkeeping_on_cpu(prefetch: bool) -> None:
+    """The double-buffer plan with the streams bypassed: stage j in buffer j % 2, each buffer as big
+    as its largest stage, the next stage dequantized before this one's GEMMs (prefetch), every
+    stage exactly once, in order, and the weights each stage hands out are its own."""
+    shapes = [(3, 24, 16), (3, 16, 12), (1, 24, 16), (1, 16, 12), (2, 24, 16), (2, 16, 12)]
+    stages = _stages(shapes)
+    pipe = D.DequantPipeline(stages, torch.bfloat16, torch.device("cpu"), prefetch=prefetch)
+    assert not pipe.overlap  # no CUDA streams on the CPU
+    assert [b.numel() for b in pipe.buffers] == [3 * 24 * 16, 3 * 16 * 12]
+    for j, (ws, ss) in enumerate(stages):
+        w = pipe.acquire(j)
+        assert w.shape == shapes[j]
+        assert w.data_ptr() == pipe.buffers[j % 2].data_ptr()
+        for i in range(len(ws)):
+            assert torch.equal(w[i], dequantize_weight(ws[i], ss[i], torch.bfloat16)), (j, i)
+        pipe.release(j)
+    pipe.close()
+    gemms = [t for t in pipe.trace if t[0] == "gemm"]
+    deqs = [t for t in pipe.trace if t[0] == "dequant"]
+    assert gemms == [("gemm", j) for j in range(6)]
+    assert deqs == [("dequant", j, j % 2) for j in range(6)]
+    order = [t[:2] for t in pipe.trace]
+    for j in range(6):  # dequant j before gemm j; with prefetch dequant j+1 too (it overlaps gemm j)
+        assert order.index(("dequant", j)) < order.index(("gemm", j))
+        if j + 1 < 6:
+            before = order.index(("dequant", j + 1)) < order.index(("gemm", j))
+            assert before == prefetch
+            # never more than one stage ahead: buffer (j+1) % 2 was last read by gemm j-1
+            assert j == 0 or order.index(("gemm", j - 1)) < order.index(("dequant", j + 1))
+
+
+def test_pipeline_memory_bound_real_shapes() -> None:
+    """Both buffers of the real config's chunk (7 experts, gate_up 6144 x 4096, down 4096 x 3072)
+    within SCRATCH_BYTES; the chunking is the same with and without overlap."""
+    import types
+
+    e = md.scratch_experts([types.SimpleNamespace(gate_and_up_proj=types.SimpleNamespace(weight=torch.empty(6144, 4096, device="meta")),
+                                                  down_proj=types.SimpleNamespace(weight=torch.empty(4096, 3072, device="meta")))])
+    assert e == 7
+    stages = _stages([(e, 6144, 4096), (e, 4096, 3072)] * 3 + [(1, 6144, 4096), (1, 4096, 3072)], "meta")
+    pipe = D.DequantPipeline(stages, torch.bfloat16, torch.device("meta"), overlap=True)
+    assert not pipe.overlap and pipe.nbytes() <= md.SCRATCH_BYTES
+    assert pipe.nbytes() == 7 * (6144 + 3072) * 4096 * 2
+
+
+def test_overlap_env_switch(monkeypatch) -> None:
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert D.overlap_enabled(cuda) and not D.overlap_enabled(cpu)
+    for off in ("0", "off", "false"):
+        monkeypatch.setenv(D.OVERLAP_ENV, off)
+        assert not D.overlap_enabled(cuda)
+    monkeypatch.setenv(D.OVERLAP_ENV, "1")
+    assert D.overlap_enabled(cuda)
 
 
 # -- GPU ---------------------------------------------------------------------------------------
@@ -182,3 +255,47 @@ def test_gpu_engine_matches_per_expert_and_repeats(engine: str, tokens: int, mon
     assert err < 2**-6, err
     if engine == "auto" and tokens >= 1056:
         print("engine choices:", md.engine_choices())
+
+
+@functools.lru_cache(maxsize=1)
+def _real_width_block():
+    from test_w8a16_grouped import _block
+
+    return _block(torch.bfloat16, topk=8, experts=16, device="cuda", hidden=4096, width=3072)[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("engine", ["linear", "dequant", "auto"])
+def test_gpu_overlap_is_bit_identical_to_sequential(engine: str, monkeypatch) -> None:
+    """The real widths (hidden 4096, expert width 3072), 16 experts, top-8, 4224 tokens: ~2100 rows
+    per expert, chunks of 7 experts (3 chunks, 6 stages): the overlapped dequantization (side stream,
+    double buffer) gives the same bits as HY3_MOE_OVERLAP=0, on every one of 3 runs (a missing
+    event would let a dequantization overwrite a buffer a GEMM still reads)."""
+    block = _real_width_block()
+    x = torch.randn(1, 4224, 4096, device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    x = (x * 0.5).to(torch.bfloat16)
+    pipes = []
+    real = D.DequantPipeline
+
+    def spy(*a, **k):
+        pipes.append(real(*a, **k))
+        return pipes[-1]
+
+    monkeypatch.setattr(D, "DequantPipeline", spy)
+    monkeypatch.setenv(md.GROUPED_ENV, engine)
+    with torch.no_grad():
+        monkeypatch.setenv(D.OVERLAP_ENV, "0")
+        seq = block(x)
+        seq_pipes, pipes[:] = list(pipes), []
+        monkeypatch.setenv(D.OVERLAP_ENV, "1")
+        ours = [block(x) for _ in range(3)]
+        torch.cuda.synchronize()
+    assert torch.isfinite(seq).all()
+    for o in ours:
+        assert torch.equal(o, seq), float((o.float() - seq.float()).abs().max())
+    used = [p for p in pipes if len(p.stages) > 2]  # the layer's pipeline, not the engine timing's
+    if engine != "auto":  # (auto may pick the Triton engine: no pipeline)
+        assert used and all(p.overlap for p in used) and not any(p.overlap for p in seq_pipes)
+        t = [e[:2] for e in used[0].trace]
+        assert t.index(("dequant", 1)) < t.index(("gemm", 0))  # issued ahead: it can overlap
+    print(engine, "stages", [len(p.stages) for p in used], "choices", md.engine_choices())
