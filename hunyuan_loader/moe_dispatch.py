@@ -27,11 +27,11 @@ engines (``grouped_engines``: the fused Triton grouped kernel; dequantize + ``to
 dequantize + per-expert cuBLAS). ``HY3_MOE_GROUPED`` = auto (default: on CUDA, the first call
 per (rows/expert bucket, shapes) times every available engine once on its first chunk and keeps
 the fastest whose output agrees with the first's; fixed from then on in the process) | triton |
-dequant | linear | 0 (per-expert calls). The dequant engines overlap the dequantization with the
-GEMMs (``w8a16_dequant.DequantPipeline``): on CUDA the next Linear's weights (the down_proj of
-this chunk, then the gate_up of the next) are dequantized on a side stream into a second buffer
-while this one's GEMMs run; bit-identical to the sequential order, which ``HY3_MOE_OVERLAP=0``
-(and the CPU) keeps. Memory bound of the grouped path, on top of the per-expert path's: a chunk
+dequant | linear | 0 (per-expert calls). ``HY3_MOE_OVERLAP=1`` has the dequant engines overlap the
+dequantization with the GEMMs (``w8a16_dequant.DequantPipeline``): on CUDA the next Linear's
+weights (the down_proj of this chunk, then the gate_up of the next) are dequantized on a side
+stream into a second buffer while this one's GEMMs run; bit-identical to the sequential order,
+which is the default (measured slower overlapped on the H200: see w8a16_dequant.OVERLAP_ENV). Memory bound of the grouped path, on top of the per-expert path's: a chunk
 has at most ``GROUPED_ROWS`` rows (gathered input, gate_up output, activation, output: 16384 x
 (4096 + 6144 + 3072 + 4096) x 2 B = ~0.57 GB on the real config) and the dequant engines' two
 buffers together hold at most ``SCRATCH_BYTES`` (512 MiB: 7 experts' bf16 gate_up + down, 504
@@ -433,7 +433,7 @@ def grouped_chunks(experts: Any, x: torch.Tensor, tok: torch.Tensor, counts: lis
 
     Each chunk's engine is chosen first (``engine`` forces one); the chunks on a dequant engine
     share one ``DequantPipeline``, so on CUDA the next Linear's weights are dequantized on a side
-    stream while this one's GEMMs run (``overlap``: None follows ``HY3_MOE_OVERLAP``)."""
+    stream while this one's GEMMs run (``overlap``: None follows ``HY3_MOE_OVERLAP``, off by default)."""
     from . import w8a16_dequant as D
 
     chunks, start, plan = _expert_chunks(counts, scratch_experts(experts)), 0, []

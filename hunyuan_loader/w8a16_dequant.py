@@ -189,14 +189,17 @@ def dequant_linear(xs: torch.Tensor, weights: list[torch.Tensor], scales: list[t
 
 
 # -- overlapping the dequantization with the GEMMs -----------------------------------------------
-OVERLAP_ENV = "HY3_MOE_OVERLAP"  # 1 (default): dequantize on a side CUDA stream ahead of the GEMMs | 0
+# 1: dequantize on a side CUDA stream ahead of the GEMMs | 0 (default). Off by default: on the H200 the
+# dequantization running beside cuBLAS slowed it more than it hid (64 experts at 8,448 tokens: 11.5 ms
+# sequential, 13.4 ms overlapped, bench/int8.py), both kernels wanting the same memory bandwidth and SMs.
+OVERLAP_ENV = "HY3_MOE_OVERLAP"
 _side: dict[int, Any] = {}  # one side stream per CUDA device, created once
 
 
 def overlap_enabled(device: torch.device) -> bool:
-    """Double-buffered dequantization on a side stream: CUDA and ``HY3_MOE_OVERLAP`` not 0."""
-    flag = os.environ.get(OVERLAP_ENV, "1").strip().lower()
-    return device.type == "cuda" and flag not in ("0", "off", "false", "no")
+    """Double-buffered dequantization on a side stream: CUDA and ``HY3_MOE_OVERLAP=1`` (off by default)."""
+    flag = os.environ.get(OVERLAP_ENV, "0").strip().lower()
+    return device.type == "cuda" and flag in ("1", "on", "true", "yes")
 
 
 def side_stream(device: torch.device) -> Any:
