@@ -317,6 +317,19 @@ def build_candidates(experts, args) -> tuple[dict, dict, list]:
     return cands, nbytes, ours
 
 
+def _print_tuning_table(title: str, tunings: dict, key_label: str, none_text: str) -> None:
+    """One tuner's choices: config and ms per key, the others timed, and what was left out and why."""
+    print(f"\n{title} {_elapsed()}:")
+    for key, t in tunings.items():
+        chosen = f"{t.config} {t.timings[t.config]:.3f} ms" if t.config else none_text
+        others = ", ".join(f"{c} {ms:.3f}" for c, ms in sorted(t.timings.items(), key=lambda kv: kv[1])
+                           if c != t.config)
+        print(f"- {key_label} {key[0]}, N {key[1]}, K {key[2]}: {chosen}; tuned in {t.seconds:.1f} s; "
+              f"others (ms): {others or '-'}")
+        for c, why in t.rejected.items():
+            print(f"    left out {c}: {why}")
+
+
 def print_tunings() -> None:
     from hunyuan_image3.hunyuan_loader import w8a16
 
@@ -325,24 +338,9 @@ def print_tunings() -> None:
         return
     from hunyuan_image3.hunyuan_loader import w8a16_grouped as G
 
-    print(f"\ngrouped W8A16 kernel tuning so far {_elapsed()}:")
-    for key, t in G.tunings().items():
-        chosen = f"{t.config} {t.timings[t.config]:.3f} ms" if t.config else "none passed (per-expert path)"
-        others = ", ".join(f"{c} {ms:.3f}" for c, ms in sorted(t.timings.items(), key=lambda kv: kv[1])
-                           if c != t.config)
-        print(f"- rows/expert bucket {key[0]}, N {key[1]}, K {key[2]}: {chosen}; tuned in {t.seconds:.1f} s; "
-              f"others (ms): {others or '-'}")
-        for c, why in t.rejected.items():
-            print(f"    left out {c}: {why}")
-    print(f"\nW8A16 kernel tuning so far {_elapsed()}:")
-    for key, t in w8a16._kernel.tunings().items():
-        chosen = f"{t.config} {t.timings[t.config]:.3f} ms" if t.config else "none passed (plain torch)"
-        others = ", ".join(f"{c} {ms:.3f}" for c, ms in sorted(t.timings.items(), key=lambda kv: kv[1])
-                           if c != t.config)
-        print(f"- M bucket {key[0]}, N {key[1]}, K {key[2]}: {chosen}; tuned in {t.seconds:.1f} s; "
-              f"others (ms): {others or '-'}")
-        for c, why in t.rejected.items():
-            print(f"    left out {c}: {why}")
+    _print_tuning_table("grouped W8A16 kernel tuning so far", G.tunings(), "rows/expert bucket",
+                        "none passed (per-expert path)")
+    _print_tuning_table("W8A16 kernel tuning so far", w8a16._kernel.tunings(), "M bucket", "none passed (plain torch)")
 
 
 def part1(dev, token_counts: list[int], args) -> None:

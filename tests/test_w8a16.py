@@ -4,7 +4,6 @@ transformers, pre-quantized save/load, the MoE dispatch, residency. GPU tests ar
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 import torch
 from residency_models import inputs, make_model
 from torch import nn
+from triton_interpreter import interpret, needs_triton
 
 from hunyuan_image3.hunyuan_loader import w8a16
 from hunyuan_image3.hunyuan_loader.errors import InputError
@@ -465,26 +465,16 @@ _TTGIR_SHARED_OPERANDS = """
 """
 
 
-def _interpret(script: str) -> str:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", script.replace("{root!r}", repr(str(ROOT)))],
-                         capture_output=True, text=True, timeout=900, env=env)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert "KERNEL OK" in out.stdout
-    return out.stdout
-
-
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed here")
 
 
 @needs_triton
 def test_kernel_logic_in_the_triton_interpreter() -> None:
-    _interpret(_KERNEL_SMALL)
+    interpret(_KERNEL_SMALL)
 
 
 @needs_triton
 def test_every_kernel_config_in_the_triton_interpreter() -> None:
-    out = _interpret(_KERNEL_EVERY_CONFIG)
+    out = interpret(_KERNEL_EVERY_CONFIG)
     from hunyuan_image3.hunyuan_loader.w8a16_kernel import configs
 
     assert out.count("CONFIG OK") == len(configs()) >= 8
@@ -492,7 +482,7 @@ def test_every_kernel_config_in_the_triton_interpreter() -> None:
 
 @needs_triton
 def test_kernel_tuner_leaves_out_wrong_configs_in_the_triton_interpreter() -> None:
-    _interpret(_KERNEL_TUNER)
+    interpret(_KERNEL_TUNER)
 
 
 @needs_triton

@@ -5,21 +5,18 @@ Triton's CPU interpreter (a subprocess); GPU tests are marked."""
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from triton_interpreter import interpret, needs_triton
 
 from hunyuan_image3.hunyuan_loader import moe_dispatch as md
 from hunyuan_image3.hunyuan_loader import w8a16_dequant as D
 from hunyuan_image3.hunyuan_loader.w8a16 import dequantize_weight, quantize_weight
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed here")
 sys.path.insert(0, str(ROOT / "tests"))
 
 
@@ -66,10 +63,7 @@ print("KERNEL OK")
 
 @needs_triton
 def test_dequant_kernel_bit_exact_in_the_triton_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", _KERNEL.replace("{root!r}", repr(str(ROOT)))],
-                         capture_output=True, text=True, timeout=600, env=env)
-    assert out.returncode == 0 and "KERNEL OK" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    interpret(_KERNEL)
 
 
 def test_scratch_chunking() -> None:

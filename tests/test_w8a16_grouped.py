@@ -4,16 +4,13 @@ interpreter (a subprocess, fp16: the interpreter has no bf16 dot); GPU tests are
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 import types
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from triton_interpreter import interpret, needs_triton
 
 from hunyuan_image3.hunyuan_loader import moe_dispatch as md
 from hunyuan_image3.hunyuan_loader.test_model import load_remote_code, wrap_moe_block
@@ -21,7 +18,6 @@ from hunyuan_image3.hunyuan_loader.w8a16 import quantize_experts_w8a16
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL = Path("/tmp/official/base/hunyuan_image_3/hunyuan.py")
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed here")
 
 
 def _block(dtype=torch.bfloat16, topk: int = 2, experts: int = 8, seed: int = 0, device: str = "cpu",
@@ -199,15 +195,6 @@ print("KERNEL OK", err)
 """
 
 
-def _interpret(script: str) -> str:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = script.replace("{root!r}", repr(str(ROOT))).replace("{tests!r}", repr(str(ROOT / "tests")))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert "KERNEL OK" in out.stdout
-    return out.stdout
-
-
 @needs_triton
 def test_tile_schedule() -> None:
     from hunyuan_image3.hunyuan_loader.w8a16_grouped import tile_schedule
@@ -219,12 +206,12 @@ def test_tile_schedule() -> None:
 
 @needs_triton
 def test_grouped_kernel_small_shapes_in_the_triton_interpreter() -> None:
-    _interpret(_KERNEL_SMALL)
+    interpret(_KERNEL_SMALL)
 
 
 @needs_triton
 def test_grouped_kernel_every_config_in_the_triton_interpreter() -> None:
-    out = _interpret(_KERNEL_EVERY_CONFIG)
+    out = interpret(_KERNEL_EVERY_CONFIG)
     from hunyuan_image3.hunyuan_loader.w8a16_grouped import configs
 
     assert out.count("CONFIG OK") == len(configs()) >= 4
@@ -232,7 +219,7 @@ def test_grouped_kernel_every_config_in_the_triton_interpreter() -> None:
 
 @needs_triton
 def test_dispatch_grouped_matches_per_expert_in_the_triton_interpreter() -> None:
-    _interpret(_DISPATCH)
+    interpret(_DISPATCH)
 
 
 # -- GPU ---------------------------------------------------------------------------------------
