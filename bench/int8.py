@@ -112,13 +112,13 @@ def run(pairs, xs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def grouped_candidate(ours, engine: str | None = None,
                       overlap: bool | None = None) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
-    """All experts through the dispatch's grouped code (moe_dispatch.grouped_chunks: chunks of at
+    """All experts through the dispatch's grouped code (moe_grouped.grouped_chunks: chunks of at
     most GROUPED_ROWS rows and SCRATCH_BYTES of dequantized weights, the dequantization overlapped
     with the GEMMs unless ``overlap`` is False), from one [rows, H] tensor grouped by expert;
     ``engine`` forces one (None: the dispatch's automatic choice)."""
     import types
 
-    from hunyuan_image3.hunyuan_loader import moe_dispatch as md
+    from hunyuan_image3.hunyuan_loader import moe_grouped as mg
 
     experts = [types.SimpleNamespace(gate_and_up_proj=a, down_proj=b) for a, b in ours]
 
@@ -127,7 +127,7 @@ def grouped_candidate(ours, engine: str | None = None,
         x2 = torch.cat([x[0] for x in xs])
         tok = torch.arange(x2.shape[0], device=x2.device)
         ys = []
-        for lo, hi, _, y, rows in md.grouped_chunks(experts, x2, tok, counts, engine, overlap=overlap):
+        for lo, hi, _, y, rows in mg.grouped_chunks(experts, x2, tok, counts, engine, overlap=overlap):
             if y is None:
                 raise RuntimeError("the grouped engine refused this input (see the log)")
             ys.extend(y[r:r + c].unsqueeze(0) for r, c in zip(rows, counts[lo:hi]))
@@ -344,7 +344,7 @@ def print_tunings() -> None:
 
 
 def part1(dev, token_counts: list[int], args) -> None:
-    from hunyuan_image3.hunyuan_loader import moe_dispatch as md
+    from hunyuan_image3.hunyuan_loader import moe_grouped as mg
 
     layer = make_layer(dev, seed=0)
     experts = layer.mlp.experts
@@ -378,7 +378,7 @@ def part1(dev, token_counts: list[int], args) -> None:
         _free()
         if "bf16" in res and GROUPED in res:
             ours_t, ours_l2, _ = res[GROUPED]
-            chosen = sorted({v for v in md.engine_choices().values()}, key=str)
+            chosen = sorted({v for v in mg.engine_choices().values()}, key=str)
             line = (f"W8A16 default (engine {'/'.join(map(str, chosen))}) at {tokens}: "
                     f"{ours_t / res['bf16'][0]:.2f}x bf16 (target <= 1.3x)")
             if "W8A16 per-expert Triton" in res:
@@ -416,6 +416,7 @@ def part2(dev, n: int, tokens: int, steps: int, modes: tuple[str, ...]) -> None:
     the torch.cuda.memory_allocated delta from a clean base is printed beside it as a cross-check,
     with what was still allocated before the build and after the teardown."""
     from hunyuan_image3.hunyuan_loader import moe_dispatch as md
+    from hunyuan_image3.hunyuan_loader import moe_grouped as mg
 
     x = step_input(dev, tokens)
     print(f"\n## {n}-layer step (bench/offload.py layers, the loaders' MoE dispatch), {tokens} tokens, resident "
@@ -440,15 +441,15 @@ def part2(dev, n: int, tokens: int, steps: int, modes: tuple[str, ...]) -> None:
         _free()
         per_layer = module_bytes([m for layer in layers for m in layer.modules()]) / n  # every submodule
         delta = (torch.cuda.memory_allocated(dev) - base) / n
-        old = os.environ.pop(md.GROUPED_ENV, None)
+        old = os.environ.pop(mg.GROUPED_ENV, None)
         if mode.endswith("-per-expert"):
-            os.environ[md.GROUPED_ENV] = "0"
+            os.environ[mg.GROUPED_ENV] = "0"
         try:
             t, _, peak = time_steps(model, x, steps)
         finally:
-            os.environ.pop(md.GROUPED_ENV, None)
+            os.environ.pop(mg.GROUPED_ENV, None)
             if old is not None:
-                os.environ[md.GROUPED_ENV] = old
+                os.environ[mg.GROUPED_ENV] = old
         rows[mode] = (t, per_layer)
         ratio = f"{t / rows['bf16'][0]:.2f}x" if "bf16" in rows else "-"
         print(f"| {STEP_NAMES[mode]} | {t:.3f} | {ratio} | {per_layer / GB:.3f} | {delta / GB:.3f} | "

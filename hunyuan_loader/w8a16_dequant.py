@@ -229,7 +229,7 @@ class DequantPipeline:
 
     Memory: buffer ``p`` holds the largest stage of parity ``p`` (the dispatch alternates gate_up /
     down, so one gate_up buffer and one down buffer: ``E * (6144 + 3072) * 4096 * 2`` bytes for a
-    chunk of ``E`` experts on the real config, within ``moe_dispatch.SCRATCH_BYTES``).
+    chunk of ``E`` experts on the real config, within ``moe_grouped.SCRATCH_BYTES``).
     ``trace`` records ("dequant", j, buffer) / ("gemm", j) in issue order."""
 
     def __init__(self, stages: list[tuple[list[torch.Tensor], list[torch.Tensor]]], dtype: torch.dtype,

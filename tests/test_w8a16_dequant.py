@@ -13,6 +13,7 @@ import torch
 from triton_interpreter import interpret, needs_triton
 
 from hunyuan_image3.hunyuan_loader import moe_dispatch as md
+from hunyuan_image3.hunyuan_loader import moe_grouped as mg
 from hunyuan_image3.hunyuan_loader import w8a16_dequant as D
 from hunyuan_image3.hunyuan_loader.w8a16 import dequantize_weight, quantize_weight
 
@@ -72,9 +73,9 @@ def test_scratch_chunking() -> None:
     assert D.experts_per_chunk([(6144, 4096), (4096, 3072)], 512 * 2**20) == 7
     assert D.experts_per_chunk([(6144, 4096)], 1) == 1
     counts = [5, 0, 5, 5, 0, 0, 5, 5]
-    assert md._expert_chunks(counts, 2) == [(0, 3), (3, 7), (7, 8)]  # at most 2 experts WITH rows each
-    assert md._expert_chunks(counts) == [(0, 8)]
-    assert md._expert_chunks([], 2) == [(0, 0)]
+    assert mg._expert_chunks(counts, 2) == [(0, 3), (3, 7), (7, 8)]  # at most 2 experts WITH rows each
+    assert mg._expert_chunks(counts) == [(0, 8)]
+    assert mg._expert_chunks([], 2) == [(0, 0)]
 
 
 def test_gather_index_pads_each_expert() -> None:
@@ -85,18 +86,18 @@ def test_gather_index_pads_each_expert() -> None:
 
 def test_engine_modes_and_env_override(monkeypatch) -> None:
     x = torch.zeros(2, 8, dtype=torch.bfloat16)
-    assert md.grouped_mode() == "auto"
-    assert md.grouped_engines(x) == []  # auto on the CPU: the per-expert plain path
-    monkeypatch.setenv(md.GROUPED_ENV, "linear")
-    assert md.grouped_engines(x) == ["linear"]
-    monkeypatch.setenv(md.GROUPED_ENV, "dequant")
-    assert md.grouped_engines(x) == (["dequant"] if D.grouped_mm_available(x) else [])
-    assert md.grouped_engines(x.float()) == []  # the engines are for bf16 / fp16 activations
-    monkeypatch.setenv(md.GROUPED_ENV, "0")
-    assert md.grouped_mode() == "off" and md.grouped_engines(x) == []
-    monkeypatch.setenv(md.GROUPED_ENV, "cutlass")
+    assert mg.grouped_mode() == "auto"
+    assert mg.grouped_engines(x) == []  # auto on the CPU: the per-expert plain path
+    monkeypatch.setenv(mg.GROUPED_ENV, "linear")
+    assert mg.grouped_engines(x) == ["linear"]
+    monkeypatch.setenv(mg.GROUPED_ENV, "dequant")
+    assert mg.grouped_engines(x) == (["dequant"] if D.grouped_mm_available(x) else [])
+    assert mg.grouped_engines(x.float()) == []  # the engines are for bf16 / fp16 activations
+    monkeypatch.setenv(mg.GROUPED_ENV, "0")
+    assert mg.grouped_mode() == "off" and mg.grouped_engines(x) == []
+    monkeypatch.setenv(mg.GROUPED_ENV, "cutlass")
     with pytest.raises(ValueError, match="auto, triton, dequant, linear or 0"):
-        md.grouped_mode()
+        mg.grouped_mode()
 
 
 @pytest.mark.parametrize("engine", ["linear", "dequant"])
@@ -114,11 +115,11 @@ def test_dispatch_engine_matches_per_expert_on_cpu(engine: str, monkeypatch) -> 
     with torch.no_grad():
         per_expert = block(x)
         assert not calls
-        monkeypatch.setenv(md.GROUPED_ENV, engine)
+        monkeypatch.setenv(mg.GROUPED_ENV, engine)
         ours = block(x)
         assert calls == [{"linear": "linear", "dequant": "grouped_mm"}[engine]] * 2
         assert torch.equal(block(x), ours)
-        monkeypatch.setattr(md, "SCRATCH_BYTES", 1)  # one expert per chunk: many chunks, same result
+        monkeypatch.setattr(mg, "SCRATCH_BYTES", 1)  # one expert per chunk: many chunks, same result
         n = len(calls)
         chunked = block(x)
         top = md.route(md.router_logits(block.gate, x.reshape(-1, 64)), getattr(block, md._CFG))[0]
@@ -181,12 +182,12 @@ def test_pipeline_memory_bound_real_shapes() -> None:
     within SCRATCH_BYTES; the chunking is the same with and without overlap."""
     import types
 
-    e = md.scratch_experts([types.SimpleNamespace(gate_and_up_proj=types.SimpleNamespace(weight=torch.empty(6144, 4096, device="meta")),
+    e = mg.scratch_experts([types.SimpleNamespace(gate_and_up_proj=types.SimpleNamespace(weight=torch.empty(6144, 4096, device="meta")),
                                                   down_proj=types.SimpleNamespace(weight=torch.empty(4096, 3072, device="meta")))])
     assert e == 7
     stages = _stages([(e, 6144, 4096), (e, 4096, 3072)] * 3 + [(1, 6144, 4096), (1, 4096, 3072)], "meta")
     pipe = D.DequantPipeline(stages, torch.bfloat16, torch.device("meta"), overlap=True)
-    assert not pipe.overlap and pipe.nbytes() <= md.SCRATCH_BYTES
+    assert not pipe.overlap and pipe.nbytes() <= mg.SCRATCH_BYTES
     assert pipe.nbytes() == 7 * (6144 + 3072) * 4096 * 2
 
 
@@ -241,17 +242,17 @@ def test_gpu_engine_matches_per_expert_and_repeats(engine: str, tokens: int, mon
     x = torch.randn(1, tokens, 1024, device="cuda", generator=torch.Generator("cuda").manual_seed(tokens))
     x = x.to(torch.bfloat16)
     with torch.no_grad():
-        monkeypatch.setenv(md.GROUPED_ENV, "0")
+        monkeypatch.setenv(mg.GROUPED_ENV, "0")
         per_expert = block(x)
-        monkeypatch.setenv(md.GROUPED_ENV, engine)
-        assert md.grouped_w8a16_reason(block.experts, x.reshape(-1, 1024)) is None
+        monkeypatch.setenv(mg.GROUPED_ENV, engine)
+        assert mg.grouped_w8a16_reason(block.experts, x.reshape(-1, 1024)) is None
         ours = [block(x) for _ in range(3)]
     assert all(torch.equal(o, ours[0]) for o in ours[1:])
     ref = per_expert.float()
     err = float((ours[0].float() - ref).abs().max() / ref.abs().max())
     assert err < 2**-6, err
     if engine == "auto" and tokens >= 1056:
-        print("engine choices:", md.engine_choices())
+        print("engine choices:", mg.engine_choices())
 
 
 @functools.lru_cache(maxsize=1)
@@ -279,7 +280,7 @@ def test_gpu_overlap_is_bit_identical_to_sequential(engine: str, monkeypatch) ->
         return pipes[-1]
 
     monkeypatch.setattr(D, "DequantPipeline", spy)
-    monkeypatch.setenv(md.GROUPED_ENV, engine)
+    monkeypatch.setenv(mg.GROUPED_ENV, engine)
     with torch.no_grad():
         monkeypatch.setenv(D.OVERLAP_ENV, "0")
         seq = block(x)
@@ -295,4 +296,4 @@ def test_gpu_overlap_is_bit_identical_to_sequential(engine: str, monkeypatch) ->
         assert used and all(p.overlap for p in used) and not any(p.overlap for p in seq_pipes)
         t = [e[:2] for e in used[0].trace]
         assert t.index(("dequant", 1)) < t.index(("gemm", 0))  # issued ahead: it can overlap
-    print(engine, "stages", [len(p.stages) for p in used], "choices", md.engine_choices())
+    print(engine, "stages", [len(p.stages) for p in used], "choices", mg.engine_choices())

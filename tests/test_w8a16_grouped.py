@@ -13,6 +13,7 @@ from torch import nn
 from triton_interpreter import interpret, needs_triton
 
 from hunyuan_image3.hunyuan_loader import moe_dispatch as md
+from hunyuan_image3.hunyuan_loader import moe_grouped as mg
 from hunyuan_image3.hunyuan_loader.test_model import load_remote_code, wrap_moe_block
 from hunyuan_image3.hunyuan_loader.w8a16 import quantize_experts_w8a16
 
@@ -46,45 +47,45 @@ def test_grouped_eligibility_rules(monkeypatch) -> None:
     _, block = _block()
     x = torch.randn(4, 64, dtype=torch.bfloat16)
     experts = block.experts
-    assert "not available" in md.grouped_w8a16_reason(experts, x)  # CPU: the fused kernel does not run
+    assert "not available" in mg.grouped_w8a16_reason(experts, x)  # CPU: the fused kernel does not run
     monkeypatch.setattr(w8a16, "fused_available", lambda x: True)
-    assert md.grouped_w8a16_reason(experts, x) is None
-    monkeypatch.setenv(md.GROUPED_ENV, "0")
-    assert md.GROUPED_ENV in md.grouped_w8a16_reason(experts, x)
-    monkeypatch.delenv(md.GROUPED_ENV)
+    assert mg.grouped_w8a16_reason(experts, x) is None
+    monkeypatch.setenv(mg.GROUPED_ENV, "0")
+    assert mg.GROUPED_ENV in mg.grouped_w8a16_reason(experts, x)
+    monkeypatch.delenv(mg.GROUPED_ENV)
     handle = experts[5].down_proj.register_forward_hook(lambda *a: None)
-    assert "hooks" in md.grouped_w8a16_reason(experts, x)
+    assert "hooks" in mg.grouped_w8a16_reason(experts, x)
     handle.remove()
     handle = experts[0].register_forward_pre_hook(lambda *a: None)
-    assert "hooks" in md.grouped_w8a16_reason(experts, x)
+    assert "hooks" in mg.grouped_w8a16_reason(experts, x)
     handle.remove()
-    assert md.grouped_w8a16_reason(experts, x) is None
+    assert mg.grouped_w8a16_reason(experts, x) is None
     experts[2].hidden_act = "gelu"
-    assert "SiLU" in md.grouped_w8a16_reason(experts, x)
+    assert "SiLU" in mg.grouped_w8a16_reason(experts, x)
     del experts[2].hidden_act
     experts[2].act_fn = nn.GELU()
-    assert "SiLU" in md.grouped_w8a16_reason(experts, x)
+    assert "SiLU" in mg.grouped_w8a16_reason(experts, x)
     del experts[2].act_fn
     saved = experts[1].gate_and_up_proj
     experts[1].gate_and_up_proj = nn.Linear(64, 128, bias=False).to(torch.bfloat16)  # a skipped (bf16) expert
-    assert "Int8WeightOnlyLinear" in md.grouped_w8a16_reason(experts, x)
+    assert "Int8WeightOnlyLinear" in mg.grouped_w8a16_reason(experts, x)
     experts[1].gate_and_up_proj = saved
     saved.bias = nn.Parameter(torch.zeros(128, dtype=torch.bfloat16), requires_grad=False)
-    assert "Int8WeightOnlyLinear" in md.grouped_w8a16_reason(experts, x)
+    assert "Int8WeightOnlyLinear" in mg.grouped_w8a16_reason(experts, x)
     saved.bias = None
-    assert md.grouped_w8a16_reason(experts, x) is None
+    assert mg.grouped_w8a16_reason(experts, x) is None
 
 
 def test_expert_chunks_bound_the_rows(monkeypatch) -> None:
-    monkeypatch.setattr(md, "GROUPED_ROWS", 100)
-    assert md._expert_chunks([30, 0, 60, 20, 150, 0, 99, 2]) == [(0, 3), (3, 4), (4, 5), (5, 7), (7, 8)]
-    assert md._expert_chunks([0, 0]) == [(0, 2)]
-    assert md._expert_chunks([]) == [(0, 0)]
+    monkeypatch.setattr(mg, "GROUPED_ROWS", 100)
+    assert mg._expert_chunks([30, 0, 60, 20, 150, 0, 99, 2]) == [(0, 3), (3, 4), (4, 5), (5, 7), (7, 8)]
+    assert mg._expert_chunks([0, 0]) == [(0, 2)]
+    assert mg._expert_chunks([]) == [(0, 0)]
 
 
 def test_official_expert_mlp_is_what_the_grouped_path_computes() -> None:
     """The grouped path hard-codes ``x1 * silu(x2)`` of ``chunk(2, dim=2)``: pinned to the official lines."""
-    assert "hunyuan.py:1014-1019" in md.grouped_w8a16_reason.__doc__
+    assert "hunyuan.py:1014-1019" in mg.grouped_w8a16_reason.__doc__
     if not OFFICIAL.exists():
         pytest.skip("the official code is not on this machine")
     lines = OFFICIAL.read_text(encoding="utf-8").splitlines()[1013:1019]
@@ -162,6 +163,7 @@ _DISPATCH = _PRELUDE + r"""
 sys.path.insert(0, {tests!r})
 from test_w8a16_grouped import _block
 from hunyuan_image3.hunyuan_loader import moe_dispatch as md, w8a16
+from hunyuan_image3.hunyuan_loader import moe_grouped as mg
 from hunyuan_image3.hunyuan_loader import w8a16_kernel
 w8a16._kernel = w8a16_kernel  # the per-expert path runs the per-Linear kernel, interpreted too
 w8a16.fused_available = lambda x: True  # CPU tensors stand in for CUDA ones
@@ -178,17 +180,17 @@ with torch.no_grad():
     ours = block(x)
     assert len(calls) == 2 and sum(calls[0]) == 2 * 74 and calls[0][3] == 0, calls
     assert torch.equal(block(x), ours)
-    os.environ[md.GROUPED_ENV] = "0"
+    os.environ[mg.GROUPED_ENV] = "0"
     n = len(calls)
     per_expert = block(x)
     assert len(calls) == n
-    del os.environ[md.GROUPED_ENV]
+    del os.environ[mg.GROUPED_ENV]
     err = float((ours.double() - per_expert.double()).abs().max() / per_expert.double().abs().max())
     assert err < 1e-2, err
-    md.GROUPED_ROWS = 40
+    mg.GROUPED_ROWS = 40
     n = len(calls)
     chunked = block(x)
-    assert len(calls) - n == 2 * len(md._expert_chunks(calls[0])) > 2, (len(calls) - n)
+    assert len(calls) - n == 2 * len(mg._expert_chunks(calls[0])) > 2, (len(calls) - n)
     assert float((chunked.double() - per_expert.double()).abs().max() / per_expert.double().abs().max()) < 1e-2
 assert G.tunings(), "the grouped path tunes its config on first use"
 print("KERNEL OK", err)
@@ -235,14 +237,14 @@ def test_gpu_grouped_matches_per_expert_and_repeats(tokens: int, monkeypatch) ->
     _, block = _gpu_layer()
     x = torch.randn(1, tokens, 1024, device="cuda", generator=torch.Generator("cuda").manual_seed(tokens))
     x = x.to(torch.bfloat16)
-    assert md.grouped_w8a16_reason(block.experts, x.reshape(-1, 1024)) is None
+    assert mg.grouped_w8a16_reason(block.experts, x.reshape(-1, 1024)) is None
     calls = []
     real = G.grouped_linear
     monkeypatch.setattr(G, "grouped_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
         ours = [block(x) for _ in range(3)]
         assert calls, "the grouped kernel was not used"
-        monkeypatch.setenv(md.GROUPED_ENV, "0")
+        monkeypatch.setenv(mg.GROUPED_ENV, "0")
         n = len(calls)
         per_expert = block(x)
         assert len(calls) == n
@@ -349,7 +351,7 @@ def test_stack_stays_finite_and_repeats_on_cpu(monkeypatch) -> None:
     block = models[0][1]
     with torch.no_grad():
         per_expert, one = model(x), block(_rms(x))
-        monkeypatch.setenv(md.GROUPED_ENV, "linear")
+        monkeypatch.setenv(mg.GROUPED_ENV, "linear")
         grouped, one_grouped = model(x), block(_rms(x))
         assert torch.equal(model(x), grouped)
     assert bool(per_expert.isfinite().all()) and bool(grouped.isfinite().all())

@@ -1,0 +1,339 @@
+"""A layer's W8A16 experts run together (issue 14), for ``moe_dispatch.gather_scatter_forward``.
+
+W8A16 experts (``grouped_w8a16_reason``) run in chunks of experts through one of the grouped
+engines (``grouped_engines``: the fused Triton grouped kernel; dequantize + ``torch._grouped_mm``;
+dequantize + per-expert cuBLAS). ``HY3_MOE_GROUPED`` = auto (default: on CUDA, the first call
+per (rows/expert bucket, shapes) times every available engine once on its first chunk and keeps
+the fastest whose output agrees with the first's; fixed from then on in the process) | triton |
+dequant | linear | 0 (per-expert calls). ``HY3_MOE_OVERLAP=1`` has the dequant engines overlap the
+dequantization with the GEMMs (``w8a16_dequant.DequantPipeline``): on CUDA the next Linear's
+weights (the down_proj of this chunk, then the gate_up of the next) are dequantized on a side
+stream into a second buffer while this one's GEMMs run; bit-identical to the sequential order,
+which is the default (measured slower overlapped on the H200: see w8a16_dequant.OVERLAP_ENV).
+
+Memory bound of the grouped path, on top of the per-expert path's: a chunk has at most ``GROUPED_ROWS`` rows (gathered input, gate_up output, activation, output: 16384 x
+(4096 + 6144 + 3072 + 4096) x 2 B = ~0.57 GB on the real config) and the dequant engines' two
+buffers together hold at most ``SCRATCH_BYTES`` (512 MiB: 7 experts' bf16 gate_up + down, 504
+MiB; the same chunks with and without overlap) — ~1.1 GB in all; the activations are freed after
+each chunk, the buffers at the end of the layer's MoE call (the caching allocator keeps them
+reserved). The inference estimate (memory/estimator.py) does not add it separately.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+GROUPED_ENV = "HY3_MOE_GROUPED"  # auto (default) | triton | dequant | linear | 0 (every expert on its own)
+GROUPED_ROWS = 16384  # rows (token x expert assignments) per grouped chunk: bounds the activations
+SCRATCH_BYTES = 512 * 2**20  # both buffers of dequantized bf16 weights (gate_up + down of one chunk)
+ENGINES = ("triton", "dequant", "linear")
+SELECT_TOL = 2**-6  # an engine whose output differs from the first one's by more (of the max) is left out
+_grouped_off: set[str] = set()  # engines that failed for a reason other than their input
+_chosen: dict[tuple, str | None] = {}  # engine per (rows/expert bucket, shapes, dtype, device)
+
+
+def grouped_mode() -> str:
+    """``HY3_MOE_GROUPED``: "auto", "off", or one engine name."""
+    mode = os.environ.get(GROUPED_ENV, "auto").strip().lower()
+    if mode in ("0", "off", "per_expert", "false"):
+        return "off"
+    if mode in ENGINES or mode == "auto":
+        return mode
+    raise ValueError(f"{GROUPED_ENV}={mode!r}: use auto, triton, dequant, linear or 0")
+
+
+def grouped_engines(x: torch.Tensor) -> list[str]:
+    """Engines that can run ``x`` now, fastest-first guess (``auto`` times them on first use).
+
+    triton: the fused grouped kernel (``w8a16_grouped``; CUDA, Triton). dequant: the chunk's
+    weights dequantized into a bf16 scratch, then ``torch._grouped_mm`` (``w8a16_dequant``).
+    linear: the same scratch, one cuBLAS matmul per expert. In ``auto`` the dequant engines
+    are offered on CUDA only (CPU keeps the per-expert plain path); a forced engine runs anywhere
+    it works (CPU tests)."""
+    from . import w8a16, w8a16_dequant
+
+    mode = grouped_mode()
+    if mode == "off" or x.dtype not in (torch.bfloat16, torch.float16):
+        return []
+    wanted = ENGINES if mode == "auto" else (mode,)
+    out = []
+    for name in wanted:
+        if name in _grouped_off:
+            continue
+        if name == "triton":
+            ok = w8a16.fused_available(x)
+        elif mode == "auto" and not x.is_cuda:
+            ok = False
+        elif name == "dequant":
+            ok = w8a16_dequant.grouped_mm_available(x)
+        else:
+            ok = True
+        if ok:
+            out.append(name)
+    return out
+
+
+def _silu_act(act: Any) -> bool:
+    """``act_fn`` absent (F.silu in the forward) or a SiLU module (transformers' ACT2FN["silu"], nn.SiLU)."""
+    return act is None or type(act).__name__ in ("SiLU", "SiLUActivation")
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__
+                or getattr(m, "_hf_hook", None) is not None)
+
+
+def grouped_w8a16_reason(experts: nn.ModuleList, x: torch.Tensor) -> str | None:
+    """Why the experts of a block can NOT run through a grouped engine (None: they can).
+
+    The grouped path computes what the official expert does for ``hidden_act == "silu"``
+    (HunyuanMLP.forward, hunyuan_image_3/hunyuan.py:1014-1019: ``x1, x2 =
+    gate_and_up_proj(x).chunk(2, dim=2); down_proj(x1 * act_fn(x2))``), so it is used only
+    when every expert is exactly that: ``hidden_act`` "silu", SiLU activation, both Linears
+    ``Int8WeightOnlyLinear`` without bias, no hooks or patched forwards on the expert or its
+    Linears; with an engine available (``grouped_engines``) and ``HY3_MOE_GROUPED`` not "0".
+    """
+    if grouped_mode() == "off":
+        return f"{GROUPED_ENV}=0"
+    if not len(experts):
+        return "no experts"
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return "global module hooks"
+    from . import w8a16
+
+    for e in experts:
+        if getattr(e, "hidden_act", None) != "silu" or not _silu_act(getattr(e, "act_fn", None)):
+            return "an expert is not a SiLU-gated MLP (hidden_act 'silu')"
+        gu, down = e._modules.get("gate_and_up_proj"), e._modules.get("down_proj")
+        for lin in (gu, down):
+            if type(lin) is not w8a16.Int8WeightOnlyLinear or lin.bias is not None:
+                return "an expert Linear is not an Int8WeightOnlyLinear without bias"
+        if _hooked(e) or _hooked(gu) or _hooked(down):
+            return "hooks on an expert module"
+        if gu.out_features != 2 * down.in_features:
+            return "gate_and_up_proj is not twice down_proj's input width"
+    if not grouped_engines(x):
+        return "no grouped engine: the fused W8A16 kernel is not available for this input"
+    return None
+
+
+def scratch_experts(experts: Any) -> int:
+    """Experts per chunk whose dequantized weights, gate_up and down together (the two buffers of
+    ``DequantPipeline``), fit ``SCRATCH_BYTES``: 7 on the real config."""
+    from .w8a16_dequant import experts_per_chunk
+
+    e = experts[0]
+    shapes = [tuple(e.gate_and_up_proj.weight.shape), tuple(e.down_proj.weight.shape)]
+    return experts_per_chunk(shapes, SCRATCH_BYTES)
+
+
+def _expert_chunks(counts: list[int], max_experts: int | None = None) -> list[tuple[int, int]]:
+    """Expert ranges [lo, hi) of at most GROUPED_ROWS rows (an expert with more is alone) and at
+    most ``max_experts`` experts with rows each."""
+    chunks, lo, rows, busy = [], 0, 0, 0
+    for e, n in enumerate(counts):
+        if rows and (rows + n > GROUPED_ROWS or (n and max_experts is not None and busy >= max_experts)):
+            chunks.append((lo, e))
+            lo, rows, busy = e, 0, 0
+        rows += n
+        busy += bool(n)
+    chunks.append((lo, len(counts)))
+    return chunks
+
+
+DEQUANT_ENGINES = ("dequant", "linear")  # the engines that read a DequantPipeline
+
+
+def _busy(sub: list[int]) -> list[int]:
+    return [i for i, c in enumerate(sub) if c]
+
+
+def dequant_stages(ex: Any, sub: list[int]) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """The two dequantization stages of one chunk (gate_up, then down) over its experts with rows."""
+    busy = _busy(sub)
+    gu = [ex[i].gate_and_up_proj for i in busy]
+    dn = [ex[i].down_proj for i in busy]
+    return [([m.weight for m in gu], [m.weight_scale for m in gu]), ([m.weight for m in dn], [m.weight_scale for m in dn])]
+
+
+def _engine_rows(engine: str, ex: Any, x: torch.Tensor, idx: torch.Tensor, sub: list[int],
+                 pipe: Any = None, stage: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """(outputs, first output row per expert) of experts ``ex`` on the rows ``x[idx]`` (grouped by
+    expert, ``sub`` rows each) through ``engine``. The dequant engines read their weights from
+    ``pipe`` (a ``DequantPipeline``; stages ``stage`` and ``stage + 1`` are this chunk's), else
+    from a pipeline of their own for this chunk."""
+    from . import w8a16_dequant as D
+    from . import w8a16_grouped as G
+
+    if engine == "triton":
+        xs = x.index_select(0, idx)
+        h = G.grouped_linear(xs, [e.gate_and_up_proj.weight for e in ex],
+                             [e.gate_and_up_proj.weight_scale for e in ex], sub)
+        del xs
+        x1, x2 = h.chunk(2, dim=-1)
+        act = x1 * F.silu(x2)  # the official order: first half times silu(second half)
+        del h, x1, x2
+        y = G.grouped_linear(act, [e.down_proj.weight for e in ex], [e.down_proj.weight_scale for e in ex], sub)
+        starts = [0]
+        for c in sub[:-1]:
+            starts.append(starts[-1] + c)
+        return y, starts
+    own = pipe is None
+    if own:
+        pipe, stage = D.DequantPipeline(dequant_stages(ex, sub), x.dtype, x.device), 0
+    try:
+        busy = _busy(sub)
+        cb = [sub[i] for i in busy]
+        gemm = "grouped_mm" if engine == "dequant" else "linear"
+        if gemm == "grouped_mm":
+            pos, sb = D.gather_index(cb)
+            src = idx.index_select(0, torch.tensor(pos, dtype=torch.long).to(idx.device, non_blocking=True))
+        else:
+            sb, s = [], 0
+            for c in cb:
+                sb.append(s)
+                s += c
+            src = idx
+        xs = x.index_select(0, src)
+        h = D.gemm_rows(xs, pipe.acquire(stage), cb, gemm=gemm, starts=sb)
+        pipe.release(stage)
+        del xs
+        x1, x2 = h.chunk(2, dim=-1)
+        act = x1 * F.silu(x2)
+        del h, x1, x2
+        y = D.gemm_rows(act, pipe.acquire(stage + 1), cb, gemm=gemm, starts=sb)
+        pipe.release(stage + 1)
+        del act
+    finally:
+        if own:
+            pipe.close()
+    starts = [0] * len(sub)
+    for i, s0 in zip(busy, sb):
+        starts[i] = s0
+    return y, starts
+
+
+def _time_engine(fn: Any, device: torch.device) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(2):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 2
+
+
+def engine_key(ex: Any, x: torch.Tensor, sub: list[int]) -> tuple:
+    from .w8a16_kernel import m_bucket
+
+    busy = sum(1 for c in sub if c) or 1
+    gu, dn = ex[0].gate_and_up_proj.weight.shape, ex[0].down_proj.weight.shape
+    return (m_bucket(sum(sub) // busy), tuple(gu), tuple(dn), x.dtype, x.device.type, x.device.index)
+
+
+def _select_engine(names: list[str], ex: Any, x: torch.Tensor, idx: torch.Tensor, sub: list[int]) -> str | None:
+    """The engine for this chunk's key: the only one offered, or (several) the fastest of those
+    that run this chunk and agree with the first one within ``SELECT_TOL`` (timed once, on it)."""
+    key = engine_key(ex, x, sub)
+    if key in _chosen:
+        return _chosen[key]
+    if len(names) == 1 or not x.is_cuda or not bool(torch.isfinite(x).all()):
+        return names[0]  # nothing to choose, no CUDA timer, or an input no comparison can use
+    ref, timings = None, {}
+    for name in names:
+        try:
+            y, starts = _engine_rows(name, ex, x, idx, sub)  # first call: compiles / tunes
+            rows = torch.cat([y[s:s + c] for s, c in zip(starts, sub) if c]).float()
+            if ref is None:
+                ref = rows
+            elif not float((rows - ref).abs().max()) <= SELECT_TOL * float(ref.abs().max()):
+                logger.warning("grouped MoE engine %s disagrees with %s on %s: left out", name, names[0], key[:3])
+                continue
+            del y, rows
+            timings[name] = _time_engine(lambda n=name: _engine_rows(n, ex, x, idx, sub), x.device)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - no config / not built here: not a candidate
+            logger.info("grouped MoE engine %s unavailable for %s: %s: %s", name, key[:3], type(exc).__name__, exc)
+    best = min(timings, key=timings.__getitem__) if timings else None
+    logger.info("grouped MoE engine for rows/expert %d, %s x %s: %s (%s)", key[0], key[1], key[2], best,
+                ", ".join(f"{n} {t:.2f} ms" for n, t in timings.items()))
+    _chosen[key] = best
+    return best
+
+
+def engine_choices() -> dict[tuple, str | None]:
+    """Every automatic engine choice made in this process (key -> engine): benches and tests."""
+    return dict(_chosen)
+
+
+def _chunk_engine(experts: Any, x: torch.Tensor, idx: torch.Tensor, sub: list[int],
+                  engine: str | None) -> str | None:
+    """The engine for one chunk (``engine`` forces one; None: the chunk has no rows or no engine)."""
+    if sum(sub) == 0:
+        return None
+    names = [engine] if engine is not None else grouped_engines(x)
+    name = _select_engine(names, experts, x, idx, sub) if names else None
+    return None if name is None or (engine is None and name in _grouped_off) else name
+
+
+def _run_chunk(name: str, ex: Any, x: torch.Tensor, idx: torch.Tensor, sub: list[int], pipe: Any,
+               stage: int) -> tuple[torch.Tensor, list[int]] | None:
+    from . import w8a16_grouped as G
+
+    try:
+        return _engine_rows(name, ex, x, idx, sub, pipe, stage)
+    except torch.OutOfMemoryError:
+        raise
+    except G.Unsupported as exc:
+        logger.debug("grouped W8A16 (%s): %s; per-expert path for these experts", name, exc)
+    except Exception as exc:  # noqa: BLE001 - a compile/launch failure: keep working, say so once
+        logger.warning("grouped MoE engine %s failed (%s: %s); not used from now on", name, type(exc).__name__, exc)
+        _grouped_off.add(name)
+    return None
+
+
+def grouped_chunks(experts: Any, x: torch.Tensor, tok: torch.Tensor, counts: list[int],
+                   engine: str | None = None, *, overlap: bool | None = None) -> Any:
+    """Yield ``(lo, hi, start, outputs, first row per expert)`` for each chunk of experts
+    (``_expert_chunks``: at most ``GROUPED_ROWS`` rows and ``scratch_experts`` experts with rows);
+    outputs None where no grouped engine took the chunk (the caller runs those experts one by one).
+    ``tok[start:]`` are the chunk's rows of ``x``, grouped by expert.
+
+    Each chunk's engine is chosen first (``engine`` forces one); the chunks on a dequant engine
+    share one ``DequantPipeline``, so on CUDA the next Linear's weights are dequantized on a side
+    stream while this one's GEMMs run (``overlap``: None follows ``HY3_MOE_OVERLAP``, off by default)."""
+    from . import w8a16_dequant as D
+
+    chunks, start, plan = _expert_chunks(counts, scratch_experts(experts)), 0, []
+    for lo, hi in chunks:
+        sub = counts[lo:hi]
+        idx = tok[start : start + sum(sub)]
+        plan.append((lo, hi, start, sub, idx, _chunk_engine(experts[lo:hi], x, idx, sub, engine)))
+        start += sum(sub)
+    stages, first = [], {}
+    for lo, hi, _, sub, _, name in plan:
+        if name in DEQUANT_ENGINES:
+            first[lo] = len(stages)
+            stages.extend(dequant_stages(experts[lo:hi], sub))
+    pipe = D.DequantPipeline(stages, x.dtype, x.device, overlap=overlap) if stages else None
+    try:
+        for lo, hi, start, sub, idx, name in plan:
+            got = None
+            if name is not None and (name not in _grouped_off or engine is not None):
+                got = _run_chunk(name, experts[lo:hi], x, idx, sub, pipe, first.get(lo, 0))
+            ys, rows = got if got is not None else (None, None)
+            del got
+            yield lo, hi, start, ys, rows
+            del ys
+    finally:
+        if pipe is not None:
+            pipe.close()
