@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..memory.estimator import REAL_DEFAULTS, estimate_inference_gb, tokens_for_image
+from ..memory.estimator import REAL_DEFAULTS, config_value, estimate_inference_gb, tokens_for_image
 from ..memory.residency.planner import InsufficientVRAMError, ResidencyPlan, plan_placement
 from .quantization import ROUTER_SUFFIX, is_quantizable
 
@@ -86,6 +86,7 @@ class WeightSizes:
     config: Any  # what memory.estimator reads (dict or None for the real model's defaults)
     block_bytes: dict[str, tuple[int, ...]]
     other_bytes: dict[str, int]
+    int8_format: str = "w8a16"
 
     def total(self, quant: str) -> int:
         return sum(self.block_bytes[quant]) + self.other_bytes[quant]
@@ -146,6 +147,7 @@ def real_model_sizes(int8_format: str = "w8a16") -> WeightSizes:
         config=None,
         block_bytes={q: one[q] * REAL_BLOCKS for q in QUANT_ORDER},
         other_bytes=dict.fromkeys(QUANT_ORDER, REAL_OTHER_BYTES),
+        int8_format=int8_format,
     )
 
 
@@ -167,7 +169,7 @@ def checkpoint_sizes(path: str | Path, int8_format: str = "w8a16") -> WeightSize
                 tensors.append((name, tuple(meta["shape"])))
     n_blocks = 1 + max((int(m.group(1)) for n, _ in tensors if (m := _BLOCK.match(n))), default=-1)
     block, other = _sizes(tensors, n_blocks, int8_format)
-    return WeightSizes(f"{info.path} (its safetensors headers)", info.config, block, other)
+    return WeightSizes(f"{info.path} (its safetensors headers)", info.config, block, other, int8_format)
 
 
 # -- plans ------------------------------------------------------------------------------------------
@@ -200,10 +202,22 @@ class Card:
     budget_gib: float | None = None  # the Budget loader's vram_budget_gb (None: no budget row)
 
 
+def moe_workspace_bytes(sizes: WeightSizes, quant: str) -> int:
+    """What W8A16 experts run together hold on the GPU during a MoE call (moe_grouped.workspace_bytes_for)."""
+    if quant != "int8" or sizes.int8_format != "w8a16":
+        return 0
+    from .moe_grouped import workspace_bytes_for
+
+    inter = config_value(sizes.config, "moe_intermediate_size")
+    inter = max(inter) if isinstance(inter, (list, tuple)) else inter
+    return workspace_bytes_for(int(config_value(sizes.config, "hidden_size")), int(inter))
+
+
 def plan_option(sizes: WeightSizes, card: Card, quant: str, mode: str, figures: BenchFigures = H200_BENCH) -> Option:
     """Plan one loader/mode the way the loaders do; say whether it fits the card's VRAM and RAM."""
     blocks, other = sizes.block_bytes[quant], sizes.other_bytes[quant]
     headroom = int(estimate_inference_gb(card.width, card.height, config=sizes.config, moe_impl="gather_scatter") * GIB)
+    headroom += moe_workspace_bytes(sizes, quant)
     budget = card.budget_gib if mode == "budget" and card.budget_gib is not None else card.vram_gib
     total = sum(blocks) + other
     park = total

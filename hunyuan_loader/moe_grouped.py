@@ -337,3 +337,31 @@ def grouped_chunks(experts: Any, x: torch.Tensor, tok: torch.Tensor, counts: lis
     finally:
         if pipe is not None:
             pipe.close()
+
+
+def workspace_bytes(model: nn.Module) -> int:
+    """GPU bytes the grouped path may hold on top of the per-expert path during one MoE call (0 when
+    the model's experts are not W8A16 SiLU MLPs, or ``HY3_MOE_GROUPED=0``): a chunk's activations
+    (``GROUPED_ROWS`` rows of gathered input, gate_up output, activation and output) and the
+    dequant engines' scratch (``SCRATCH_BYTES``). For the run estimate (placement.inference_bytes)."""
+    from . import w8a16
+    from .moe_dispatch import find_moe_blocks
+
+    if grouped_mode() == "off":
+        return 0
+    blocks = find_moe_blocks(model)
+    experts = getattr(blocks[0], "experts", None) if blocks else None
+    if not experts:
+        return 0
+    e = experts[0]
+    gu, down = e._modules.get("gate_and_up_proj"), e._modules.get("down_proj")
+    if (type(gu) is not w8a16.Int8WeightOnlyLinear or type(down) is not w8a16.Int8WeightOnlyLinear
+            or getattr(e, "hidden_act", None) != "silu"):
+        return 0
+    return workspace_bytes_for(down.out_features, down.in_features)
+
+
+def workspace_bytes_for(hidden: int, inter: int) -> int:
+    """``workspace_bytes`` for experts of ``hidden`` -> ``inter`` (bf16 activations): ~1.1 GB on the
+    real config (16384 x (2 x 4096 + 3 x 3072) x 2 B + 512 MiB)."""
+    return GROUPED_ROWS * (2 * hidden + 3 * inter) * 2 + SCRATCH_BYTES

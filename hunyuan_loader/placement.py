@@ -247,12 +247,15 @@ def needs_auto_switch(spec: LoadSpec, width: int, height: int) -> bool:
 
 def inference_bytes(loaded: LoadedModel, width: int, height: int, extra_tokens: int = 0) -> int:
     """Estimated activation memory of one run at this size, for the active MoE implementation;
-    ``extra_tokens`` per CFG half: reference images, think / recaption text (generation.extra_tokens)."""
+    ``extra_tokens`` per CFG half: reference images, think / recaption text (generation.extra_tokens);
+    plus the grouped W8A16 experts' workspace where they run that way (moe_grouped.workspace_bytes)."""
     from .moe_dispatch import active_moe_impl
+    from .moe_grouped import workspace_bytes
 
-    gb = estimate_inference_gb(width, height, config=loaded.model.config, moe_impl=active_moe_impl(loaded.model),
-                               extra_tokens=extra_tokens)
-    return int(gb * stats.GIB)
+    impl = active_moe_impl(loaded.model)
+    gb = estimate_inference_gb(width, height, config=loaded.model.config, moe_impl=impl, extra_tokens=extra_tokens)
+    workspace = workspace_bytes(loaded.model) if impl == "gather_scatter" else 0
+    return int(gb * stats.GIB) + workspace
 
 
 @contextlib.contextmanager

@@ -66,6 +66,11 @@ def _get(config: Any, name: str) -> Any:
     return value
 
 
+def config_value(config: Any, name: str) -> Any:
+    """A model config field (dict, config object or None), the released model's value where absent."""
+    return _get(config, name)
+
+
 def megapixels(width: int, height: int) -> float:
     return width * height / 1e6
 

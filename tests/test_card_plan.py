@@ -109,3 +109,17 @@ def test_plan_for_a_checkpoint_folder(capsys, base_checkpoint: Path) -> None:
 def test_plan_bad_input_is_one_line(capsys, args: list[str], message: str) -> None:
     rc, out, err = _plan(capsys, *args)
     assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_int8_w8a16_plans_room_for_the_grouped_expert_workspace() -> None:
+    """W8A16 experts run together hold a chunk's activations and the dequantized-weight scratch
+    (moe_grouped.workspace_bytes_for): the plan keeps room for it for INT8 W8A16 only."""
+    from hunyuan_image3.hunyuan_loader.card_plan import moe_workspace_bytes, real_model_sizes
+    from hunyuan_image3.hunyuan_loader.moe_grouped import GROUPED_ROWS, SCRATCH_BYTES
+
+    sizes = real_model_sizes()
+    expected = GROUPED_ROWS * (2 * 4096 + 3 * 3072) * 2 + SCRATCH_BYTES
+    assert moe_workspace_bytes(sizes, "int8") == expected
+    assert 1.0e9 < expected < 1.2e9
+    assert moe_workspace_bytes(sizes, "bf16") == moe_workspace_bytes(sizes, "nf4") == 0
+    assert moe_workspace_bytes(real_model_sizes(int8_format="bnb"), "int8") == 0

@@ -357,3 +357,22 @@ def test_stack_stays_finite_and_repeats_on_cpu(monkeypatch) -> None:
     assert bool(per_expert.isfinite().all()) and bool(grouped.isfinite().all())
     ref = one.float()
     assert float((one_grouped.float() - ref).abs().max() / ref.abs().max()) < 2**-6
+
+
+def test_run_estimate_adds_the_grouped_workspace_for_w8a16_experts_only(cache, base_checkpoint, monkeypatch) -> None:
+    """placement.inference_bytes = the estimator's activations + moe_grouped.workspace_bytes, which is
+    the chunk activations + scratch bound for W8A16 SiLU experts and 0 for bf16 ones or HY3_MOE_GROUPED=0."""
+    from hunyuan_image3.hunyuan_loader.placement import inference_bytes
+    from hunyuan_image3.hunyuan_loader.spec import LoadSpec
+
+    int8 = cache.get(cache.load(LoadSpec(str(base_checkpoint), quant="int8", int8_format="w8a16")))
+    down = int8.model.model.layers[0].mlp.experts[0].down_proj
+    expected = mg.workspace_bytes_for(down.out_features, down.in_features)
+    assert mg.workspace_bytes(int8.model) == expected > mg.SCRATCH_BYTES
+    with_ws = inference_bytes(int8, 1024, 1024)
+    monkeypatch.setenv(mg.GROUPED_ENV, "0")
+    assert mg.workspace_bytes(int8.model) == 0
+    assert inference_bytes(int8, 1024, 1024) == with_ws - expected
+    monkeypatch.delenv(mg.GROUPED_ENV)
+    bf16 = cache.get(cache.load(LoadSpec(str(base_checkpoint))))
+    assert mg.workspace_bytes(bf16.model) == 0
