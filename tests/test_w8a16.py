@@ -465,8 +465,6 @@ _TTGIR_SHARED_OPERANDS = """
 """
 
 
-
-
 @needs_triton
 def test_kernel_logic_in_the_triton_interpreter() -> None:
     interpret(_KERNEL_SMALL)
