@@ -197,26 +197,19 @@ def module_bytes(mods) -> int:
 
 
 # -- part 0: the kernel configs ------------------------------------------------------------------
-def _event_ms(fn, reps: int = 10) -> float:
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
+
 
 
 def part0(dev, tokens: int = 1056) -> None:
     from hunyuan_image3.hunyuan_loader import w8a16_kernel as K
+    from hunyuan_image3.hunyuan_loader.cuda_timing import time_ms
     from hunyuan_image3.hunyuan_loader.w8a16 import quantize_weight, torch_w8a16
 
     g = torch.Generator(device=dev).manual_seed(1)
     q, s = quantize_weight(torch.randn(2 * W, H, device=dev, generator=g) * 0.02)
     x = torch.randn(1, tokens, H, device=dev, generator=g).to(torch.bfloat16)
     x2 = x.reshape(-1, H)
-    plain_ms = _event_ms(lambda: torch_w8a16(x, q, s))
+    plain_ms = time_ms(lambda: torch_w8a16(x, q, s), dev)
     print(f"\n## W8A16 kernel configs, forced one by one: gate_and_up_proj (N {2 * W}, K {H}), {tokens} tokens, "
           f"bf16 {_elapsed()}\n")
     print(f"plain torch path (int8 -> bf16 copy + cuBLAS): {plain_ms:.3f} ms\n")
@@ -229,7 +222,7 @@ def part0(dev, tokens: int = 1056) -> None:
             torch.cuda.synchronize()
             first = time.perf_counter() - t0
             ys = [K.launch(x, q, s, config=cfg) for _ in range(3)]
-            ms = _event_ms(lambda c=cfg: K.launch(x, q, s, config=c))
+            ms = time_ms(lambda c=cfg: K.launch(x, q, s, config=c), dev)
         except Exception as exc:  # noqa: BLE001 - out of shared memory on a smaller GPU, a compile error
             print(f"| {cfg} | failed: {type(exc).__name__}: {str(exc)[:100]} | - | - | - | - |")
             continue

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cuda_timing import time_ms
+
 logger = logging.getLogger(__name__)
 
 GROUPED_ENV = "HY3_MOE_GROUPED"  # auto (default) | triton | dequant | linear | 0 (every expert on its own)
@@ -221,15 +223,6 @@ def _engine_rows(engine: str, ex: Any, x: torch.Tensor, idx: torch.Tensor, sub: 
     return y, starts
 
 
-def _time_engine(fn: Any, device: torch.device) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(2):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 2
-
 
 def engine_key(ex: Any, x: torch.Tensor, sub: list[int]) -> tuple:
     from .w8a16_kernel import m_bucket
@@ -258,7 +251,7 @@ def _select_engine(names: list[str], ex: Any, x: torch.Tensor, idx: torch.Tensor
                 logger.warning("grouped MoE engine %s disagrees with %s on %s: left out", name, names[0], key[:3])
                 continue
             del y, rows
-            timings[name] = _time_engine(lambda n=name: _engine_rows(n, ex, x, idx, sub), x.device)
+            timings[name] = time_ms(lambda n=name: _engine_rows(n, ex, x, idx, sub), x.device)
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - no config / not built here: not a candidate

@@ -33,13 +33,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .cuda_timing import time_ms
 from .w8a16_kernel import (
     CHECK_TOL,
     CONFIGS,
     INT32_LIMIT,
     Config,
     Unsupported,
-    _time_ms,
     compiled_hazard,
     m_bucket,
     reference_error,
@@ -250,7 +250,7 @@ def tune(x2: torch.Tensor, ops: Operands, counts: list[int], y: torch.Tensor) ->
         elif not err <= CHECK_TOL:
             rejected[cfg] = f"error {err:.3g} of the output's max (allowed {CHECK_TOL:.3g})"
         else:
-            timings[cfg] = _time_ms(lambda c=cfg: _run(c, x2, ops, counts, y), x2.device)
+            timings[cfg] = time_ms(lambda c=cfg: _run(c, x2, ops, counts, y), x2.device)
     for cfg, why in rejected.items():
         log.debug("grouped W8A16: config %s left out for %s: %s", cfg, key[:3], why)
     if not timings:

@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .cuda_timing import time_ms
+
 log = logging.getLogger(__name__)
 
 
@@ -75,7 +77,6 @@ CONFIGS = [
 ]
 MAX_BUCKET = 4096
 CHECK_TOL = 2**-6  # max |y - fp32 ref| / max |ref|: bf16 rounding is 2**-9; a wrong tile is ~2**-2
-TIME_BUDGET_MS = 10.0  # per candidate, after one warm-up call
 INT32_LIMIT = 2**31 - 1
 
 
@@ -255,29 +256,6 @@ def reference_error(y: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, sca
     return err / peak
 
 
-def _time_ms(fn, device: torch.device) -> float:
-    """Mean ms of ``fn`` on the current stream: one warm-up call, then about TIME_BUDGET_MS of
-    calls (wall clock off CUDA: the CPU interpreter)."""
-    if device.type != "cuda":
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    fn()
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    once = max(start.elapsed_time(end), 1e-3)
-    reps = max(1, min(20, int(TIME_BUDGET_MS / once)))
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
-
 
 @torch.no_grad()
 def config_hazard(cfg: Config, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -339,7 +317,7 @@ def tune(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torc
         elif not err <= CHECK_TOL:
             rejected[cfg] = f"error {err:.3g} of the output's max (allowed {CHECK_TOL:.3g})"
         else:
-            timings[cfg] = _time_ms(lambda c=cfg: _run(c, x2, weight, scale, bias, y), x2.device)
+            timings[cfg] = time_ms(lambda c=cfg: _run(c, x2, weight, scale, bias, y), x2.device)
     for cfg, why in rejected.items():
         log.debug("W8A16 kernel: config %s left out for M bucket %d, N %d, K %d, %s: %s",
                     cfg, key[0], key[1], key[2], str(x2.dtype).removeprefix("torch."), why)
