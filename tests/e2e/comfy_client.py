@@ -336,6 +336,22 @@ class WebSocket:
         self.sock.close()
 
 
+def once_at_progress(node: str, at: int, action: Any, total: int | None = None) -> tuple[Any, dict]:
+    """An ``on_event`` for ``collect_until_done`` that calls ``action()`` once, at the first progress
+    event of ``node`` whose value is at least ``at`` (and whose max is ``total``, when given).
+    Returns it and a dict that gets the event's ``value`` and the time ``t`` (just before the action)."""
+    fired: dict = {}
+
+    def on_event(msg: dict) -> None:
+        d = msg.get("data") or {}
+        if (not fired and msg.get("type") == "progress" and str(d.get("node")) == node
+                and (total is None or d.get("max") == total) and int(d.get("value", 0)) >= at):
+            fired["value"], fired["t"] = int(d["value"]), time.monotonic()
+            action()
+
+    return on_event, fired
+
+
 def collect_until_done(ws: WebSocket, prompt_id: str, timeout: float = 600.0, on_event=None) -> list[dict]:
     """WS messages for one prompt until execution_success / _error / _interrupted (or timeout)."""
     events: list[dict] = []

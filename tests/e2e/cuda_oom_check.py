@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from comfy_client import once_at_progress
+
 MIB = 1 << 20
 GIB = 1 << 30
 # torch.OutOfMemoryError's first line, which the pack quotes: "CUDA out of memory. Tried to allocate ..." or
@@ -118,16 +120,8 @@ def check_cuda_oom(e2e: Any, python: str, env: dict[str, str], name: str, log_pa
     status = e2e.server.free(unload_models=False, free_memory=True)  # ComfyUI's soft_empty_cache
     time.sleep(3.0)
     mark = len(e2e.server.log_text())
-    fired: dict[str, Any] = {}
     with VramFiller(python, env, log_path) as filler:
-
-        def on_event(msg: dict) -> None:
-            data = msg.get("data") or {}
-            if (msg.get("type") == "progress" and str(data.get("node")) == generate_node and not fired
-                    and int(data.get("value", 0)) >= fill_at):
-                fired["step"] = int(data["value"])
-                filler.fill_now()
-
+        on_event, fired = once_at_progress(generate_node, fill_at, filler.fill_now)
         run = e2e.run("CUDA OOM (GPU taken by a second process during the run)",
                       e2e.workflow(name, steps=steps), on_event)
     log = e2e.server.log_text()[mark:]
@@ -143,7 +137,7 @@ def check_cuda_oom(e2e: Any, python: str, env: dict[str, str], name: str, log_pa
         "CUDA OOM inside the server -> execution_error naming it, server still up",
         run.end == "execution_error" and bool(seen) and alive,
         f"{run.end}: {err.get('exception_type', '')}: {message.strip()[:260]}; CUDA's text in the error: {seen}; "
-        f"server up: {alive}; GPU taken at step {fired.get('step')} of {steps}, last step reported {last}; "
+        f"server up: {alive}; GPU taken at step {fired.get('value')} of {steps}, last step reported {last}; "
         f"ComfyUI's own OOM handler ran: {COMFY_OOM_LINE in log}; {filler.describe()}; "
         f"/free(free_memory) HTTP {status}",
     )

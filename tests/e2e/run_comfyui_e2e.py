@@ -51,7 +51,7 @@ HERE = Path(__file__).resolve().parent
 PACK_ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
-from comfy_client import ComfyServer, WebSocket, collect_until_done, png_size  # noqa: E402
+from comfy_client import ComfyServer, WebSocket, collect_until_done, once_at_progress, png_size  # noqa: E402
 from cuda_oom_check import check_cuda_oom  # noqa: E402
 from workflow_check import check_api, check_ui  # noqa: E402
 
@@ -372,19 +372,7 @@ class E2E:
     def check_cancel(self, name: str, long_steps: int) -> None:
         # make sure the model is loaded first, so the long run spends its time in steps
         self.good_run("warm-up", self.workflow(name))
-        sent = {}
-
-        def on_event(msg: dict) -> None:
-            d = msg.get("data") or {}
-            if (
-                msg["type"] == "progress"
-                and str(d.get("node")) == GENERATE_ID
-                and not sent
-                and d["value"] >= 2
-            ):
-                sent["value"], sent["t"] = d["value"], time.monotonic()
-                self.server.interrupt()
-
+        on_event, sent = once_at_progress(GENERATE_ID, 2, self.server.interrupt)
         run = self.run("cancel (interrupted)", self.workflow(name, steps=long_steps), on_event)
         prog = run.progress()
         last = prog[-1][0] if prog else 0
@@ -407,15 +395,7 @@ class E2E:
         """/interrupt during the think / recaption text: the run ends within one token, no diffusion
         step runs, and the next prompt works on the still-loaded model."""
         self.good_run("text warm-up", self.workflow(name))
-        sent = {}
-
-        def on_event(msg: dict) -> None:
-            d = msg.get("data") or {}
-            if (msg["type"] == "progress" and str(d.get("node")) == GENERATE_ID and not sent
-                    and d.get("max") == tokens and d["value"] >= 3):
-                sent["value"], sent["t"] = d["value"], time.monotonic()
-                self.server.interrupt()
-
+        on_event, sent = once_at_progress(GENERATE_ID, 3, self.server.interrupt, total=tokens)
         run = self.run("text cancel (interrupted)", self.workflow(name, max_new_tokens=tokens, steps=3), on_event)
         prog = run.progress()
         text = [v for v, m in prog if m == tokens]
