@@ -84,8 +84,8 @@ def grouped_engines(x: torch.Tensor) -> list[str]:
 
 
 def _silu_act(act: Any) -> bool:
-    """``act_fn`` absent (F.silu in the forward) or a SiLU module (transformers' ACT2FN["silu"], nn.SiLU)."""
-    return act is None or type(act).__name__ in ("SiLU", "SiLUActivation")
+    """``act_fn`` is a SiLU module: transformers' ACT2FN["silu"] (SiLUActivation in 4.57, nn.SiLU in others)."""
+    return type(act).__name__ in ("SiLU", "SiLUActivation")
 
 
 def _hooked(m: nn.Module) -> bool:

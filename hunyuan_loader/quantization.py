@@ -30,7 +30,7 @@ from .errors import CheckpointError, DependencyError
 log = logging.getLogger(__name__)
 
 # Inside a decoder block, these are the modules that are quantized; everything else is kept.
-_QUANTIZED_IN_BLOCK = re.compile(r"^model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.experts\.\d+\.\w+)$")
+_QUANTIZED_IN_BLOCK = re.compile(r"^model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.experts\.\d+\.(gate_and_up_proj|down_proj))$")
 _IN_BLOCK = re.compile(r"^model\.layers\.\d+\.(.+)$")
 ROUTER_SUFFIX = ".mlp.gate.wg"
 

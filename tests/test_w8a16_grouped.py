@@ -60,12 +60,18 @@ def test_grouped_eligibility_rules(monkeypatch) -> None:
     assert "hooks" in mg.grouped_w8a16_reason(experts, x)
     handle.remove()
     assert mg.grouped_w8a16_reason(experts, x) is None
+    # the official expert (hunyuan.py:989, :1003; modeling_hunyuan_image_3.py:1052, :1066) has
+    # hidden_act = config.hidden_act and act_fn = ACT2FN[hidden_act] (transformers' SiLUActivation)
+    assert experts[2].hidden_act == "silu" and type(experts[2].act_fn).__name__ == "SiLUActivation"
     experts[2].hidden_act = "gelu"
     assert "SiLU" in mg.grouped_w8a16_reason(experts, x)
-    del experts[2].hidden_act
+    experts[2].hidden_act = "silu"
+    act = experts[2].act_fn
     experts[2].act_fn = nn.GELU()
     assert "SiLU" in mg.grouped_w8a16_reason(experts, x)
-    del experts[2].act_fn
+    del experts[2].act_fn  # no act_fn: not the official module, not grouped
+    assert "SiLU" in mg.grouped_w8a16_reason(experts, x)
+    experts[2].act_fn = act
     saved = experts[1].gate_and_up_proj
     experts[1].gate_and_up_proj = nn.Linear(64, 128, bias=False).to(torch.bfloat16)  # a skipped (bf16) expert
     assert "Int8WeightOnlyLinear" in mg.grouped_w8a16_reason(experts, x)

@@ -137,19 +137,25 @@ class HunyuanImage3Attention(nn.Module):
 
 
 class HunyuanMLP(nn.Module):
-    """SwiGLU: down_proj(a * silu(b)) with (a, b) = gate_and_up_proj(x).chunk(2, dim=2): the SECOND half
-    is activated. Input must be 3-D [batch, tokens, hidden] (official modeling_hunyuan_image_3.py:1080)."""
+    """SwiGLU: down_proj(a * act_fn(b)) with (a, b) = gate_and_up_proj(x).chunk(2, dim=2): the SECOND half
+    is activated. Input must be 3-D [batch, tokens, hidden] (official modeling_hunyuan_image_3.py:1080).
+    ``hidden_act`` and ``act_fn = ACT2FN[hidden_act]`` are attributes, as the official ones set them
+    (hunyuan.py:989 and :1003; modeling_hunyuan_image_3.py:1052 and :1066): the MoE dispatch reads them."""
 
-    hidden_act = "silu"  # as the official HunyuanMLP sets it from the config (the MoE dispatch reads it)
-
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu") -> None:
         super().__init__()
+        from transformers.activations import ACT2FN
+
+        if hidden_act != "silu":
+            raise ValueError(f"the test model's MLP is the official silu branch only, got {hidden_act!r}")
+        self.hidden_act = hidden_act
+        self.act_fn = ACT2FN[hidden_act]
         self.gate_and_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.gate_and_up_proj(x).chunk(2, dim=2)
-        return self.down_proj(a * F.silu(b))
+        return self.down_proj(a * self.act_fn(b))
 
 
 class HunyuanTopKGate(nn.Module):
@@ -211,10 +217,11 @@ class HunyuanMoE(nn.Module):
         self.moe_topk = int(config.layer_value("moe_topk", layer_idx))
         width = int(config.layer_value("moe_intermediate_size", layer_idx))
         self.gate = HunyuanTopKGate(config, layer_idx)
-        self.experts = nn.ModuleList([HunyuanMLP(config.hidden_size, width) for _ in range(config.num_experts)])
+        self.experts = nn.ModuleList([HunyuanMLP(config.hidden_size, width, config.hidden_act)
+                                      for _ in range(config.num_experts)])
         n_shared = int(config.layer_value("num_shared_expert", layer_idx))
         # Shared expert width: moe_intermediate_size x num_shared_expert (official modeling_hunyuan_image_3.py:1054-1063).
-        self.shared_mlp = HunyuanMLP(config.hidden_size, width * n_shared) if n_shared > 0 else None
+        self.shared_mlp = HunyuanMLP(config.hidden_size, width * n_shared, config.hidden_act) if n_shared > 0 else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if hidden_states.is_cuda:
