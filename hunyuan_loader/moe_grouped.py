@@ -173,9 +173,10 @@ def _engine_rows(engine: str, ex: Any, x: torch.Tensor, idx: torch.Tensor, sub: 
     ``pipe`` (a ``DequantPipeline``; stages ``stage`` and ``stage + 1`` are this chunk's), else
     from a pipeline of their own for this chunk."""
     from . import w8a16_dequant as D
-    from . import w8a16_grouped as G
 
     if engine == "triton":
+        from . import w8a16_grouped as G  # imports Triton: only this engine needs it
+
         xs = x.index_select(0, idx)
         h = G.grouped_linear(xs, [e.gate_and_up_proj.weight for e in ex],
                              [e.gate_and_up_proj.weight_scale for e in ex], sub)
@@ -225,7 +226,7 @@ def _engine_rows(engine: str, ex: Any, x: torch.Tensor, idx: torch.Tensor, sub: 
 
 
 def engine_key(ex: Any, x: torch.Tensor, sub: list[int]) -> tuple:
-    from .w8a16_kernel import m_bucket
+    from .w8a16 import m_bucket
 
     busy = sum(1 for c in sub if c) or 1
     gu, dn = ex[0].gate_and_up_proj.weight.shape, ex[0].down_proj.weight.shape
@@ -280,13 +281,13 @@ def _chunk_engine(experts: Any, x: torch.Tensor, idx: torch.Tensor, sub: list[in
 
 def _run_chunk(name: str, ex: Any, x: torch.Tensor, idx: torch.Tensor, sub: list[int], pipe: Any,
                stage: int) -> tuple[torch.Tensor, list[int]] | None:
-    from . import w8a16_grouped as G
+    from .w8a16 import Unsupported
 
     try:
         return _engine_rows(name, ex, x, idx, sub, pipe, stage)
     except torch.OutOfMemoryError:
         raise
-    except G.Unsupported as exc:
+    except Unsupported as exc:
         logger.debug("grouped W8A16 (%s): %s; per-expert path for these experts", name, exc)
     except Exception as exc:  # noqa: BLE001 - a compile/launch failure: keep working, say so once
         logger.warning("grouped MoE engine %s failed (%s: %s); not used from now on", name, type(exc).__name__, exc)

@@ -50,6 +50,19 @@ EXPERT_RE = re.compile(r"(?:^|\.)mlp\.experts\.\d+\.(?:gate_and_up_proj|down_pro
 ATTENTION_RE = re.compile(r"(?:^|\.)self_attn\.(?:qkv_proj|o_proj)$")
 
 
+class Unsupported(RuntimeError):
+    """This call cannot run on a W8A16 kernel (no safe config, a too large or misaligned weight): the
+    caller takes the plain path. Here, not in the Triton modules, so that it imports without Triton."""
+
+
+MAX_BUCKET = 4096
+
+
+def m_bucket(m: int) -> int:
+    """Tuning key for a token count: the next power of two, 16..MAX_BUCKET."""
+    return min(MAX_BUCKET, max(16, 1 << max(0, m - 1).bit_length()))
+
+
 # -- the format ------------------------------------------------------------------------------
 @torch.no_grad()
 def quantize_weight(weight: torch.Tensor, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +130,7 @@ def w8a16_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bia
                 return _kernel.launch(x, weight, scale, bias)
         except torch.OutOfMemoryError:
             raise
-        except _kernel.Unsupported as exc:  # this shape/key only: the kernel stays on for the others
+        except Unsupported as exc:  # this shape/key only: the kernel stays on for the others
             log.debug("W8A16: %s; plain torch path for this call", exc)
         except Exception as exc:  # noqa: BLE001 - a Triton compile/launch failure: keep working, say so once
             log.warning("W8A16: Triton kernel failed (%s: %s); using the plain torch path from now on",

@@ -34,14 +34,13 @@ import triton
 import triton.language as tl
 
 from .cuda_timing import time_ms
+from .w8a16 import Unsupported, m_bucket
 from .w8a16_kernel import (
     CHECK_TOL,
     CONFIGS,
     INT32_LIMIT,
     Config,
-    Unsupported,
     compiled_hazard,
-    m_bucket,
     reference_error,
 )
 

@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from .cuda_timing import time_ms
+from .w8a16 import MAX_BUCKET, Unsupported, m_bucket  # noqa: F401 - part of this module's interface
 
 log = logging.getLogger(__name__)
 
@@ -75,22 +76,12 @@ CONFIGS = [
     Config(64, 128, 128, 8, True, 4, 4),
     Config(32, 128, 128, 8, True, 4, 4),
 ]
-MAX_BUCKET = 4096
 CHECK_TOL = 2**-6  # max |y - fp32 ref| / max |ref|: bf16 rounding is 2**-9; a wrong tile is ~2**-2
 INT32_LIMIT = 2**31 - 1
 
 
-class Unsupported(RuntimeError):
-    """This call cannot run on the kernel (no safe config, a too large weight): use the plain path."""
-
-
 def configs() -> list[Config]:
     return list(CONFIGS)
-
-
-def m_bucket(m: int) -> int:
-    """Tuning key for the token count: the next power of two, 16..MAX_BUCKET."""
-    return min(MAX_BUCKET, max(16, 1 << max(0, m - 1).bit_length()))
 
 
 def candidates(m: int) -> list[Config]:
