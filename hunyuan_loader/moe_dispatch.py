@@ -28,6 +28,7 @@ W8A16 experts run together in chunks when they can (``moe_grouped.py``: engines,
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import re
 import types
@@ -148,19 +149,25 @@ def _combine(chunks: Any, experts: Any, x: torch.Tensor, tok: torch.Tensor, w: t
              counts: list[int], out: torch.Tensor) -> None:
     """Every expert's weighted output added into ``out`` (float32, one expert at a time, in expert
     order, the same on both paths); ``chunks`` as ``grouped_chunks`` yields them."""
+    w = w[:, None]
     for lo, hi, start, ys, rows in chunks:
-        for e in range(lo, hi):
-            n = counts[e]
+        sub = counts[lo:hi]
+        end = start + sum(sub)
+        # the chunk's views made in bulk (split: one call), not several view ops per expert
+        idxs, ws = tok[start:end].split(sub), w[start:end].split(sub)
+        yv = None
+        if ys is not None:
+            packed = all(r == a for r, a, n in zip(rows, itertools.accumulate(sub, initial=0), sub) if n)
+            yv = ys[: end - start].split(sub) if packed else [ys[r : r + n] for r, n in zip(rows, sub)]
+        for i, n in enumerate(sub):
             if n:
-                idx = tok[start : start + n]
                 if ys is not None:
-                    y = ys[rows[e - lo] : rows[e - lo] + n]
+                    y = yv[i]
                 else:  # [1, n, hidden], as the reference feeds it
-                    y = experts[e](x.index_select(0, idx).unsqueeze(0))[0]
-                out.index_add_(0, idx, y.float() * w[start : start + n, None])
+                    y = experts[lo + i](x.index_select(0, idxs[i]).unsqueeze(0))[0]
+                out.index_add_(0, idxs[i], y * ws[i])  # bf16 * fp32 weights: computed in fp32
                 del y
-            start += n
-        del ys
+        del ys, yv
 
 
 def gather_scatter_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -171,12 +178,14 @@ def gather_scatter_forward(self: nn.Module, hidden_states: torch.Tensor) -> torc
     shape = hidden_states.shape
     x = hidden_states.reshape(-1, shape[-1])
     experts = self.experts
+    # checked before routing's host sync (counts.tolist()), so it overlaps the router's GPU work
+    grouped = grouped_w8a16_reason(experts, x) is None
     top_idx, weights = route(router_logits(self.gate, x), rule)
     tok, w, counts = plan_dispatch(top_idx, weights, len(experts), rule)
     w = w.to(hidden_states.dtype).float()  # the reference casts its combine weights to the hidden dtype
     del top_idx, weights
     out = torch.zeros(x.shape[0], shape[-1], dtype=torch.float32, device=x.device)
-    if grouped_w8a16_reason(experts, x) is None:
+    if grouped:
         chunks = grouped_chunks(experts, x, tok, counts)
     else:
         chunks = _per_expert_chunk(len(counts))

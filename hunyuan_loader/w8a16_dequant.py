@@ -22,6 +22,7 @@ call.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from typing import Any
@@ -81,12 +82,27 @@ def _triton_ok(weights: list[torch.Tensor], scales: list[torch.Tensor]) -> bool:
             and n * k < 2**31 - BLOCK)
 
 
+def offset_table(weights: list[torch.Tensor], scales: list[torch.Tensor]) -> list[int]:
+    """The Triton kernel's per-expert offsets: each weight's, then each scale's, from the lowest
+    address of its kind, in ALIGN units."""
+    wp = min(w.data_ptr() for w in weights)
+    sp = min(x.data_ptr() for x in scales)
+    return [(w.data_ptr() - wp) // ALIGN for w in weights] + [(x.data_ptr() - sp) // ALIGN for x in scales]
+
+
+def use_kernel(weights: list[torch.Tensor], scales: list[torch.Tensor], out_is_cuda: bool) -> bool:
+    """Whether ``dequantize_into`` takes the Triton kernel for these experts on its own choice."""
+    return out_is_cuda and bool(_kernel()) and _triton_ok(weights, scales)
+
+
 @torch.no_grad()
 def dequantize_into(weights: list[torch.Tensor], scales: list[torch.Tensor], out: torch.Tensor,
-                    *, use_triton: bool | None = None) -> torch.Tensor:
+                    *, use_triton: bool | None = None, table: torch.Tensor | None = None) -> torch.Tensor:
     """Write ``dequantize_weight(weights[i], scales[i], out.dtype)`` into ``out[i]`` for every
     expert (``out`` is ``[E, N, K]``, contiguous): one Triton launch for all of them (CUDA, or the
-    interpreter), else one torch expression per expert. ``use_triton`` forces a path (tests)."""
+    interpreter), else one torch expression per expert. ``use_triton`` forces a path (tests);
+    ``table`` is ``offset_table(weights, scales)`` already on ``out``'s device (``DequantPipeline``
+    sends all its stages' tables in one copy)."""
     e = len(weights)
     if out.shape[0] < e or not out.is_contiguous():
         raise ValueError(f"scratch {tuple(out.shape)} cannot hold {e} experts (or is not contiguous)")
@@ -94,7 +110,7 @@ def dequantize_into(weights: list[torch.Tensor], scales: list[torch.Tensor], out
         return out
     n, k = weights[0].shape
     if use_triton is None:
-        use_triton = out.is_cuda and bool(_kernel()) and _triton_ok(weights, scales)
+        use_triton = use_kernel(weights, scales, out.is_cuda)
     if not use_triton:
         for i, (q, s) in enumerate(zip(weights, scales)):
             out[i].copy_(w8a16.dequantize_weight(q, s, out.dtype))
@@ -102,10 +118,9 @@ def dequantize_into(weights: list[torch.Tensor], scales: list[torch.Tensor], out
     triton, kern = _kernel()
     w_base = min(weights, key=torch.Tensor.data_ptr)
     s_base = min(scales, key=torch.Tensor.data_ptr)
-    wp, sp = w_base.data_ptr(), s_base.data_ptr()
-    table = torch.tensor([(w.data_ptr() - wp) // ALIGN for w in weights]
-                         + [(s.data_ptr() - sp) // ALIGN for s in scales], dtype=torch.int64,
-                         pin_memory=out.is_cuda).to(out.device, non_blocking=True)
+    if table is None:
+        table = torch.tensor(offset_table(weights, scales), dtype=torch.int64,
+                             pin_memory=out.is_cuda).to(out.device, non_blocking=True)
     grid = (e, triton.cdiv(n * k, BLOCK))
     bf16 = out.dtype == torch.bfloat16
     kern[grid](w_base, s_base, out.view(torch.int16) if bf16 else out, table, e, n * k, k,
@@ -171,9 +186,16 @@ def gemm_rows(xs: torch.Tensor, w: torch.Tensor, counts: list[int], *, gemm: str
     if gemm != "linear":
         raise ValueError(f"gemm must be 'grouped_mm' or 'linear', got {gemm!r}")
     y = torch.empty(xs.shape[0], n, dtype=xs.dtype, device=xs.device)
-    for i, (s, c) in enumerate(zip(starts, counts)):
+    # the views made in bulk (one split / unbind call each, not four view ops per expert): at 64
+    # experts the launches, not the GPU, set the pace of this loop on the H200
+    if sum(counts) == xs.shape[0] and starts == list(itertools.accumulate(counts[:-1], initial=0)):
+        xv, yv = xs.split(counts), y.split(counts)
+    else:
+        xv = [xs[s:s + c] for s, c in zip(starts, counts)]
+        yv = [y[s:s + c] for s, c in zip(starts, counts)]
+    for a, wt, o, c in zip(xv, w.transpose(1, 2).unbind(0), yv, counts):
         if c:
-            torch.mm(xs[s:s + c], w[i].t(), out=y[s:s + c])
+            torch.mm(a, wt, out=o)
     return y
 
 
@@ -242,6 +264,7 @@ class DequantPipeline:
         self.overlap = overlap_enabled(device) if overlap is None else overlap and device.type == "cuda"
         self.prefetch = self.overlap if prefetch is None else prefetch
         self.buffers = [torch.empty(n, dtype=dtype, device=device) for n in sizes]
+        self._tables = self._offset_tables(device)
         self.trace: list[tuple] = []
         self._issued: dict[int, Any] = {}  # j -> dequant event (None without overlap) or the exception
         self._released: dict[int, Any] = {}
@@ -252,6 +275,21 @@ class DequantPipeline:
             self._side.wait_stream(self._main)  # weights just made resident on the main stream
             for b in self.buffers:
                 b.record_stream(self._side)
+
+    def _offset_tables(self, device: torch.device) -> list[torch.Tensor | None]:
+        """Every kernel stage's ``offset_table`` on ``device``, sent in one copy (one pinned tensor,
+        one transfer per MoE call instead of one per stage); None for a stage on the torch path."""
+        tables: list[list[int] | None] = [offset_table(ws, ss) if use_kernel(ws, ss, device.type == "cuda")
+                                          else None for ws, ss in self.stages]
+        flat = [v for t in tables if t is not None for v in t]
+        if not flat:
+            return [None] * len(tables)
+        dev = torch.tensor(flat, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
+        out, at = [], 0
+        for t in tables:
+            out.append(None if t is None else dev[at:at + len(t)])
+            at += len(t or ())
+        return out
 
     @staticmethod
     def buffer_of(j: int) -> int:
@@ -267,9 +305,10 @@ class DequantPipeline:
     def _issue(self, j: int) -> None:
         ws, ss = self.stages[j]
         self.trace.append(("dequant", j, self.buffer_of(j)))
+        table = self._tables[j]
         if not self.overlap:
             self._issued[j] = None
-            dequantize_into(ws, ss, self._view(j))
+            dequantize_into(ws, ss, self._view(j), use_triton=table is not None, table=table)
             return
         try:
             with torch.cuda.stream(self._side):
@@ -279,7 +318,7 @@ class DequantPipeline:
                         self._side.wait_event(done)
                     else:
                         self._side.wait_stream(self._main)
-                dequantize_into(ws, ss, self._view(j))
+                dequantize_into(ws, ss, self._view(j), use_triton=table is not None, table=table)
                 ev = torch.cuda.Event()
                 ev.record(self._side)
             self._issued[j] = ev

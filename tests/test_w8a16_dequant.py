@@ -67,6 +67,21 @@ def test_dequant_kernel_bit_exact_in_the_triton_interpreter() -> None:
     interpret(_KERNEL)
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_gemm_rows_linear_is_one_matmul_per_expert(packed: bool) -> None:
+    """Each expert's rows times its weight, whether the rows lie back to back (views made by one split)
+    or at given starts with gaps (views sliced one by one); an expert without rows is skipped."""
+    torch.manual_seed(0)
+    counts = [3, 0, 5, 2]
+    starts = [0, 3, 3, 8] if packed else [0, 4, 6, 13]
+    xs = torch.randn(16 if not packed else 10, 8)
+    w = torch.randn(4, 6, 8)
+    y = D.gemm_rows(xs, w, counts, gemm="linear", starts=starts)
+    for i, (s0, c) in enumerate(zip(starts, counts)):
+        if c:
+            assert torch.equal(y[s0:s0 + c], xs[s0:s0 + c] @ w[i].t()), i
+
+
 def test_scratch_chunking() -> None:
     # real shapes: gate_and_up 6144 x 4096 (48 MiB in bf16) + down 4096 x 3072 (24 MiB), both buffers
     # held at once (the overlapped pipeline): 512 MiB -> 7 experts
