@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 import torch
@@ -45,17 +47,25 @@ def snapshot() -> MemorySnapshot:
     return MemorySnapshot(rss, vm.available, 0, 0, 0, 0)
 
 
-def malloc_trim() -> bool:
-    """Return freed heap pages to the OS (glibc only). True if it ran."""
+@functools.lru_cache(maxsize=1)
+def _libc_malloc_trim() -> Any:
+    """glibc's malloc_trim, or None. Looked up once: ``find_library`` runs ``ldconfig -p`` (a
+    subprocess, a few ms), and a CPU load trims after every block."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     name = ctypes.util.find_library("c")
     if not name:
-        return False
+        return None
     try:
-        return bool(ctypes.CDLL(name).malloc_trim(0))
+        return ctypes.CDLL(name).malloc_trim
     except (OSError, AttributeError):
-        return False
+        return None
+
+
+def malloc_trim() -> bool:
+    """Return freed heap pages to the OS (glibc only). True if it ran."""
+    trim = _libc_malloc_trim()
+    return bool(trim(0)) if trim is not None else False
 
 
 def release_cached_memory() -> None:

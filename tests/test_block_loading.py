@@ -416,6 +416,34 @@ def test_cast_dtype_is_what_transformers_infers(base_checkpoint: Path, quant: st
         assert block_loader._infer_dtype(sk, name, e.dtype) == want, name
 
 
+@pytest.mark.parametrize(("quant", "fmt"), [("nf4", "w8a16"), ("int8", "bnb")])
+def test_submodule_index_answers_as_the_walk_and_leaves_no_trace(base_checkpoint: Path, quant: str, fmt: str,
+                                                               one_thread) -> None:
+    """While weights are filled, model.get_submodule is a dict lookup: the same module for every
+    path, the same error for a wrong one; the quantizer's per-name answers are cached as asked;
+    afterwards the model has no instance attribute left."""
+    from hunyuan_image3.hunyuan_loader.checkpoint import loadable_path
+    from hunyuan_image3.hunyuan_loader.loading import _quant_config
+
+    info = validate_checkpoint(base_checkpoint)
+    layout = read_layout(info.shard_files)
+    qconfig, _ = _quant_config(_spec(base_checkpoint, quant, fmt), info, sorted(layout))
+    sk = block_loader.build_skeleton(loadable_path(info), layout.keys(), quant, qconfig, torch.device("cpu"))
+    model = sk.model
+    paths = [name for name, _ in model.named_modules(remove_duplicate=False)]
+    with block_loader.submodule_index(model):
+        assert "get_submodule" in model.__dict__
+        assert all(model.get_submodule(p) is torch.nn.Module.get_submodule(model, p) for p in paths)
+        with pytest.raises(AttributeError, match="no attribute `nope`"):
+            model.get_submodule("model.nope")
+        for name in sk.to_load:
+            assert sk.needs_quantization(name) == sk.hf_quantizer.param_needs_quantization(model, name), name
+    assert "get_submodule" not in model.__dict__
+    assert any(sk._needs_quant.values()) and not all(sk._needs_quant.values())
+    loaded = load_model(_spec(base_checkpoint, quant, fmt))
+    assert "get_submodule" not in loaded.model.__dict__
+
+
 def test_load_reports_where_its_time_went(base_checkpoint: Path, one_thread, caplog) -> None:
     """load_model fills LoadStats: every phase from skeleton to MoE dispatch, adding up to the
     load time, the bytes read, coalesced reads, and one info line."""
