@@ -188,17 +188,18 @@ def adopt_load(model: Any, placement: LoadPlacement, packed: Mapping[int, Any]) 
         return None
     from ..memory.residency import ResidencyManager
 
-    mgr = ResidencyManager(model, decoder_blocks(model), placement.device)
     planned = placement.plan
-    plan = ResidencyPlan(planned.placements, tuple(mgr.block_bytes), mgr.other_bytes, planned.prefetch_slots,
-                         planned.budget_bytes, planned.headroom_bytes)
-    if planned.budget_bytes is not None and plan.gpu_bytes > planned.budget_bytes:
-        log.warning("placed weights are %s larger than planned from the headers (%s > budget %s)",
-                    _gib(plan.gpu_weight_bytes - planned.gpu_weight_bytes), _gib(plan.gpu_bytes),
-                    _gib(planned.budget_bytes))
-    mgr.adopt_packed(packed)
-    mgr.apply(plan)
-    return mgr
+
+    def recounted(mgr: Any) -> ResidencyPlan:
+        plan = ResidencyPlan(planned.placements, tuple(mgr.block_bytes), mgr.other_bytes, planned.prefetch_slots,
+                             planned.budget_bytes, planned.headroom_bytes)
+        if planned.budget_bytes is not None and plan.gpu_bytes > planned.budget_bytes:
+            log.warning("placed weights are %s larger than planned from the headers (%s > budget %s)",
+                        _gib(plan.gpu_weight_bytes - planned.gpu_weight_bytes), _gib(plan.gpu_bytes),
+                        _gib(planned.budget_bytes))
+        return plan
+
+    return ResidencyManager.adopt(model, decoder_blocks(model), placement.device, packed, recounted)
 
 
 def place_for_spec(model: Any, spec: LoadSpec, device: torch.device) -> Any:

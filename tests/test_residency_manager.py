@@ -81,6 +81,35 @@ def test_streamer_recovers_after_exception():
     assert torch.equal(_run(model, x)[0], ref)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_adopt_is_construct_adopt_packed_apply_with_one_walk(mode, monkeypatch):
+    """ResidencyManager.adopt (block-order loads): blocks a loader packed itself, the rest where it
+    is; the same manager as the three calls, from one walk over the weights, none kept after."""
+    from hunyuan_image3.memory.residency import manager as manager_mod
+    from hunyuan_image3.memory.residency.packed import PackedBlock
+
+    model = make_model(mode, n=4)
+    x = inputs()
+    (ref,) = _run(model, x)
+    packed = {i: PackedBlock(weight_tensors(model.model.layers[i]), pin=False) for i in (2, 3)}
+    walks = []
+    real_walk = manager_mod.weight_tensors
+    monkeypatch.setattr(manager_mod, "weight_tensors", lambda m, **kw: walks.append(m) or real_walk(m, **kw))
+    mgr = ResidencyManager.adopt(model, model.model.layers, "cpu", packed, lambda m: _stream_plan(m, 2),
+                                 allow_cpu_streaming=True)
+    assert len(walks) == 5  # each block and the rest, once
+    assert mgr._walk is None and mgr.state is ResidencyState.STREAMING
+    assert mgr.plan.streamed == [2, 3] and all(mgr._packed[i] is packed[i] for i in (2, 3))
+    assert torch.equal(_run(model, x)[0], ref)
+    monkeypatch.setattr(manager_mod, "weight_tensors", real_walk)
+    again = make_model(mode, n=4)
+    packed = {i: PackedBlock(weight_tensors(again.model.layers[i]), pin=False) for i in (2, 3)}
+    three = ResidencyManager(again, again.model.layers, "cpu", allow_cpu_streaming=True)
+    three.adopt_packed(packed)
+    three.apply(_stream_plan(three, 2))
+    assert (three.block_bytes, three.other_bytes, three.plan) == (mgr.block_bytes, mgr.other_bytes, mgr.plan)
+
+
 def test_streaming_without_cuda_is_refused_clearly():
     model = make_model("bf16", n=4)
     mgr = ResidencyManager(model, model.model.layers, "cpu")

@@ -28,7 +28,7 @@ _INT8_PARAM_ATTRS = ("CB", "SCB")
 _QUANT_STATE_ATTRS = ("absmax", "code", "offset")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorRef:
     """One place that holds a weight tensor: ``kind`` is param | buffer | attr."""
 
@@ -74,7 +74,7 @@ class WeightTensor:
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
-    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+    return (t.device, t.data_ptr(), t.dtype, t.shape, t.stride())  # torch.Size is a tuple
 
 
 def _module_refs(module: nn.Module) -> Iterator[TensorRef]:
@@ -83,9 +83,10 @@ def _module_refs(module: nn.Module) -> Iterator[TensorRef]:
         if p is None:
             continue
         yield TensorRef(module, name, "param")
-        for attr in _INT8_PARAM_ATTRS:
-            if isinstance(getattr(p, attr, None), torch.Tensor) and type(p).__name__ == "Int8Params":
-                yield TensorRef(p, attr, "attr")
+        if type(p).__name__ == "Int8Params":
+            for attr in _INT8_PARAM_ATTRS:
+                if isinstance(getattr(p, attr, None), torch.Tensor):
+                    yield TensorRef(p, attr, "attr")
         qs = p.__dict__.get("quant_state")
         if qs is not None:
             yield from _quant_state_refs(qs)
@@ -106,13 +107,15 @@ def _module_refs(module: nn.Module) -> Iterator[TensorRef]:
             yield TensorRef(module, name, "attr")
 
 
-def _quant_state_refs(qs: object) -> Iterator[TensorRef]:
-    for attr in _QUANT_STATE_ATTRS:
-        if isinstance(getattr(qs, attr, None), torch.Tensor):
-            yield TensorRef(qs, attr, "attr")
-    state2 = getattr(qs, "state2", None)
-    if state2 is not None:
-        yield from _quant_state_refs(state2)
+def _quant_state_refs(qs: object) -> list[TensorRef]:
+    """A QuantState's tensors, then its nested state2's (a loop: this runs for every 4-bit Linear)."""
+    out = []
+    while qs is not None:
+        for attr in _QUANT_STATE_ATTRS:
+            if isinstance(getattr(qs, attr, None), torch.Tensor):
+                out.append(TensorRef(qs, attr, "attr"))
+        qs = getattr(qs, "state2", None)
+    return out
 
 
 def _unpack_cpu_4bit(modules: Iterable[nn.Module]) -> None:
