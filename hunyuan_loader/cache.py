@@ -227,6 +227,9 @@ class HunyuanModelCache:
         loaded.model = None
         loaded.residency = None
         del loaded
+        from .w8a16_dequant import clear_tables
+
+        clear_tables()  # the grouped MoE's offset tables of this model's experts (small GPU tensors)
 
 
 _cache = HunyuanModelCache()

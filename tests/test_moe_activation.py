@@ -62,13 +62,15 @@ def test_fused_pass_in_the_triton_interpreter() -> None:
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_gpu_fused_pass_is_the_official_expression_bit_for_bit() -> None:
     torch.manual_seed(0)
-    for dtype in (torch.bfloat16, torch.float16):
-        for rows, inter in ((1, 3072), (4097, 3072), (513, 1000), (3, 8)):
-            h = (torch.randn(rows, 2 * inter, device="cuda") * 4).to(dtype)
-            h[0, :4] = torch.tensor([0.0, -0.0, 30.0, -30.0])  # zeros and saturated silu
-            got = A.silu_mul(h)
-            assert torch.equal(got, _official(h.unsqueeze(0))[0]), (dtype, rows, inter)
-        assert A._checked[(0, dtype)] is True
+    for rows, inter in ((1, 3072), (4097, 3072), (513, 1000), (3, 8), (16384, 3072)):
+        h = (torch.randn(rows, 2 * inter, device="cuda") * 4).to(torch.bfloat16)
+        h[0, :4] = torch.tensor([0.0, -0.0, 30.0, -30.0])  # zeros and saturated silu
+        got = A.silu_mul_fused(h)
+        assert torch.equal(got, _official(h.unsqueeze(0))[0]), (rows, inter, int((got != _official(h[None])[0]).sum()))
+        assert torch.equal(A.silu_mul(h), got)
+    assert A._checked[(0, torch.bfloat16)] is True
+    h16 = torch.randn(64, 256, device="cuda", dtype=torch.float16)
+    assert torch.equal(A.silu_mul(h16), _official(h16.unsqueeze(0))[0])  # fp16: the eager expression
 
 
 @pytest.mark.gpu

@@ -96,7 +96,10 @@ def test_scratch_chunking() -> None:
 def test_gather_index_pads_each_expert() -> None:
     assert D.padded_rows([0, 1, 16, 17], 16) == [0, 16, 16, 32]
     pos, starts = D.gather_index([3, 0, 2], 4)
-    assert pos == [0, 1, 2, 2, 3, 4, 4, 4] and starts == [0, 4, 4]
+    assert pos.tolist() == [0, 1, 2, 2, 3, 4, 4, 4] and starts == [0, 4, 4] and pos.dtype == torch.int64
+    pos, starts = D.gather_index([16, 1, 17], 16)
+    assert pos.tolist() == list(range(16)) + [16] * 16 + list(range(17, 34)) + [33] * 15
+    assert starts == [0, 16, 32]
 
 
 def test_engine_modes_and_env_override(monkeypatch) -> None:
@@ -219,7 +222,36 @@ def test_overlap_env_switch(monkeypatch) -> None:
         assert D.overlap_enabled(cuda) and not D.overlap_enabled(cpu)
 
 
+def test_offset_tables_only_on_cuda() -> None:
+    ws, ss = _experts(2, 8, 16)
+    D.clear_tables()
+    assert D.kernel_table(ws, ss, torch.device("cpu")) is None and not D._tables
+    assert D.offset_table(ws, ss)[:2] == [(ws[0].data_ptr() - min(w.data_ptr() for w in ws)) // D.ALIGN,
+                                          (ws[1].data_ptr() - min(w.data_ptr() for w in ws)) // D.ALIGN]
+
+
 # -- GPU ---------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_gpu_offset_tables_are_cached_by_address_and_cleared() -> None:
+    """The same experts at the same addresses reuse one GPU table (no copy per MoE call); another order
+    is another key; clear_tables (the cache's drop) forgets them; the kernel reads the right experts."""
+    g = torch.Generator("cuda").manual_seed(1)
+    ws, ss = map(list, zip(*[quantize_weight(torch.randn(256, 128, device="cuda", generator=g)) for _ in range(4)]))
+    dev = torch.device("cuda", 0)
+    D.clear_tables()
+    t1 = D.kernel_table(ws, ss, dev)
+    assert t1 is not None and D.kernel_table(ws, ss, dev) is t1 and len(D._tables) == 1
+    assert t1.tolist() == D.offset_table(ws, ss)
+    rev = D.kernel_table(ws[::-1], ss[::-1], dev)
+    assert rev is not t1 and rev.tolist() == D.offset_table(ws[::-1], ss[::-1]) and len(D._tables) == 2
+    out = torch.empty(4, 256, 128, dtype=torch.bfloat16, device="cuda")
+    D.dequantize_into(ws[::-1], ss[::-1], out, use_triton=True, table=rev)
+    for i, (w, s) in enumerate(zip(ws[::-1], ss[::-1])):
+        assert torch.equal(out[i], dequantize_weight(w, s, torch.bfloat16)), i
+    D.clear_tables()
+    assert not D._tables
+
+
 @pytest.mark.gpu
 def test_gpu_dequant_kernel_bit_exact_real_shapes() -> None:
     g = torch.Generator("cuda").manual_seed(0)
