@@ -54,14 +54,28 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-@dataclass
+@dataclass(eq=False)
 class ReadTensor:
     """A tensor the reader delivered; ``release()`` it once its data has been copied out."""
 
     entry: TensorEntry
-    tensor: torch.Tensor
+    _data: torch.Tensor  # uint8: the tensor's own bytes, or the whole ring (from _offset)
     _reader: TensorReader | None = None
     _region: tuple[int, int] | None = None
+    _offset: int | None = None
+    _tensor: torch.Tensor | None = None
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The tensor: a typed view of the bytes read, made on the consumer's first use (the
+        reader thread only reads: what it does between two preadv calls holds the GIL while the
+        disk may wait; a pre-quantized NF4 model has six tensors per Linear)."""
+        t = self._tensor
+        if t is None:
+            e = self.entry
+            raw = self._data if self._offset is None else self._data[self._offset : self._offset + e.nbytes]
+            t = self._tensor = raw.view(e.dtype).view(e.shape) if e.nbytes else torch.empty(e.shape, dtype=e.dtype)
+        return t
 
     def release(self) -> None:
         if self._reader is not None and self._region is not None:
@@ -101,6 +115,8 @@ class TensorReader:
 
             self._ring = HostBuffer(_align(ring_bytes), pin=pin)
         self.ring_bytes = 0 if self._ring is None else self._ring.tensor.numel()
+        # the ring as bytes: a destination is a slice of it (no tensor object per read on the reader thread)
+        self._ring_bytes_view = None if self._ring is None else memoryview(self._ring.tensor.numpy())
         self._cond = threading.Condition()
         self._ready: collections.deque[ReadTensor] = collections.deque()
         self._regions: collections.deque[tuple[int, int]] = collections.deque()
@@ -151,6 +167,7 @@ class TensorReader:
             os.close(fd)
         self._files.clear()
         self._ready.clear()
+        self._ring_bytes_view = None
         ring, self._ring = self._ring, None
         if ring is not None:
             release_later(ring)
@@ -221,11 +238,19 @@ class TensorReader:
             self._cond.wait()
         return None
 
-    def _destination(self, entry: TensorEntry, ring: bool, region: tuple[int, int] | None) -> torch.Tensor:
+    def _destination(self, entry: TensorEntry, ring: bool, region: tuple[int, int] | None) -> ReadTensor:
+        """The delivered item, before its bytes are read: into a ring region, or its own storage."""
         if ring:
             assert region is not None and self._ring is not None
-            return self._ring.tensor[region[0] : region[0] + entry.nbytes]
-        return torch.empty(entry.nbytes, dtype=torch.uint8)
+            return ReadTensor(entry, self._ring.tensor, self, region, region[0])
+        return ReadTensor(entry, torch.empty(entry.nbytes, dtype=torch.uint8))
+
+    def _bytes_of(self, item: ReadTensor) -> memoryview:
+        """Where preadv puts ``item``'s bytes."""
+        if item._offset is None:
+            return memoryview(item._data.numpy())
+        assert self._ring_bytes_view is not None
+        return self._ring_bytes_view[item._offset : item._offset + item.entry.nbytes]
 
     def _run(self) -> None:
         try:
@@ -251,13 +276,8 @@ class TensorReader:
                         run.append((nxt, *got))
                         size += nxt.nbytes
                 i += len(run)
-                raws = [self._destination(e, ring, region) for e, ring, region in run]
-                self._read_run([e for e, _, _ in run], raws)
-                items = [
-                    ReadTensor(e, raw.view(e.dtype).view(e.shape) if e.nbytes else torch.empty(e.shape, dtype=e.dtype),
-                               self if ring else None, region if ring else None)
-                    for (e, ring, region), raw in zip(run, raws)
-                ]
+                items = [self._destination(e, ring, region) for e, ring, region in run]
+                self._read_run([e for e, _, _ in run], items)
                 with self._cond:
                     self._ready.extend(items)
                     self._cond.notify_all()
@@ -284,7 +304,7 @@ class TensorReader:
             return
         self._advised[fd] = (lo if lo <= end <= hi else end, end + READ_AHEAD)
 
-    def _read_run(self, entries: list[TensorEntry], raws: list[torch.Tensor]) -> None:
+    def _read_run(self, entries: list[TensorEntry], items: list[ReadTensor]) -> None:
         """Read tensors that lie back to back in one file into their destinations: one preadv
         scattering into all of them (a long single tensor: several, CHUNK bytes each)."""
         total = sum(e.nbytes for e in entries)
@@ -292,7 +312,7 @@ class TensorReader:
             return
         fd = self._fd(entries[0])
         self._advise(fd, entries[0].start + total)
-        views = [memoryview(raw.numpy()) for raw, e in zip(raws, entries) if e.nbytes]
+        views = [self._bytes_of(item) for item, e in zip(items, entries) if e.nbytes]
         if self.first_read is None:
             self.first_read = time.perf_counter()
         pos, k, off = 0, 0, 0  # bytes done; first unfinished view and the bytes of it done
