@@ -65,6 +65,12 @@ def test_grouped_eligibility_rules(monkeypatch) -> None:
     assert experts[2].hidden_act == "silu" and type(experts[2].act_fn).__name__ == "SiLUActivation"
     experts[2].hidden_act = "gelu"
     assert "SiLU" in mg.grouped_w8a16_reason(experts, x)
+    del experts[2].hidden_act  # read from the class as well (bench/_synthetic's MLP declares it there)
+    type(experts[2]).hidden_act = "silu"
+    try:
+        assert mg.grouped_w8a16_reason(experts, x) is None
+    finally:
+        del type(experts[2]).hidden_act
     experts[2].hidden_act = "silu"
     act = experts[2].act_fn
     experts[2].act_fn = nn.GELU()
@@ -243,6 +249,7 @@ def test_gpu_grouped_matches_per_expert_and_repeats(tokens: int, monkeypatch) ->
     _, block = _gpu_layer()
     x = torch.randn(1, tokens, 1024, device="cuda", generator=torch.Generator("cuda").manual_seed(tokens))
     x = x.to(torch.bfloat16)
+    monkeypatch.setenv(mg.GROUPED_ENV, "triton")  # this kernel's test (auto may choose a dequant engine)
     assert mg.grouped_w8a16_reason(block.experts, x.reshape(-1, 1024)) is None
     calls = []
     real = G.grouped_linear
