@@ -31,7 +31,7 @@ dispatch (install_moe_dispatch): bf16 vs bnb int8 vs W8A16 (experts and attentio
 per-expert with HY3_MOE_GROUPED=0) (``--step-all`` adds W8A16 experts + bnb attention); s/step,
 ratio, GPU bytes per layer counted from the layer's tensors (allocated delta as a cross-check).
 
-    python bench/int8.py [--tokens 8448,16640] [--reps 3] [--layers 10] [--steps 3]
+    python bench/int8.py [--tokens 8448,16640] [--reps 7] [--layers 10] [--steps 3]
                          [--compile MODE] [--torchao] [--int8pack] [--no-fp8]
                          [--skip-configs] [--skip-step] [--step-all]
 
@@ -465,7 +465,7 @@ def part2(dev, n: int, tokens: int, steps: int, modes: tuple[str, ...]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="8448,16640")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--compile", default="", metavar="MODE",

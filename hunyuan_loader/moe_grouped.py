@@ -1,11 +1,12 @@
 """A layer's W8A16 experts run together (issue 14), for ``moe_dispatch.gather_scatter_forward``.
 
 W8A16 experts (``grouped_w8a16_reason``) run in chunks of experts through one of the grouped
-engines (``grouped_engines``: the fused Triton grouped kernel; dequantize + ``torch._grouped_mm``;
-dequantize + per-expert cuBLAS). ``HY3_MOE_GROUPED`` = auto (default: on CUDA, the first call
-per (rows/expert bucket, shapes) times every available engine once on its first chunk and keeps
-the fastest whose output agrees with the first's; fixed from then on in the process) | triton |
-dequant | linear | 0 (per-expert calls). ``HY3_MOE_OVERLAP=1`` has the dequant engines overlap the
+engines (``grouped_engines``: dequantize + per-expert cuBLAS; dequantize + ``torch._grouped_mm``;
+the fused Triton grouped kernel). ``HY3_MOE_GROUPED`` = auto (default: on CUDA, the first call
+per (rows/expert bucket, shapes) times the available engines on its first chunk, in turn, and keeps
+the first in ``ENGINES`` order unless one whose output agrees with it is clearly faster
+(``SWITCH_MARGIN``); fixed from then on in the process) | triton | dequant | linear | 0 (per-expert
+calls). The activation between the two Linears is one Triton pass (``moe_activation``). ``HY3_MOE_OVERLAP=1`` has the dequant engines overlap the
 dequantization with the GEMMs (``w8a16_dequant.DequantPipeline``): on CUDA the next Linear's
 weights (the down_proj of this chunk, then the gate_up of the next) are dequantized on a side
 stream into a second buffer while this one's GEMMs run; bit-identical to the sequential order,
@@ -36,7 +37,10 @@ logger = logging.getLogger(__name__)
 GROUPED_ENV = "HY3_MOE_GROUPED"  # auto (default) | triton | dequant | linear | 0 (every expert on its own)
 GROUPED_ROWS = 16384  # rows (token x expert assignments) per grouped chunk: bounds the activations
 SCRATCH_BYTES = 512 * 2**20  # both buffers of dequantized bf16 weights (gate_up + down of one chunk)
-ENGINES = ("triton", "dequant", "linear")
+ENGINES = ("linear", "dequant", "triton")  # in order of preference: auto keeps the first unless another is
+# SWITCH_MARGIN faster (linear was the fastest or tied on the H200 at 1 and 2 MP in every run; a fixed
+# preference keeps the choice, hence the image bits, the same from one ComfyUI start to the next)
+SWITCH_MARGIN = 0.9  # another engine is chosen only when it takes at most this fraction of the preferred one's time
 SELECT_ROUNDS = 3  # timings per engine, taken in turn; the best of each counts
 SELECT_TOL = 2**-6  # an engine whose output differs from the first one's by more (of the max) is left out
 _grouped_off: set[str] = set()  # engines that failed for a reason other than their input
@@ -54,7 +58,7 @@ def grouped_mode() -> str:
 
 
 def grouped_engines(x: torch.Tensor) -> list[str]:
-    """Engines that can run ``x`` now, fastest-first guess (``auto`` times them on first use).
+    """Engines that can run ``x`` now, in ``ENGINES`` order (``auto`` times them on first use).
 
     triton: the fused grouped kernel (``w8a16_grouped``; CUDA, Triton). dequant: the chunk's
     weights dequantized into a bf16 scratch, then ``torch._grouped_mm`` (``w8a16_dequant``).
@@ -266,10 +270,23 @@ def _select_engine(names: list[str], ex: Any, x: torch.Tensor, idx: torch.Tensor
         for name in ok:
             t = time_ms(lambda n=name: _engine_rows(n, ex, x, idx, sub), x.device)
             timings[name] = min(t, timings.get(name, t))
-    best = min(timings, key=timings.__getitem__) if timings else (ok[0] if ok else None)
+    best = preferred(ok, timings)
     logger.info("grouped MoE engine for rows/expert %d, %s x %s: %s (%s)", key[0], key[1], key[2], best,
                 ", ".join(f"{n} {t:.2f} ms" for n, t in timings.items()))
     _chosen[key] = best
+    return best
+
+
+def preferred(ok: list[str], timings: dict[str, float]) -> str | None:
+    """The first of ``ok`` (engines in preference order), unless another one's time is at most
+    ``SWITCH_MARGIN`` of its time."""
+    if not ok:
+        return None
+    best = ok[0]
+    if best in timings:
+        fastest = min(timings, key=timings.__getitem__)
+        if timings[fastest] <= SWITCH_MARGIN * timings[best]:
+            best = fastest
     return best
 
 

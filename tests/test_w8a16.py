@@ -649,11 +649,15 @@ def test_gpu_budget_loader_streams_bit_identical_both_int8_formats(cache, base_c
 
 
 @pytest.mark.gpu
-def test_gpu_accelerate_offload_with_w8a16_matches_resident(cache, base_checkpoint) -> None:
+def test_gpu_accelerate_offload_with_w8a16_matches_resident(cache, base_checkpoint, monkeypatch) -> None:
     """device_map="auto" with CPU-offloaded modules: accelerate's hooks move int8 weights and
     scales like any parameter; the image matches the resident one."""
+    from hunyuan_image3.hunyuan_loader import moe_grouped
     from hunyuan_image3.hunyuan_loader.generation import GenerationRequest, generate
 
+    # the same kernels on both sides: accelerate's hooked experts run one by one, so the resident
+    # model does too (grouped, its dequant engines round the weight, not the accumulator)
+    monkeypatch.setenv(moe_grouped.GROUPED_ENV, "0")
     req = GenerationRequest("a lighthouse at dusk", seed=11, steps=2, resolution="1024x1024")
     resident = generate(cache.get(cache.load(LoadSpec(str(base_checkpoint), quant="int8"))), req).image
     total = cache.loaded.residency.other_bytes + sum(cache.loaded.residency.block_bytes)
