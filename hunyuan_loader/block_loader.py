@@ -388,7 +388,6 @@ class LoadStats:
     ring_ahead: bool = False  # ... on a helper thread while the skeleton was built (else inside read+place)
     tensors: int = 0
     reads: int = 0  # preadv calls the reader made
-    warm_bytes: int = 0  # bytes the kernel was asked to read into the page cache before the reader started
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -415,8 +414,6 @@ class LoadStats:
             parts.append(text)
         if self.ring_seconds:
             parts.append(f"ring {self.ring_seconds:.2f} {'ahead' if self.ring_ahead else 'in read'}")
-        if self.warm_bytes:
-            parts.append(f"warmed {self.warm_bytes / 1e9:.2f} GB")
         return ", ".join(parts)
 
     def describe(self) -> str:

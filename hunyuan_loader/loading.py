@@ -171,9 +171,8 @@ def _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, c
     materialise block by block (block_loader.py). Returns (skeleton, residency manager or None).
 
     On a GPU the reader's page-locked ring is allocated on a helper thread while the skeleton is
-    built and the plan made (pinning 1 GiB takes a few tenths of a second), and the kernel reads the
-    first units into the page cache meanwhile (``PageCacheWarmer``: no process memory, stopped if the
-    plan is refused); no weight is read into the process before the plan has passed."""
+    built and the plan made (pinning 1 GiB takes a few tenths of a second); no weight is read
+    before the plan has passed."""
     from .block_loader import (
         build_skeleton,
         finish,
@@ -183,10 +182,8 @@ def _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, c
         unit_bytes,
     )
     from .checkpoint_layout import load_units
-    from .tensor_reader import PageCacheWarmer, RingAhead
+    from .tensor_reader import RingAhead
 
-    # the disk starts on the first units while the skeleton is built (page cache only, stopped on a refusal)
-    warmer = PageCacheWarmer([e for u in load_units(layout) for e in u.entries])
     ring = None
     if device.type == "cuda" and not multi_gpu.handled_here(spec):
         ring = RingAhead(gpu_staging_bytes(layout), pin=True)
@@ -220,12 +217,10 @@ def _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, c
                                   ram_available=_ram_available(ring))
             sizes = {i: placement.plan.block_bytes[i] for i in placement.streamed} if placement.plan is not None \
                 else None
-        st.warm_bytes = warmer.bytes_advised  # by the time the reader starts
         with st.phase("read+place"):
             packed = materialise(sk, units, device, placement.streamed, progress=progress, cancel=cancel,
                                  ring_bytes=staging, streamed_sizes=sizes, ring=ring, stats=st)
     finally:
-        warmer.stop()
         if ring is not None:
             ring.close()
     with st.phase("finish"):

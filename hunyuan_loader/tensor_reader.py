@@ -42,12 +42,6 @@ COALESCE = 64 << 20  # a run of back-to-back tensors read by one preadv is at mo
 READ_AHEAD = 256 << 20
 MAX_IOV = 512  # ... and at most this many tensors (Linux allows 1024 buffers per call)
 ALIGN = 256
-# While the skeleton is built and the plan made (0.3-0.6 s), the kernel is asked to read the first
-# bytes of the load into the page cache, so the disk works from the first header on: at most this
-# many bytes, and at most a quarter of the available RAM (page cache is not process memory; a machine
-# short of RAM would evict it again before the reader gets there).
-WARM_BYTES = 2 << 30
-WARM_STEP = 64 << 20  # bytes per posix_fadvise call: stop() takes effect between calls
 
 
 def _align(n: int) -> int:
@@ -391,68 +385,3 @@ class RingAhead:
         buffer, self._buffer = self._buffer, None
         if buffer is not None:
             release_later(buffer)
-
-
-def read_ranges(entries: Sequence[TensorEntry], max_bytes: int) -> list[tuple[str, int, int]]:
-    """(file, start, length) of the first ``max_bytes`` of ``entries`` in their order, back-to-back
-    tensors of a file merged, split into WARM_STEP pieces."""
-    ranges: list[list] = []
-    total = 0
-    for e in entries:
-        if total >= max_bytes:
-            break
-        if not e.nbytes:
-            continue
-        n = min(e.nbytes, max_bytes - total)
-        last = ranges[-1] if ranges else None
-        if last is not None and last[0] == str(e.file) and last[1] + last[2] == e.start:
-            last[2] += n
-        else:
-            ranges.append([str(e.file), e.start, n])
-        total += n
-    out = []
-    for file, start, length in ranges:
-        for off in range(0, length, WARM_STEP):
-            out.append((file, start + off, min(WARM_STEP, length - off)))
-    return out
-
-
-class PageCacheWarmer:
-    """On a helper thread, ask the kernel (``posix_fadvise`` WILLNEED) to read the first bytes of a
-    load, in the reader's order, into the page cache while the model skeleton is built and the plan
-    made; the reader then finds them there. Nothing is copied into this process (no RSS) and no
-    weight reaches the model: a refused plan ``stop()``s it after at most one more WILLNEED call.
-    ``max_bytes`` None: WARM_BYTES, at most a quarter of the available RAM."""
-
-    def __init__(self, entries: Sequence[TensorEntry], max_bytes: int | None = None) -> None:
-        if max_bytes is None:
-            from ..memory.residency.ram import available_ram
-
-            max_bytes = min(WARM_BYTES, available_ram() // 4)
-        self.ranges = read_ranges(entries, max(0, int(max_bytes)))
-        self.bytes_advised = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="hunyuan-page-cache-warmer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        fds: dict[str, int] = {}
-        try:
-            for file, start, length in self.ranges:
-                if self._stop.is_set():
-                    return
-                if file not in fds:
-                    fds[file] = os.open(file, os.O_RDONLY)
-                os.posix_fadvise(fds[file], start, length, os.POSIX_FADV_WILLNEED)
-                self.bytes_advised += length
-        except (OSError, AttributeError):  # no fadvise here (or the file went away): the reader reads it all
-            return
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-
-    def stop(self) -> None:
-        """No further WILLNEED calls; waits for the one in progress (idempotent)."""
-        self._stop.set()
-        self._thread.join()
-

@@ -7,7 +7,6 @@ import gc
 import json
 import subprocess
 import sys
-import threading
 import time
 import weakref
 from pathlib import Path
@@ -175,7 +174,6 @@ def test_plan_is_refused_before_any_read_when_ram_is_short(cache, base_checkpoin
     text = str(err.value)
     assert "needs" in text and "0.5 GiB is available" in text and "NF4" in text and "Nothing was read" in text
     assert reads == []
-    assert not [t for t in threading.enumerate() if t.name == "hunyuan-page-cache-warmer"]  # stopped by the refusal
     assert cache.loaded is None
     gc.collect()
     assert len(tracked_models()) == before
@@ -522,67 +520,3 @@ def test_reader_keeps_the_kernel_reading_ahead_and_restarts_the_window_after_a_j
         os.close(fd)
         reader.close()
 
-
-def _merged(ranges) -> list[tuple[str, int, int]]:
-    out: list[list] = []
-    for f, o, n in ranges:
-        if out and out[-1][0] == f and out[-1][1] + out[-1][2] == o:
-            out[-1][2] += n
-        else:
-            out.append([str(f), o, n])
-    return [tuple(r) for r in out]
-
-
-def test_page_cache_warmer_asks_for_the_first_bytes_in_the_readers_order(base_checkpoint: Path, monkeypatch) -> None:
-    """While the skeleton is built, posix_fadvise(WILLNEED) covers exactly the first ``max_bytes`` of the
-    load in load_units order (the reader's), in WARM_STEP pieces, each file's back-to-back tensors merged."""
-    import os
-
-    from hunyuan_image3.hunyuan_loader import tensor_reader as tr
-
-    layout = read_layout(validate_checkpoint(base_checkpoint).shard_files)
-    entries = [e for u in load_units(layout) for e in u.entries]
-    budget = sum(e.nbytes for e in entries) // 2 + 3
-    monkeypatch.setattr(tr, "WARM_STEP", 1 << 16)
-    calls: list[tuple[str, int, int, int]] = []
-    monkeypatch.setattr(tr.os, "posix_fadvise",
-                        lambda fd, off, n, adv: calls.append((os.readlink(f"/proc/self/fd/{fd}"), off, n, adv)))
-    warmer = tr.PageCacheWarmer(entries, budget)
-    warmer._thread.join(30)  # every range asked for (stop() would end it early)
-    expected, left = [], budget
-    for e in entries:
-        if left <= 0:
-            break
-        if e.nbytes:
-            expected.append((str(Path(e.file).resolve()), e.start, min(e.nbytes, left)))
-            left -= e.nbytes
-    assert _merged((str(Path(f).resolve()), o, n) for f, o, n, _ in calls) == _merged(expected)
-    assert all(adv == os.POSIX_FADV_WILLNEED and n <= 1 << 16 for _, _, n, adv in calls)
-    assert warmer.bytes_advised == budget and len(calls) > 2
-
-
-def test_page_cache_warmer_stops_after_the_call_in_progress(base_checkpoint: Path, monkeypatch) -> None:
-    import threading
-
-    from hunyuan_image3.hunyuan_loader import tensor_reader as tr
-
-    layout = read_layout(validate_checkpoint(base_checkpoint).shard_files)
-    entries = [e for u in load_units(layout) for e in u.entries]
-    monkeypatch.setattr(tr, "WARM_STEP", 4096)
-    first, go, calls = threading.Event(), threading.Event(), []
-
-    def blocking(fd, off, n, adv):
-        calls.append(off)
-        first.set()
-        go.wait(10)
-
-    monkeypatch.setattr(tr.os, "posix_fadvise", blocking)
-    warmer = tr.PageCacheWarmer(entries, 1 << 20)
-    assert first.wait(10)
-    stopper = threading.Thread(target=warmer.stop)
-    stopper.start()
-    while not warmer._stop.is_set():
-        time.sleep(0.001)
-    go.set()
-    stopper.join(10)
-    assert len(calls) == 1 and len(warmer.ranges) > 100 and not warmer._thread.is_alive()
