@@ -55,12 +55,12 @@ H200_BENCH = BenchFigures(
     source=(
         "bench/offload.py on one H200 (README, Measured): 10 real-size layers, 8,448 tokens per step; "
         "resident 0.165 s (BF16) / 0.228 s (bnb NF4) per step for the 10; INT8 = the loader's default W8A16 "
-        "at 1.15x the BF16 step (bench/int8.py, same 10 layers: 0.211 s vs BF16 0.184 s, bnb LLM.int8 0.706 s "
-        "in that run), so 0.189 s; "
+        "at 1.14x the BF16 step (bench/int8.py, same 10 layers: 0.203 s vs BF16 0.178 s, bnb LLM.int8 1.010 s "
+        "in that run), so 0.188 s; "
         "pinned host->GPU copy 55.3 GB/s; a streamed step 1.01x its copy-bound ideal"
     ),
     copy_bytes_per_s=55.3e9,
-    block_seconds={"bf16": 0.165 / 10, "int8": 0.165 * (0.211 / 0.184) / 10, "nf4": 0.228 / 10},
+    block_seconds={"bf16": 0.165 / 10, "int8": 0.165 * (0.203 / 0.178) / 10, "nf4": 0.228 / 10},
     tokens=8448,
     stream_overhead=1.01,
 )
