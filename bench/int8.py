@@ -114,18 +114,25 @@ def grouped_candidate(ours, engine: str | None = None,
                       overlap: bool | None = None) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
     """All experts through the dispatch's grouped code (moe_grouped.grouped_chunks: chunks of at
     most GROUPED_ROWS rows and SCRATCH_BYTES of dequantized weights, the dequantization overlapped
-    with the GEMMs unless ``overlap`` is False), from one [rows, H] tensor grouped by expert;
-    ``engine`` forces one (None: the dispatch's automatic choice)."""
+    with the GEMMs if ``overlap``; None: as HY3_MOE_OVERLAP says, off by default), from one [rows, H]
+    tensor grouped by expert, as the dispatch
+    holds its input (joined once, outside the timing; the gather of the rows stays inside it, which
+    the bf16 row, fed each expert's rows, does not pay); ``engine`` forces one (None: the
+    dispatch's automatic choice)."""
     import types
 
     from hunyuan_image3.hunyuan_loader import moe_grouped as mg
 
     experts = [types.SimpleNamespace(gate_and_up_proj=a, down_proj=b) for a, b in ours]
+    joined: dict[int, tuple] = {}  # the dispatch gets one [tokens, H] tensor: joined once per input, not timed
 
     def whole(xs: list[torch.Tensor]) -> list[torch.Tensor]:
         counts = [x.shape[1] for x in xs]
-        x2 = torch.cat([x[0] for x in xs])
-        tok = torch.arange(x2.shape[0], device=x2.device)
+        if id(xs) not in joined:
+            x2 = torch.cat([x[0] for x in xs])
+            joined.clear()
+            joined[id(xs)] = (xs, x2, torch.arange(x2.shape[0], device=x2.device))
+        _, x2, tok = joined[id(xs)]  # (xs kept alive with its id)
         ys = []
         for lo, hi, _, y, rows in mg.grouped_chunks(experts, x2, tok, counts, engine, overlap=overlap):
             if y is None:
