@@ -114,11 +114,10 @@ def grouped_candidate(ours, engine: str | None = None,
                       overlap: bool | None = None) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
     """All experts through the dispatch's grouped code (moe_grouped.grouped_chunks: chunks of at
     most GROUPED_ROWS rows and SCRATCH_BYTES of dequantized weights, the dequantization overlapped
-    with the GEMMs if ``overlap``; None: as HY3_MOE_OVERLAP says, off by default), from one [rows, H]
-    tensor grouped by expert, as the dispatch
-    holds its input (joined once, outside the timing; the gather of the rows stays inside it, which
-    the bf16 row, fed each expert's rows, does not pay); ``engine`` forces one (None: the
-    dispatch's automatic choice)."""
+    with the GEMMs if ``overlap``; None: as HY3_MOE_OVERLAP says, off by default), from one
+    [rows, H] tensor grouped by expert, as the dispatch holds its input (joined once, outside the
+    timing; the gather of the rows stays inside it, which the bf16 row, fed each expert's rows,
+    does not pay); ``engine`` forces one (None: the dispatch's automatic choice)."""
     import types
 
     from hunyuan_image3.hunyuan_loader import moe_grouped as mg
