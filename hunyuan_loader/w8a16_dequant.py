@@ -100,8 +100,9 @@ def use_kernel(weights: list[torch.Tensor], scales: list[torch.Tensor], out_is_c
 # experts at the same addresses (every step, every layer of a resident model, the streamed slots) reuse
 # theirs instead of a pinned tensor and a copy each time; on the H200 host building them took 1.4 ms per
 # MoE call, before the first kernel. The content is a function of the key, so an entry is never stale;
-# entries are never freed while cached (no allocator reuse under a queued kernel); at most TABLES_MAX
-# (~0.5 KB of GPU memory each), then new ones are made per call. ``clear_tables`` empties it (unload).
+# entries are never freed while cached (no allocator reuse under a queued kernel). At TABLES_MAX entries
+# (~0.5 KB of GPU memory each; new addresses after each reload, other expert subsets at small sizes) the
+# cache is emptied after a device synchronize and fills again. ``clear_tables`` empties it (unload).
 TABLES_MAX = 4096
 _tables: dict[tuple, torch.Tensor | None] = {}
 
@@ -119,8 +120,9 @@ def kernel_table(weights: list[torch.Tensor], scales: list[torch.Tensor], device
     if use_kernel(weights, scales, True):
         table = torch.tensor(offset_table(weights, scales), dtype=torch.int64,
                              pin_memory=True).to(device, non_blocking=True)
-    if len(_tables) < TABLES_MAX:
-        _tables[key] = table
+    if len(_tables) >= TABLES_MAX:
+        clear_tables()  # synchronizes first: no queued kernel still reads a table it frees
+    _tables[key] = table
     return table
 
 

@@ -261,6 +261,21 @@ def test_gpu_offset_tables_are_cached_by_address_and_cleared() -> None:
 
 
 @pytest.mark.gpu
+def test_gpu_a_full_table_cache_starts_again(monkeypatch) -> None:
+    g = torch.Generator("cuda").manual_seed(2)
+    ws, ss = map(list, zip(*[quantize_weight(torch.randn(64, 32, device="cuda", generator=g)) for _ in range(3)]))
+    dev = torch.device("cuda", 0)
+    D.clear_tables()
+    monkeypatch.setattr(D, "TABLES_MAX", 2)
+    D.kernel_table(ws[:1], ss[:1], dev)
+    D.kernel_table(ws[1:2], ss[1:2], dev)
+    assert len(D._tables) == 2
+    t = D.kernel_table(ws[2:], ss[2:], dev)
+    assert len(D._tables) == 1 and t.tolist() == D.offset_table(ws[2:], ss[2:])
+    D.clear_tables()
+
+
+@pytest.mark.gpu
 def test_gpu_dequant_kernel_bit_exact_real_shapes() -> None:
     g = torch.Generator("cuda").manual_seed(0)
     ws, ss = zip(*[quantize_weight(torch.randn(6144, 4096, device="cuda", generator=g) * 0.02) for _ in range(3)])
