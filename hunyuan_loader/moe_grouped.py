@@ -6,13 +6,15 @@ the fused Triton grouped kernel). ``HY3_MOE_GROUPED`` = auto (default: on CUDA, 
 per (rows/expert bucket, shapes) times the available engines on its first chunk, in turn, and keeps
 the first in ``ENGINES`` order unless one whose output agrees with it is clearly faster
 (``SWITCH_MARGIN``); fixed from then on in the process) | triton | dequant | linear | 0 (per-expert
-calls). The activation between the two Linears is one Triton pass (``moe_activation``). ``HY3_MOE_OVERLAP=1`` has the dequant engines overlap the
-dequantization with the GEMMs (``w8a16_dequant.DequantPipeline``): on CUDA the next Linear's
-weights (the down_proj of this chunk, then the gate_up of the next) are dequantized on a side
-stream into a second buffer while this one's GEMMs run; bit-identical to the sequential order,
-which is the default (measured slower overlapped on the H200: see w8a16_dequant.OVERLAP_ENV).
+calls). The activation between the two Linears is one Triton pass (``moe_activation``).
+``HY3_MOE_OVERLAP=1`` has the dequant engines overlap the dequantization with the GEMMs
+(``w8a16_dequant.DequantPipeline``): on CUDA the next Linear's weights (the down_proj of this
+chunk, then the gate_up of the next) are dequantized on a side stream into a second buffer while
+this one's GEMMs run; bit-identical to the sequential order, which is the default (measured slower
+overlapped on the H200: see w8a16_dequant.OVERLAP_ENV).
 
-Memory bound of the grouped path, on top of the per-expert path's: a chunk has at most ``GROUPED_ROWS`` rows (gathered input, gate_up output, activation, output: 16384 x
+Memory bound of the grouped path, on top of the per-expert path's: a chunk has at most
+``GROUPED_ROWS`` rows (gathered input, gate_up output, activation, output: 16384 x
 (4096 + 6144 + 3072 + 4096) x 2 B = ~0.57 GB on the real config) and the dequant engines' two
 buffers together hold at most ``SCRATCH_BYTES`` (512 MiB: 7 experts' bf16 gate_up + down, 504
 MiB; the same chunks with and without overlap) — ~1.1 GB in all; the activations are freed after
