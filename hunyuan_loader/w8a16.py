@@ -56,6 +56,15 @@ class Unsupported(RuntimeError):
 
 
 MAX_BUCKET = 4096
+ALIGN = 16  # bytes: the grouped kernels address each expert's weight and scale in these units
+
+
+def offset_units(tensors: list[torch.Tensor]) -> list[int]:
+    """Each tensor's address from the lowest one's, in ALIGN units: how the grouped Triton kernels
+    (``w8a16_grouped``, ``w8a16_dequant``) reach experts that stay separate parameters through one
+    base pointer. The callers check the ALIGN alignment."""
+    base = min(t.data_ptr() for t in tensors)
+    return [(t.data_ptr() - base) // ALIGN for t in tensors]
 
 
 def m_bucket(m: int) -> int:

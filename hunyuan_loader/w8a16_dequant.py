@@ -34,7 +34,7 @@ from . import w8a16
 
 log = logging.getLogger(__name__)
 
-ALIGN = 16  # bytes: weight and scale offsets are sent in these units
+ALIGN = w8a16.ALIGN  # bytes: weight and scale offsets are sent in these units
 BLOCK = 4096  # elements per program of the dequantization kernel
 ROW_ALIGN = 16  # rows per expert are padded to a multiple of this for torch._grouped_mm
 
@@ -86,9 +86,7 @@ def _triton_ok(weights: list[torch.Tensor], scales: list[torch.Tensor]) -> bool:
 def offset_table(weights: list[torch.Tensor], scales: list[torch.Tensor]) -> list[int]:
     """The Triton kernel's per-expert offsets: each weight's, then each scale's, from the lowest
     address of its kind, in ALIGN units."""
-    wp = min(w.data_ptr() for w in weights)
-    sp = min(x.data_ptr() for x in scales)
-    return [(w.data_ptr() - wp) // ALIGN for w in weights] + [(x.data_ptr() - sp) // ALIGN for x in scales]
+    return w8a16.offset_units(weights) + w8a16.offset_units(scales)
 
 
 def use_kernel(weights: list[torch.Tensor], scales: list[torch.Tensor], out_is_cuda: bool) -> bool:

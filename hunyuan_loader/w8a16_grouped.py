@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import w8a16
 from .cuda_timing import time_ms
 from .w8a16 import Unsupported, m_bucket
 from .w8a16_kernel import (
@@ -47,7 +48,7 @@ from .w8a16_kernel import (
 log = logging.getLogger(__name__)
 
 GROUPED_CONFIGS = [c for c in CONFIGS if not c.SWAP]
-ALIGN = 16  # bytes: weight and scale offsets are sent in these units
+ALIGN = w8a16.ALIGN  # bytes: weight and scale offsets are sent in these units
 
 
 def configs() -> list[Config]:
@@ -154,9 +155,7 @@ def operands(weights: list[torch.Tensor], scales: list[torch.Tensor]) -> Operand
         raise Unsupported(f"grouped W8A16: a weight of {n * k} elements needs 64-bit offsets inside it")
     w_base = min(weights, key=torch.Tensor.data_ptr)
     s_base = min(scales, key=torch.Tensor.data_ptr)
-    wp, sp = w_base.data_ptr(), s_base.data_ptr()
-    return Operands(weights, scales, w_base, s_base,
-                    [(w.data_ptr() - wp) // ALIGN for w in weights], [(s.data_ptr() - sp) // ALIGN for s in scales])
+    return Operands(weights, scales, w_base, s_base, w8a16.offset_units(weights), w8a16.offset_units(scales))
 
 
 def _schedule_tensor(ops: Operands, counts: list[int], block_m: int, device: torch.device) -> tuple[torch.Tensor, int]:
