@@ -15,7 +15,7 @@ from hunyuan_image3.hunyuan_loader import moe_activation as A
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from triton_interpreter import interpret, needs_triton  # noqa: E402
+from triton_interpreter import PRELUDE, interpret, needs_triton  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -33,11 +33,7 @@ def test_cpu_takes_the_official_expression() -> None:
         assert torch.equal(A.silu_mul_eager(h), _official(h))  # any rank: the last dimension is split
 
 
-_INTERPRETED = r"""
-import sys, torch
-sys.path.insert(0, {root!r})
-from hunyuan_loader.standalone import load_pack
-load_pack()
+_INTERPRETED = PRELUDE + r"""
 from hunyuan_image3.hunyuan_loader import moe_activation as A
 torch.manual_seed(0)
 A.BLOCK = 64

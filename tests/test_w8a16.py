@@ -14,7 +14,7 @@ import pytest
 import torch
 from residency_models import inputs, make_model
 from torch import nn
-from triton_interpreter import interpret, needs_triton
+from triton_interpreter import PRELUDE, interpret, needs_triton
 
 from hunyuan_image3.hunyuan_loader import w8a16
 from hunyuan_image3.hunyuan_loader.errors import InputError
@@ -303,20 +303,9 @@ def test_force_unload_strips_w8a16_weights() -> None:
 
 
 # -- the Triton kernel's logic on the CPU interpreter ------------------------------------------
-# Triton 3.6's interpreter turns a loop bound into a Python int with int(<1-element array>),
-# which NumPy >= 2.4 refuses; the prelude makes that one conversion take the element (the
-# kernel under test is unchanged). Everything runs in fp16: the interpreter has no bf16 dot.
-_INTERPRETER_PRELUDE = r"""
-import sys, torch
-from triton.runtime import interpreter as _interp
-_patch = _interp._patch_lang_tensor
-def _patch_lang_tensor(tensor, scope):
-    _patch(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-_interp._patch_lang_tensor = _patch_lang_tensor
-sys.path.insert(0, {root!r})
-from hunyuan_loader.standalone import load_pack
-load_pack()
+# (triton_interpreter.PRELUDE: the pack imported, the NumPy >= 2.4 loop-bound fix.) Everything
+# runs in fp16: the interpreter has no bf16 dot.
+_INTERPRETER_PRELUDE = PRELUDE + r"""
 from hunyuan_image3.hunyuan_loader import w8a16_kernel as k
 from hunyuan_image3.hunyuan_loader.w8a16 import quantize_weight, torch_w8a16
 torch.manual_seed(0)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from triton_interpreter import interpret, needs_triton
+from triton_interpreter import PRELUDE, interpret, needs_triton
 
 from hunyuan_image3.hunyuan_loader import moe_dispatch as md
 from hunyuan_image3.hunyuan_loader import moe_grouped as mg
@@ -39,11 +39,7 @@ def test_torch_fallback_is_dequantize_weight_bit_for_bit() -> None:
         D.dequantize_into(ws, ss, torch.empty(2, 24, 40, dtype=torch.bfloat16))
 
 
-_KERNEL = r"""
-import sys, torch
-sys.path.insert(0, {root!r})
-from hunyuan_loader.standalone import load_pack
-load_pack()
+_KERNEL = PRELUDE + r"""
 from hunyuan_image3.hunyuan_loader import w8a16_dequant as D
 from hunyuan_image3.hunyuan_loader.w8a16 import quantize_weight, dequantize_weight
 torch.manual_seed(0)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from triton_interpreter import interpret, needs_triton
+from triton_interpreter import PRELUDE, interpret, needs_triton
 
 from hunyuan_image3.hunyuan_loader import moe_dispatch as md
 from hunyuan_image3.hunyuan_loader import moe_grouped as mg
@@ -108,17 +108,8 @@ def test_official_expert_mlp_is_what_the_grouped_path_computes() -> None:
 
 
 # -- the kernel in the Triton interpreter ----------------------------------------------------------
-_PRELUDE = r"""
-import os, sys, contextlib, torch
-from triton.runtime import interpreter as _interp
-_patch = _interp._patch_lang_tensor
-def _patch_lang_tensor(tensor, scope):
-    _patch(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-_interp._patch_lang_tensor = _patch_lang_tensor
-sys.path.insert(0, {root!r})
-from hunyuan_loader.standalone import load_pack
-load_pack()
+_PRELUDE = PRELUDE + r"""
+import os, contextlib
 from hunyuan_image3.hunyuan_loader import w8a16_grouped as G
 from hunyuan_image3.hunyuan_loader.w8a16 import quantize_weight, torch_w8a16
 torch.manual_seed(0)

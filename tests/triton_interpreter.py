@@ -17,6 +17,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The start of a script that runs pack code: the pack imported from the repository, and a fix for
+# Triton 3.6's interpreter, which turns a loop bound into a Python int with int(<1-element array>),
+# something NumPy >= 2.4 refuses: that one conversion takes the element (the kernels are unchanged).
+PRELUDE = r"""
+import sys, torch
+from triton.runtime import interpreter as _interp
+_patch = _interp._patch_lang_tensor
+def _patch_lang_tensor(tensor, scope):
+    _patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+_interp._patch_lang_tensor = _patch_lang_tensor
+sys.path.insert(0, {root!r})
+from hunyuan_loader.standalone import load_pack
+load_pack()
+"""
+
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed here")
 
 
