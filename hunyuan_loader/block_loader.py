@@ -222,13 +222,15 @@ def _quick_bnb_replace(hf_quantizer: Any):
     import transformers.integrations.bitsandbytes as bnb_integration
     from transformers.modeling_utils import no_init_weights
 
-    signature = bnb_integration.signature
-    bnb_integration.signature = functools.lru_cache(maxsize=None)(signature)
+    signature = getattr(bnb_integration, "signature", None)  # a module global in transformers 4.57
+    if signature is not None:
+        bnb_integration.signature = functools.lru_cache(maxsize=None)(signature)
     try:
         with no_init_weights():
             yield
     finally:
-        bnb_integration.signature = signature
+        if signature is not None:
+            bnb_integration.signature = signature
 
 
 def _prepare_missing(sk: Skeleton) -> None:
