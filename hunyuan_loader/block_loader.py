@@ -220,7 +220,11 @@ def _quick_bnb_replace(hf_quantizer: Any):
     import functools
 
     import transformers.integrations.bitsandbytes as bnb_integration
-    from transformers.modeling_utils import no_init_weights
+
+    try:
+        from transformers.modeling_utils import no_init_weights
+    except ImportError:  # moved in another transformers: the replacement as transformers does it
+        no_init_weights = contextlib.nullcontext
 
     signature = getattr(bnb_integration, "signature", None)  # a module global in transformers 4.57
     if signature is not None:
