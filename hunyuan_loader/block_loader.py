@@ -392,6 +392,7 @@ class LoadStats:
     read_seconds: float = 0.0
     ring_seconds: float = 0.0  # allocating (and pinning) the reader's ring ...
     ring_ahead: bool = False  # ... on a helper thread while the skeleton was built (else inside read+place)
+    read_early: bool = False  # the reader started before the skeleton was built (a load that quantizes nothing)
     tensors: int = 0
     reads: int = 0  # preadv calls the reader made
 
@@ -420,6 +421,8 @@ class LoadStats:
             parts.append(text)
         if self.ring_seconds:
             parts.append(f"ring {self.ring_seconds:.2f} {'ahead' if self.ring_ahead else 'in read'}")
+        if self.read_early:
+            parts.append("read from before skel")
         return ", ".join(parts)
 
     def describe(self) -> str:
@@ -471,6 +474,35 @@ def gpu_staging_bytes(layout: dict[str, TensorEntry]) -> int:
     if not layout:
         return 0
     return _gpu_ring(max(e.nbytes for e in layout.values()), max(units.values()))
+
+
+def start_reader(sk: Skeleton | None, entries: list[TensorEntry], device: torch.device, ring_bytes: int,
+                 ring: Any = None) -> TensorReader:
+    """The reader of ``entries`` for a load to ``device``: a ``ring_bytes`` ring (``ring`` made ahead: a
+    HostBuffer or a RingAhead) for the tensors only passing through host memory (``_transient``;
+    ``sk`` None: a load that quantizes nothing, whose transient tensors are known without the
+    skeleton: all of them on a GPU, none on the CPU), a ``CPU_READ_AHEAD`` window on the CPU."""
+    cuda = device.type == "cuda"
+    if sk is None:
+        def to_ring(e: TensorEntry) -> bool:
+            return cuda
+    else:
+        def to_ring(e: TensorEntry) -> bool:
+            return _transient(sk, e, device)
+    return TensorReader(entries, to_ring=to_ring, ring_bytes=ring_bytes, pin=cuda,
+                        window=max(ring_bytes, CPU_READ_AHEAD if not cuda else 0), ring=ring)
+
+
+def header_nbytes(entry: TensorEntry) -> int:
+    """What ``entry`` takes once placed in a load that quantizes nothing (bf16, or a pre-quantized
+    checkpoint), from the header alone: its bytes (256-byte aligned), a router counted as float32
+    (kept float32 under bitsandbytes, ``_cast_dtype``). At least ``placed_nbytes``: this model has
+    no ``_keep_in_fp32_modules`` (hunyuan_image_3/hunyuan.py: none), casts only narrow (fp32 -> bf16) and
+    the pre-quantized metadata tensors count 0 once placed."""
+    n = entry.nbytes
+    if entry.name.endswith(ROUTER_SUFFIX + ".weight") and entry.dtype.is_floating_point and entry.dtype.itemsize < 4:
+        n = n // entry.dtype.itemsize * 4
+    return _aligned(n)
 
 
 class _HostBuffersAhead:
@@ -547,14 +579,16 @@ def materialise(
     unit_device: Callable[[LoadUnit], torch.device] | None = None,
     streamed_sizes: dict[int, int] | None = None,
     ring: RingAhead | None = None,
+    reader: TensorReader | None = None,
 ) -> dict[int, PackedBlock]:
     """Read and place every unit in order; returns the streamed blocks' packed host buffers.
 
     ``unit_device(unit)`` puts units on other devices than ``device`` (issue 13: a model split
     over several GPUs). ``streamed_sizes`` (block -> planned bytes) lets a helper thread prepare
     each streamed block's pinned buffer ahead; ``ring`` is the reader's ring made ahead (used if it
-is at least ``ring_bytes``; closed here in any case). ``cancel`` is called between units (it
-raises to stop). On any failure the partial
+is at least ``ring_bytes``; closed here in any case); ``reader`` a reader already started on
+exactly these units' entries (``start_reader``: reading while the skeleton was built), used and
+closed here. ``cancel`` is called between units (it raises to stop). On any failure the partial
     weights are freed before the exception leaves (nothing stays alive, even if the
     traceback keeps the model object).
     """
@@ -573,17 +607,26 @@ raises to stop). On any failure the partial
     packed: dict[int, PackedBlock] = {}
     t0 = time.perf_counter()
     made = None
-    if ring is not None:
-        if ring.nbytes >= ring_bytes > 0:
-            made = ring.take()
-            stats.ring_seconds, stats.ring_ahead = ring.seconds, True
-        ring.close()
-    if made is None and ring_bytes > 0:
-        t_ring = time.perf_counter()
-    reader = TensorReader(entries, to_ring=lambda e: _transient(sk, e, device), ring_bytes=ring_bytes,
-                          pin=cuda, window=max(ring_bytes, CPU_READ_AHEAD if not cuda else 0), ring=made)
-    if made is None and ring_bytes > 0:
-        stats.ring_seconds = time.perf_counter() - t_ring
+    if reader is not None:
+        if len(reader.entries) != len(entries) or any(a is not b for a, b in zip(reader.entries, entries)):
+            reader.close()
+            raise ValueError("the reader started ahead reads other tensors than these units")
+        stats.read_early = True
+        if reader.ring_ahead is not None:
+            stats.ring_seconds, stats.ring_ahead = reader.ring_ahead.seconds, True
+        if ring is not None:
+            ring.close()
+    else:
+        if ring is not None:
+            if ring.nbytes >= ring_bytes > 0:
+                made = ring.take()
+                stats.ring_seconds, stats.ring_ahead = ring.seconds, True
+            ring.close()
+        if made is None and ring_bytes > 0:
+            t_ring = time.perf_counter()
+        reader = start_reader(sk, entries, device, ring_bytes, made)
+        if made is None and ring_bytes > 0:
+            stats.ring_seconds = time.perf_counter() - t_ring
     stats.tensors = len(entries)
     ahead = _HostBuffersAhead({i: streamed_sizes.get(i, 0) for i in streamed}, cuda) \
         if (streamed and streamed_sizes) else None

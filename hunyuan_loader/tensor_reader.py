@@ -88,6 +88,8 @@ class TensorReader:
     copies it elsewhere and releases it) or kept (its own CPU tensor). ``ring_bytes`` is
     the ring size (0: no ring, every tensor gets its own storage); ``pin`` page-locks the
     ring when CUDA is available. ``window`` bounds the bytes read but not yet released.
+    ``ring`` is a ring made ahead: a ``HostBuffer``, or a ``RingAhead`` still being made, which
+    the reader thread takes before its first read (the caller does not wait for the pinning).
     """
 
     def __init__(
@@ -103,14 +105,17 @@ class TensorReader:
         self.entries = list(entries)
         self._to_ring = to_ring
         self.window = max(int(window), 1)
-        self._ring = ring  # a HostBuffer made ahead (RingAhead), else made here
-        if self._ring is None and ring_bytes > 0:
+        self.ring_ahead = ring if isinstance(ring, RingAhead) else None  # taken by the reader thread
+        if self.ring_ahead is None and ring is None and ring_bytes > 0:
             from ..memory.residency.packed import HostBuffer
 
-            self._ring = HostBuffer(_align(ring_bytes), pin=pin)
-        self.ring_bytes = 0 if self._ring is None else self._ring.tensor.numel()
-        # the ring as bytes: a destination is a slice of it (no tensor object per read on the reader thread)
-        self._ring_bytes_view = None if self._ring is None else memoryview(self._ring.tensor.numpy())
+            ring = HostBuffer(_align(ring_bytes), pin=pin)
+        self._ring = self._ring_bytes_view = None
+        self.ring_bytes = 0
+        if self.ring_ahead is not None:
+            self.ring_bytes = self.ring_ahead.nbytes
+        else:
+            self._set_ring(ring)
         self._cond = threading.Condition()
         self._ready: collections.deque[ReadTensor] = collections.deque()
         self._regions: collections.deque[tuple[int, int]] = collections.deque()
@@ -127,6 +132,12 @@ class TensorReader:
         self._advised: dict[int, tuple[int, int]] = {}  # fd -> the byte window the kernel was asked to read ahead
         self._thread = threading.Thread(target=self._run, name="hunyuan-tensor-reader", daemon=True)
         self._thread.start()
+
+    def _set_ring(self, ring: Any) -> None:
+        self._ring = ring
+        self.ring_bytes = 0 if ring is None else ring.tensor.numel()
+        # the ring as bytes: a destination is a slice of it (no tensor object per read on the reader thread)
+        self._ring_bytes_view = None if ring is None else memoryview(ring.tensor.numpy())
 
     # -- consumer side -------------------------------------------------------------------------
     def __iter__(self):
@@ -165,6 +176,8 @@ class TensorReader:
         ring, self._ring = self._ring, None
         if ring is not None:
             release_later(ring)
+        if self.ring_ahead is not None:  # not taken when the thread stopped first: freed here
+            self.ring_ahead.close()
 
     def __enter__(self) -> TensorReader:
         return self
@@ -248,6 +261,10 @@ class TensorReader:
 
     def _run(self) -> None:
         try:
+            if self.ring_ahead is not None:  # made on its own thread; waited for here, not by the caller
+                ring = self.ring_ahead.take()
+                with self._cond:
+                    self._set_ring(ring)
             i, n = 0, len(self.entries)
             while i < n:
                 # a run: the next tensor (waiting for room), then the ones right after it in the same

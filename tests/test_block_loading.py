@@ -520,3 +520,131 @@ def test_reader_keeps_the_kernel_reading_ahead_and_restarts_the_window_after_a_j
         os.close(fd)
         reader.close()
 
+
+
+# -- reading while the skeleton is built (loads that quantize nothing) ------------------------------
+def _reads_during_skeleton(monkeypatch) -> tuple[list[str], list[bool]]:
+    """(tensor names read, one flag per skeleton build: whether a read had begun before it returned).
+    The skeleton waits up to 10 s for a first read, so the flag does not depend on thread timing."""
+    reads: list[str] = []
+    seen: list[bool] = []
+    orig_read, build = TensorReader._read_run, block_loader.build_skeleton
+
+    def counting(self, entries, raws):
+        reads.extend(e.name for e in entries)
+        return orig_read(self, entries, raws)
+
+    def spy(*args, **kwargs):
+        sk = build(*args, **kwargs)
+        deadline = time.monotonic() + 10
+        while not reads and time.monotonic() < deadline:
+            time.sleep(0.005)
+        seen.append(bool(reads))
+        return sk
+
+    monkeypatch.setattr(TensorReader, "_read_run", counting)
+    monkeypatch.setattr(block_loader, "build_skeleton", spy)
+    return reads, seen
+
+
+@pytest.mark.parametrize(("quant", "fmt", "pre"), [("bf16", "w8a16", False), ("nf4", "w8a16", True),
+                                                   ("int8", "w8a16", True), ("nf4", "w8a16", False)])
+def test_a_load_that_quantizes_nothing_reads_while_the_skeleton_is_built(
+        base_checkpoint: Path, tmp_path: Path, monkeypatch, quant: str, fmt: str, pre: bool, one_thread) -> None:
+    """bf16 and pre-quantized loads: planned from the headers, then the reader starts and reads while
+    the skeleton is built; the model is the same as the skeleton-first order gives. A load that
+    quantizes (nf4 from BF16) needs the skeleton for its sizes: nothing is read before it is built."""
+    from hunyuan_image3.hunyuan_loader.loading import save_quantized_copy
+
+    path, fresh = base_checkpoint, None
+    if pre:
+        fresh = load_model(_spec(base_checkpoint, quant, fmt))
+        path = save_quantized_copy(fresh, tmp_path / f"{quant}-pre")
+    reads, seen = _reads_during_skeleton(monkeypatch)
+    ours = load_model(_spec(path, quant, fmt))
+    quantizes = quant != "bf16" and not pre
+    assert seen == [not quantizes] and ours.load_stats.read_early is (not quantizes), ours.load_stats.describe()
+    assert sorted(reads) == sorted(read_layout(validate_checkpoint(path).shard_files))  # each tensor once
+    monkeypatch.undo()
+    if fresh is None:  # the skeleton-first order of from_pretrained
+        ref = load_model(_spec(path, quant, fmt), engine="from_pretrained")
+        assert differences(ours.model, ref.model) == []
+    else:  # the load the copy was written from
+        ref = fresh
+    assert torch.equal(logits(ours.model), logits(ref.model))
+
+
+def test_the_header_plan_refuses_before_the_skeleton_and_any_read(base_checkpoint: Path, monkeypatch) -> None:
+    """A bf16 load whose plan the machine cannot hold is refused from the headers: no skeleton built
+    (the model's code never runs), no byte read, no reader thread left."""
+    import threading
+
+    reads, seen = _reads_during_skeleton(monkeypatch)
+    monkeypatch.setenv("HUNYUAN_RAM_LIMIT_GB", "0.01")
+    with pytest.raises(NotEnoughRAMError, match="Nothing was read"):
+        load_model(_spec(base_checkpoint, "bf16"))
+    assert reads == [] and seen == []
+    assert not [t for t in threading.enumerate() if t.name == "hunyuan-tensor-reader"]
+
+
+def test_a_skeleton_that_fails_while_reading_leaves_no_reader(base_checkpoint: Path, monkeypatch) -> None:
+    """The model's code raises while the reader runs ahead: the error reaches the caller, the reader
+    thread has stopped and its tensors are freed; the next load works."""
+    import threading
+
+    build = block_loader.build_skeleton
+    started: list[int] = []
+
+    def failing(*args, **kwargs):
+        deadline = time.monotonic() + 10
+        while not [t for t in threading.enumerate() if t.name == "hunyuan-tensor-reader"] and time.monotonic() < deadline:
+            time.sleep(0.005)
+        started.append(len([t for t in threading.enumerate() if t.name == "hunyuan-tensor-reader"]))
+        raise RuntimeError("the model's code failed")
+
+    monkeypatch.setattr(block_loader, "build_skeleton", failing)
+    with pytest.raises(RuntimeError, match="the model's code failed"):
+        load_model(_spec(base_checkpoint, "bf16"))
+    assert started == [1]
+    assert not [t for t in threading.enumerate() if t.name == "hunyuan-tensor-reader"]
+    monkeypatch.setattr(block_loader, "build_skeleton", build)
+    assert load_model(_spec(base_checkpoint, "bf16")).model is not None
+
+
+def test_a_checkpoint_tensor_the_model_does_not_use_falls_back_to_the_skeleton_order(
+        base_checkpoint: Path, tmp_path: Path, one_thread) -> None:
+    """An extra tensor in the checkpoint (transformers leaves it out): the reader started from the
+    headers reads other tensors than the model loads, so it is closed and the load reads in the
+    skeleton's order; same model as without the extra tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "extra"
+    shutil.copytree(base_checkpoint, copy)
+    shard = sorted(copy.glob("*.safetensors"))[0]
+    tensors = load_file(str(shard))
+    tensors["model.not_a_module.weight"] = torch.ones(4, 4, dtype=torch.bfloat16)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index = copy / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"]["model.not_a_module.weight"] = shard.name
+        index.write_text(json.dumps(data))
+    ours = load_model(_spec(copy, "bf16"))
+    assert not ours.load_stats.read_early, ours.load_stats.describe()
+    assert torch.equal(logits(ours.model), logits(load_model(_spec(base_checkpoint, "bf16")).model))
+
+
+@pytest.mark.gpu
+def test_gpu_pre_quantized_load_reads_while_the_skeleton_is_built(base_checkpoint: Path, tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    from hunyuan_image3.hunyuan_loader.loading import save_quantized_copy
+
+    fresh = load_model(_spec(base_checkpoint, "nf4", multi_gpu="off"))
+    path = save_quantized_copy(fresh, tmp_path / "nf4-pre")
+    reads, seen = _reads_during_skeleton(monkeypatch)
+    ours = load_model(_spec(path, "nf4", multi_gpu="off"))
+    st = ours.load_stats
+    assert seen == [True] and st.read_early and st.ring_ahead, st.describe()
+    assert torch.equal(logits(ours.model), logits(fresh.model))
