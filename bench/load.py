@@ -9,7 +9,8 @@ Without --layers, the layer count is chosen from the free space of --dir (at lea
 set plus the largest pre-quantized copy that exists at the same time (each copy is deleted after
 its rows), with a safety margin, and at most what fits the time limit.
 
-Rows: the disk read floor (plain sequential read of the same files); ours for bf16 / int8 / nf4
+Rows: the disk read floor (plain sequential read of the same files; for the pre-quantized copies, read
+again right before each of their rows); ours for bf16 / int8 / nf4
 from the BF16 files and for int8 / nf4 pre-quantized copies (written by the pack from the
 resident loads), each resident and "smart" with half of the blocks streamed; the earlier path
 (from_pretrained with device_map cpu, then the residency engine places blocks) and accelerate's
@@ -407,7 +408,7 @@ def main() -> int:
         r.order = 11
         record(r, out, "bf16")
     os.environ["HUNYUAN_MIN_STREAMED_BLOCKS"] = str(half)
-    floors = {"bf16": floor}
+    floors: dict[str, list[float]] = {"bf16": [floor]}
     for k, quant in enumerate(("int8", "nf4")):
         label = quant if quant != "int8" else f"int8 {fmt}"
         r, out = run_load(f"ours {label} resident", bf16_files, floor, lambda q=quant: load_model(spec(ckpt, q)),
@@ -420,17 +421,16 @@ def main() -> int:
             r.order = 1 + k
             record(r, out, quant)
         files = weight_files(copies[quant])
-        qfloor, qbytes = disk_floor(files)
-        floors[quant] = qfloor
-        say(f"disk floor ({quant} copy): {qbytes / GB:.1f} GB in {qfloor:.1f} s = {qbytes / GB / qfloor:.2f} GB/s")
-        r, out = run_load(f"ours {label} pre-quantized resident", files, qfloor,
-                          lambda q=quant: load_model(spec(copies[q], q)))
-        r.order = 3 + k
-        record(r, out, quant)
-        r, out = run_load(f"ours {label} pre-quantized smart ({half}/{n} streamed)", files, qfloor,
-                          lambda q=quant: load_model(spec(copies[q], q, smart=True)))
-        r.order = 3 + k
-        record(r, out, quant)
+        # the copies are read in seconds, and this disk's rate drifts by ~10% from one minute to the next
+        # (1.56-2.06 GB/s in one run): each copy row is compared with a floor read right before it
+        for row_name, smart in ((f"ours {label} pre-quantized resident", False),
+                                (f"ours {label} pre-quantized smart ({half}/{n} streamed)", True)):
+            qfloor, qbytes = disk_floor(files)
+            floors.setdefault(quant, []).append(qfloor)
+            say(f"disk floor ({quant} copy): {qbytes / GB:.1f} GB in {qfloor:.1f} s = {qbytes / GB / qfloor:.2f} GB/s")
+            r, out = run_load(row_name, files, qfloor, lambda q=quant, sm=smart: load_model(spec(copies[q], q, smart=sm)))
+            r.order = 3 + k
+            record(r, out, quant)
         if not args.keep:
             shutil.rmtree(copies[quant], ignore_errors=True)
     os.environ.pop("HUNYUAN_MIN_STREAMED_BLOCKS", None)
@@ -449,8 +449,10 @@ def main() -> int:
           "the reader's rate from its first byte to its last and the time placing waited on it; fin: "
           "generation_config, quantizer post-processing; adopt: the residency manager takes the placed blocks; "
           "tok: tokenizer; moe: MoE dispatch; other: the rest of load_model), the ring's allocation (made "
-          "ahead while the skeleton is built, or inside read), and the time between load_model's return and the "
-          "GPU being idle. " + ", ".join(f"{q} floor {t:.1f} s" for q, t in floors.items()) + ".")
+          "ahead while the skeleton is built, or inside read), 'read from before skel' (a load that quantizes nothing: "
+          "the reader started once the plan from the headers passed, and read while the skeleton was built), and the time between load_model's return and the "
+          "GPU being idle. Each copy row is divided by a floor read right before it. " + "; ".join(
+              f"{q} floor {', '.join(f'{t:.1f}' for t in ts)} s" for q, ts in floors.items()) + ".")
     if not args.keep:
         for c in copies.values():
             shutil.rmtree(c, ignore_errors=True)
