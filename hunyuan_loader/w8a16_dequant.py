@@ -9,15 +9,16 @@ per expert.
 
 Definition: the scale is folded into the dequantization, ``w = bf16(fp32(q) * fp32(s))`` per
 output channel, exactly ``w8a16.dequantize_weight(q, s, bf16)``; the GEMM then computes
-``x @ w.T`` with an fp32 accumulator. ``dequantize_into`` is bit-exact to that definition on
-both of its paths (the Triton kernel and the torch fallback; the kernel rounds fp32 -> bf16 to
-nearest-even on the bits itself, so Triton's CPU interpreter, whose bf16 cast truncates, gives
-the GPU's bits too).
+``x @ w.T`` with an fp32 accumulator. ``dequantize_groups`` / ``dequantize_into`` are bit-exact
+to that definition on both of their paths (the Triton kernel and the torch fallback; the kernel
+rounds fp32 -> bf16 to nearest-even on the bits itself, so Triton's CPU interpreter, whose bf16
+cast truncates, gives the GPU's bits too).
 
 The experts stay separate parameters (streaming, parking, soft unload move them one by one):
-the Triton kernel addresses them as ``w8a16_grouped`` does, from the lowest-addressed
-weight/scale as base pointers plus a per-expert offset table in 16-byte units, rebuilt every
-call.
+the Triton kernel reaches them as ``w8a16_grouped`` does, from the lowest-addressed weight /
+scale as base pointers, through a table with one row per expert (``entry_table``: weight and
+scale offsets in 16-byte units, N*K, K, and where its output starts), so one launch can fill
+several Linears' buffers (a chunk's gate_up and down: ``DequantPipeline``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -37,6 +39,12 @@ log = logging.getLogger(__name__)
 ALIGN = w8a16.ALIGN  # bytes: weight and scale offsets are sent in these units
 BLOCK = 4096  # elements per program of the dequantization kernel
 ROW_ALIGN = 16  # rows per expert are padded to a multiple of this for torch._grouped_mm
+ENTRY_COLS = 5  # a kernel table row: weight offset, scale offset (ALIGN units), N*K, K, output offset (elements)
+OUT_ALIGN = 256  # elements: the pipeline's second buffer starts at a multiple of this (512 B in bf16)
+
+# One Linear's experts for ``dequantize_groups``: weights, scales, and the output offset (elements) from
+# which their dequantized weights are written one after another, N*K elements each.
+Group = tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], int]
 
 _triton: Any = None  # the Triton kernel (a function), False once unavailable
 _grouped_mm_ok: dict[tuple[str, int | None], bool] = {}
@@ -50,24 +58,25 @@ def _kernel() -> Any:
             import triton.language as tl
 
             @triton.jit
-            def _dequant_kernel(w_ptr, s_ptr, out_ptr, table_ptr, n_experts, NK, K,
-                                BLOCK: tl.constexpr, W_UNIT: tl.constexpr, S_UNIT: tl.constexpr,
-                                BF16_BITS: tl.constexpr):
-                e = tl.program_id(0)
-                offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-                mask = offs < NK
-                w_off = tl.load(table_ptr + e) * W_UNIT
-                s_off = tl.load(table_ptr + n_experts + e) * S_UNIT
-                q = tl.load(w_ptr + w_off + offs, mask=mask, other=0)
-                s = tl.load(s_ptr + s_off + offs // K, mask=mask, other=0.0)
-                w = q.to(tl.float32) * s.to(tl.float32)
-                dst = out_ptr + e.to(tl.int64) * NK + offs
-                if BF16_BITS:  # out is bf16 seen as int16: round to nearest even on the bits
-                    bits = w.to(tl.uint32, bitcast=True)
-                    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-                    tl.store(dst, bits.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
-                else:
-                    tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=mask)
+            def _dequant_kernel(w_ptr, s_ptr, out_ptr, table_ptr, BLOCK: tl.constexpr, W_UNIT: tl.constexpr,
+                                S_UNIT: tl.constexpr, BF16_BITS: tl.constexpr):
+                row = table_ptr + tl.program_id(0) * 5  # this program's expert (ENTRY_COLS)
+                nk = tl.load(row + 2).to(tl.int32)
+                start = tl.program_id(1) * BLOCK
+                if start < nk:  # the grid covers the largest N*K: the other entries' extra programs do nothing
+                    k = tl.load(row + 3).to(tl.int32)
+                    offs = start + tl.arange(0, BLOCK)
+                    mask = offs < nk
+                    q = tl.load(w_ptr + tl.load(row) * W_UNIT + offs, mask=mask, other=0)
+                    s = tl.load(s_ptr + tl.load(row + 1) * S_UNIT + offs // k, mask=mask, other=0.0)
+                    w = q.to(tl.float32) * s.to(tl.float32)
+                    dst = out_ptr + tl.load(row + 4) + offs
+                    if BF16_BITS:  # out is bf16 seen as int16: round to nearest even on the bits
+                        bits = w.to(tl.uint32, bitcast=True)
+                        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+                        tl.store(dst, bits.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+                    else:
+                        tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=mask)
 
             _triton = (triton, _dequant_kernel)
         except Exception as exc:  # noqa: BLE001 - no Triton: the torch fallback
@@ -76,48 +85,95 @@ def _kernel() -> Any:
     return _triton
 
 
-def _triton_ok(weights: list[torch.Tensor], scales: list[torch.Tensor]) -> bool:
-    n, k = weights[0].shape
-    return (all(w.data_ptr() % ALIGN == 0 and s.data_ptr() % ALIGN == 0 and w.is_contiguous()
-                and s.is_contiguous() and s.dtype == scales[0].dtype for w, s in zip(weights, scales))
-            and n * k < 2**31 - BLOCK)
+def _triton_ok(groups: Sequence[Group]) -> bool:
+    """Every weight and scale 16-byte aligned and contiguous, one scale dtype, one weight shape per
+    group with N*K within int32."""
+    sdt = next((ss[0].dtype for _, ss, _ in groups if len(ss)), None)
+    for ws, ss, _ in groups:
+        if not len(ws):
+            continue
+        shape = ws[0].shape
+        n, k = shape
+        if n * k >= 2**31 - BLOCK:
+            return False
+        for w, s in zip(ws, ss):
+            if (w.data_ptr() % ALIGN or s.data_ptr() % ALIGN or not w.is_contiguous() or not s.is_contiguous()
+                    or s.dtype != sdt or w.shape != shape):
+                return False
+    return True
+
+
+def entry_table(groups: Sequence[Group]) -> list[int]:
+    """The Triton kernel's table, ``ENTRY_COLS`` numbers per expert of every group in order: its
+    weight's and its scale's offset from the lowest address of their kind over all groups, in ALIGN
+    units, N*K, K, and the output offset in elements (the group's offset + i * N*K for its i-th)."""
+    wo = w8a16.offset_units([w for ws, _, _ in groups for w in ws])
+    so = w8a16.offset_units([s for _, ss, _ in groups for s in ss])
+    rows, i = [], 0
+    for ws, _, off in groups:
+        if not len(ws):
+            continue
+        n, k = ws[0].shape
+        for e in range(len(ws)):
+            rows += (wo[i], so[i], n * k, k, off + e * n * k)
+            i += 1
+    return rows
 
 
 def offset_table(weights: list[torch.Tensor], scales: list[torch.Tensor]) -> list[int]:
-    """The Triton kernel's per-expert offsets: each weight's, then each scale's, from the lowest
-    address of its kind, in ALIGN units."""
-    return w8a16.offset_units(weights) + w8a16.offset_units(scales)
+    """``entry_table`` of one Linear's experts written from offset 0."""
+    return entry_table([(weights, scales, 0)])
 
 
 def use_kernel(weights: list[torch.Tensor], scales: list[torch.Tensor], out_is_cuda: bool) -> bool:
     """Whether ``dequantize_into`` takes the Triton kernel for these experts on its own choice."""
-    return out_is_cuda and bool(_kernel()) and _triton_ok(weights, scales)
+    return out_is_cuda and bool(_kernel()) and _triton_ok([(weights, scales, 0)])
 
 
-# Offset tables on the GPU, by what defines them (device, shapes, scale dtype, every address): the same
-# experts at the same addresses (every step, every layer of a resident model, the streamed slots) reuse
-# theirs instead of a pinned tensor and a copy each time; on the H200 host building them took 1.4 ms per
-# MoE call, before the first kernel. The content is a function of the key, so an entry is never stale;
-# entries are never freed while cached (no allocator reuse under a queued kernel). At TABLES_MAX entries
-# (~0.5 KB of GPU memory each; new addresses after each reload, other expert subsets at small sizes) the
-# cache is emptied after a device synchronize and fills again. ``clear_tables`` empties it (unload).
+# Kernel tables on the GPU, by what defines them (device, per group: shape, dtypes, output offset, every
+# address): the same experts at the same addresses (every step, every layer of a resident model, the
+# streamed slots) reuse theirs instead of a pinned tensor and a copy each time; on the H200 host building
+# them took 1.4 ms per MoE call, before the first kernel. The content is a function of the key, so an entry
+# is never stale; entries are never freed while cached (no allocator reuse under a queued kernel). At
+# TABLES_MAX entries (~1 KB of GPU memory each; new addresses after each reload, other expert subsets at
+# small sizes) the cache is emptied after a device synchronize and fills again. ``clear_tables`` empties it
+# (unload). A hit checks contiguity with one C-level map per list (a non-contiguous view at a cached
+# address, e.g. a square weight transposed, is not given the kernel) but builds no generator.
 TABLES_MAX = 4096
 _tables: dict[tuple, torch.Tensor | None] = {}
+_ptr = torch.Tensor.data_ptr
+_contiguous = torch.Tensor.is_contiguous
 
 
-def kernel_table(weights: list[torch.Tensor], scales: list[torch.Tensor], device: torch.device) -> torch.Tensor | None:
-    """The Triton kernel's ``offset_table`` of these experts on ``device`` (cached), or None when the
+def _table_key(groups: Sequence[Group], device: torch.device) -> tuple:
+    key: list = [device.type, device.index]
+    for ws, ss, off in groups:
+        if len(ws):
+            key += (ws[0].shape, ws[0].dtype, ss[0].dtype, off, len(ws))
+            key += map(_ptr, ws)
+            key += map(_ptr, ss)
+    return tuple(key)
+
+
+def kernel_table(groups: Sequence[Group], device: torch.device) -> torch.Tensor | None:
+    """The Triton kernel's ``entry_table`` of ``groups`` on ``device`` (cached), or None when the
     kernel does not take them (no CUDA / Triton, misaligned or non-contiguous tensors: the torch path)."""
     if device.type != "cuda":
         return None
-    key = (device.index, weights[0].shape, scales[0].dtype, *(w.data_ptr() for w in weights),
-           *(x.data_ptr() for x in scales))
-    if key in _tables and all(w.is_contiguous() for w in weights) and all(x.is_contiguous() for x in scales):
-        return _tables[key]
+    return cached_table(groups, device)
+
+
+def cached_table(groups: Sequence[Group], device: torch.device) -> torch.Tensor | None:
+    """``kernel_table`` without the CUDA check (the cache's logic runs on the CPU in tests)."""
+    key = _table_key(groups, device)
+    if key in _tables:
+        if all(all(map(_contiguous, ws)) and all(map(_contiguous, ss)) for ws, ss, _ in groups):
+            return _tables[key]
+        return None  # a non-contiguous view at cached addresses: not cached, the torch path
     table = None
-    if use_kernel(weights, scales, True):
-        table = torch.tensor(offset_table(weights, scales), dtype=torch.int64,
-                             pin_memory=True).to(device, non_blocking=True)
+    if _kernel() and _triton_ok(groups):
+        cuda = device.type == "cuda"
+        table = torch.tensor(entry_table(groups), dtype=torch.int64, pin_memory=cuda).to(device, non_blocking=cuda)
     if len(_tables) >= TABLES_MAX:
         clear_tables()  # synchronizes first: no queued kernel still reads a table it frees
     _tables[key] = table
@@ -125,43 +181,64 @@ def kernel_table(weights: list[torch.Tensor], scales: list[torch.Tensor], device
 
 
 def clear_tables() -> None:
-    """Forget the cached offset tables (after the GPU has finished with them)."""
+    """Forget the cached kernel tables (after the GPU has finished with them)."""
     if _tables and torch.cuda.is_available():
         torch.cuda.synchronize()
     _tables.clear()
 
 
 @torch.no_grad()
+def dequantize_groups(groups: Sequence[Group], out: torch.Tensor, *, use_triton: bool | None = None,
+                      table: torch.Tensor | None = None) -> torch.Tensor:
+    """For each group ``(weights, scales, offset)``, write ``dequantize_weight(weights[i], scales[i],
+    out.dtype)`` into the contiguous ``out`` seen flat, from element ``offset + i * N * K`` on: one
+    Triton launch for every expert of every group (CUDA, or the interpreter; grid: experts x the
+    largest N*K in BLOCKs), else one torch expression per expert. ``use_triton`` forces a path;
+    ``table`` is ``entry_table(groups)`` already on ``out``'s device (``kernel_table``)."""
+    if not out.is_contiguous():
+        raise ValueError(f"scratch {tuple(out.shape)} is not contiguous")
+    need = entries = max_nk = 0
+    for ws, _, off in groups:
+        if len(ws):
+            n, k = ws[0].shape
+            need = max(need, off + len(ws) * n * k)
+            entries += len(ws)
+            max_nk = max(max_nk, n * k)
+    if out.numel() < need:
+        raise ValueError(f"scratch {tuple(out.shape)} cannot hold the dequantized experts ({need} elements)")
+    if not entries:
+        return out
+    if use_triton is None:
+        use_triton = out.is_cuda and bool(_kernel()) and _triton_ok(groups)
+    flat = out.view(-1)
+    if not use_triton:
+        for ws, ss, off in groups:
+            for i, (q, s) in enumerate(zip(ws, ss)):
+                n, k = q.shape
+                flat[off + i * n * k: off + (i + 1) * n * k].view(n, k).copy_(w8a16.dequantize_weight(q, s, out.dtype))
+        return out
+    triton, kern = _kernel()
+    w_base = min((w for ws, _, _ in groups for w in ws), key=_ptr)
+    s_base = min((s for _, ss, _ in groups for s in ss), key=_ptr)
+    if table is None:
+        table = torch.tensor(entry_table(groups), dtype=torch.int64,
+                             pin_memory=out.is_cuda).to(out.device, non_blocking=True)
+    bf16 = out.dtype == torch.bfloat16
+    kern[(entries, triton.cdiv(max_nk, BLOCK))](
+        w_base, s_base, flat.view(torch.int16) if bf16 else flat, table,
+        BLOCK=BLOCK, W_UNIT=ALIGN, S_UNIT=ALIGN // s_base.element_size(), BF16_BITS=bf16, num_warps=8)
+    return out
+
+
 def dequantize_into(weights: list[torch.Tensor], scales: list[torch.Tensor], out: torch.Tensor,
                     *, use_triton: bool | None = None, table: torch.Tensor | None = None) -> torch.Tensor:
     """Write ``dequantize_weight(weights[i], scales[i], out.dtype)`` into ``out[i]`` for every
-    expert (``out`` is ``[E, N, K]``, contiguous): one Triton launch for all of them (CUDA, or the
-    interpreter), else one torch expression per expert. ``use_triton`` forces a path (tests);
-    ``table`` is ``offset_table(weights, scales)`` already on ``out``'s device (``DequantPipeline``
-    sends all its stages' tables in one copy)."""
+    expert (``out`` is ``[E, N, K]``, contiguous): ``dequantize_groups`` of one group at offset 0.
+    ``table`` is ``offset_table(weights, scales)`` on ``out``'s device."""
     e = len(weights)
-    if out.shape[0] < e or not out.is_contiguous():
+    if out.shape[0] < e or not out.is_contiguous() or (e and tuple(out.shape[1:]) != tuple(weights[0].shape)):
         raise ValueError(f"scratch {tuple(out.shape)} cannot hold {e} experts (or is not contiguous)")
-    if e == 0:
-        return out
-    n, k = weights[0].shape
-    if use_triton is None:
-        use_triton = use_kernel(weights, scales, out.is_cuda)
-    if not use_triton:
-        for i, (q, s) in enumerate(zip(weights, scales)):
-            out[i].copy_(w8a16.dequantize_weight(q, s, out.dtype))
-        return out
-    triton, kern = _kernel()
-    w_base = min(weights, key=torch.Tensor.data_ptr)
-    s_base = min(scales, key=torch.Tensor.data_ptr)
-    if table is None:
-        table = torch.tensor(offset_table(weights, scales), dtype=torch.int64,
-                             pin_memory=out.is_cuda).to(out.device, non_blocking=True)
-    grid = (e, triton.cdiv(n * k, BLOCK))
-    bf16 = out.dtype == torch.bfloat16
-    kern[grid](w_base, s_base, out.view(torch.int16) if bf16 else out, table, e, n * k, k,
-               BLOCK=BLOCK, W_UNIT=ALIGN, S_UNIT=ALIGN // s_base.element_size(), BF16_BITS=bf16, num_warps=8)
-    return out
+    return dequantize_groups([(weights, scales, 0)], out, use_triton=use_triton, table=table)
 
 
 def experts_per_chunk(shapes: list[tuple[int, int]], scratch_bytes: int, itemsize: int = 2) -> int:
@@ -211,11 +288,14 @@ def grouped_mm_available(x: torch.Tensor) -> bool:
 
 
 def gemm_rows(xs: torch.Tensor, w: torch.Tensor, counts: list[int], *, gemm: str,
-              starts: list[int]) -> torch.Tensor:
+              starts: list[int], wt: Sequence[torch.Tensor] | None = None,
+              packed: bool | None = None) -> torch.Tensor:
     """``y[rows of e] = xs[rows of e] @ w[e].T`` for ``w`` ``[E, N, K]`` (dequantized weights of the
     experts with rows). ``xs`` rows: expert ``e``'s start at ``starts[e]``; for ``gemm="grouped_mm"``
     each expert's block is ``padded_rows`` long. "linear": one ``torch.mm`` per expert straight into
-    its rows of one preallocated output (no per-expert allocation, copy or host sync)."""
+    its rows of one preallocated output (no per-expert allocation, copy or host sync); ``wt`` are
+    the ``w[e].T`` views already made (``DequantPipeline.transposed``), ``packed`` says the rows lie
+    back to back from 0 (None: checked)."""
     n = w.shape[1]
     if gemm == "grouped_mm":
         ends = [s + p for s, p in zip(starts, padded_rows(counts))]
@@ -226,14 +306,17 @@ def gemm_rows(xs: torch.Tensor, w: torch.Tensor, counts: list[int], *, gemm: str
     y = torch.empty(xs.shape[0], n, dtype=xs.dtype, device=xs.device)
     # the views made in bulk (one split / unbind call each, not four view ops per expert): at 64
     # experts the launches, not the GPU, set the pace of this loop on the H200
-    if sum(counts) == xs.shape[0] and starts == list(itertools.accumulate(counts[:-1], initial=0)):
-        xv, yv = xs.split(counts), y.split(counts)
+    if packed is None:
+        packed = sum(counts) == xs.shape[0] and starts == list(itertools.accumulate(counts[:-1], initial=0))
+    if packed:
+        xv, yv = xs.split_with_sizes(counts), y.split_with_sizes(counts)  # (Tensor.split: a Python wrapper)
     else:
         xv = [xs[s:s + c] for s, c in zip(starts, counts)]
         yv = [y[s:s + c] for s, c in zip(starts, counts)]
-    for a, wt, o, c in zip(xv, w.transpose(1, 2).unbind(0), yv, counts):
+    mm = torch.mm
+    for a, b, o, c in zip(xv, w.transpose(1, 2).unbind(0) if wt is None else wt, yv, counts):
         if c:
-            torch.mm(a, wt, out=o)
+            mm(a, b, out=o)
     return y
 
 
@@ -253,13 +336,30 @@ def dequant_linear(xs: torch.Tensor, weights: list[torch.Tensor], scales: list[t
 # dequantization running beside cuBLAS slowed it more than it hid (64 experts at 8,448 tokens: 11.5 ms
 # sequential, 13.4 ms overlapped, bench/int8.py), both kernels wanting the same memory bandwidth and SMs.
 OVERLAP_ENV = "HY3_MOE_OVERLAP"
+# 1 (default): without the overlap, one dequantization launch per chunk for its gate_up AND down buffers
+# (half the Triton launches, ~30 us of host time each on the H200's host) | 0: one launch per Linear.
+PAIR_ENV = "HY3_MOE_PAIR_DEQUANT"
 _side: dict[int, Any] = {}  # one side stream per CUDA device, created once
+
+
+def _flag(name: str, default: str) -> bool:
+    value = os.environ.get(name, default).strip().lower()
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    raise ValueError(f"{name}={value!r}: use 1 or 0")
 
 
 def overlap_enabled(device: torch.device) -> bool:
     """Double-buffered dequantization on a side stream: CUDA and ``HY3_MOE_OVERLAP=1`` (off by default)."""
     flag = os.environ.get(OVERLAP_ENV, "0").strip().lower()
     return device.type == "cuda" and flag in ("1", "on", "true", "yes")
+
+
+def pair_enabled() -> bool:
+    """``HY3_MOE_PAIR_DEQUANT`` (on by default): a chunk's two Linears dequantized in one launch."""
+    return _flag(PAIR_ENV, "1")
 
 
 def side_stream(device: torch.device) -> Any:
@@ -271,29 +371,38 @@ def side_stream(device: torch.device) -> Any:
 
 class DequantPipeline:
     """The dequantized weights of a sequence of stages (one Linear of one chunk of experts each,
-    in the order their GEMMs run: chunk 0 gate_up, chunk 0 down, chunk 1 gate_up, ...), stage
-    ``j`` written into buffer ``j % 2`` (``buffer_of``). Use: ``w = acquire(j)``; the GEMMs that
-    read ``w`` on the current stream; ``release(j)``; at the end ``close()``.
+    in the order their GEMMs run: chunk 0 gate_up, chunk 0 down, chunk 1 gate_up, ...: stages
+    ``2c`` and ``2c + 1`` are chunk ``c``'s), stage ``j`` written into buffer ``j % 2``
+    (``buffer_of``). Use: ``w = acquire(j)``; the GEMMs that read ``w`` on the current stream;
+    ``release(j)``; at the end ``close()``.
+
+    Without ``overlap`` (the default; CPU, ``HY3_MOE_OVERLAP=0``) stages are dequantized in
+    ``acquire`` on the current stream; with ``pair`` (default: ``HY3_MOE_PAIR_DEQUANT``, on, and
+    not ``prefetch``) ``acquire(2c)`` dequantizes stage ``2c + 1`` in the same launch
+    (``dequantize_groups``: both buffers are parts of one allocation), so a chunk costs one
+    dequantization launch; ``prefetch`` keeps the overlapped issue order (CPU tests).
 
     With ``overlap`` (CUDA): ``acquire(j)`` also issues stage ``j + 1``'s dequantization on the
-    device's side stream, into the other buffer, so it runs while stage ``j``'s GEMMs do. Events
-    order it: the side stream waits, before overwriting a buffer, for the event recorded by
-    ``release`` after the GEMMs that last read it (stage ``j - 1``; when that was never released,
-    for everything queued on the main stream); the main stream waits for the stage's dequant event
-    before reading. The buffers are owned by the pipeline for the whole call and marked with
-    ``record_stream``; ``close`` makes the main stream wait for the side stream, so nothing the side
-    stream reads or writes (weights, scales, buffers) can be freed and handed out under it. Same
-    kernels, same inputs, same GEMMs on the same stream: bit-identical to the sequential order.
-    Without ``overlap`` (CPU, ``HY3_MOE_OVERLAP=0``) each stage is dequantized in ``acquire`` on the
-    current stream; ``prefetch`` keeps the overlapped issue order there too (CPU tests).
+    device's side stream, into the other buffer, so it runs while stage ``j``'s GEMMs do (one
+    launch per stage). Events order it: the side stream waits, before overwriting a buffer, for
+    the event recorded by ``release`` after the GEMMs that last read it (stage ``j - 1``; when that
+    was never released, for everything queued on the main stream); the main stream waits for the
+    stage's dequant event before reading. The scratch is owned by the pipeline for the whole call
+    and marked with ``record_stream``; ``close`` makes the main stream wait for the side stream, so
+    nothing the side stream reads or writes (weights, scales, buffers) can be freed and handed out
+    under it. Same kernels, same inputs, same GEMMs on the same stream: bit-identical to the
+    sequential order.
 
     Memory: buffer ``p`` holds the largest stage of parity ``p`` (the dispatch alternates gate_up /
     down, so one gate_up buffer and one down buffer: ``E * (6144 + 3072) * 4096 * 2`` bytes for a
-    chunk of ``E`` experts on the real config, within ``moe_grouped.SCRATCH_BYTES``).
-    ``trace`` records ("dequant", j, buffer) / ("gemm", j) in issue order."""
+    chunk of ``E`` experts on the real config, within ``moe_grouped.scratch_bytes()``), both in one
+    allocation (``scratch``; the second from an ``OUT_ALIGN`` multiple). The ``[E, N, K]`` views and
+    their per-expert transposes are made once per shape and buffer. ``trace`` records ("launch",
+    stages), ("dequant", j, buffer) and ("gemm", j) in issue order."""
 
     def __init__(self, stages: list[tuple[list[torch.Tensor], list[torch.Tensor]]], dtype: torch.dtype,
-                 device: torch.device, *, overlap: bool | None = None, prefetch: bool | None = None) -> None:
+                 device: torch.device, *, overlap: bool | None = None, prefetch: bool | None = None,
+                 pair: bool | None = None) -> None:
         self.stages = stages
         self.shapes = [(len(ws), *ws[0].shape) for ws, _ in stages]
         sizes = [0, 0]
@@ -301,37 +410,61 @@ class DequantPipeline:
             sizes[j % 2] = max(sizes[j % 2], e * n * k)
         self.overlap = overlap_enabled(device) if overlap is None else overlap and device.type == "cuda"
         self.prefetch = self.overlap if prefetch is None else prefetch
-        self.buffers = [torch.empty(n, dtype=dtype, device=device) for n in sizes]
+        self.pair = (pair_enabled() if pair is None else pair) and not self.prefetch
+        second = -(-sizes[0] // OUT_ALIGN) * OUT_ALIGN if sizes[1] else sizes[0]
+        self.offsets = (0, second)  # of each buffer in ``scratch``, in elements
+        self.scratch = torch.empty(second + sizes[1], dtype=dtype, device=device)
+        self.buffers = [self.scratch[:sizes[0]], self.scratch[second:second + sizes[1]]]
         self.device = device
         self.trace: list[tuple] = []
         self._issued: dict[int, Any] = {}  # j -> dequant event (None without overlap) or the exception
         self._released: dict[int, Any] = {}
+        self._views: dict[tuple, torch.Tensor] = {}
+        self._transposed: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self._main = self._side = None
         if self.overlap:
             self._main = torch.cuda.current_stream(device)
             self._side = side_stream(device)
             self._side.wait_stream(self._main)  # weights just made resident on the main stream
-            for b in self.buffers:
-                b.record_stream(self._side)
+            self.scratch.record_stream(self._side)
 
     @staticmethod
     def buffer_of(j: int) -> int:
         return j % 2
 
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers)
+        return self.scratch.numel() * self.scratch.element_size()
 
     def _view(self, j: int) -> torch.Tensor:
-        e, n, k = self.shapes[j]
-        return self.buffers[self.buffer_of(j)][: e * n * k].view(e, n, k)
+        key = (j % 2, self.shapes[j])
+        v = self._views.get(key)
+        if v is None:
+            e, n, k = self.shapes[j]
+            v = self._views[key] = self.buffers[j % 2][: e * n * k].view(e, n, k)
+        return v
+
+    def transposed(self, j: int) -> tuple[torch.Tensor, ...]:
+        """``w[e].T`` for each expert of stage ``j``'s view ``w`` (for ``gemm_rows``'s ``wt``), made
+        once per shape and buffer."""
+        key = (j % 2, self.shapes[j])
+        t = self._transposed.get(key)
+        if t is None:
+            t = self._transposed[key] = self._view(j).transpose(1, 2).unbind(0)
+        return t
+
+    def _groups(self, js: tuple[int, ...]) -> list[Group]:
+        return [(self.stages[j][0], self.stages[j][1], self.offsets[j % 2]) for j in js]
 
     def _issue(self, j: int) -> None:
-        ws, ss = self.stages[j]
-        self.trace.append(("dequant", j, self.buffer_of(j)))
+        js = (j, j + 1) if self.pair and j % 2 == 0 and j + 1 < len(self.stages) else (j,)
+        self.trace.append(("launch", js))
+        self.trace.extend(("dequant", i, self.buffer_of(i)) for i in js)
+        groups = self._groups(js)
         if not self.overlap:
-            self._issued[j] = None
-            table = kernel_table(ws, ss, self.device)  # per stage, not all up front: the first kernel goes early
-            dequantize_into(ws, ss, self._view(j), use_triton=table is not None, table=table)
+            for i in js:
+                self._issued[i] = None
+            table = kernel_table(groups, self.device)  # per launch, not all up front: the first kernel goes early
+            dequantize_groups(groups, self.scratch, use_triton=table is not None, table=table)
             return
         try:
             with torch.cuda.stream(self._side):
@@ -341,13 +474,15 @@ class DequantPipeline:
                         self._side.wait_event(done)
                     else:
                         self._side.wait_stream(self._main)
-                table = kernel_table(ws, ss, self.device)  # a new one is copied on this stream, before its kernel
-                dequantize_into(ws, ss, self._view(j), use_triton=table is not None, table=table)
+                table = kernel_table(groups, self.device)  # a new one is copied on this stream, before its kernel
+                dequantize_groups(groups, self.scratch, use_triton=table is not None, table=table)
                 ev = torch.cuda.Event()
                 ev.record(self._side)
-            self._issued[j] = ev
+            for i in js:
+                self._issued[i] = ev
         except Exception as exc:  # noqa: BLE001 - raised by acquire(j), for the chunk it belongs to
-            self._issued[j] = exc
+            for i in js:
+                self._issued[i] = exc
 
     def acquire(self, j: int) -> torch.Tensor:
         """Stage ``j``'s dequantized weights ``[E, N, K]``, readable on the current stream."""

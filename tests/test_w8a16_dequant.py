@@ -63,6 +63,56 @@ def test_dequant_kernel_bit_exact_in_the_triton_interpreter() -> None:
     interpret(_KERNEL)
 
 
+_GROUPS = PRELUDE + r"""
+from hunyuan_image3.hunyuan_loader import w8a16_dequant as D
+from hunyuan_image3.hunyuan_loader.w8a16 import quantize_weight, dequantize_weight
+torch.manual_seed(0)
+# Two Linears in ONE launch, as a chunk's gate_up and down: different N*K (the grid covers the larger;
+# the smaller entries' extra programs must write nothing), neither a multiple of BLOCK, the second
+# group at an output offset with a gap before it; weights and scales of both allocated interleaved.
+D.BLOCK = 256
+gu, dn = [], []
+for i in range(3):
+    gu.append(quantize_weight(torch.randn(48, 80) * 10 ** (i - 1)))
+    dn.append(quantize_weight(torch.randn(40, 24) * 10 ** (1 - i)))
+gw, gs = [w for w, _ in gu][::-1], [s for _, s in gu][::-1]
+dw, ds = [w for w, _ in dn], [s for _, s in dn]
+off = 3 * 48 * 80 + 300
+for dtype in (torch.bfloat16, torch.float16):
+    out = torch.full((off + 3 * 40 * 24 + 200,), 7.0, dtype=dtype)
+    groups = [(gw, gs, 0), (dw, ds, off)]
+    D.dequantize_groups(groups, out, use_triton=True)
+    for i in range(3):
+        a = out[i * 3840:(i + 1) * 3840].view(48, 80)
+        assert torch.equal(a, dequantize_weight(gw[i], gs[i], dtype)), (dtype, "gate_up", i)
+        b = out[off + i * 960: off + (i + 1) * 960].view(40, 24)
+        assert torch.equal(b, dequantize_weight(dw[i], ds[i], dtype)), (dtype, "down", i)
+    assert bool((out[3 * 3840:off] == 7).all()) and bool((out[off + 3 * 960:] == 7).all()), "wrote outside"
+    again = torch.zeros_like(out)
+    D.dequantize_groups(groups, again, use_triton=True, table=torch.tensor(D.entry_table(groups)))
+    assert torch.equal(again[:3 * 3840], out[:3 * 3840]) and torch.equal(again[off:off + 2880], out[off:off + 2880])
+# The pipeline's pair launches through the kernel (its table cache used as on CUDA): the same bits as the
+# torch path, one launch per chunk.
+D.kernel_table = D.cached_table
+stages = [(gw, gs), (dw, ds), (gw[:1], gs[:1]), (dw[:1], ds[:1])]
+pipe = D.DequantPipeline(stages, torch.bfloat16, torch.device("cpu"))
+assert pipe.pair
+for j, (ws, ss) in enumerate(stages):
+    w = pipe.acquire(j)
+    for i in range(len(ws)):
+        assert torch.equal(w[i], dequantize_weight(ws[i], ss[i], torch.bfloat16)), (j, i)
+    pipe.release(j)
+assert [t[1] for t in pipe.trace if t[0] == "launch"] == [(0, 1), (2, 3)]
+assert len(D._tables) == 2 and all(t is not None for t in D._tables.values())
+print("KERNEL OK")
+"""
+
+
+@needs_triton
+def test_dequant_kernel_two_linears_one_launch_in_the_triton_interpreter() -> None:
+    interpret(_GROUPS)
+
+
 @pytest.mark.parametrize("packed", [True, False])
 def test_gemm_rows_linear_is_one_matmul_per_expert(packed: bool) -> None:
     """Each expert's rows times its weight, whether the rows lie back to back (views made by one split)
@@ -167,16 +217,24 @@ def _stages(shapes: list[tuple[int, int, int]], device: str = "cpu") -> list[tup
     return out
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_pipeline_bookkeeping_on_cpu(prefetch: bool) -> None:
-    """The double-buffer plan with the streams bypassed: stage j in buffer j % 2, each buffer as big
-    as its largest stage, the next stage dequantized before this one's GEMMs (prefetch), every
-    stage exactly once, in order, and the weights each stage hands out are its own."""
+@pytest.mark.parametrize("mode", ["pair", "stage", "prefetch"])
+def test_pipeline_bookkeeping_on_cpu(mode: str) -> None:
+    """The double-buffer plan with the streams bypassed: stage j in buffer j % 2 (both buffers parts
+    of one allocation, the second from an OUT_ALIGN multiple), each buffer as big as its largest
+    stage, every stage exactly once, in order, and the weights each stage hands out are its own.
+    pair (the default without overlap): one launch per chunk, (2c, 2c+1), issued at acquire(2c);
+    stage: one launch per stage, each in its acquire; prefetch (the overlapped order): one launch
+    per stage, the next one issued before this one's GEMMs."""
     shapes = [(3, 24, 16), (3, 16, 12), (1, 24, 16), (1, 16, 12), (2, 24, 16), (2, 16, 12)]
     stages = _stages(shapes)
-    pipe = D.DequantPipeline(stages, torch.bfloat16, torch.device("cpu"), prefetch=prefetch)
+    kw = {"pair": {}, "stage": {"pair": False}, "prefetch": {"prefetch": True, "pair": True}}[mode]
+    pipe = D.DequantPipeline(stages, torch.bfloat16, torch.device("cpu"), **kw)
     assert not pipe.overlap  # no CUDA streams on the CPU
+    assert pipe.pair == (mode == "pair")  # prefetch turns the pair launches off (per-stage under overlap)
     assert [b.numel() for b in pipe.buffers] == [3 * 24 * 16, 3 * 16 * 12]
+    second = -(-3 * 24 * 16 // D.OUT_ALIGN) * D.OUT_ALIGN
+    assert pipe.offsets == (0, second) and pipe.buffers[1].data_ptr() == pipe.scratch.data_ptr() + 2 * second
+    assert pipe.nbytes() == 2 * (second + 3 * 16 * 12)
     for j, (ws, ss) in enumerate(stages):
         w = pipe.acquire(j)
         assert w.shape == shapes[j]
@@ -187,16 +245,45 @@ def test_pipeline_bookkeeping_on_cpu(prefetch: bool) -> None:
     pipe.close()
     gemms = [t for t in pipe.trace if t[0] == "gemm"]
     deqs = [t for t in pipe.trace if t[0] == "dequant"]
+    launches = [t[1] for t in pipe.trace if t[0] == "launch"]
     assert gemms == [("gemm", j) for j in range(6)]
     assert deqs == [("dequant", j, j % 2) for j in range(6)]
+    assert launches == ([(0, 1), (2, 3), (4, 5)] if mode == "pair" else [(j,) for j in range(6)])
     order = [t[:2] for t in pipe.trace]
-    for j in range(6):  # dequant j before gemm j; with prefetch dequant j+1 too (it overlaps gemm j)
+    for j in range(6):  # dequant j before gemm j; dequant j+1 too with prefetch (it overlaps gemm j) or in a pair
         assert order.index(("dequant", j)) < order.index(("gemm", j))
         if j + 1 < 6:
             before = order.index(("dequant", j + 1)) < order.index(("gemm", j))
-            assert before == prefetch
+            assert before == (mode == "prefetch" or (mode == "pair" and j % 2 == 0))
             # never more than one stage ahead: buffer (j+1) % 2 was last read by gemm j-1
             assert j == 0 or order.index(("gemm", j - 1)) < order.index(("dequant", j + 1))
+        if mode == "pair":  # the launch of chunk j // 2 comes right before its gate_up GEMMs
+            assert order.index(("launch", (j - j % 2, j - j % 2 + 1))) == order.index(("gemm", j - j % 2)) - 3
+
+
+def test_pipeline_views_made_once_per_shape() -> None:
+    """The [E, N, K] views and their per-expert transposes are made once per (buffer, shape) and
+    reused by later stages of that shape; another expert count gets its own."""
+    shapes = [(3, 24, 16), (3, 16, 12), (3, 24, 16), (3, 16, 12), (1, 24, 16), (1, 16, 12)]
+    pipe = D.DequantPipeline(_stages(shapes), torch.bfloat16, torch.device("cpu"))
+    v0, v2, v4 = pipe.acquire(0), pipe.acquire(2), pipe.acquire(4)
+    assert v0 is v2 and v4 is not v0 and v4.shape == (1, 24, 16) and v4.data_ptr() == v0.data_ptr()
+    t0 = pipe.transposed(0)
+    assert t0 is pipe.transposed(2) and len(t0) == 3
+    assert all(torch.equal(t, v0[i].T) and t.data_ptr() == v0[i].data_ptr() for i, t in enumerate(t0))
+    assert pipe.transposed(1) is not t0 and pipe.transposed(1)[0].shape == (12, 16)
+
+
+def test_pair_env_switch(monkeypatch) -> None:
+    cpu = torch.device("cpu")
+    stages = _stages([(1, 24, 16), (1, 16, 12)])
+    monkeypatch.delenv(D.PAIR_ENV, raising=False)
+    assert D.pair_enabled() and D.DequantPipeline(stages, torch.bfloat16, cpu).pair
+    monkeypatch.setenv(D.PAIR_ENV, "0")
+    assert not D.pair_enabled() and not D.DequantPipeline(stages, torch.bfloat16, cpu).pair
+    monkeypatch.setenv(D.PAIR_ENV, "maybe")
+    with pytest.raises(ValueError, match=D.PAIR_ENV):
+        D.pair_enabled()
 
 
 def test_pipeline_memory_bound_real_shapes() -> None:
@@ -229,9 +316,26 @@ def test_overlap_env_switch(monkeypatch) -> None:
 def test_offset_tables_only_on_cuda() -> None:
     ws, ss = _experts(2, 8, 16)
     D.clear_tables()
-    assert D.kernel_table(ws, ss, torch.device("cpu")) is None and not D._tables
-    assert D.offset_table(ws, ss)[:2] == [(ws[0].data_ptr() - min(w.data_ptr() for w in ws)) // D.ALIGN,
-                                          (ws[1].data_ptr() - min(w.data_ptr() for w in ws)) // D.ALIGN]
+    assert D.kernel_table([(ws, ss, 0)], torch.device("cpu")) is None and not D._tables
+
+
+
+def test_entry_table_rows() -> None:
+    """One row per expert of every group, in order: weight and scale offsets from the lowest address of
+    their kind over ALL groups (ALIGN units), N*K, K, output offset (group offset + i * N*K)."""
+    gu, gs = _experts(2, 8, 16, seed=1)
+    dw, ds = _experts(3, 4, 8, seed=2)
+    w0 = min(t.data_ptr() for t in gu + dw)
+    s0 = min(t.data_ptr() for t in gs + ds)
+    rows = D.entry_table([(gu, gs, 0), ([], [], 5), (dw, ds, 512)])
+    assert len(rows) == 5 * D.ENTRY_COLS
+    want = []
+    for ws, ss, off in ((gu, gs, 0), (dw, ds, 512)):
+        n, k = ws[0].shape
+        for i, (w, sc) in enumerate(zip(ws, ss)):
+            want += [(w.data_ptr() - w0) // D.ALIGN, (sc.data_ptr() - s0) // D.ALIGN, n * k, k, off + i * n * k]
+    assert rows == want
+    assert D.offset_table(gu, gs) == D.entry_table([(gu, gs, 0)])
 
 
 # -- GPU ---------------------------------------------------------------------------------------
@@ -243,10 +347,10 @@ def test_gpu_offset_tables_are_cached_by_address_and_cleared() -> None:
     ws, ss = map(list, zip(*[quantize_weight(torch.randn(256, 128, device="cuda", generator=g)) for _ in range(4)]))
     dev = torch.device("cuda", 0)
     D.clear_tables()
-    t1 = D.kernel_table(ws, ss, dev)
-    assert t1 is not None and D.kernel_table(ws, ss, dev) is t1 and len(D._tables) == 1
+    t1 = D.kernel_table([(ws, ss, 0)], dev)
+    assert t1 is not None and D.kernel_table([(ws, ss, 0)], dev) is t1 and len(D._tables) == 1
     assert t1.tolist() == D.offset_table(ws, ss)
-    rev = D.kernel_table(ws[::-1], ss[::-1], dev)
+    rev = D.kernel_table([(ws[::-1], ss[::-1], 0)], dev)
     assert rev is not t1 and rev.tolist() == D.offset_table(ws[::-1], ss[::-1]) and len(D._tables) == 2
     out = torch.empty(4, 256, 128, dtype=torch.bfloat16, device="cuda")
     D.dequantize_into(ws[::-1], ss[::-1], out, use_triton=True, table=rev)
@@ -263,10 +367,10 @@ def test_gpu_a_full_table_cache_starts_again(monkeypatch) -> None:
     dev = torch.device("cuda", 0)
     D.clear_tables()
     monkeypatch.setattr(D, "TABLES_MAX", 2)
-    D.kernel_table(ws[:1], ss[:1], dev)
-    D.kernel_table(ws[1:2], ss[1:2], dev)
+    D.kernel_table([(ws[:1], ss[:1], 0)], dev)
+    D.kernel_table([(ws[1:2], ss[1:2], 0)], dev)
     assert len(D._tables) == 2
-    t = D.kernel_table(ws[2:], ss[2:], dev)
+    t = D.kernel_table([(ws[2:], ss[2:], 0)], dev)
     assert len(D._tables) == 1 and t.tolist() == D.offset_table(ws[2:], ss[2:])
     D.clear_tables()
 
@@ -365,6 +469,29 @@ def test_gpu_overlap_is_bit_identical_to_sequential(engine: str, monkeypatch) ->
     print(engine, "stages", [len(p.stages) for p in used], "choices", mg.engine_choices())
 
 
+@pytest.mark.gpu
+def test_gpu_two_linears_one_launch_bit_exact_real_shapes() -> None:
+    """A chunk's gate_up (6144 x 4096) and down (4096 x 3072) experts in ONE launch into one scratch,
+    the down part from an offset: each expert bit for bit dequantize_weight; nothing written between."""
+    g = torch.Generator("cuda").manual_seed(4)
+    gu = [quantize_weight(torch.randn(6144, 4096, device="cuda", generator=g) * 0.02) for _ in range(2)]
+    dn = [quantize_weight(torch.randn(4096, 3072, device="cuda", generator=g) * 0.02) for _ in range(2)]
+    off = 2 * 6144 * 4096 + D.OUT_ALIGN
+    out = torch.full((off + 2 * 4096 * 3072,), 7.0, dtype=torch.bfloat16, device="cuda")
+    groups = [([w for w, _ in gu][::-1], [s for _, s in gu][::-1], 0), ([w for w, _ in dn], [s for _, s in dn], off)]
+    D.clear_tables()
+    table = D.kernel_table(groups, torch.device("cuda", 0))
+    assert table is not None and D.kernel_table(groups, torch.device("cuda", 0)) is table
+    D.dequantize_groups(groups, out, use_triton=True, table=table)
+    for ws, ss, o in groups:
+        n, k = ws[0].shape
+        for i, (w, sc) in enumerate(zip(ws, ss)):
+            assert torch.equal(out[o + i * n * k: o + (i + 1) * n * k].view(n, k), dequantize_weight(w, sc, torch.bfloat16))
+    assert bool((out[2 * 6144 * 4096:off] == 7).all())
+    D.clear_tables()
+
+
+
 _WITHOUT_TRITON = r"""
 import os, sys
 sys.modules["triton"] = None  # `import triton` raises ImportError, as on a machine without Triton (Windows)
@@ -394,3 +521,49 @@ def test_dequant_engines_run_without_triton() -> None:
     """The dequant engines (and the engine choice, the chunk bookkeeping) import nothing that needs
     Triton: on a machine without it the grouped path works, only the Triton engine is missing."""
     assert "engine linear ran without Triton" in interpret(_WITHOUT_TRITON)  # (the interpreter flag is unused)
+
+
+# -- host work per chunk (issue 14: the host, not the GPU, set the pace on the H200) ----------------
+@needs_triton
+def test_table_cache_hits_by_address_and_refuses_non_contiguous() -> None:
+    """The cache's logic (run on the CPU through cached_table): the same tensors at the same addresses
+    get the same table object (no new one per call); a non-contiguous view arriving at cached
+    addresses (a square weight transposed: same address, same shape) gets None, not the cached
+    table, and leaves the entry alone; a non-contiguous tensor at a new address is refused too."""
+    cpu = torch.device("cpu")
+    ws, ss = _experts(3, 16, 16)
+    dws, dss = _experts(2, 8, 16, seed=3)
+    D.clear_tables()
+    try:
+        groups = [(ws, ss, 0), (dws, dss, 3 * 256)]
+        t = D.cached_table(groups, cpu)
+        assert t is not None and t.tolist() == D.entry_table(groups)
+        assert D.cached_table(groups, cpu) is t and len(D._tables) == 1
+        assert D.cached_table([(ws, ss, 0), (dws, dss, 1024)], cpu) is not t  # another output offset: its own
+        flipped = [ws[0].t(), *ws[1:]]
+        assert flipped[0].data_ptr() == ws[0].data_ptr() and flipped[0].shape == ws[0].shape
+        assert D.cached_table([(flipped, ss, 0), (dws, dss, 3 * 256)], cpu) is None
+        assert D.cached_table(groups, cpu) is t
+        strided = torch.empty(16, 32, dtype=torch.int8)[:, ::2]
+        assert D.cached_table([([strided, *ws[1:]], ss, 0)], cpu) is None
+        out = torch.empty(3, 16, 16, dtype=torch.bfloat16)
+        D.dequantize_into([flipped[0]], ss[:1], out, use_triton=False)  # the torch path is right for it
+        assert torch.equal(out[0], dequantize_weight(flipped[0], ss[0], torch.bfloat16))
+    finally:
+        D.clear_tables()
+
+
+def test_gemm_rows_with_pretransposed_weights() -> None:
+    """The linear engine's GEMMs from the pipeline's cached w[e].T views (and packed=True) are the
+    same matmuls as from the stacked weights."""
+    torch.manual_seed(1)
+    counts = [3, 0, 5, 2]
+    xs = torch.randn(10, 8).to(torch.bfloat16)
+    w = torch.randn(4, 6, 8).to(torch.bfloat16)
+    ref = D.gemm_rows(xs, w, counts, gemm="linear", starts=[0, 3, 3, 8])
+    got = D.gemm_rows(xs, w, counts, gemm="linear", starts=[0, 3, 3, 8], wt=w.transpose(1, 2).unbind(0), packed=True)
+    assert torch.equal(ref, got)
+
+
+
+
