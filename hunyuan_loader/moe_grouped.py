@@ -16,14 +16,17 @@ overlapped on the H200: see w8a16_dequant.OVERLAP_ENV).
 Memory bound of the grouped path, on top of the per-expert path's: a chunk has at most
 ``GROUPED_ROWS`` rows (gathered input, gate_up output, activation, output: 16384 x
 (4096 + 6144 + 3072 + 4096) x 2 B = ~0.57 GB on the real config) and the dequant engines' two
-buffers together hold at most ``SCRATCH_BYTES`` (512 MiB: 7 experts' bf16 gate_up + down, 504
-MiB; the same chunks with and without overlap) — ~1.1 GB in all; the activations are freed after
-each chunk, the buffers at the end of the layer's MoE call (the caching allocator keeps them
-reserved). The inference estimate (memory/estimator.py) does not add it separately.
+buffers together hold at most ``scratch_bytes()`` (``HY3_MOE_SCRATCH_MB``, default 512 MiB: 7
+experts' bf16 gate_up + down, 504 MiB; 1024: 14 experts, half the chunks and so half the launches
+per chunk; the same chunks with and without overlap) — ~1.1 GB in all at the default; the
+activations are freed after each chunk, the buffers at the end of the layer's MoE call (the
+caching allocator keeps them reserved). The run estimate (placement.inference_bytes, the card
+plan) adds it through ``workspace_bytes``.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from typing import Any
@@ -38,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 GROUPED_ENV = "HY3_MOE_GROUPED"  # auto (default) | triton | dequant | linear | 0 (every expert on its own)
 GROUPED_ROWS = 16384  # rows (token x expert assignments) per grouped chunk: bounds the activations
-SCRATCH_BYTES = 512 * 2**20  # both buffers of dequantized bf16 weights (gate_up + down of one chunk)
+SCRATCH_BYTES = 512 * 2**20  # both buffers of dequantized bf16 weights (gate_up + down of one chunk), by default
+SCRATCH_ENV = "HY3_MOE_SCRATCH_MB"  # MiB for those buffers instead of SCRATCH_BYTES (e.g. 1024: 14 experts per chunk)
 ENGINES = ("linear", "dequant", "triton")  # in order of preference: auto keeps the first unless another is
 # SWITCH_MARGIN faster (linear was the fastest or tied on the H200 at 1 and 2 MP in every run; a fixed
 # preference keeps the choice, hence the image bits, the same from one ComfyUI start to the next)
@@ -57,6 +61,21 @@ def grouped_mode() -> str:
     if mode in ENGINES or mode == "auto":
         return mode
     raise ValueError(f"{GROUPED_ENV}={mode!r}: use auto, triton, dequant, linear or 0")
+
+
+def scratch_bytes() -> int:
+    """Bytes for the dequant engines' two buffers: ``HY3_MOE_SCRATCH_MB`` MiB (a positive whole
+    number) if set, else ``SCRATCH_BYTES`` (512 MiB)."""
+    raw = os.environ.get(SCRATCH_ENV, "").strip()
+    if not raw:
+        return SCRATCH_BYTES
+    try:
+        mb = int(raw)
+    except ValueError:
+        mb = 0
+    if mb <= 0:
+        raise ValueError(f"{SCRATCH_ENV}={raw!r}: use a positive whole number of MiB (default 512), or unset it")
+    return mb * 2**20
 
 
 def grouped_engines(x: torch.Tensor) -> list[str]:
@@ -138,12 +157,11 @@ def grouped_w8a16_reason(experts: nn.ModuleList, x: torch.Tensor) -> str | None:
 
 def scratch_experts(experts: Any) -> int:
     """Experts per chunk whose dequantized weights, gate_up and down together (the two buffers of
-    ``DequantPipeline``), fit ``SCRATCH_BYTES``: 7 on the real config."""
+    ``DequantPipeline``), fit ``scratch_bytes()``: 7 on the real config at the default 512 MiB."""
     from .w8a16_dequant import experts_per_chunk
 
-    e = experts[0]
-    shapes = [tuple(e.gate_and_up_proj.weight.shape), tuple(e.down_proj.weight.shape)]
-    return experts_per_chunk(shapes, SCRATCH_BYTES)
+    gu, dn = _linears(experts[0])
+    return experts_per_chunk([tuple(_param(gu, "weight").shape), tuple(_param(dn, "weight").shape)], scratch_bytes())
 
 
 def _expert_chunks(counts: list[int], max_experts: int | None = None) -> list[tuple[int, int]]:
@@ -167,12 +185,29 @@ def _busy(sub: list[int]) -> list[int]:
     return [i for i, c in enumerate(sub) if c]
 
 
+def _linears(e: Any) -> tuple[Any, Any]:
+    """An expert's (gate_and_up_proj, down_proj): a plain dict read for a Module (the model's
+    experts), attributes for anything else (the benches' namespaces)."""
+    mods = getattr(e, "_modules", None)
+    if mods is not None and "gate_and_up_proj" in mods and "down_proj" in mods:
+        return mods["gate_and_up_proj"], mods["down_proj"]
+    return e.gate_and_up_proj, e.down_proj
+
+
+def _param(m: Any, name: str) -> torch.Tensor:
+    p = m.__dict__.get("_parameters")
+    t = p.get(name) if p is not None else None
+    return t if t is not None else getattr(m, name)
+
+
 def dequant_stages(ex: Any, sub: list[int]) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """The two dequantization stages of one chunk (gate_up, then down) over its experts with rows."""
-    busy = _busy(sub)
-    gu = [ex[i].gate_and_up_proj for i in busy]
-    dn = [ex[i].down_proj for i in busy]
-    return [([m.weight for m in gu], [m.weight_scale for m in gu]), ([m.weight for m in dn], [m.weight_scale for m in dn])]
+    """The two dequantization stages of one chunk (gate_up, then down) over its experts with rows
+    (``_modules`` / ``_parameters`` read directly: ~40 Module attribute lookups per chunk otherwise)."""
+    pairs = [_linears(ex[i]) for i, c in enumerate(sub) if c]
+    gu = [p[0] for p in pairs]
+    dn = [p[1] for p in pairs]
+    return [([_param(m, "weight") for m in gu], [_param(m, "weight_scale") for m in gu]),
+            ([_param(m, "weight") for m in dn], [_param(m, "weight_scale") for m in dn])]
 
 
 def _engine_rows(engine: str, ex: Any, x: torch.Tensor, idx: torch.Tensor, sub: list[int],
@@ -203,24 +238,28 @@ def _engine_rows(engine: str, ex: Any, x: torch.Tensor, idx: torch.Tensor, sub: 
     try:
         busy = _busy(sub)
         cb = [sub[i] for i in busy]
-        gemm = "grouped_mm" if engine == "dequant" else "linear"
-        if gemm == "grouped_mm":
+        if engine == "dequant":
             pos, sb = D.gather_index(cb)
             pinned = pos.pin_memory() if idx.is_cuda else pos
             src = idx.index_select(0, pinned.to(idx.device, non_blocking=True))
-        else:
-            sb, s = [], 0
-            for c in cb:
-                sb.append(s)
-                s += c
-            src = idx
-        xs = x.index_select(0, src)
-        h = D.gemm_rows(xs, pipe.acquire(stage), cb, gemm=gemm, starts=sb)
-        pipe.release(stage)
-        del xs
-        act = silu_mul(h)
-        del h
-        y = D.gemm_rows(act, pipe.acquire(stage + 1), cb, gemm=gemm, starts=sb)
+            xs = x.index_select(0, src)
+            h = D.gemm_rows(xs, pipe.acquire(stage), cb, gemm="grouped_mm", starts=sb)
+            pipe.release(stage)
+            del xs
+            act = silu_mul(h)
+            del h
+            y = D.gemm_rows(act, pipe.acquire(stage + 1), cb, gemm="grouped_mm", starts=sb)
+        else:  # linear: the rows back to back; the per-expert transposed views made once per pipeline
+            sb = list(itertools.accumulate(cb[:-1], initial=0))
+            xs = x.index_select(0, idx)
+            w = pipe.acquire(stage)
+            h = D.gemm_rows(xs, w, cb, gemm="linear", starts=sb, wt=pipe.transposed(stage), packed=True)
+            pipe.release(stage)
+            del xs
+            act = silu_mul(h)
+            del h
+            w = pipe.acquire(stage + 1)
+            y = D.gemm_rows(act, w, cb, gemm="linear", starts=sb, wt=pipe.transposed(stage + 1), packed=True)
         pipe.release(stage + 1)
         del act
     finally:
@@ -244,11 +283,13 @@ def engine_key(ex: Any, x: torch.Tensor, sub: list[int]) -> tuple:
 def _select_engine(names: list[str], ex: Any, x: torch.Tensor, idx: torch.Tensor, sub: list[int]) -> str | None:
     """The engine for this chunk's key: the only one offered, or (several) the fastest of those
     that run this chunk and agree with the first one within ``SELECT_TOL`` (timed once, on it)."""
+    if len(names) == 1:
+        return names[0]  # nothing to choose (a forced engine, or the only one here): no key to make
     key = engine_key(ex, x, sub)
     if key in _chosen:
         return _chosen[key]
-    if len(names) == 1 or not x.is_cuda or not bool(torch.isfinite(x).all()):
-        return names[0]  # nothing to choose, no CUDA timer, or an input no comparison can use
+    if not x.is_cuda or not bool(torch.isfinite(x).all()):
+        return names[0]  # no CUDA timer, or an input no comparison can use
     ref, ok = None, []
     for name in names:
         try:
@@ -298,11 +339,13 @@ def engine_choices() -> dict[tuple, str | None]:
 
 
 def _chunk_engine(experts: Any, x: torch.Tensor, idx: torch.Tensor, sub: list[int],
-                  engine: str | None) -> str | None:
-    """The engine for one chunk (``engine`` forces one; None: the chunk has no rows or no engine)."""
+                  engine: str | None, names: list[str] | None = None) -> str | None:
+    """The engine for one chunk (``engine`` forces one; None: the chunk has no rows or no engine);
+    ``names``: ``grouped_engines(x)`` if the caller has it."""
     if sum(sub) == 0:
         return None
-    names = [engine] if engine is not None else grouped_engines(x)
+    if names is None:
+        names = [engine] if engine is not None else grouped_engines(x)
     name = _select_engine(names, experts, x, idx, sub) if names else None
     return None if name is None or (engine is None and name in _grouped_off) else name
 
@@ -335,12 +378,15 @@ def grouped_chunks(experts: Any, x: torch.Tensor, tok: torch.Tensor, counts: lis
     stream while this one's GEMMs run (``overlap``: None follows ``HY3_MOE_OVERLAP``, off by default)."""
     from . import w8a16_dequant as D
 
+    experts = list(experts)  # a ModuleList's slice builds a new ModuleList (~7 add_module calls) per chunk
+    names = [engine] if engine is not None else grouped_engines(x)  # the same for every chunk of this call
     chunks, start, plan = _expert_chunks(counts, scratch_experts(experts)), 0, []
     for lo, hi in chunks:
         sub = counts[lo:hi]
-        idx = tok[start : start + sum(sub)]
-        plan.append((lo, hi, start, sub, idx, _chunk_engine(experts[lo:hi], x, idx, sub, engine)))
-        start += sum(sub)
+        n = sum(sub)
+        idx = tok[start : start + n]
+        plan.append((lo, hi, start, sub, idx, _chunk_engine(experts[lo:hi], x, idx, sub, engine, names)))
+        start += n
     stages, first = [], {}
     for lo, hi, _, sub, _, name in plan:
         if name in DEQUANT_ENGINES:
@@ -365,7 +411,7 @@ def workspace_bytes(model: nn.Module) -> int:
     """GPU bytes the grouped path may hold on top of the per-expert path during one MoE call (0 when
     the model's experts are not W8A16 SiLU MLPs, or ``HY3_MOE_GROUPED=0``): a chunk's activations
     (``GROUPED_ROWS`` rows of gathered input, gate_up output, activation and output) and the
-    dequant engines' scratch (``SCRATCH_BYTES``). For the run estimate (placement.inference_bytes)."""
+    dequant engines' scratch (``scratch_bytes()``). For the run estimate (placement.inference_bytes)."""
     from . import w8a16
     from .moe_dispatch import find_moe_blocks
 
@@ -385,5 +431,5 @@ def workspace_bytes(model: nn.Module) -> int:
 
 def workspace_bytes_for(hidden: int, inter: int) -> int:
     """``workspace_bytes`` for experts of ``hidden`` -> ``inter`` (bf16 activations): ~1.1 GB on the
-    real config (16384 x (2 x 4096 + 3 x 3072) x 2 B + 512 MiB)."""
-    return GROUPED_ROWS * (2 * hidden + 3 * inter) * 2 + SCRATCH_BYTES
+    real config (16384 x (2 x 4096 + 3 x 3072) x 2 B + 512 MiB at the default ``HY3_MOE_SCRATCH_MB``)."""
+    return GROUPED_ROWS * (2 * hidden + 3 * inter) * 2 + scratch_bytes()

@@ -491,6 +491,45 @@ def test_gpu_two_linears_one_launch_bit_exact_real_shapes() -> None:
     D.clear_tables()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("engine", ["linear", "dequant"])
+def test_gpu_pair_launch_and_scratch_size_keep_the_bits(engine: str, monkeypatch) -> None:
+    """The real widths, 16 experts, top-8, 2112 tokens (~1056 rows per expert, as at 1 MP): one
+    dequantization launch per chunk (HY3_MOE_PAIR_DEQUANT=1, the default) gives the bits of one
+    launch per Linear, and a 1024 MiB scratch (up to 14 experts per chunk instead of 7: fewer
+    chunks) the same bits again for the linear engine (the same matmul per expert; torch._grouped_mm's
+    kernels may depend on the group count)."""
+    block = _real_width_block()
+    x = torch.randn(1, 2112, 4096, device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    x = (x * 0.5).to(torch.bfloat16)
+    pipes = []
+    real = D.DequantPipeline
+
+    def spy(*a, **k):
+        pipes.append(real(*a, **k))
+        return pipes[-1]
+
+    monkeypatch.setattr(D, "DequantPipeline", spy)
+    monkeypatch.setenv(mg.GROUPED_ENV, engine)
+    monkeypatch.delenv(D.OVERLAP_ENV, raising=False)
+    out, stages = {}, {}
+    with torch.no_grad():
+        for pair, mb in (("0", "512"), ("1", "512"), ("1", "1024")):
+            monkeypatch.setenv(D.PAIR_ENV, pair)
+            monkeypatch.setenv(mg.SCRATCH_ENV, mb)
+            pipes[:] = []
+            out[pair, mb] = block(x)
+            p = pipes[-1]
+            stages[pair, mb] = len(p.stages)
+            launches = [t[1] for t in p.trace if t[0] == "launch"]
+            assert len(launches) == (len(p.stages) // 2 if pair == "1" else len(p.stages)), launches
+        torch.cuda.synchronize()
+    assert torch.isfinite(out["0", "512"]).all()
+    assert stages["1", "1024"] < stages["1", "512"] == stages["0", "512"], stages  # fewer, bigger chunks
+    assert torch.equal(out["1", "512"], out["0", "512"])
+    if engine == "linear":
+        assert torch.equal(out["1", "1024"], out["0", "512"])
+
 
 _WITHOUT_TRITON = r"""
 import os, sys
@@ -565,5 +604,76 @@ def test_gemm_rows_with_pretransposed_weights() -> None:
     assert torch.equal(ref, got)
 
 
+def test_scratch_env(monkeypatch) -> None:
+    """HY3_MOE_SCRATCH_MB sets the dequant buffers' bytes (default 512 MiB: 7 real-size experts per
+    chunk; 1024: 14), and so the workspace of the run estimate and the card plan; a bad value is a
+    ValueError naming the variable."""
+    import types
+
+    from hunyuan_image3.hunyuan_loader.card_plan import moe_workspace_bytes, real_model_sizes
+
+    real = [types.SimpleNamespace(gate_and_up_proj=types.SimpleNamespace(weight=torch.empty(6144, 4096, device="meta")),
+                                  down_proj=types.SimpleNamespace(weight=torch.empty(4096, 3072, device="meta")))]
+    monkeypatch.delenv(mg.SCRATCH_ENV, raising=False)
+    base = mg.workspace_bytes_for(4096, 3072)
+    plan = moe_workspace_bytes(real_model_sizes(), "int8")
+    assert mg.scratch_bytes() == mg.SCRATCH_BYTES == 512 * 2**20 and mg.scratch_experts(real) == 7
+    assert plan == base
+    monkeypatch.setenv(mg.SCRATCH_ENV, " 1024 ")
+    assert mg.scratch_bytes() == 2**30 and mg.scratch_experts(real) == 14
+    assert mg.workspace_bytes_for(4096, 3072) == base + 512 * 2**20
+    assert moe_workspace_bytes(real_model_sizes(), "int8") == plan + 512 * 2**20
+    stages = _stages([(14, 6144, 4096), (14, 4096, 3072)], "meta")
+    assert D.DequantPipeline(stages, torch.bfloat16, torch.device("meta")).nbytes() <= mg.scratch_bytes()
+    for bad in ("0", "-1", "1.5", "big"):
+        monkeypatch.setenv(mg.SCRATCH_ENV, bad)
+        with pytest.raises(ValueError, match=mg.SCRATCH_ENV):
+            mg.scratch_bytes()
+        with pytest.raises(ValueError, match=mg.SCRATCH_ENV):
+            mg.workspace_bytes_for(4096, 3072)
+
+
+def test_grouped_chunks_host_work(monkeypatch) -> None:
+    """Per MoE call on a real ModuleList of experts: no ModuleList built by slicing (one per chunk and
+    use before), the engine list asked once (not per chunk), one dequantization launch per chunk
+    (the pair), and the same bits as per-stage launches and as the per-expert path's matmuls."""
+    from test_w8a16_grouped import _block
+
+    _, block = _block(torch.bfloat16, topk=2)
+    assert isinstance(block.experts, torch.nn.ModuleList)
+    x = (torch.rand(2, 37, 64, generator=torch.Generator().manual_seed(1)) + 0.05).to(torch.bfloat16)
+    monkeypatch.setenv(mg.GROUPED_ENV, "linear")
+    monkeypatch.setattr(mg, "SCRATCH_BYTES", 1)  # one expert per chunk: many chunks
+    built, asked, pipes = [], [], []
+    init, engines, real_pipe = torch.nn.ModuleList.__init__, mg.grouped_engines, D.DequantPipeline
+
+    def spy_init(self, *a, **k):
+        built.append(1)
+        init(self, *a, **k)
+
+    def spy_pipe(*a, **k):
+        pipes.append(real_pipe(*a, **k))
+        return pipes[-1]
+
+    monkeypatch.setattr(mg, "grouped_engines", lambda x: asked.append(1) or engines(x))
+    monkeypatch.setattr(D, "DequantPipeline", spy_pipe)
+    with torch.no_grad():
+        monkeypatch.setattr(torch.nn.ModuleList, "__init__", spy_init)
+        paired = block(x)
+        monkeypatch.setattr(torch.nn.ModuleList, "__init__", init)
+        monkeypatch.setenv(D.PAIR_ENV, "0")
+        staged = block(x)
+    assert not built
+    assert len(asked) == 2 + 2  # eligibility (the dispatch) + once per grouped_chunks call, per forward
+    p, s = pipes
+    chunks = len(p.stages) // 2
+    assert chunks > 4 and p.pair and not s.pair
+    assert [t[1] for t in p.trace if t[0] == "launch"] == [(2 * c, 2 * c + 1) for c in range(chunks)]
+    assert len([t for t in s.trace if t[0] == "launch"]) == 2 * chunks
+    assert torch.equal(paired, staged)
+    monkeypatch.setenv(mg.GROUPED_ENV, "0")
+    with torch.no_grad():
+        ref = block(x)
+    assert float((paired.float() - ref.float()).abs().max()) <= 2**-7 * float(ref.float().abs().max())
 
 
