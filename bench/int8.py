@@ -117,12 +117,22 @@ def grouped_candidate(ours, engine: str | None = None,
     with the GEMMs if ``overlap``; None: as HY3_MOE_OVERLAP says, off by default), from one
     [rows, H] tensor grouped by expert, as the dispatch holds its input (joined once, outside the
     timing; the gather of the rows stays inside it, which the bf16 row, fed each expert's rows,
-    does not pay); ``engine`` forces one (None: the dispatch's automatic choice)."""
-    import types
+    does not pay); ``engine`` forces one (None: the dispatch's automatic choice). The experts are
+    an nn.ModuleList of modules, as the model holds them; each chunk's per-expert outputs
+    ``[1, n, H]`` are made by one split where its rows lie back to back (as moe_dispatch._combine
+    makes its views), not a slice and an unsqueeze per expert."""
+    import itertools
+
+    from torch import nn
 
     from hunyuan_image3.hunyuan_loader import moe_grouped as mg
 
-    experts = [types.SimpleNamespace(gate_and_up_proj=a, down_proj=b) for a, b in ours]
+    class Expert(nn.Module):
+        def __init__(self, gu: nn.Module, down: nn.Module) -> None:
+            super().__init__()
+            self.gate_and_up_proj, self.down_proj = gu, down
+
+    experts = nn.ModuleList(Expert(a, b) for a, b in ours)
     joined: dict[int, tuple] = {}  # the dispatch gets one [tokens, H] tensor: joined once per input, not timed
 
     def whole(xs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -136,7 +146,11 @@ def grouped_candidate(ours, engine: str | None = None,
         for lo, hi, _, y, rows in mg.grouped_chunks(experts, x2, tok, counts, engine, overlap=overlap):
             if y is None:
                 raise RuntimeError("the grouped engine refused this input (see the log)")
-            ys.extend(y[r:r + c].unsqueeze(0) for r, c in zip(rows, counts[lo:hi]))
+            sub = counts[lo:hi]
+            if all(r == a for r, a, n in zip(rows, itertools.accumulate(sub, initial=0), sub) if n):
+                ys.extend(y[: sum(sub)].unsqueeze(0).split_with_sizes(sub, dim=1))
+            else:  # padded rows (the torch._grouped_mm engine)
+                ys.extend(y[r:r + c].unsqueeze(0) for r, c in zip(rows, sub))
         return ys
     return whole
 

@@ -677,3 +677,36 @@ def test_grouped_chunks_host_work(monkeypatch) -> None:
     assert float((paired.float() - ref.float()).abs().max()) <= 2**-7 * float(ref.float().abs().max())
 
 
+@pytest.mark.parametrize("engine", ["linear", "dequant"])
+def test_bench_grouped_candidate_outputs(engine: str, monkeypatch) -> None:
+    """bench/int8.py's grouped row: each expert's output [1, n, out] made by one split per chunk where
+    the rows lie back to back (linear), by slices where they are padded (dequant), equal to the
+    chunk outputs sliced one by one; an expert without rows gets an empty [1, 0, out]."""
+    import types
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import int8 as bench_int8
+
+    from hunyuan_image3.hunyuan_loader.w8a16 import Int8WeightOnlyLinear
+
+    x0 = torch.zeros(1, 8, dtype=torch.bfloat16)
+    if engine == "dequant" and not D.grouped_mm_available(x0):
+        pytest.skip("torch._grouped_mm does not run on this CPU build")
+    torch.manual_seed(0)
+    ours = [(Int8WeightOnlyLinear.from_linear(torch.nn.Linear(16, 32, bias=False)),
+             Int8WeightOnlyLinear.from_linear(torch.nn.Linear(16, 16, bias=False))) for _ in range(5)]
+    counts = [3, 0, 4, 1, 2]
+    xs = [torch.randn(1, c, 16).to(torch.bfloat16) for c in counts]
+    monkeypatch.setattr(mg, "SCRATCH_BYTES", 2 * (32 * 16 + 16 * 16) * 2)  # 2 experts per chunk
+    monkeypatch.setattr(mg, "_grouped_off", set())  # a failure here must not turn an engine off for later tests
+    ys = bench_int8.grouped_candidate(ours, engine)(xs)
+    x2 = torch.cat([x[0] for x in xs])
+    ns = [types.SimpleNamespace(gate_and_up_proj=a, down_proj=b) for a, b in ours]
+    ref = []
+    with torch.no_grad():
+        for lo, hi, _, y, rows in mg.grouped_chunks(ns, x2, torch.arange(x2.shape[0]), counts, engine):
+            ref.extend(y[r:r + c] for r, c in zip(rows, counts[lo:hi]))
+    assert len(ys) == 5
+    for i, (y, r) in enumerate(zip(ys, ref)):
+        assert y.shape == (1, counts[i], 16) and torch.equal(y[0], r), i
+
