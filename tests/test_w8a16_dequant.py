@@ -710,3 +710,12 @@ def test_bench_grouped_candidate_outputs(engine: str, monkeypatch) -> None:
     for i, (y, r) in enumerate(zip(ys, ref)):
         assert y.shape == (1, counts[i], 16) and torch.equal(y[0], r), i
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer of a CUDA bench")
+def test_moe_host_bench_without_cuda_says_so_and_exits_0() -> None:
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "moe_host.py")], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "needs a CUDA GPU" in out.stdout
