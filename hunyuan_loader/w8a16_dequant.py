@@ -39,7 +39,12 @@ log = logging.getLogger(__name__)
 ALIGN = w8a16.ALIGN  # bytes: weight and scale offsets are sent in these units
 BLOCK = 4096  # elements per program of the dequantization kernel
 ROW_ALIGN = 16  # rows per expert are padded to a multiple of this for torch._grouped_mm
-ENTRY_COLS = 5  # a kernel table row: weight offset, scale offset (ALIGN units), N*K, K, output offset (elements)
+ENTRY_COLS = 5  # a kernel table row: weight offset, scale offset (ALIGN units), N*K, K, output offset (E_UNIT units)
+# N*K and the output offset are sent in units of E_UNIT_MAX elements when every entry allows it (real shapes do),
+# else of 1: the kernel multiplies them by its constexpr E_UNIT, so Triton knows the mask and the stores are
+# E_UNIT-aligned and vectorises them. Loaded from the table as plain numbers, they are of unknown alignment,
+# and the stores went element by element (H200: the layer's 64 experts at 8,448 tokens 9.7 -> 11.4 ms on the GPU).
+E_UNIT_MAX = 16
 OUT_ALIGN = 256  # elements: the pipeline's second buffer starts at a multiple of this (512 B in bf16)
 
 # One Linear's experts for ``dequantize_groups``: weights, scales, and the output offset (elements) from
@@ -59,9 +64,9 @@ def _kernel() -> Any:
 
             @triton.jit
             def _dequant_kernel(w_ptr, s_ptr, out_ptr, table_ptr, BLOCK: tl.constexpr, W_UNIT: tl.constexpr,
-                                S_UNIT: tl.constexpr, BF16_BITS: tl.constexpr):
+                                S_UNIT: tl.constexpr, E_UNIT: tl.constexpr, BF16_BITS: tl.constexpr):
                 row = table_ptr + tl.program_id(0) * 5  # this program's expert (ENTRY_COLS)
-                nk = tl.load(row + 2).to(tl.int32)
+                nk = tl.load(row + 2).to(tl.int32) * E_UNIT
                 start = tl.program_id(1) * BLOCK
                 if start < nk:  # the grid covers the largest N*K: the other entries' extra programs do nothing
                     k = tl.load(row + 3).to(tl.int32)
@@ -70,7 +75,7 @@ def _kernel() -> Any:
                     q = tl.load(w_ptr + tl.load(row) * W_UNIT + offs, mask=mask, other=0)
                     s = tl.load(s_ptr + tl.load(row + 1) * S_UNIT + offs // k, mask=mask, other=0.0)
                     w = q.to(tl.float32) * s.to(tl.float32)
-                    dst = out_ptr + tl.load(row + 4) + offs
+                    dst = out_ptr + tl.load(row + 4) * E_UNIT + offs
                     if BF16_BITS:  # out is bf16 seen as int16: round to nearest even on the bits
                         bits = w.to(tl.uint32, bitcast=True)
                         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
@@ -103,10 +108,23 @@ def _triton_ok(groups: Sequence[Group]) -> bool:
     return True
 
 
+def entry_unit(groups: Sequence[Group]) -> int:
+    """The unit (elements) of N*K and of the output offsets in ``entry_table``: ``E_UNIT_MAX`` when every
+    group's N*K and offset are multiples of it, else 1."""
+    for ws, _, off in groups:
+        if len(ws):
+            n, k = ws[0].shape
+            if (n * k) % E_UNIT_MAX or off % E_UNIT_MAX:
+                return 1
+    return E_UNIT_MAX
+
+
 def entry_table(groups: Sequence[Group]) -> list[int]:
     """The Triton kernel's table, ``ENTRY_COLS`` numbers per expert of every group in order: its
     weight's and its scale's offset from the lowest address of their kind over all groups, in ALIGN
-    units, N*K, K, and the output offset in elements (the group's offset + i * N*K for its i-th)."""
+    units, N*K, K, and the output offset (the group's offset + i * N*K for its i-th); N*K and the
+    output offset in units of ``entry_unit(groups)`` elements."""
+    unit = entry_unit(groups)
     wo = w8a16.offset_units([w for ws, _, _ in groups for w in ws])
     so = w8a16.offset_units([s for _, ss, _ in groups for s in ss])
     rows, i = [], 0
@@ -115,7 +133,7 @@ def entry_table(groups: Sequence[Group]) -> list[int]:
             continue
         n, k = ws[0].shape
         for e in range(len(ws)):
-            rows += (wo[i], so[i], n * k, k, off + e * n * k)
+            rows += (wo[i], so[i], n * k // unit, k, (off + e * n * k) // unit)
             i += 1
     return rows
 
@@ -226,7 +244,8 @@ def dequantize_groups(groups: Sequence[Group], out: torch.Tensor, *, use_triton:
     bf16 = out.dtype == torch.bfloat16
     kern[(entries, triton.cdiv(max_nk, BLOCK))](
         w_base, s_base, flat.view(torch.int16) if bf16 else flat, table,
-        BLOCK=BLOCK, W_UNIT=ALIGN, S_UNIT=ALIGN // s_base.element_size(), BF16_BITS=bf16, num_warps=8)
+        BLOCK=BLOCK, W_UNIT=ALIGN, S_UNIT=ALIGN // s_base.element_size(), E_UNIT=entry_unit(groups),
+        BF16_BITS=bf16, num_warps=8)
     return out
 
 

@@ -327,14 +327,20 @@ def test_entry_table_rows() -> None:
     dw, ds = _experts(3, 4, 8, seed=2)
     w0 = min(t.data_ptr() for t in gu + dw)
     s0 = min(t.data_ptr() for t in gs + ds)
-    rows = D.entry_table([(gu, gs, 0), ([], [], 5), (dw, ds, 512)])
-    assert len(rows) == 5 * D.ENTRY_COLS
-    want = []
-    for ws, ss, off in ((gu, gs, 0), (dw, ds, 512)):
-        n, k = ws[0].shape
-        for i, (w, sc) in enumerate(zip(ws, ss)):
-            want += [(w.data_ptr() - w0) // D.ALIGN, (sc.data_ptr() - s0) // D.ALIGN, n * k, k, off + i * n * k]
-    assert rows == want
+    for off, unit in ((512, D.E_UNIT_MAX), (520, 1)):  # N*K 128 and 32: the offset decides the unit
+        groups = [(gu, gs, 0), ([], [], 5), (dw, ds, off)]
+        assert D.entry_unit(groups) == unit
+        rows = D.entry_table(groups)
+        assert len(rows) == 5 * D.ENTRY_COLS
+        want = []
+        for ws, ss, o in ((gu, gs, 0), (dw, ds, off)):
+            n, k = ws[0].shape
+            for i, (w, sc) in enumerate(zip(ws, ss)):
+                want += [(w.data_ptr() - w0) // D.ALIGN, (sc.data_ptr() - s0) // D.ALIGN, n * k // unit, k,
+                         (o + i * n * k) // unit]
+        assert rows == want
+    odd, oddscale = _experts(2, 3, 5, seed=3)  # N*K 15: unit 1
+    assert D.entry_unit([(odd, oddscale, 0)]) == 1
     assert D.offset_table(gu, gs) == D.entry_table([(gu, gs, 0)])
 
 
