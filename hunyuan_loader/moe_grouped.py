@@ -272,20 +272,29 @@ def _engine_rows(engine: str, ex: Any, x: torch.Tensor, idx: torch.Tensor, sub: 
 
 
 
-def engine_key(ex: Any, x: torch.Tensor, sub: list[int]) -> tuple:
+def key_base(ex: Any, x: torch.Tensor) -> tuple:
+    """The part of ``engine_key`` that is the same for every chunk of one MoE call (shapes, dtype, device)."""
+    e, dev = ex[0], x.device
+    return (tuple(e.gate_and_up_proj.weight.shape), tuple(e.down_proj.weight.shape), x.dtype, dev.type, dev.index)
+
+
+def engine_key(ex: Any, x: torch.Tensor, sub: list[int], base: tuple | None = None) -> tuple:
+    """(rows/expert bucket, shapes, dtype, device): what an automatic engine choice is kept for; ``base``
+    is ``key_base(ex, x)`` made once per call (the planning of a call's chunks runs before its first
+    kernel, so its host time is GPU idle time: ~0.5 ms per MoE call on the H200's host at 10 chunks)."""
     from .w8a16 import m_bucket
 
     busy = sum(1 for c in sub if c) or 1
-    gu, dn = ex[0].gate_and_up_proj.weight.shape, ex[0].down_proj.weight.shape
-    return (m_bucket(sum(sub) // busy), tuple(gu), tuple(dn), x.dtype, x.device.type, x.device.index)
+    return (m_bucket(sum(sub) // busy), *(base if base is not None else key_base(ex, x)))
 
 
-def _select_engine(names: list[str], ex: Any, x: torch.Tensor, idx: torch.Tensor, sub: list[int]) -> str | None:
+def _select_engine(names: list[str], ex: Any, x: torch.Tensor, idx: torch.Tensor, sub: list[int],
+                   base: tuple | None = None) -> str | None:
     """The engine for this chunk's key: the only one offered, or (several) the fastest of those
     that run this chunk and agree with the first one within ``SELECT_TOL`` (timed once, on it)."""
     if len(names) == 1:
         return names[0]  # nothing to choose (a forced engine, or the only one here): no key to make
-    key = engine_key(ex, x, sub)
+    key = engine_key(ex, x, sub, base)
     if key in _chosen:
         return _chosen[key]
     if not x.is_cuda or not bool(torch.isfinite(x).all()):
@@ -339,14 +348,14 @@ def engine_choices() -> dict[tuple, str | None]:
 
 
 def _chunk_engine(experts: Any, x: torch.Tensor, idx: torch.Tensor, sub: list[int],
-                  engine: str | None, names: list[str] | None = None) -> str | None:
+                  engine: str | None, names: list[str] | None = None, base: tuple | None = None) -> str | None:
     """The engine for one chunk (``engine`` forces one; None: the chunk has no rows or no engine);
-    ``names``: ``grouped_engines(x)`` if the caller has it."""
+    ``names``: ``grouped_engines(x)`` and ``base``: ``key_base`` if the caller has them."""
     if sum(sub) == 0:
         return None
     if names is None:
         names = [engine] if engine is not None else grouped_engines(x)
-    name = _select_engine(names, experts, x, idx, sub) if names else None
+    name = _select_engine(names, experts, x, idx, sub, base) if names else None
     return None if name is None or (engine is None and name in _grouped_off) else name
 
 
@@ -380,12 +389,13 @@ def grouped_chunks(experts: Any, x: torch.Tensor, tok: torch.Tensor, counts: lis
 
     experts = list(experts)  # a ModuleList's slice builds a new ModuleList (~7 add_module calls) per chunk
     names = [engine] if engine is not None else grouped_engines(x)  # the same for every chunk of this call
+    base = key_base(experts, x) if len(names) > 1 else None  # the same for every chunk of this call
     chunks, start, plan = _expert_chunks(counts, scratch_experts(experts)), 0, []
     for lo, hi in chunks:
         sub = counts[lo:hi]
         n = sum(sub)
         idx = tok[start : start + n]
-        plan.append((lo, hi, start, sub, idx, _chunk_engine(experts[lo:hi], x, idx, sub, engine, names)))
+        plan.append((lo, hi, start, sub, idx, _chunk_engine(experts[lo:hi], x, idx, sub, engine, names, base)))
         start += n
     stages, first = [], {}
     for lo, hi, _, sub, _, name in plan:
