@@ -9,8 +9,8 @@ Without --layers, the layer count is chosen from the free space of --dir (at lea
 set plus the largest pre-quantized copy that exists at the same time (each copy is deleted after
 its rows), with a safety margin, and at most what fits the time limit.
 
-Rows: the disk read floor (plain sequential read of the same files; for the pre-quantized copies, read
-again right before each of their rows); ours for bf16 / int8 / nf4
+Rows: the disk read floor (plain sequential read of the same files, right before and right after each
+load: the row is divided by their mean, the disk's rate drifting from minute to minute); ours for bf16 / int8 / nf4
 from the BF16 files and for int8 / nf4 pre-quantized copies (written by the pack from the
 resident loads), each resident and "smart" with half of the blocks streamed; the earlier path
 (from_pretrained with device_map cpu, then the residency engine places blocks) and accelerate's
@@ -41,7 +41,7 @@ GIB = 1024**3
 # bytes per real-size layer on disk (measured: 4 layers = 20.2 GB BF16, 10.4 GB int8, 5.6 GB nf4)
 LAYER_BYTES = {"bf16": 5.05 * GB, "int8": 2.6 * GB, "nf4": 1.4 * GB}
 NON_LAYER_BYTES = 1.0 * GB  # the rest of the synthetic checkpoint (embeddings, VAE, ...), with room to spare
-SECONDS_PER_LAYER = 60.0  # the whole bench per layer at ~1.9 GB/s (4 layers took 243 s incl. ~20 s fixed)
+SECONDS_PER_LAYER = 90.0  # the whole bench per layer at ~1.9 GB/s, a floor read around every load (5 layers: 323 s with one floor)
 TIME_LIMIT = 8 * 60.0  # the bench must end within 9 minutes: plan for 8
 REAL = dict(hidden_size=4096, intermediate_size=3072, num_attention_heads=32, num_key_value_heads=8,
             attention_head_dim=128, num_experts=64, moe_topk=8, moe_intermediate_size=3072, num_shared_expert=1)
@@ -149,6 +149,29 @@ def disk_floor(files: list[Path]) -> tuple[float, int]:
     return time.perf_counter() - t0, total
 
 
+class Floors:
+    """The disk floor of each load: the mean of a plain read of its files right before it and right after
+    it (the one after a load is the next load's before, if it reads the same files). This disk's rate
+    drifts from one minute to the next (1.39-2.06 GB/s within one run on the H200), so a floor read
+    minutes earlier says little about the load at hand."""
+
+    def __init__(self) -> None:
+        self.last: tuple[tuple[Path, ...], float] | None = None  # the latest floor, if no load read since
+        self.seen: dict[str, list[float]] = {}  # label -> every floor read, for the summary
+
+    def read(self, files: list[Path], label: str) -> float:
+        seconds, nbytes = disk_floor(files)
+        self.last = (tuple(files), seconds)
+        self.seen.setdefault(label, []).append(seconds)
+        say(f"disk floor ({label}): {nbytes / GB:.1f} GB in {seconds:.1f} s = {nbytes / GB / seconds:.2f} GB/s")
+        return seconds
+
+    def before(self, files: list[Path], label: str) -> float:
+        if self.last is not None and self.last[0] == tuple(files):
+            return self.last[1]
+        return self.read(files, label)
+
+
 def _status(key: str) -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -247,8 +270,10 @@ def free(loaded) -> None:
     stats.malloc_trim()
 
 
-def run_load(name: str, files: list[Path], floor: float, load: Callable[[], object],
+def run_load(name: str, files: list[Path], floors: Floors, label: str, load: Callable[[], object],
              after: Callable[[object], None] | None = None) -> tuple[Row, torch.Tensor]:
+    """One load, page-cache cold, between two floor reads of its files (``Floors``)."""
+    before = floors.before(files, label)
     gc.collect()
     torch.cuda.empty_cache()
     drop_caches(files)
@@ -272,7 +297,9 @@ def run_load(name: str, files: list[Path], floor: float, load: Callable[[], obje
         after(loaded)
     out = logits(loaded.model)
     free(loaded)
-    row = Row(name, seconds, floor, rss.added, side, block, vram, breakdown=breakdown)
+    after_floor = floors.read(files, label)
+    breakdown += f", floors {before:.1f} / {after_floor:.1f} s"
+    row = Row(name, seconds, (before + after_floor) / 2, rss.added, side, block, vram, breakdown=breakdown)
     return row, out
 
 
@@ -351,9 +378,10 @@ def main() -> int:
         shutil.rmtree(c, ignore_errors=True)
     bf16_files = weight_files(ckpt)
     method = drop_caches(bf16_files)
-    floor, nbytes = disk_floor(bf16_files)
-    say(f"page cache: {method}; disk floor (BF16 files): {nbytes / GB:.1f} GB in {floor:.1f} s = "
-        f"{nbytes / GB / floor:.2f} GB/s")
+    say(f"page cache: {method}")
+    floors = Floors()
+    floor = floors.read(bf16_files, "bf16")
+    nbytes = sum(f.stat().st_size for f in bf16_files)
     fmt = args.int8_format
     rows: list[Row] = []
     refs: dict[str, torch.Tensor] = {}
@@ -381,15 +409,15 @@ def main() -> int:
     # the copy's floor and loads, and the copy is deleted, so at most one copy is on disk at a time.
     only_copies = args.prequantized_only
     if not only_copies:
-        r, out = run_load("ours bf16 resident", bf16_files, floor, lambda: load_model(spec(ckpt, "bf16")))
+        r, out = run_load("ours bf16 resident", bf16_files, floors, "bf16", lambda: load_model(spec(ckpt, "bf16")))
         record(r, out, None, "bf16")
-        r, out = run_load(f"ours bf16 smart ({half}/{n} streamed)", bf16_files, floor,
+        r, out = run_load(f"ours bf16 smart ({half}/{n} streamed)", bf16_files, floors, "bf16",
                           lambda: load_model(spec(ckpt, "bf16", smart=True)))
         record(r, out, "bf16")
     today = [] if only_copies else ["bf16"] + (["int8"] if args.today_int8 else [])
     for quant in today:
         label = quant if quant != "int8" else f"int8 {fmt}"
-        r, out = run_load(f"earlier path {label} smart ({half}/{n} streamed)", bf16_files, floor,
+        r, out = run_load(f"earlier path {label} smart ({half}/{n} streamed)", bf16_files, floors, "bf16",
                           lambda q=quant: load_model(spec(ckpt, q, smart=True), engine="from_pretrained"))
         r.order = 10
         record(r, out, quant)
@@ -403,32 +431,27 @@ def main() -> int:
     other = sizes.pop(None, 0)
     budget = (other + (n - half) * max(sizes.values())) / GIB * 1.05
     if not only_copies:
-        r, out = run_load(f"accelerate device_map=auto bf16 (budget {budget:.0f} GiB)", bf16_files, floor,
+        r, out = run_load(f"accelerate device_map=auto bf16 (budget {budget:.0f} GiB)", bf16_files, floors, "bf16",
                           lambda: load_model(spec(ckpt, "bf16", offload="accelerate", vram_budget_gb=budget)))
         r.order = 11
         record(r, out, "bf16")
     os.environ["HUNYUAN_MIN_STREAMED_BLOCKS"] = str(half)
-    floors: dict[str, list[float]] = {"bf16": [floor]}
     for k, quant in enumerate(("int8", "nf4")):
         label = quant if quant != "int8" else f"int8 {fmt}"
-        r, out = run_load(f"ours {label} resident", bf16_files, floor, lambda q=quant: load_model(spec(ckpt, q)),
+        r, out = run_load(f"ours {label} resident", bf16_files, floors, "bf16", lambda q=quant: load_model(spec(ckpt, q)),
                           after=saver(quant))
         r.order = 1 + k
         record(r, out, None, quant)
         if not only_copies:
-            r, out = run_load(f"ours {label} smart ({half}/{n} streamed)", bf16_files, floor,
+            r, out = run_load(f"ours {label} smart ({half}/{n} streamed)", bf16_files, floors, "bf16",
                               lambda q=quant: load_model(spec(ckpt, q, smart=True)))
             r.order = 1 + k
             record(r, out, quant)
         files = weight_files(copies[quant])
-        # the copies are read in seconds, and this disk's rate drifts by ~10% from one minute to the next
-        # (1.56-2.06 GB/s in one run): each copy row is compared with a floor read right before it
         for row_name, smart in ((f"ours {label} pre-quantized resident", False),
                                 (f"ours {label} pre-quantized smart ({half}/{n} streamed)", True)):
-            qfloor, qbytes = disk_floor(files)
-            floors.setdefault(quant, []).append(qfloor)
-            say(f"disk floor ({quant} copy): {qbytes / GB:.1f} GB in {qfloor:.1f} s = {qbytes / GB / qfloor:.2f} GB/s")
-            r, out = run_load(row_name, files, qfloor, lambda q=quant, sm=smart: load_model(spec(copies[q], q, smart=sm)))
+            r, out = run_load(row_name, files, floors, f"{quant} copy",
+                              lambda q=quant, sm=smart: load_model(spec(copies[q], q, smart=sm)))
             r.order = 3 + k
             record(r, out, quant)
         if not args.keep:
@@ -451,8 +474,9 @@ def main() -> int:
           "tok: tokenizer; moe: MoE dispatch; other: the rest of load_model), the ring's allocation (made "
           "ahead while the skeleton is built, or inside read), 'read from before skel' (a load that quantizes nothing: "
           "the reader started once the plan from the headers passed, and read while the skeleton was built), and the time between load_model's return and the "
-          "GPU being idle. Each copy row is divided by a floor read right before it. " + "; ".join(
-              f"{q} floor {', '.join(f'{t:.1f}' for t in ts)} s" for q, ts in floors.items()) + ".")
+          "GPU being idle; floors: the plain reads right before and after the load, whose mean the row is divided by. "
+          "Every floor read (s): " + "; ".join(f"{q}: {', '.join(f'{t:.1f}' for t in ts)}"
+                                            for q, ts in floors.seen.items()) + ".")
     if not args.keep:
         for c in copies.values():
             shutil.rmtree(c, ignore_errors=True)
