@@ -94,6 +94,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=8448)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--scratch", default="512,1024", help="HY3_MOE_SCRATCH_MB values to measure")
+    ap.add_argument("--kernels", default="flat,rows", help="HY3_DEQUANT_KERNEL values to measure")
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
     if not start_bench("bench/moe_host.py"):
@@ -122,39 +123,72 @@ def main() -> int:
     del out
     note = "" if bcov else " (sleep did not cover the issue: GPU ms includes host time)"
     print(f"| bf16 per-expert loop | {bw:.2f} | {bh:.2f} | {bg:.2f}{note} | 1.00x | 1.00x | - |")
-    saved = {k: os.environ.get(k) for k in (mg.SCRATCH_ENV, D.PAIR_ENV)}
+    saved = {k: os.environ.get(k) for k in (mg.SCRATCH_ENV, D.PAIR_ENV, D.KERNEL_ENV)}
+    kernels = args.kernels.split(",")
     ref = None
     try:
-        for mb in [int(v) for v in args.scratch.split(",")]:
-            for pair in ("0", "1"):
-                os.environ[mg.SCRATCH_ENV], os.environ[D.PAIR_ENV] = str(mb), pair
-                fn = grouped_candidate(ours, "linear", overlap=False)
-                e = mg.scratch_experts(_namespaces(ours[:1]))
-                chunks = len(mg._expert_chunks(per, e))
-                launches = chunks * (1 if pair == "1" else 2)
-                try:
-                    w, h, g, cov, out = measure(lambda f=fn: run(f, xs), args.reps, cpm)
-                except torch.OutOfMemoryError as exc:
-                    print(f"| scratch {mb} MiB, pair {pair} | out of memory: {str(exc)[:80]} | | | | | |")
-                    torch.cuda.empty_cache()
-                    continue
-                if ref is None:
-                    ref, same = out, "first"
-                else:
-                    same = "identical" if all(torch.equal(a, b) for a, b in zip(out, ref)) else "DIFFERENT"
-                del out
-                note = "" if cov else " (sleep did not cover the issue)"
-                print(f"| W8A16 linear, scratch {mb} MiB ({e} experts/chunk, {chunks} chunks), "
-                      f"{'one dequant launch per chunk' if pair == '1' else 'one dequant launch per Linear'} "
-                      f"({launches} + {chunks} SiLU launches) | {w:.2f} | {h:.2f} | {g:.2f}{note} | "
-                      f"{w / bw:.2f}x | {h / bh:.2f}x | {same} |")
+        dequant_alone(ours, kernels, args.reps)
+        for mb, pair, kern in [(int(m), p, k) for m in args.scratch.split(",") for p in ("0", "1") for k in kernels]:
+            os.environ[mg.SCRATCH_ENV], os.environ[D.PAIR_ENV], os.environ[D.KERNEL_ENV] = str(mb), pair, kern
+            fn = grouped_candidate(ours, "linear", overlap=False)
+            e = mg.scratch_experts(_namespaces(ours[:1]))
+            chunks = len(mg._expert_chunks(per, e))
+            launches = chunks * (1 if pair == "1" else 2)
+            try:
+                w, h, g, cov, out = measure(lambda f=fn: run(f, xs), args.reps, cpm)
+            except torch.OutOfMemoryError as exc:
+                print(f"| scratch {mb} MiB, pair {pair}, {kern} | out of memory: {str(exc)[:80]} | | | | | |")
                 torch.cuda.empty_cache()
+                continue
+            if ref is None:
+                ref, same = out, "first"
+            else:
+                same = "identical" if all(torch.equal(a, b) for a, b in zip(out, ref)) else "DIFFERENT"
+            del out
+            note = "" if cov else " (sleep did not cover the issue)"
+            print(f"| W8A16 linear, scratch {mb} MiB ({e} experts/chunk, {chunks} chunks), "
+                  f"{'one dequant launch per chunk' if pair == '1' else 'one dequant launch per Linear'} "
+                  f"({launches} + {chunks} SiLU launches), {kern} kernel | {w:.2f} | {h:.2f} | {g:.2f}{note} | "
+                  f"{w / bw:.2f}x | {h / bh:.2f}x | {same} |")
+            torch.cuda.empty_cache()
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None)
             if v is not None:
                 os.environ[k] = v
     return 0
+
+
+def dequant_alone(ours, kernels: list[str], reps: int) -> None:
+    """The dequantization of the whole layer (64 experts' gate_up and down, one launch) per kernel variant:
+    GPU ms (CUDA events, median) and the rate in bytes moved (1 read + 2 written per weight)."""
+    from hunyuan_image3.hunyuan_loader import w8a16_dequant as D
+
+    gu = ([a.weight for a, _ in ours], [a.weight_scale for a, _ in ours])
+    dn = ([b.weight for _, b in ours], [b.weight_scale for _, b in ours])
+    n_gu = len(gu[0]) * gu[0][0].numel()
+    off = -(-n_gu // D.OUT_ALIGN) * D.OUT_ALIGN
+    total = n_gu + len(dn[0]) * dn[0][0].numel()
+    out = torch.empty(off + total - n_gu, dtype=torch.bfloat16, device=gu[0][0].device)
+    groups = [(*gu, 0), (*dn, off)]
+    table = D.kernel_table(groups, out.device)
+    ref = None
+    for kern in kernels:
+        os.environ[D.KERNEL_ENV] = kern
+        times = []
+        for _ in range(reps + 2):
+            a, b = _events()
+            a.record()
+            D.dequantize_groups(groups, out, use_triton=True, table=table)
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        ms = statistics.median(times[2:])
+        same = "first" if ref is None else ("identical" if torch.equal(out, ref) else "DIFFERENT")
+        ref = out.clone() if ref is None else ref
+        print(f"dequantization alone, {kern} kernel: 64 experts gate_up + down ({total / 1e9:.2f} G weights) in "
+              f"{ms:.3f} ms = {3 * total / ms / 1e9:.2f} TB/s (1 B read + 2 B written per weight); bits {same}")
+    del out, ref
 
 
 def _namespaces(pairs):

@@ -69,7 +69,7 @@ def _kernel() -> Any:
                 nk = tl.load(row + 2).to(tl.int32) * E_UNIT
                 start = tl.program_id(1) * BLOCK
                 if start < nk:  # the grid covers the largest N*K: the other entries' extra programs do nothing
-                    k = tl.load(row + 3).to(tl.int32)
+                    k = tl.load(row + 3).to(tl.int32) * E_UNIT
                     offs = start + tl.arange(0, BLOCK)
                     mask = offs < nk
                     q = tl.load(w_ptr + tl.load(row) * W_UNIT + offs, mask=mask, other=0)
@@ -83,7 +83,36 @@ def _kernel() -> Any:
                     else:
                         tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=mask)
 
-            _triton = (triton, _dequant_kernel)
+            @triton.jit
+            def _dequant_rows_kernel(w_ptr, s_ptr, out_ptr, table_ptr, ROWS: tl.constexpr, KBLOCK: tl.constexpr,
+                                     W_UNIT: tl.constexpr, S_UNIT: tl.constexpr, E_UNIT: tl.constexpr,
+                                     BF16_BITS: tl.constexpr):
+                # ROWS output rows of one expert per program, KBLOCK columns at a time: the row and its
+                # scale come from the program and the tile, not from a division per element (``offs // k``
+                # of the flat kernel) and a scale load per element
+                row = table_ptr + tl.program_id(0) * 5
+                k = tl.load(row + 3).to(tl.int32) * E_UNIT
+                n = tl.load(row + 2).to(tl.int32) * E_UNIT // k
+                r0 = tl.program_id(1) * ROWS
+                if r0 < n:  # the grid covers the largest N: the other entries' extra programs do nothing
+                    rows = r0 + tl.arange(0, ROWS)
+                    rmask = rows < n
+                    s = tl.load(s_ptr + tl.load(row + 1) * S_UNIT + rows, mask=rmask, other=0.0).to(tl.float32)
+                    src = w_ptr + tl.load(row) * W_UNIT + rows[:, None] * k
+                    dst = out_ptr + tl.load(row + 4) * E_UNIT + rows[:, None] * k
+                    for c0 in range(0, k, KBLOCK):
+                        cols = c0 + tl.arange(0, KBLOCK)
+                        mask = rmask[:, None] & (cols < k)[None, :]
+                        q = tl.load(src + cols[None, :], mask=mask, other=0)
+                        w = q.to(tl.float32) * s[:, None]
+                        if BF16_BITS:
+                            bits = w.to(tl.uint32, bitcast=True)
+                            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+                            tl.store(dst + cols[None, :], bits.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+                        else:
+                            tl.store(dst + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+            _triton = (triton, _dequant_kernel, _dequant_rows_kernel)
         except Exception as exc:  # noqa: BLE001 - no Triton: the torch fallback
             log.info("W8A16 dequantization: Triton unavailable (%s); torch fallback", exc)
             _triton = False
@@ -109,12 +138,12 @@ def _triton_ok(groups: Sequence[Group]) -> bool:
 
 
 def entry_unit(groups: Sequence[Group]) -> int:
-    """The unit (elements) of N*K and of the output offsets in ``entry_table``: ``E_UNIT_MAX`` when every
-    group's N*K and offset are multiples of it, else 1."""
+    """The unit (elements) of N*K, K and the output offsets in ``entry_table``: ``E_UNIT_MAX`` when every
+    group's K and offset are multiples of it, else 1."""
     for ws, _, off in groups:
         if len(ws):
             n, k = ws[0].shape
-            if (n * k) % E_UNIT_MAX or off % E_UNIT_MAX:
+            if k % E_UNIT_MAX or off % E_UNIT_MAX:
                 return 1
     return E_UNIT_MAX
 
@@ -133,7 +162,7 @@ def entry_table(groups: Sequence[Group]) -> list[int]:
             continue
         n, k = ws[0].shape
         for e in range(len(ws)):
-            rows += (wo[i], so[i], n * k // unit, k, (off + e * n * k) // unit)
+            rows += (wo[i], so[i], n * k // unit, k // unit, (off + e * n * k) // unit)
             i += 1
     return rows
 
@@ -235,18 +264,36 @@ def dequantize_groups(groups: Sequence[Group], out: torch.Tensor, *, use_triton:
                 n, k = q.shape
                 flat[off + i * n * k: off + (i + 1) * n * k].view(n, k).copy_(w8a16.dequantize_weight(q, s, out.dtype))
         return out
-    triton, kern = _kernel()
+    triton, flat_kernel, rows_kernel = _kernel()
     w_base = min((w for ws, _, _ in groups for w in ws), key=_ptr)
     s_base = min((s for _, ss, _ in groups for s in ss), key=_ptr)
     if table is None:
         table = torch.tensor(entry_table(groups), dtype=torch.int64,
                              pin_memory=out.is_cuda).to(out.device, non_blocking=True)
     bf16 = out.dtype == torch.bfloat16
-    kern[(entries, triton.cdiv(max_nk, BLOCK))](
-        w_base, s_base, flat.view(torch.int16) if bf16 else flat, table,
-        BLOCK=BLOCK, W_UNIT=ALIGN, S_UNIT=ALIGN // s_base.element_size(), E_UNIT=entry_unit(groups),
-        BF16_BITS=bf16, num_warps=8)
+    args = (w_base, s_base, flat.view(torch.int16) if bf16 else flat, table)
+    units = dict(W_UNIT=ALIGN, S_UNIT=ALIGN // s_base.element_size(), E_UNIT=entry_unit(groups), BF16_BITS=bf16)
+    if dequant_kernel_variant() == "rows":
+        max_n = max(ws[0].shape[0] for ws, _, _ in groups if len(ws))
+        rows_kernel[(entries, triton.cdiv(max_n, ROWS))](*args, ROWS=ROWS, KBLOCK=KBLOCK, **units, num_warps=8)
+    else:
+        flat_kernel[(entries, triton.cdiv(max_nk, BLOCK))](*args, BLOCK=BLOCK, **units, num_warps=8)
     return out
+
+
+KERNEL_ENV = "HY3_DEQUANT_KERNEL"  # flat (default) | rows: which dequantization kernel (same bits, see above)
+ROWS = 4  # output rows per program of the row-tiled kernel ...
+KBLOCK = 1024  # ... and columns per step
+
+
+def dequant_kernel_variant() -> str:
+    """``HY3_DEQUANT_KERNEL``: "flat" (one BLOCK of N*K per program; the row of each element found by a
+    division) or "rows" (ROWS rows per program, KBLOCK columns per step: no division, one scale load per
+    row). Both write the same bits (tests); which is faster is bench/moe_host.py's question."""
+    value = os.environ.get(KERNEL_ENV, "flat").strip().lower()
+    if value not in ("flat", "rows"):
+        raise ValueError(f"{KERNEL_ENV}={value!r}: use flat or rows")
+    return value
 
 
 def dequantize_into(weights: list[torch.Tensor], scales: list[torch.Tensor], out: torch.Tensor,

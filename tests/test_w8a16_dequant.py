@@ -58,9 +58,15 @@ print("KERNEL OK")
 """
 
 
+def _variant(script: str, variant: str) -> str:
+    """``script`` run with the dequantization kernel ``variant`` (w8a16_dequant.KERNEL_ENV, read per call)."""
+    return f"import os\nos.environ['HY3_DEQUANT_KERNEL'] = {variant!r}\n" + script
+
+
 @needs_triton
-def test_dequant_kernel_bit_exact_in_the_triton_interpreter() -> None:
-    interpret(_KERNEL)
+@pytest.mark.parametrize("variant", ["flat", "rows"])
+def test_dequant_kernel_bit_exact_in_the_triton_interpreter(variant: str) -> None:
+    interpret(_variant(_KERNEL, variant))
 
 
 _GROUPS = PRELUDE + r"""
@@ -109,8 +115,19 @@ print("KERNEL OK")
 
 
 @needs_triton
-def test_dequant_kernel_two_linears_one_launch_in_the_triton_interpreter() -> None:
-    interpret(_GROUPS)
+@pytest.mark.parametrize("variant", ["flat", "rows"])
+def test_dequant_kernel_two_linears_one_launch_in_the_triton_interpreter(variant: str) -> None:
+    interpret(_variant(_GROUPS, variant))
+
+
+def test_dequant_kernel_variant_is_checked(monkeypatch) -> None:
+    monkeypatch.setenv("HY3_DEQUANT_KERNEL", "fast")
+    with pytest.raises(ValueError, match="HY3_DEQUANT_KERNEL"):
+        D.dequant_kernel_variant()
+    monkeypatch.setenv("HY3_DEQUANT_KERNEL", " Rows ")
+    assert D.dequant_kernel_variant() == "rows"
+    monkeypatch.delenv("HY3_DEQUANT_KERNEL")
+    assert D.dequant_kernel_variant() == "flat"
 
 
 @pytest.mark.parametrize("packed", [True, False])
@@ -324,10 +341,10 @@ def test_entry_table_rows() -> None:
     """One row per expert of every group, in order: weight and scale offsets from the lowest address of
     their kind over ALL groups (ALIGN units), N*K, K, output offset (group offset + i * N*K)."""
     gu, gs = _experts(2, 8, 16, seed=1)
-    dw, ds = _experts(3, 4, 8, seed=2)
+    dw, ds = _experts(3, 4, 16, seed=2)
     w0 = min(t.data_ptr() for t in gu + dw)
     s0 = min(t.data_ptr() for t in gs + ds)
-    for off, unit in ((512, D.E_UNIT_MAX), (520, 1)):  # N*K 128 and 32: the offset decides the unit
+    for off, unit in ((512, D.E_UNIT_MAX), (520, 1)):  # K 16 and 16: the offset decides the unit
         groups = [(gu, gs, 0), ([], [], 5), (dw, ds, off)]
         assert D.entry_unit(groups) == unit
         rows = D.entry_table(groups)
@@ -336,11 +353,13 @@ def test_entry_table_rows() -> None:
         for ws, ss, o in ((gu, gs, 0), (dw, ds, off)):
             n, k = ws[0].shape
             for i, (w, sc) in enumerate(zip(ws, ss)):
-                want += [(w.data_ptr() - w0) // D.ALIGN, (sc.data_ptr() - s0) // D.ALIGN, n * k // unit, k,
-                         (o + i * n * k) // unit]
+                want += [(w.data_ptr() - w0) // D.ALIGN, (sc.data_ptr() - s0) // D.ALIGN, n * k // unit,
+                         k // unit, (o + i * n * k) // unit]
         assert rows == want
-    odd, oddscale = _experts(2, 3, 5, seed=3)  # N*K 15: unit 1
+    odd, oddscale = _experts(2, 3, 5, seed=3)  # K 5: unit 1
     assert D.entry_unit([(odd, oddscale, 0)]) == 1
+    narrow, narrows = _experts(2, 32, 8, seed=4)  # N*K 256 but K 8: unit 1 (the kernels take K in the unit too)
+    assert D.entry_unit([(narrow, narrows, 0)]) == 1
     assert D.offset_table(gu, gs) == D.entry_table([(gu, gs, 0)])
 
 
@@ -382,7 +401,9 @@ def test_gpu_a_full_table_cache_starts_again(monkeypatch) -> None:
 
 
 @pytest.mark.gpu
-def test_gpu_dequant_kernel_bit_exact_real_shapes() -> None:
+@pytest.mark.parametrize("variant", ["flat", "rows"])
+def test_gpu_dequant_kernel_bit_exact_real_shapes(variant: str, monkeypatch) -> None:
+    monkeypatch.setenv("HY3_DEQUANT_KERNEL", variant)
     g = torch.Generator("cuda").manual_seed(0)
     ws, ss = zip(*[quantize_weight(torch.randn(6144, 4096, device="cuda", generator=g) * 0.02) for _ in range(3)])
     out = torch.empty(3, 6144, 4096, dtype=torch.bfloat16, device="cuda")
@@ -476,9 +497,11 @@ def test_gpu_overlap_is_bit_identical_to_sequential(engine: str, monkeypatch) ->
 
 
 @pytest.mark.gpu
-def test_gpu_two_linears_one_launch_bit_exact_real_shapes() -> None:
+@pytest.mark.parametrize("variant", ["flat", "rows"])
+def test_gpu_two_linears_one_launch_bit_exact_real_shapes(variant: str, monkeypatch) -> None:
     """A chunk's gate_up (6144 x 4096) and down (4096 x 3072) experts in ONE launch into one scratch,
     the down part from an offset: each expert bit for bit dequantize_weight; nothing written between."""
+    monkeypatch.setenv("HY3_DEQUANT_KERNEL", variant)
     g = torch.Generator("cuda").manual_seed(4)
     gu = [quantize_weight(torch.randn(6144, 4096, device="cuda", generator=g) * 0.02) for _ in range(2)]
     dn = [quantize_weight(torch.randn(4096, 3072, device="cuda", generator=g) * 0.02) for _ in range(2)]
