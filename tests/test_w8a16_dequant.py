@@ -127,7 +127,7 @@ def test_dequant_kernel_variant_is_checked(monkeypatch) -> None:
     monkeypatch.setenv("HY3_DEQUANT_KERNEL", " Rows ")
     assert D.dequant_kernel_variant() == "rows"
     monkeypatch.delenv("HY3_DEQUANT_KERNEL")
-    assert D.dequant_kernel_variant() == "flat"
+    assert D.dequant_kernel_variant() == "rows"
 
 
 @pytest.mark.parametrize("packed", [True, False])
