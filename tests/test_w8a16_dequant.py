@@ -459,17 +459,12 @@ def _real_width_block():
     return _block(torch.bfloat16, topk=8, experts=16, device="cuda", hidden=4096, width=3072)[1]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("engine", ["linear", "dequant", "auto"])
-def test_gpu_overlap_is_bit_identical_to_sequential(engine: str, monkeypatch) -> None:
-    """The real widths (hidden 4096, expert width 3072), 16 experts, top-8, 4224 tokens: ~2100 rows
-    per expert, chunks of 7 experts (3 chunks, 6 stages): the overlapped dequantization (side stream,
-    double buffer) gives the same bits as HY3_MOE_OVERLAP=0, on every one of 3 runs (a missing
-    event would let a dequantization overwrite a buffer a GEMM still reads)."""
+def _real_width_run(tokens: int, seed: int, engine: str, monkeypatch) -> tuple:
+    """(the real-width MoE block, a bf16 input of ``tokens``, the list every DequantPipeline made is added
+    to) with ``engine`` forced."""
     block = _real_width_block()
-    x = torch.randn(1, 4224, 4096, device="cuda", generator=torch.Generator("cuda").manual_seed(3))
-    x = (x * 0.5).to(torch.bfloat16)
-    pipes = []
+    x = torch.randn(1, tokens, 4096, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+    pipes: list = []
     real = D.DequantPipeline
 
     def spy(*a, **k):
@@ -478,6 +473,17 @@ def test_gpu_overlap_is_bit_identical_to_sequential(engine: str, monkeypatch) ->
 
     monkeypatch.setattr(D, "DequantPipeline", spy)
     monkeypatch.setenv(mg.GROUPED_ENV, engine)
+    return block, (x * 0.5).to(torch.bfloat16), pipes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("engine", ["linear", "dequant", "auto"])
+def test_gpu_overlap_is_bit_identical_to_sequential(engine: str, monkeypatch) -> None:
+    """The real widths (hidden 4096, expert width 3072), 16 experts, top-8, 4224 tokens: ~2100 rows
+    per expert, chunks of 7 experts (3 chunks, 6 stages): the overlapped dequantization (side stream,
+    double buffer) gives the same bits as HY3_MOE_OVERLAP=0, on every one of 3 runs (a missing
+    event would let a dequantization overwrite a buffer a GEMM still reads)."""
+    block, x, pipes = _real_width_run(4224, 3, engine, monkeypatch)
     with torch.no_grad():
         monkeypatch.setenv(D.OVERLAP_ENV, "0")
         seq = block(x)
@@ -528,18 +534,7 @@ def test_gpu_pair_launch_and_scratch_size_keep_the_bits(engine: str, monkeypatch
     launch per Linear, and a 1024 MiB scratch (up to 14 experts per chunk instead of 7: fewer
     chunks) the same bits again for the linear engine (the same matmul per expert; torch._grouped_mm's
     kernels may depend on the group count)."""
-    block = _real_width_block()
-    x = torch.randn(1, 2112, 4096, device="cuda", generator=torch.Generator("cuda").manual_seed(5))
-    x = (x * 0.5).to(torch.bfloat16)
-    pipes = []
-    real = D.DequantPipeline
-
-    def spy(*a, **k):
-        pipes.append(real(*a, **k))
-        return pipes[-1]
-
-    monkeypatch.setattr(D, "DequantPipeline", spy)
-    monkeypatch.setenv(mg.GROUPED_ENV, engine)
+    block, x, pipes = _real_width_run(2112, 5, engine, monkeypatch)
     monkeypatch.delenv(D.OVERLAP_ENV, raising=False)
     out, stages = {}, {}
     with torch.no_grad():
