@@ -40,7 +40,7 @@ ALIGN = w8a16.ALIGN  # bytes: weight and scale offsets are sent in these units
 BLOCK = 4096  # elements per program of the dequantization kernel
 ROW_ALIGN = 16  # rows per expert are padded to a multiple of this for torch._grouped_mm
 ENTRY_COLS = 5  # a kernel table row: weight offset, scale offset (ALIGN units), N*K, K, output offset (E_UNIT units)
-# N*K and the output offset are sent in units of E_UNIT_MAX elements when every entry allows it (real shapes do),
+# N*K, K and the output offset are sent in units of E_UNIT_MAX elements when every entry allows it (real shapes do),
 # else of 1: the kernel multiplies them by its constexpr E_UNIT, so Triton knows the mask and the stores are
 # E_UNIT-aligned and vectorises them. Loaded from the table as plain numbers, they are of unknown alignment,
 # and the stores went element by element (H200: the layer's 64 experts at 8,448 tokens 9.7 -> 11.4 ms on the GPU).
@@ -239,8 +239,9 @@ def dequantize_groups(groups: Sequence[Group], out: torch.Tensor, *, use_triton:
                       table: torch.Tensor | None = None) -> torch.Tensor:
     """For each group ``(weights, scales, offset)``, write ``dequantize_weight(weights[i], scales[i],
     out.dtype)`` into the contiguous ``out`` seen flat, from element ``offset + i * N * K`` on: one
-    Triton launch for every expert of every group (CUDA, or the interpreter; grid: experts x the
-    largest N*K in BLOCKs), else one torch expression per expert. ``use_triton`` forces a path;
+    Triton launch for every expert of every group (CUDA, or the interpreter; the kernel
+    ``dequant_kernel_variant`` names: grid experts x the largest N in ROWS, or x the largest N*K in
+    BLOCKs), else one torch expression per expert. ``use_triton`` forces a path;
     ``table`` is ``entry_table(groups)`` already on ``out``'s device (``kernel_table``)."""
     if not out.is_contiguous():
         raise ValueError(f"scratch {tuple(out.shape)} is not contiguous")
