@@ -628,9 +628,10 @@ closed here. ``cancel`` is called between units (it raises to stop). On any fail
         if made is None and ring_bytes > 0:
             stats.ring_seconds = time.perf_counter() - t_ring
     stats.tensors = len(entries)
-    ahead = _HostBuffersAhead({i: streamed_sizes.get(i, 0) for i in streamed}, cuda) \
-        if (streamed and streamed_sizes) else None
+    ahead = None
     try:
+        if streamed and streamed_sizes:
+            ahead = _HostBuffersAhead({i: streamed_sizes.get(i, 0) for i in streamed}, cuda)
         with contextlib.closing(reader), torch.no_grad(), submodule_index(sk.model):
             for unit in units:
                 if cancel is not None:
@@ -665,6 +666,7 @@ closed here. ``cancel`` is called between units (it raises to stop). On any fail
         strip_module_weights(sk.model)
         raise
     finally:
+        reader.close()  # (idempotent) also when the failure came before the reading loop
         if ahead is not None:
             ahead.close()
     stats.bytes_read = reader.bytes_read
