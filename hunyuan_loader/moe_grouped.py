@@ -387,6 +387,7 @@ def grouped_chunks(experts: Any, x: torch.Tensor, tok: torch.Tensor, counts: lis
     stream while this one's GEMMs run (``overlap``: None follows ``HY3_MOE_OVERLAP``, off by default)."""
     from . import w8a16_dequant as D
 
+    D.dequant_kernel_variant()  # a bad HY3_DEQUANT_KERNEL is the caller's error, not an engine failure to log and drop
     experts = list(experts)  # a ModuleList's slice builds a new ModuleList (~7 add_module calls) per chunk
     names = [engine] if engine is not None else grouped_engines(x)  # the same for every chunk of this call
     base = key_base(experts, x) if len(names) > 1 else None  # the same for every chunk of this call

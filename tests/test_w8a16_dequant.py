@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -121,9 +122,18 @@ def test_dequant_kernel_two_linears_one_launch_in_the_triton_interpreter(variant
 
 
 def test_dequant_kernel_variant_is_checked(monkeypatch) -> None:
+    """A bad value is a clear error where the grouped MoE starts (not an engine failure, logged and dropped)."""
     monkeypatch.setenv("HY3_DEQUANT_KERNEL", "fast")
     with pytest.raises(ValueError, match="HY3_DEQUANT_KERNEL"):
         D.dequant_kernel_variant()
+    gu, gs = _experts(1, 16, 8)
+    dn, ds = _experts(1, 8, 8, seed=1)
+    experts = [types.SimpleNamespace(gate_and_up_proj=types.SimpleNamespace(weight=gu[0], weight_scale=gs[0]),
+                                     down_proj=types.SimpleNamespace(weight=dn[0], weight_scale=ds[0]))]
+    x = torch.zeros(2, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="HY3_DEQUANT_KERNEL"):
+        list(mg.grouped_chunks(experts, x, torch.arange(2), [2], "linear"))
+    assert "linear" not in mg._grouped_off
     monkeypatch.setenv("HY3_DEQUANT_KERNEL", " Rows ")
     assert D.dequant_kernel_variant() == "rows"
     monkeypatch.delenv("HY3_DEQUANT_KERNEL")
