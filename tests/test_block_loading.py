@@ -3,6 +3,7 @@ materialisation order, bounded memory, the plan-before-read refusal, progress an
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import subprocess
@@ -648,3 +649,32 @@ def test_gpu_pre_quantized_load_reads_while_the_skeleton_is_built(base_checkpoin
     st = ours.load_stats
     assert seen == [True] and st.read_early and st.ring_ahead, st.describe()
     assert torch.equal(logits(ours.model), logits(fresh.model))
+
+
+@pytest.mark.parametrize(("quant", "pre"), [("bf16", False), ("nf4", True), ("int8", True)])
+def test_header_sizes_bound_the_placed_sizes(base_checkpoint: Path, tmp_path: Path, quant: str, pre: bool,
+                                             one_thread) -> None:
+    """The plan from the headers (loads that quantize nothing) can only refuse what the exact plan
+    would: every tensor's header size is at least its placed size. This holds for the official code:
+    it declares no ``_keep_in_fp32_modules`` (none in hunyuan_image_3/*.py, base @1d011c8 and Instruct
+    @1ea1526), and its router is created float32 (hunyuan.py:1039 ``self.wg = nn.Linear(...,
+    dtype=torch.float32)``, at ``mlp.gate.wg``: hunyuan.py:1088), which header_nbytes counts as float32."""
+    from hunyuan_image3.hunyuan_loader.checkpoint import loadable_path
+    from hunyuan_image3.hunyuan_loader.loading import _quant_config, save_quantized_copy
+
+    path = base_checkpoint
+    if pre:
+        path = save_quantized_copy(load_model(_spec(base_checkpoint, quant)), tmp_path / f"{quant}-pre")
+    info = validate_checkpoint(path)
+    layout = read_layout(info.shard_files)
+    qconfig, pre_quantized = _quant_config(_spec(path, quant), info, sorted(layout))
+    assert qconfig is None and pre_quantized is pre  # the early path's loads
+    sk = block_loader.build_skeleton(loadable_path(info), layout.keys(), quant, qconfig, torch.device("cpu"))
+    assert sk.model._keep_in_fp32_modules is None
+    short = [(e.name, block_loader.header_nbytes(e), block_loader.placed_nbytes(sk, e)) for e in layout.values()
+             if block_loader.header_nbytes(e) < block_loader.placed_nbytes(sk, e)]
+    assert short == []
+    # a router stored narrower than the float32 it is placed as is counted as float32
+    router = next(e for e in layout.values() if e.name.endswith(".mlp.gate.wg.weight"))
+    narrow = dataclasses.replace(router, dtype=torch.bfloat16, nbytes=router.nbytes // router.dtype.itemsize * 2)
+    assert block_loader.header_nbytes(narrow) >= router.nbytes // router.dtype.itemsize * 4
