@@ -190,14 +190,14 @@ def quantize_layer(layer: Layer, mode: str) -> Layer:
     load does); the router and the shared expert stay fp32/bf16.
 
     ``int8`` / ``nf4``: bitsandbytes. ``w8a16``: the pack's INT8 format (int8 weights x bf16
-    activations, hunyuan_loader/w8a16.py). ``w8a16-experts``: W8A16 routed experts, bnb int8
+    activations, hunyuan_loader/formats/w8a16.py). ``w8a16-experts``: W8A16 routed experts, bnb int8
     attention projections."""
     experts_mode = "w8a16" if mode.startswith("w8a16") else mode
     attn_mode = "int8" if mode == "w8a16-experts" else experts_mode
 
     def convert(lin: nn.Linear, how: str) -> nn.Module:
         if how == "w8a16":
-            from hunyuan_image3.hunyuan_loader.w8a16 import Int8WeightOnlyLinear
+            from hunyuan_image3.hunyuan_loader.formats.w8a16 import Int8WeightOnlyLinear
 
             return Int8WeightOnlyLinear.from_linear(lin)
         return bnb_linear(lin, how)

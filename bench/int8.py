@@ -125,7 +125,7 @@ def grouped_candidate(ours, engine: str | None = None,
 
     from torch import nn
 
-    from hunyuan_image3.hunyuan_loader import moe_grouped as mg
+    from hunyuan_image3.hunyuan_loader.hooks import moe_grouped as mg
 
     class Expert(nn.Module):
         def __init__(self, gu: nn.Module, down: nn.Module) -> None:
@@ -221,9 +221,9 @@ def module_bytes(mods) -> int:
 
 
 def part0(dev, tokens: int = 1056) -> None:
-    from hunyuan_image3.hunyuan_loader import w8a16_kernel as K
-    from hunyuan_image3.hunyuan_loader.cuda_timing import time_ms
-    from hunyuan_image3.hunyuan_loader.w8a16 import quantize_weight, torch_w8a16
+    from hunyuan_image3.hunyuan_loader.formats.w8a16 import quantize_weight, torch_w8a16
+    from hunyuan_image3.hunyuan_loader.kernels import w8a16_kernel as K
+    from hunyuan_image3.hunyuan_loader.kernels.cuda_timing import time_ms
 
     g = torch.Generator(device=dev).manual_seed(1)
     q, s = quantize_weight(torch.randn(2 * W, H, device=dev, generator=g) * 0.02)
@@ -257,7 +257,7 @@ def part0(dev, tokens: int = 1056) -> None:
 def build_candidates(experts, args) -> tuple[dict, dict, list]:
     """name -> (gu, down) pairs and name -> expert weight bytes, printing what is skipped; and
     the W8A16 modules (their dequantized weights define W8A16's own reference)."""
-    from hunyuan_image3.hunyuan_loader.w8a16 import Int8WeightOnlyLinear
+    from hunyuan_image3.hunyuan_loader.formats.w8a16 import Int8WeightOnlyLinear
 
     cands: dict[str, list[tuple[Lin, Lin]]] = {}
     nbytes: dict[str, int] = {}
@@ -344,12 +344,12 @@ def _print_tuning_table(title: str, tunings: dict, key_label: str, none_text: st
 
 
 def print_tunings() -> None:
-    from hunyuan_image3.hunyuan_loader import w8a16
+    from hunyuan_image3.hunyuan_loader.formats import w8a16
 
     if not w8a16._kernel:
         print("\nthe fused Triton kernel was NOT used (unavailable or failed): that row ran the plain torch path")
         return
-    from hunyuan_image3.hunyuan_loader import w8a16_grouped as G
+    from hunyuan_image3.hunyuan_loader.kernels import w8a16_grouped as G
 
     _print_tuning_table("grouped W8A16 kernel tuning so far", G.tunings(), "rows/expert bucket",
                         "none passed (per-expert path)")
@@ -357,7 +357,7 @@ def print_tunings() -> None:
 
 
 def part1(dev, token_counts: list[int], args) -> None:
-    from hunyuan_image3.hunyuan_loader import moe_grouped as mg
+    from hunyuan_image3.hunyuan_loader.hooks import moe_grouped as mg
 
     layer = make_layer(dev, seed=0)
     experts = layer.mlp.experts
@@ -428,8 +428,8 @@ def part2(dev, n: int, tokens: int, steps: int, modes: tuple[str, ...]) -> None:
     GPU GB per layer counts the layer's tensors (memory/residency/weights.py module_weight_bytes);
     the torch.cuda.memory_allocated delta from a clean base is printed beside it as a cross-check,
     with what was still allocated before the build and after the teardown."""
-    from hunyuan_image3.hunyuan_loader import moe_dispatch as md
-    from hunyuan_image3.hunyuan_loader import moe_grouped as mg
+    from hunyuan_image3.hunyuan_loader.hooks import moe_dispatch as md
+    from hunyuan_image3.hunyuan_loader.hooks import moe_grouped as mg
 
     x = step_input(dev, tokens)
     print(f"\n## {n}-layer step (bench/offload.py layers, the loaders' MoE dispatch), {tokens} tokens, resident "

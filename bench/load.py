@@ -1,6 +1,6 @@
 """Load time, peak RSS and peak VRAM: the block-order loader vs the earlier path vs accelerate,
 on a synthetic checkpoint of real-size HunyuanImage-3 layers, page cache dropped before EVERY
-load, from ONE run. Everything goes through the pack's library (hunyuan_loader.loading).
+load, from ONE run. Everything goes through the pack's library (hunyuan_loader.load.pipeline).
 
     python bench/load.py [--layers N] [--dir /tmp/hy3_load_bench] [--int8-format w8a16|bnb]
                          [--today-int8] [--keep]
@@ -59,8 +59,8 @@ def build_checkpoint(root: Path, n_layers: int, dev: torch.device) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from hunyuan_image3.hunyuan_loader.checkpoint import loadable_path, validate_checkpoint
-    from hunyuan_image3.hunyuan_loader.checkpoint_layout import block_of
+    from hunyuan_image3.hunyuan_loader.checkpoint.layout import block_of
+    from hunyuan_image3.hunyuan_loader.checkpoint.validate import loadable_path, validate_checkpoint
     from hunyuan_image3.hunyuan_loader.test_model import make_test_model
 
     folder = root / f"HunyuanImage-3-bench-L{n_layers}"
@@ -350,8 +350,8 @@ def main() -> int:
     args = ap.parse_args()
     if not start_bench("bench/load.py"):
         return 0
-    from hunyuan_image3.hunyuan_loader.loading import load_model, save_quantized_copy
-    from hunyuan_image3.hunyuan_loader.spec import LoadSpec
+    from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
+    from hunyuan_image3.hunyuan_loader.load.pipeline import load_model, save_quantized_copy
 
     dev = torch.device("cuda", 0)
     torch.empty(1, device=dev)
@@ -368,7 +368,7 @@ def main() -> int:
     from transformers import AutoConfig
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-    from hunyuan_image3.hunyuan_loader.checkpoint import loadable_path, validate_checkpoint
+    from hunyuan_image3.hunyuan_loader.checkpoint.validate import loadable_path, validate_checkpoint
 
     link = str(loadable_path(validate_checkpoint(ckpt)))
     get_class_from_dynamic_module(AutoConfig.from_pretrained(link, trust_remote_code=True).auto_map[
@@ -423,7 +423,7 @@ def main() -> int:
         record(r, out, quant)
     os.environ.pop("HUNYUAN_MIN_STREAMED_BLOCKS", None)
     # accelerate: device_map="auto" within a budget that holds about half of the blocks
-    from hunyuan_image3.hunyuan_loader.checkpoint_layout import block_of, read_layout
+    from hunyuan_image3.hunyuan_loader.checkpoint.layout import block_of, read_layout
 
     sizes: dict[int | None, int] = {}
     for name, e in read_layout(bf16_files).items():

@@ -32,8 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def build(root: Path, layers: int) -> dict[str, Path]:
-    from hunyuan_image3.hunyuan_loader.loading import load_model, save_quantized_copy
-    from hunyuan_image3.hunyuan_loader.spec import LoadSpec
+    from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
+    from hunyuan_image3.hunyuan_loader.load.pipeline import load_model, save_quantized_copy
     from hunyuan_image3.hunyuan_loader.test_model import make_test_model
 
     base = root / f"L{layers}" / "HunyuanImage-3-base"
@@ -65,8 +65,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from hunyuan_image3.hunyuan_loader.loading import load_model
-    from hunyuan_image3.hunyuan_loader.spec import LoadSpec
+    from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
+    from hunyuan_image3.hunyuan_loader.load.pipeline import load_model
 
     paths = build(Path(args.dir), args.layers)
     for quant in ("nf4", "int8"):  # imports, bitsandbytes and kernels warmed as in a long-running process
@@ -88,7 +88,7 @@ def main() -> None:
         print(f"{kind} ({tensors} tensors): load min {min(totals):.3f} s, median {sorted(totals)[len(totals) // 2]:.3f} "
               "| " + ", ".join(f"{k} {v:.3f}" for k, v in best.items() if v >= 0.0005), flush=True)
         if args.adopt:
-            from hunyuan_image3.hunyuan_loader.placement import decoder_blocks
+            from hunyuan_image3.hunyuan_loader.load.placement import decoder_blocks
             from hunyuan_image3.memory.residency import Placement, ResidencyManager, ResidencyPlan
 
             def uniform(m):

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     from importlib import import_module
 
     test_model = import_module(f"{pack.__name__}.hunyuan_loader.test_model")
-    moe = import_module(f"{pack.__name__}.hunyuan_loader.moe_dispatch")
+    moe = import_module(f"{pack.__name__}.hunyuan_loader.hooks.moe_dispatch")
     est = import_module(f"{pack.__name__}.memory.estimator")
 
     modeling = test_model.load_remote_code("base")

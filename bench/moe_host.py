@@ -101,9 +101,9 @@ def main() -> int:
         return 0
     from int8 import grouped_candidate, routed_inputs, run
 
-    from hunyuan_image3.hunyuan_loader import moe_grouped as mg
-    from hunyuan_image3.hunyuan_loader import w8a16_dequant as D
-    from hunyuan_image3.hunyuan_loader.w8a16 import Int8WeightOnlyLinear
+    from hunyuan_image3.hunyuan_loader.formats.w8a16 import Int8WeightOnlyLinear
+    from hunyuan_image3.hunyuan_loader.hooks import moe_grouped as mg
+    from hunyuan_image3.hunyuan_loader.kernels import w8a16_dequant as D
 
     dev = torch.device("cuda", 0)
     print(f"device: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
@@ -162,7 +162,7 @@ def main() -> int:
 def dequant_alone(ours, kernels: list[str], reps: int) -> None:
     """The dequantization of the whole layer (64 experts' gate_up and down, one launch) per kernel variant:
     GPU ms (CUDA events, median) and the rate in bytes moved (1 read + 2 written per weight)."""
-    from hunyuan_image3.hunyuan_loader import w8a16_dequant as D
+    from hunyuan_image3.hunyuan_loader.kernels import w8a16_dequant as D
 
     gu = ([a.weight for a, _ in ours], [a.weight_scale for a, _ in ours])
     dn = ([b.weight for _, b in ours], [b.weight_scale for _, b in ours])

@@ -64,7 +64,7 @@ def build(quant: str, n: int, dev) -> Stack:
 def run_split(model: Stack, x, devices, steps: int):
     """The layers in contiguous runs over ``devices`` (as memory.devices.plan_split places equal
     cards), activations moved by SplitExecution's hooks."""
-    from hunyuan_image3.hunyuan_loader.split_exec import SplitExecution
+    from hunyuan_image3.hunyuan_loader.hooks.split_exec import SplitExecution
     from hunyuan_image3.memory.residency import move_module_weights
 
     n, k = len(model.layers), len(devices)
@@ -87,7 +87,7 @@ def run_split(model: Stack, x, devices, steps: int):
 def run_cfg_parallel(model: Stack, x, devices, steps: int):
     """A replica of the stack on every other device (shared weights on the same device), the two
     CFG rows of each step on different devices at once."""
-    from hunyuan_image3.hunyuan_loader.cfg_parallel import CfgParallel, clone_decoder
+    from hunyuan_image3.hunyuan_loader.hooks.cfg_parallel import CfgParallel, clone_decoder
 
     replicas = [clone_decoder(model, dev) for dev in devices[1:]]
     par = CfgParallel(model, devices[0], replicas)

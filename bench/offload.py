@@ -122,8 +122,8 @@ def main() -> int:
           f"copies issued {copies} over {args.steps + 1} steps")
 
     # projection for the full model on a 96 GB card, from THIS run's rates, through the same
-    # code as `python -m hunyuan_loader plan` (hunyuan_loader/card_plan.py)
-    from hunyuan_image3.hunyuan_loader import card_plan as cp
+    # code as `python -m hunyuan_loader plan` (hunyuan_loader/cli/card_plan.py)
+    from hunyuan_image3.hunyuan_loader.cli import card_plan as cp
 
     block_s = {"bf16": t_res / n}
     for quant in ("int8", "nf4"):

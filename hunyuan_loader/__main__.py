@@ -8,4 +8,4 @@ if __name__ == "__main__":
     pack = load_pack()
     from importlib import import_module
 
-    sys.exit(import_module(f"{pack.__name__}.hunyuan_loader.cli").main())
+    sys.exit(import_module(f"{pack.__name__}.hunyuan_loader.cli.main").main())

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from ..memory import stats
 from ..memory.unload import UnloadReport, collect_garbage, nuke_orphans
-from .loading import load_model
-from .spec import LoadedModel, LoadSpec
+from .core.spec import LoadedModel, LoadSpec
+from .load.pipeline import load_model
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class HunyuanModelCache:
         restored), then the offload policy's run placement (room for the activations, extra
         blocks streamed for this run, restored afterwards). ``size`` is (width, height) or a
         function of the live model (its snapped size)."""
-        from .placement import run_placement
+        from .load.placement import run_placement
 
         loaded = self.bring_back(handle, make_room)
         target = size(loaded) if callable(size) else size
@@ -116,7 +116,7 @@ class HunyuanModelCache:
         """Write the cached int8/nf4 model as a pre-quantized checkpoint at ``dest`` (the loaders'
         save option, right after loading). None when there is nothing to do: ``dest`` exists
         already, the model is bf16, or its checkpoint is pre-quantized itself."""
-        from .prequantized import save_prequantized
+        from .checkpoint.prequantized import save_prequantized
 
         with self._lock:
             loaded = self.get(handle)
@@ -142,8 +142,8 @@ class HunyuanModelCache:
 
     def bytes_to_bring_back(self, handle: ModelHandle) -> int:
         """GPU bytes that `get(handle)` will need: a reload or a restore from RAM (0 if resident)."""
-        from .checkpoint import validate_checkpoint
-        from .placement import load_gpu_bytes
+        from .checkpoint.validate import validate_checkpoint
+        from .load.placement import load_gpu_bytes
 
         with self._lock:
             loaded = self.loaded
@@ -227,7 +227,7 @@ class HunyuanModelCache:
         loaded.model = None
         loaded.residency = None
         del loaded
-        from .w8a16_dequant import clear_tables
+        from .kernels.w8a16_dequant import clear_tables
 
         clear_tables()  # the grouped MoE's offset tables of this model's experts (small GPU tensors)
 

@@ -36,10 +36,10 @@ import numpy as np
 import torch
 
 from ..memory import stats
-from .errors import HunyuanError, InputError, NotEnoughRAMError, NotEnoughVRAMError, OutOfMemoryError
-from .placement import run_placement
-from .spec import LoadedModel
-from .variants import Variant
+from .core.errors import HunyuanError, InputError, NotEnoughRAMError, NotEnoughVRAMError, OutOfMemoryError
+from .core.spec import LoadedModel
+from .load.placement import run_placement
+from .model.variants import Variant
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ AUTO_PLAN_SIZE = (1024, 1024)  # every bucket is ~1 MP: what "auto" is planned f
 
 def planned_size(loaded: LoadedModel, req: GenerationRequest) -> tuple[int, int]:
     """The (width, height) the model will really render (its image processor snaps every size)."""
-    from .resolution import rendered_size
+    from .model.resolution import rendered_size
 
     asked = target_size(req)
     return AUTO_PLAN_SIZE if asked is None else rendered_size(loaded.model, *asked)

@@ -13,8 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from .checkpoint import read_config
-from .errors import InputError
+from .checkpoint.validate import read_config
+from .core.errors import InputError
 from .generation import (
     CUSTOM_MAX,
     CUSTOM_MIN,
@@ -23,7 +23,7 @@ from .generation import (
     parse_size,
     validate_request,
 )
-from .variants import Variant, detect_variant, read_generation_config
+from .model.variants import Variant, detect_variant, read_generation_config
 
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 
@@ -39,8 +39,8 @@ def checkpoint_variant(path: str | os.PathLike) -> Variant:
 
 def model_sizes(variant: Variant | None = None) -> list[tuple[int, int]]:
     """The (width, height) buckets the checkpoint renders; without a variant, those of any variant."""
-    from .resolution import resolution_buckets
-    from .variants import INSTRUCT
+    from .model.resolution import resolution_buckets
+    from .model.variants import INSTRUCT
 
     return resolution_buckets(variant.name if variant is not None else INSTRUCT)  # Instruct's include base's
 

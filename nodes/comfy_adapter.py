@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from ..hunyuan_loader.checkpoint import WHERE_MODELS_GO
-from ..hunyuan_loader.errors import CheckpointError, HunyuanError
+from ..hunyuan_loader.checkpoint.validate import WHERE_MODELS_GO
+from ..hunyuan_loader.core.errors import CheckpointError, HunyuanError
 from . import model_paths
 
 MODEL_FOLDER = "HunyuanImage-3"

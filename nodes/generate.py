@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..hunyuan_loader.cache import ModelHandle
-from ..hunyuan_loader.errors import HunyuanError
+from ..hunyuan_loader.core.errors import HunyuanError
 from ..hunyuan_loader.generation import (
     BOT_TASKS,
     CUSTOM_MAX,
@@ -26,7 +26,7 @@ from ..hunyuan_loader.generation import (
     image_tensor_to_pils,
 )
 from ..hunyuan_loader.input_checks import check_queued_inputs, check_request, checkpoint_variant
-from ..hunyuan_loader.resolution import resolution_buckets
+from ..hunyuan_loader.model.resolution import resolution_buckets
 from . import comfy_adapter, comfy_memory
 from .loaders import CATEGORY, MODEL_TYPE
 

@@ -6,8 +6,8 @@ import logging
 from typing import Any
 
 from ..hunyuan_loader.cache import ModelHandle, get_cache
-from ..hunyuan_loader.multi_gpu import MODES as MULTI_GPU_MODES
-from ..hunyuan_loader.spec import INT8_FORMATS, LoadSpec
+from ..hunyuan_loader.core.spec import INT8_FORMATS, LoadSpec
+from ..hunyuan_loader.load.multi_gpu import MODES as MULTI_GPU_MODES
 from . import comfy_adapter, comfy_memory
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class _SavesQuantizedCopy:
                       **kwargs: Any) -> tuple[ModelHandle]:
         out = self.load(model_name, *args, **kwargs)  # type: ignore[attr-defined]
         if save_quantized_copy:
-            from ..hunyuan_loader.prequantized import default_copy_path
+            from ..hunyuan_loader.checkpoint.prequantized import default_copy_path
 
             source = comfy_adapter.resolve_model_path(model_name)
             name = default_copy_path(source, self.QUANT).name

@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from ..hunyuan_loader.errors import CheckpointError, InputError
+from ..hunyuan_loader.core.errors import CheckpointError, InputError
 
 Reject = Callable[[Path], str | None]  # why an existing entry does not qualify, or None
 

@@ -22,7 +22,7 @@ def load_test_model(path: Path, quant: str | None = None, **kwargs: Any):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hunyuan_image3.hunyuan_loader.quantization import (
+    from hunyuan_image3.hunyuan_loader.formats.quantization import (
         checkpoint_tensor_names,
         quantization_config,
         skip_modules_for,

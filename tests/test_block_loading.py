@@ -1,4 +1,4 @@
-"""Block-order loading (hunyuan_loader/block_loader.py): same model as from_pretrained,
+"""Block-order loading (hunyuan_loader/load/blocks.py): same model as from_pretrained,
 materialisation order, bounded memory, the plan-before-read refusal, progress and cancel."""
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import pytest
 import torch
 from model_compare import differences, logits
 
-from hunyuan_image3.hunyuan_loader import block_loader
-from hunyuan_image3.hunyuan_loader.checkpoint import validate_checkpoint
-from hunyuan_image3.hunyuan_loader.checkpoint_layout import block_of, load_units, read_layout
-from hunyuan_image3.hunyuan_loader.errors import GenerationCancelled, NotEnoughRAMError
-from hunyuan_image3.hunyuan_loader.loading import load_model
-from hunyuan_image3.hunyuan_loader.spec import LoadSpec
-from hunyuan_image3.hunyuan_loader.tensor_reader import TensorReader
+from hunyuan_image3.hunyuan_loader.checkpoint.layout import block_of, load_units, read_layout
+from hunyuan_image3.hunyuan_loader.checkpoint.reader import TensorReader
+from hunyuan_image3.hunyuan_loader.checkpoint.validate import validate_checkpoint
+from hunyuan_image3.hunyuan_loader.core.errors import GenerationCancelled, NotEnoughRAMError
+from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
+from hunyuan_image3.hunyuan_loader.load import blocks as block_loader
+from hunyuan_image3.hunyuan_loader.load.pipeline import load_model
 from hunyuan_image3.memory.unload import tracked_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,10 +99,10 @@ sys.path.insert(0, {root!r})
 from hunyuan_loader.standalone import load_pack
 load_pack()
 torch.set_num_threads(1)
-from hunyuan_image3.hunyuan_loader import block_loader
-from hunyuan_image3.hunyuan_loader.checkpoint import loadable_path, validate_checkpoint
-from hunyuan_image3.hunyuan_loader.checkpoint_layout import load_units, read_layout
-from hunyuan_image3.hunyuan_loader.quantization import quantization_config, skip_modules_for
+from hunyuan_image3.hunyuan_loader.load import blocks as block_loader
+from hunyuan_image3.hunyuan_loader.checkpoint.validate import loadable_path, validate_checkpoint
+from hunyuan_image3.hunyuan_loader.checkpoint.layout import load_units, read_layout
+from hunyuan_image3.hunyuan_loader.formats.quantization import quantization_config, skip_modules_for
 block_loader.CPU_READ_AHEAD = {window}
 
 def hwm():
@@ -237,9 +237,9 @@ def test_gpu_load_is_the_model_from_pretrained_gives(base_checkpoint: Path, quan
     routers), quantized on the GPU."""
     from transformers import AutoModelForCausalLM
 
-    from hunyuan_image3.hunyuan_loader.checkpoint import loadable_path
-    from hunyuan_image3.hunyuan_loader.loading import _quant_config
-    from hunyuan_image3.hunyuan_loader.quantization import restore_float32_routers
+    from hunyuan_image3.hunyuan_loader.checkpoint.validate import loadable_path
+    from hunyuan_image3.hunyuan_loader.formats.quantization import restore_float32_routers
+    from hunyuan_image3.hunyuan_loader.load.pipeline import _quant_config
 
     spec = _spec(base_checkpoint, quant, fmt)
     ours = load_model(spec)
@@ -400,8 +400,8 @@ def test_cast_dtype_is_what_transformers_infers(base_checkpoint: Path, quant: st
     _infer_parameter_dtype gives (it walks the module tree per tensor; we look it up)."""
     from transformers.modeling_utils import _infer_parameter_dtype
 
-    from hunyuan_image3.hunyuan_loader.checkpoint import loadable_path
-    from hunyuan_image3.hunyuan_loader.loading import _quant_config
+    from hunyuan_image3.hunyuan_loader.checkpoint.validate import loadable_path
+    from hunyuan_image3.hunyuan_loader.load.pipeline import _quant_config
 
     info = validate_checkpoint(base_checkpoint)
     layout = read_layout(info.shard_files)
@@ -421,8 +421,8 @@ def test_submodule_index_answers_as_the_walk_and_leaves_no_trace(base_checkpoint
     """While weights are filled, model.get_submodule is a dict lookup: the same module for every
     path, the same error for a wrong one; the quantizer's per-name answers are cached as asked;
     afterwards the model has no instance attribute left."""
-    from hunyuan_image3.hunyuan_loader.checkpoint import loadable_path
-    from hunyuan_image3.hunyuan_loader.loading import _quant_config
+    from hunyuan_image3.hunyuan_loader.checkpoint.validate import loadable_path
+    from hunyuan_image3.hunyuan_loader.load.pipeline import _quant_config
 
     info = validate_checkpoint(base_checkpoint)
     layout = read_layout(info.shard_files)
@@ -448,7 +448,7 @@ def test_load_reports_where_its_time_went(base_checkpoint: Path, one_thread, cap
     load time, the bytes read, coalesced reads, and one info line."""
     import logging
 
-    with caplog.at_level(logging.INFO, logger="hunyuan_image3.hunyuan_loader.loading"):
+    with caplog.at_level(logging.INFO, logger="hunyuan_image3.hunyuan_loader.load.pipeline"):
         loaded = load_model(_spec(base_checkpoint, "nf4"))
     st = loaded.load_stats
     for phase in ("validate", "skeleton", "checks", "plan", "read+place", "finish", "adopt", "tokenizer",
@@ -468,9 +468,9 @@ def test_load_reports_where_its_time_went(base_checkpoint: Path, one_thread, cap
 def test_a_ring_made_ahead_is_used_when_large_enough(base_checkpoint: Path, enough: bool, one_thread) -> None:
     """materialise takes the ring made on a helper thread (RingAhead) if it holds the staging bytes,
     else makes its own; the model is the same either way and the ring made ahead is closed."""
-    from hunyuan_image3.hunyuan_loader.checkpoint import loadable_path
-    from hunyuan_image3.hunyuan_loader.loading import _quant_config
-    from hunyuan_image3.hunyuan_loader.tensor_reader import RingAhead
+    from hunyuan_image3.hunyuan_loader.checkpoint.reader import RingAhead
+    from hunyuan_image3.hunyuan_loader.checkpoint.validate import loadable_path
+    from hunyuan_image3.hunyuan_loader.load.pipeline import _quant_config
 
     info = validate_checkpoint(base_checkpoint)
     layout = read_layout(info.shard_files)
@@ -501,7 +501,7 @@ def test_reader_keeps_the_kernel_reading_ahead_and_restarts_the_window_after_a_j
     a new window where a read jumps back in the file."""
     import os
 
-    from hunyuan_image3.hunyuan_loader import tensor_reader as tr
+    from hunyuan_image3.hunyuan_loader.checkpoint import reader as tr
 
     f = tmp_path / "data.bin"
     f.write_bytes(b"\0" * 4096)
@@ -555,7 +555,7 @@ def test_a_load_that_quantizes_nothing_reads_while_the_skeleton_is_built(
     """bf16 and pre-quantized loads: planned from the headers, then the reader starts and reads while
     the skeleton is built; the model is the same as the skeleton-first order gives. A load that
     quantizes (nf4 from BF16) needs the skeleton for its sizes: nothing is read before it is built."""
-    from hunyuan_image3.hunyuan_loader.loading import save_quantized_copy
+    from hunyuan_image3.hunyuan_loader.load.pipeline import save_quantized_copy
 
     path, fresh = base_checkpoint, None
     if pre:
@@ -640,7 +640,7 @@ def test_a_checkpoint_tensor_the_model_does_not_use_falls_back_to_the_skeleton_o
 @pytest.mark.gpu
 def test_gpu_pre_quantized_load_reads_while_the_skeleton_is_built(base_checkpoint: Path, tmp_path: Path,
                                                                  monkeypatch) -> None:
-    from hunyuan_image3.hunyuan_loader.loading import save_quantized_copy
+    from hunyuan_image3.hunyuan_loader.load.pipeline import save_quantized_copy
 
     fresh = load_model(_spec(base_checkpoint, "nf4", multi_gpu="off"))
     path = save_quantized_copy(fresh, tmp_path / "nf4-pre")
@@ -659,8 +659,8 @@ def test_header_sizes_bound_the_placed_sizes(base_checkpoint: Path, tmp_path: Pa
     it declares no ``_keep_in_fp32_modules`` (none in hunyuan_image_3/*.py, base @1d011c8 and Instruct
     @1ea1526), and its router is created float32 (hunyuan.py:1039 ``self.wg = nn.Linear(...,
     dtype=torch.float32)``, at ``mlp.gate.wg``: hunyuan.py:1088), which header_nbytes counts as float32."""
-    from hunyuan_image3.hunyuan_loader.checkpoint import loadable_path
-    from hunyuan_image3.hunyuan_loader.loading import _quant_config, save_quantized_copy
+    from hunyuan_image3.hunyuan_loader.checkpoint.validate import loadable_path
+    from hunyuan_image3.hunyuan_loader.load.pipeline import _quant_config, save_quantized_copy
 
     path = base_checkpoint
     if pre:

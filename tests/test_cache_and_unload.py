@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from hunyuan_image3.hunyuan_loader.cache import ModelHandle
-from hunyuan_image3.hunyuan_loader.errors import CheckpointError, GenerationCancelled
+from hunyuan_image3.hunyuan_loader.core.errors import CheckpointError, GenerationCancelled
+from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
 from hunyuan_image3.hunyuan_loader.generation import GenerationRequest, generate
-from hunyuan_image3.hunyuan_loader.spec import LoadSpec
 from hunyuan_image3.memory.unload import tracked_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,8 +127,8 @@ sys.path.insert(0, {str(ROOT)!r})
 from hunyuan_loader.standalone import load_pack
 load_pack()
 from hunyuan_image3.hunyuan_loader.cache import get_cache
-from hunyuan_image3.hunyuan_loader.spec import LoadSpec
-from hunyuan_image3.hunyuan_loader.errors import DependencyError
+from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
+from hunyuan_image3.hunyuan_loader.core.errors import DependencyError
 cache = get_cache()
 for quant, int8_format in (("int8", "bnb"), ("nf4", "w8a16")):
     try:
@@ -159,7 +159,7 @@ def test_dotted_folder_name_loads(cache, base_checkpoint: Path, tmp_path: Path) 
 
 
 def test_bytes_to_bring_back_estimates_a_reload_and_is_zero_when_loaded(cache, base_checkpoint: Path) -> None:
-    from hunyuan_image3.hunyuan_loader.checkpoint import validate_checkpoint
+    from hunyuan_image3.hunyuan_loader.checkpoint.validate import validate_checkpoint
 
     disk = validate_checkpoint(base_checkpoint).weight_bytes
     bf16 = ModelHandle(LoadSpec(str(base_checkpoint)))

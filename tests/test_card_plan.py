@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hunyuan_image3.hunyuan_loader import card_plan as cp
-from hunyuan_image3.hunyuan_loader import cli
+from hunyuan_image3.hunyuan_loader.cli import card_plan as cp
+from hunyuan_image3.hunyuan_loader.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9
@@ -48,7 +48,7 @@ def test_checkpoint_sizes_equal_what_the_loader_puts_in_memory(
     base_checkpoint: Path, quant: str, int8_format: str, cache, one_thread
 ) -> None:
     """The plan's bytes per block, from the headers alone, equal the loaded model's (incl. quant state)."""
-    from hunyuan_image3.hunyuan_loader.spec import LoadSpec
+    from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
     from hunyuan_image3.memory.residency import module_weight_bytes
 
     sizes = cp.checkpoint_sizes(base_checkpoint, int8_format)
@@ -114,8 +114,8 @@ def test_plan_bad_input_is_one_line(capsys, args: list[str], message: str) -> No
 def test_int8_w8a16_plans_room_for_the_grouped_expert_workspace() -> None:
     """W8A16 experts run together hold a chunk's activations and the dequantized-weight scratch
     (moe_grouped.workspace_bytes_for): the plan keeps room for it for INT8 W8A16 only."""
-    from hunyuan_image3.hunyuan_loader.card_plan import moe_workspace_bytes, real_model_sizes
-    from hunyuan_image3.hunyuan_loader.moe_grouped import GROUPED_ROWS, SCRATCH_BYTES
+    from hunyuan_image3.hunyuan_loader.cli.card_plan import moe_workspace_bytes, real_model_sizes
+    from hunyuan_image3.hunyuan_loader.hooks.moe_grouped import GROUPED_ROWS, SCRATCH_BYTES
 
     sizes = real_model_sizes()
     expected = GROUPED_ROWS * (2 * 4096 + 3 * 3072) * 2 + SCRATCH_BYTES

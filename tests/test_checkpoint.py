@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hunyuan_image3.hunyuan_loader.checkpoint import loadable_path, validate_checkpoint
-from hunyuan_image3.hunyuan_loader.errors import CheckpointError
+from hunyuan_image3.hunyuan_loader.checkpoint.validate import loadable_path, validate_checkpoint
+from hunyuan_image3.hunyuan_loader.core.errors import CheckpointError
 
 CONFIG = {
     "model_type": "hunyuan_image_3_moe",
@@ -86,9 +86,9 @@ def test_code_that_allocates_on_cuda_is_a_clear_error_on_a_cpu(tmp_path_factory)
     (autoencoder_kl_3d.py:502): on a CPU-only machine the pack says so instead of a raw assertion."""
     from fixtures_model import build
 
-    from hunyuan_image3.hunyuan_loader.errors import DependencyError
-    from hunyuan_image3.hunyuan_loader.loading import load_model
-    from hunyuan_image3.hunyuan_loader.spec import LoadSpec
+    from hunyuan_image3.hunyuan_loader.core.errors import DependencyError
+    from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
+    from hunyuan_image3.hunyuan_loader.load.pipeline import load_model
 
     path = build(tmp_path_factory, "instruct")
     code = path / "modeling_hunyuan_image_3.py"

@@ -13,7 +13,8 @@ import pytest
 from fixtures_model import poisoned_copy
 from PIL import Image
 
-from hunyuan_image3.hunyuan_loader import cli, demo
+from hunyuan_image3.hunyuan_loader.cli import demo
+from hunyuan_image3.hunyuan_loader.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from hunyuan_image3.hunyuan_loader.errors import InputError
+from hunyuan_image3.hunyuan_loader.core.errors import InputError
+from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
 from hunyuan_image3.hunyuan_loader.generation import GenerationRequest, target_size, validate_request
-from hunyuan_image3.hunyuan_loader.spec import LoadSpec
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hunyuan_image3.hunyuan_loader.errors import OutOfMemoryError
+from hunyuan_image3.hunyuan_loader.core.errors import OutOfMemoryError
+from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
 from hunyuan_image3.hunyuan_loader.generation import GenerationRequest, generate
-from hunyuan_image3.hunyuan_loader.spec import LoadSpec
 
 pytestmark = pytest.mark.gpu
 

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from hunyuan_image3.hunyuan_loader import generation as gen
-from hunyuan_image3.hunyuan_loader.errors import GenerationCancelled, InputError
+from hunyuan_image3.hunyuan_loader.core.errors import GenerationCancelled, InputError
+from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
 from hunyuan_image3.hunyuan_loader.generation import GenerationRequest, generate
-from hunyuan_image3.hunyuan_loader.spec import LoadSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -174,7 +174,7 @@ def test_node_outputs_image_and_text_and_counts_batch_frames(cache, instruct_che
 
 
 def test_reference_images_and_text_enter_the_memory_estimate(cache, instruct_checkpoint: Path, monkeypatch) -> None:
-    from hunyuan_image3.hunyuan_loader.placement import inference_bytes
+    from hunyuan_image3.hunyuan_loader.load.placement import inference_bytes
     from hunyuan_image3.memory import estimator
 
     loaded = _loaded(cache, instruct_checkpoint)
@@ -230,7 +230,7 @@ def test_long_inputs_get_the_models_full_length_for_the_call(cache, instruct_che
 
 def test_cli_images_bot_task_and_model_text(cache, instruct_checkpoint: Path, base_checkpoint: Path, tmp_path: Path,
                                             capsys) -> None:
-    from hunyuan_image3.hunyuan_loader import cli
+    from hunyuan_image3.hunyuan_loader.cli import main as cli
 
     EDIT.save(tmp_path / "a.png")
     FUSE.save(tmp_path / "b.jpg")

@@ -8,8 +8,8 @@ import psutil
 import pytest
 import torch
 
+from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
 from hunyuan_image3.hunyuan_loader.generation import GenerationRequest, generate
-from hunyuan_image3.hunyuan_loader.spec import LoadSpec
 
 CYCLES = 20
 

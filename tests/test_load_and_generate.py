@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hunyuan_image3.hunyuan_loader.errors import GenerationCancelled, InputError
+from hunyuan_image3.hunyuan_loader.core.errors import GenerationCancelled, InputError
+from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
 from hunyuan_image3.hunyuan_loader.generation import GenerationRequest, generate
-from hunyuan_image3.hunyuan_loader.spec import LoadSpec
 
 
 def _count_linear_types(model: torch.nn.Module) -> dict[str, int]:
@@ -83,7 +83,7 @@ def test_custom_size_is_snapped_by_the_model_and_said_and_auto_picks_a_bucket(ca
     # The official code has no exact sizes (image_processor.py get_target_size): the pack plans for,
     # and reports, what the model really renders.
     from hunyuan_image3.hunyuan_loader.generation import planned_size
-    from hunyuan_image3.hunyuan_loader.resolution import resolution_buckets, snap_to_bucket
+    from hunyuan_image3.hunyuan_loader.model.resolution import resolution_buckets, snap_to_bucket
 
     loaded = cache.get(cache.load(LoadSpec(str(base_checkpoint))))
     buckets = resolution_buckets("base")
@@ -171,7 +171,7 @@ class _OomOnce:
 
 
 def test_an_out_of_memory_is_reported_with_cuda_text_and_the_model_stays_usable(cache, base_checkpoint: Path) -> None:
-    from hunyuan_image3.hunyuan_loader.errors import OutOfMemoryError
+    from hunyuan_image3.hunyuan_loader.core.errors import OutOfMemoryError
 
     loaded = cache.get(cache.load(LoadSpec(str(base_checkpoint))))
     req = GenerationRequest("x", seed=2, steps=1, resolution="1024x1024")
@@ -190,7 +190,7 @@ def test_a_retry_that_cannot_make_room_still_names_the_cuda_out_of_memory(cache,
     holds the GPU), the user's error quotes CUDA's message and the refusal, not the refusal alone."""
     import contextlib
 
-    from hunyuan_image3.hunyuan_loader.errors import NotEnoughVRAMError, OutOfMemoryError
+    from hunyuan_image3.hunyuan_loader.core.errors import NotEnoughVRAMError, OutOfMemoryError
 
     loaded = cache.get(cache.load(LoadSpec(str(base_checkpoint))))
     calls: list[bool] = []

@@ -21,21 +21,21 @@ import pytest
 import torch
 from fixtures_model import load_test_model
 
-from hunyuan_image3.hunyuan_loader.generation import GenerationRequest, generate
-from hunyuan_image3.hunyuan_loader.quantization import (
+from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
+from hunyuan_image3.hunyuan_loader.formats.quantization import (
     checkpoint_tensor_names,
     is_quantizable,
     quantized_module_names,
     skip_modules_for,
     transformers_skips,
 )
-from hunyuan_image3.hunyuan_loader.resolution import (
+from hunyuan_image3.hunyuan_loader.generation import GenerationRequest, generate
+from hunyuan_image3.hunyuan_loader.model.resolution import (
     model_buckets,
     rendered_size,
     resolution_buckets,
     snap_to_bucket,
 )
-from hunyuan_image3.hunyuan_loader.spec import LoadSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VARIANTS = ("base", "instruct", "distil")
@@ -149,7 +149,10 @@ def test_sizes_always_snap_by_height_over_width(models: dict) -> None:
 def test_base_builds_its_text_mask_on_the_cpu_and_the_pack_moves_it(models: dict) -> None:
     # H:2396 _prepare_attention_mask_for_generation: torch.ones(...) on the CPU; it only works under
     # accelerate's device-alignment hooks (H:1285 "attn_bias is on cpu" otherwise).
-    from hunyuan_image3.hunyuan_loader.remote_code_fixes import _align_attention_mask, install_mask_alignment
+    from hunyuan_image3.hunyuan_loader.hooks.remote_code_fixes import (
+        _align_attention_mask,
+        install_mask_alignment,
+    )
 
     # Base passes no device (so the mask lands on the default device, the CPU): under a meta default
     # device it follows it; Instruct names the model's device explicitly.
@@ -194,7 +197,7 @@ def test_quantized_layers_are_multiples_of_64(models: dict) -> None:
 
 
 def test_code_imports_diffusers(base_checkpoint: Path, instruct_checkpoint: Path) -> None:
-    from hunyuan_image3.hunyuan_loader.checkpoint import code_imports
+    from hunyuan_image3.hunyuan_loader.checkpoint.validate import code_imports
 
     for path in (base_checkpoint, instruct_checkpoint):
         assert "diffusers" in code_imports(path)
@@ -207,9 +210,9 @@ def test_missing_code_dependency_is_a_clear_error_before_loading(base_checkpoint
         sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
         from hunyuan_loader.standalone import load_pack
         load_pack()
-        from hunyuan_image3.hunyuan_loader.errors import DependencyError
-        from hunyuan_image3.hunyuan_loader.loading import load_model
-        from hunyuan_image3.hunyuan_loader.spec import LoadSpec
+        from hunyuan_image3.hunyuan_loader.core.errors import DependencyError
+        from hunyuan_image3.hunyuan_loader.load.pipeline import load_model
+        from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
         try:
             load_model(LoadSpec({str(base_checkpoint)!r}))
         except DependencyError as exc:
@@ -503,7 +506,7 @@ def test_an_input_longer_than_generation_config_max_length_is_refused(models: di
 def test_pack_casts_float_inputs_of_the_image_modules_on_cpu() -> None:
     # The official pipeline relies on CUDA autocast (hunyuan_image_3_pipeline.py:856): float32 latents
     # reach bf16 convs / GroupNorms, which a CPU refuses; the pack's pre-hooks cast what autocast would.
-    from hunyuan_image3.hunyuan_loader.remote_code_fixes import install_cpu_input_casts
+    from hunyuan_image3.hunyuan_loader.hooks.remote_code_fixes import install_cpu_input_casts
 
     model = torch.nn.Module()
     model.patch_embed = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.GroupNorm(2, 8))

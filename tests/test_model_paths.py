@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hunyuan_image3.hunyuan_loader.errors import CheckpointError, HunyuanError, InputError
+from hunyuan_image3.hunyuan_loader.core.errors import CheckpointError, HunyuanError, InputError
 from hunyuan_image3.nodes import comfy_adapter, model_paths
 from hunyuan_image3.nodes.loaders import HunyuanImage3LoaderBudget, HunyuanImage3LoaderINT8
 

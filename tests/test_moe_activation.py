@@ -1,4 +1,4 @@
-"""The grouped MoE engines' one-pass activation (hunyuan_loader/moe_activation.py): the official
+"""The grouped MoE engines' one-pass activation (hunyuan_loader/kernels/moe_activation.py): the official
 ``x1 * silu(x2)`` of the gate_up halves (hunyuan_image_3/hunyuan.py:1014-1019), bit for bit on CUDA;
 the eager expression elsewhere; checked on its first call and dropped if it ever differs."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hunyuan_image3.hunyuan_loader import moe_activation as A
+from hunyuan_image3.hunyuan_loader.kernels import moe_activation as A
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -34,7 +34,7 @@ def test_cpu_takes_the_official_expression() -> None:
 
 
 _INTERPRETED = PRELUDE + r"""
-from hunyuan_image3.hunyuan_loader import moe_activation as A
+from hunyuan_image3.hunyuan_loader.kernels import moe_activation as A
 torch.manual_seed(0)
 A.BLOCK = 64
 for dtype, ulp in ((torch.float16, 2.0 ** -10), (torch.bfloat16, 2.0 ** -7)):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from fixtures_model import build, load_test_model
 
-from hunyuan_image3.hunyuan_loader.moe_dispatch import (
+from hunyuan_image3.hunyuan_loader.hooks.moe_dispatch import (
     active_moe_impl,
     find_moe_blocks,
     install_moe_dispatch,

@@ -9,10 +9,10 @@ import random
 import pytest
 import torch
 
-from hunyuan_image3.hunyuan_loader import card_plan as cp
-from hunyuan_image3.hunyuan_loader import multi_gpu
-from hunyuan_image3.hunyuan_loader.errors import InputError, NotEnoughVRAMError
-from hunyuan_image3.hunyuan_loader.spec import LoadSpec
+from hunyuan_image3.hunyuan_loader.cli import card_plan as cp
+from hunyuan_image3.hunyuan_loader.core.errors import InputError, NotEnoughVRAMError
+from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
+from hunyuan_image3.hunyuan_loader.load import multi_gpu
 from hunyuan_image3.memory import devices as dv
 from hunyuan_image3.memory.estimator import estimate_inference_gb
 from hunyuan_image3.memory.residency.planner import InsufficientVRAMError, Placement, plan_placement

@@ -13,18 +13,18 @@ import torch
 from residency_models import inputs, make_model
 from torch import nn
 
-from hunyuan_image3.hunyuan_loader import multi_gpu
-from hunyuan_image3.hunyuan_loader.cfg_parallel import (
+from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
+from hunyuan_image3.hunyuan_loader.generation import GenerationRequest, generate
+from hunyuan_image3.hunyuan_loader.hooks.cfg_parallel import (
     CfgParallel,
     CfgParallelResidency,
     clone_decoder,
     merge_rows,
     take_rows,
 )
-from hunyuan_image3.hunyuan_loader.generation import GenerationRequest, generate
-from hunyuan_image3.hunyuan_loader.multi_gpu import SplitResidency
-from hunyuan_image3.hunyuan_loader.spec import LoadSpec
-from hunyuan_image3.hunyuan_loader.split_exec import SplitExecution, move_to
+from hunyuan_image3.hunyuan_loader.hooks.split_exec import SplitExecution, move_to
+from hunyuan_image3.hunyuan_loader.load import multi_gpu
+from hunyuan_image3.hunyuan_loader.load.multi_gpu import SplitResidency
 from hunyuan_image3.memory import devices as dv
 from hunyuan_image3.memory.residency import ResidencyState, weight_tensors
 from hunyuan_image3.memory.residency.multi import MultiDeviceResidency
@@ -77,7 +77,7 @@ def _rows_one_at_a_time(decoder: nn.Module):
     """The one-device decoder running each CFG row alone (what each replica computes): on a GPU the
     batched forward uses other GEMM shapes (M = 2 x tokens), so its bf16 rounding differs; this one does
     not. Returns a function that puts the decoder back."""
-    from hunyuan_image3.hunyuan_loader.cfg_parallel import batch_size
+    from hunyuan_image3.hunyuan_loader.hooks.cfg_parallel import batch_size
 
     original = decoder.forward
 
@@ -487,7 +487,7 @@ def test_gpu_cfg_parallel_on_one_card(cache, base_checkpoint: Path, offload: str
     ref, _, _ = _image(cache, base_checkpoint)
     kw = dict(devices="cuda:0,cuda:0", multi_gpu="cfg_parallel", offload=offload)
     if offload == "budget":  # small enough that blocks stream: the replica streams from the same pinned copy
-        from hunyuan_image3.hunyuan_loader.card_plan import checkpoint_sizes
+        from hunyuan_image3.hunyuan_loader.cli.card_plan import checkpoint_sizes
 
         sizes = checkpoint_sizes(base_checkpoint)
         block, other = max(sizes.block_bytes["bf16"]), sizes.other_bytes["bf16"]

@@ -9,8 +9,8 @@ import pytest
 from fixtures_model import poisoned_copy
 
 from hunyuan_image3.hunyuan_loader.cache import ModelHandle
-from hunyuan_image3.hunyuan_loader.errors import InputError
-from hunyuan_image3.hunyuan_loader.spec import LoadSpec
+from hunyuan_image3.hunyuan_loader.core.errors import InputError
+from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
 from hunyuan_image3.nodes.generate import HunyuanImage3Generate, resolution_choices
 
 validate = HunyuanImage3Generate.VALIDATE_INPUTS

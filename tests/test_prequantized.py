@@ -1,4 +1,4 @@
-"""Pre-quantized checkpoints (hunyuan_loader/prequantized.py): write one (CLI and library),
+"""Pre-quantized checkpoints (hunyuan_loader/checkpoint/prequantized.py): write one (CLI and library),
 load it through our loaders and plain transformers with the outputs of a fresh quantization,
 and refuse broken ones with a message naming the module."""
 
@@ -13,13 +13,13 @@ import pytest
 import torch
 from model_compare import differences, logits
 
-from hunyuan_image3.hunyuan_loader.checkpoint_layout import read_layout
-from hunyuan_image3.hunyuan_loader.cli import main as cli_main
-from hunyuan_image3.hunyuan_loader.errors import CheckpointError, InputError
-from hunyuan_image3.hunyuan_loader.loading import load_model, save_quantized_copy
-from hunyuan_image3.hunyuan_loader.prequantized import default_copy_path, save_prequantized
-from hunyuan_image3.hunyuan_loader.spec import LoadSpec
-from hunyuan_image3.hunyuan_loader.tensor_reader import TensorReader
+from hunyuan_image3.hunyuan_loader.checkpoint.layout import read_layout
+from hunyuan_image3.hunyuan_loader.checkpoint.prequantized import default_copy_path, save_prequantized
+from hunyuan_image3.hunyuan_loader.checkpoint.reader import TensorReader
+from hunyuan_image3.hunyuan_loader.cli.main import main as cli_main
+from hunyuan_image3.hunyuan_loader.core.errors import CheckpointError, InputError
+from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
+from hunyuan_image3.hunyuan_loader.load.pipeline import load_model, save_quantized_copy
 
 FORMATS = [("int8", "bnb"), ("nf4", "w8a16"), ("int8", "w8a16")]
 CUDA = torch.cuda.is_available()
@@ -38,7 +38,7 @@ def _plain(path: Path, qconfig=None, device_map="cpu"):
 
 
 def _fresh_qconfig(checkpoint: Path, quant: str, fmt: str):
-    from hunyuan_image3.hunyuan_loader.quantization import (
+    from hunyuan_image3.hunyuan_loader.formats.quantization import (
         checkpoint_tensor_names,
         quantization_config,
         skip_modules_for,
@@ -46,7 +46,9 @@ def _fresh_qconfig(checkpoint: Path, quant: str, fmt: str):
 
     skips = skip_modules_for(checkpoint_tensor_names(checkpoint))
     if quant == "int8" and fmt == "w8a16":
-        from hunyuan_image3.hunyuan_loader.w8a16_transformers import quantization_config as w8a16_config
+        from hunyuan_image3.hunyuan_loader.formats.w8a16_transformers import (
+            quantization_config as w8a16_config,
+        )
 
         return w8a16_config(skips)
     return quantization_config(quant, skips)
@@ -122,7 +124,7 @@ def _bad_copy(base_checkpoint: Path, dest: Path) -> Path:
     quantized by plain transformers, written by our writer."""
     from transformers import BitsAndBytesConfig
 
-    from hunyuan_image3.hunyuan_loader.quantization import checkpoint_tensor_names, skip_modules_for
+    from hunyuan_image3.hunyuan_loader.formats.quantization import checkpoint_tensor_names, skip_modules_for
 
     skips = [k for k in skip_modules_for(checkpoint_tensor_names(base_checkpoint)) if k != "mlp.gate"]
     model = _plain(base_checkpoint, BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skips))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hunyuan_image3.hunyuan_loader import quiet
+from hunyuan_image3.hunyuan_loader.core import quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def test_warning_noise_is_ignored_by_message_only(verbose: bool, monkeypatch) ->
 
 def _import_bitsandbytes(verbose: bool) -> str:
     code = "from hunyuan_loader.standalone import load_pack; load_pack(); " \
-           "from hunyuan_image3.hunyuan_loader import quiet; quiet.install(); import bitsandbytes"
+           "from hunyuan_image3.hunyuan_loader.core import quiet; quiet.install(); import bitsandbytes"
     env = dict(os.environ, HUNYUAN_VERBOSE="1" if verbose else "0", PYTHONPATH=str(ROOT))
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

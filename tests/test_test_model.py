@@ -11,7 +11,7 @@ import pytest
 import torch
 from fixtures_model import load_test_model
 
-from hunyuan_image3.hunyuan_loader.resolution import model_buckets, resolution_buckets, snap_to_bucket
+from hunyuan_image3.hunyuan_loader.model.resolution import model_buckets, resolution_buckets, snap_to_bucket
 from hunyuan_image3.hunyuan_loader.test_model import make_test_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

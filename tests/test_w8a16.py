@@ -16,10 +16,10 @@ from residency_models import inputs, make_model
 from torch import nn
 from triton_interpreter import PRELUDE, interpret, needs_triton
 
-from hunyuan_image3.hunyuan_loader import w8a16
-from hunyuan_image3.hunyuan_loader.errors import InputError
-from hunyuan_image3.hunyuan_loader.spec import LoadSpec
-from hunyuan_image3.hunyuan_loader.w8a16 import (
+from hunyuan_image3.hunyuan_loader.core.errors import InputError
+from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
+from hunyuan_image3.hunyuan_loader.formats import w8a16
+from hunyuan_image3.hunyuan_loader.formats.w8a16 import (
     Int8WeightOnlyLinear,
     dequantize_weight,
     quantize_block_w8a16,
@@ -153,8 +153,8 @@ def test_resolve_int8_format_prefers_the_checkpoint() -> None:
 def _load_w8a16(path: Path, *, fresh: bool = True):
     from transformers import AutoModelForCausalLM
 
-    from hunyuan_image3.hunyuan_loader.quantization import checkpoint_tensor_names, skip_modules_for
-    from hunyuan_image3.hunyuan_loader.w8a16_transformers import quantization_config, register
+    from hunyuan_image3.hunyuan_loader.formats.quantization import checkpoint_tensor_names, skip_modules_for
+    from hunyuan_image3.hunyuan_loader.formats.w8a16_transformers import quantization_config, register
 
     register()
     kwargs = {}
@@ -172,7 +172,7 @@ def w8a16_model(base_checkpoint, one_thread):
 def test_transformers_load_converts_exactly_the_bnb_module_set(w8a16_model, base_checkpoint) -> None:
     from fixtures_model import load_test_model
 
-    from hunyuan_image3.hunyuan_loader.quantization import check_quantized_modules, is_quantizable
+    from hunyuan_image3.hunyuan_loader.formats.quantization import check_quantized_modules, is_quantizable
 
     names = w8a16.w8a16_module_names(w8a16_model)
     assert names and all(is_quantizable(n) for n in names)
@@ -248,7 +248,7 @@ def test_loader_int8_default_is_w8a16_and_generates(cache, base_checkpoint) -> N
 
 
 def test_moe_dispatch_with_w8a16_experts_matches_reference(w8a16_model) -> None:
-    from hunyuan_image3.hunyuan_loader.moe_dispatch import install_moe_dispatch
+    from hunyuan_image3.hunyuan_loader.hooks.moe_dispatch import install_moe_dispatch
 
     x = torch.randn(2, 40, w8a16_model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -306,8 +306,8 @@ def test_force_unload_strips_w8a16_weights() -> None:
 # (triton_interpreter.PRELUDE: the pack imported, the NumPy >= 2.4 loop-bound fix.) Everything
 # runs in fp16: the interpreter has no bf16 dot.
 _INTERPRETER_PRELUDE = PRELUDE + r"""
-from hunyuan_image3.hunyuan_loader import w8a16_kernel as k
-from hunyuan_image3.hunyuan_loader.w8a16 import quantize_weight, torch_w8a16
+from hunyuan_image3.hunyuan_loader.kernels import w8a16_kernel as k
+from hunyuan_image3.hunyuan_loader.formats.w8a16 import quantize_weight, torch_w8a16
 torch.manual_seed(0)
 def operands(m, n, kk, bias, row_pad=0):
     # row_pad > 0: x is a column slice of a wider tensor (row stride kk + row_pad)
@@ -394,7 +394,7 @@ for _ in range(2):
 t3 = k.tunings()[k.tuning_key(x3.reshape(3, 64), q, b)]
 assert t3.config is None and not t3.timings and len(t3.rejected) == len(k.candidates(3)) and len(k.tunings()) == 3
 # the module path: Unsupported means the plain path for that call, the kernel stays on
-from hunyuan_image3.hunyuan_loader import w8a16
+from hunyuan_image3.hunyuan_loader.formats import w8a16
 w8a16._kernel = k
 w8a16.fused_available = lambda x: True
 torch.cuda.device = lambda device: __import__("contextlib").nullcontext()  # CPU tensors stand in for CUDA ones
@@ -415,7 +415,7 @@ from triton.backends.compiler import GPUTarget
 sys.path.insert(0, {root!r})
 from hunyuan_loader.standalone import load_pack
 load_pack()
-from hunyuan_image3.hunyuan_loader import w8a16_kernel as k
+from hunyuan_image3.hunyuan_loader.kernels import w8a16_kernel as k
 kern = k._w8a16_kernel
 names = kern.arg_names
 def compile_for(cfg, capability):
@@ -462,7 +462,7 @@ def test_kernel_logic_in_the_triton_interpreter() -> None:
 @needs_triton
 def test_every_kernel_config_in_the_triton_interpreter() -> None:
     out = interpret(_KERNEL_EVERY_CONFIG)
-    from hunyuan_image3.hunyuan_loader.w8a16_kernel import configs
+    from hunyuan_image3.hunyuan_loader.kernels.w8a16_kernel import configs
 
     assert out.count("CONFIG OK") == len(configs()) >= 8
 
@@ -474,7 +474,7 @@ def test_kernel_tuner_leaves_out_wrong_configs_in_the_triton_interpreter() -> No
 
 @needs_triton
 def test_wgmma_register_operand_hazard_is_recognised() -> None:
-    from hunyuan_image3.hunyuan_loader.w8a16_kernel import hazard
+    from hunyuan_image3.hunyuan_loader.kernels.w8a16_kernel import hazard
 
     assert "register operand" in hazard(_TTGIR_REGISTER_OPERAND)
     assert hazard(_TTGIR_SHARED_OPERANDS) is None
@@ -520,7 +520,7 @@ def test_gpu_every_kernel_config_matches_the_reference(n: int, k: int, dtype: to
     tuner and is not run here (on Hopper with Triton 3.6: the swap configs)."""
     from triton.runtime.errors import OutOfResources
 
-    from hunyuan_image3.hunyuan_loader import w8a16_kernel
+    from hunyuan_image3.hunyuan_loader.kernels import w8a16_kernel
 
     q, s, b, xs = _gpu_operands(n, k, dtype, with_bias)
     failures, ran, excluded = [], set(), set()
@@ -555,7 +555,7 @@ def test_gpu_every_kernel_config_matches_the_reference(n: int, k: int, dtype: to
 @pytest.mark.gpu
 @pytest.mark.parametrize(("n", "k", "dtype", "with_bias"), CASES)
 def test_gpu_tuned_kernel_matches_the_plain_path(n: int, k: int, dtype: torch.dtype, with_bias: bool) -> None:
-    from hunyuan_image3.hunyuan_loader import w8a16_kernel
+    from hunyuan_image3.hunyuan_loader.kernels import w8a16_kernel
 
     q, s, b, xs = _gpu_operands(n, k, dtype, with_bias)
     for m, x in xs.items():
@@ -641,8 +641,8 @@ def test_gpu_budget_loader_streams_bit_identical_both_int8_formats(cache, base_c
 def test_gpu_accelerate_offload_with_w8a16_matches_resident(cache, base_checkpoint, monkeypatch) -> None:
     """device_map="auto" with CPU-offloaded modules: accelerate's hooks move int8 weights and
     scales like any parameter; the image matches the resident one."""
-    from hunyuan_image3.hunyuan_loader import moe_grouped
     from hunyuan_image3.hunyuan_loader.generation import GenerationRequest, generate
+    from hunyuan_image3.hunyuan_loader.hooks import moe_grouped
 
     # the same kernels on both sides: accelerate's hooked experts run one by one, so the resident
     # model does too (grouped, its dequant engines round the weight, not the accumulator)

@@ -1,5 +1,5 @@
-"""The "dequantize, then bf16 GEMM" W8A16 MoE engines (hunyuan_loader/w8a16_dequant.py) and the
-dispatch's engine choice (hunyuan_loader/moe_dispatch.py). The dequantization kernel runs in
+"""The "dequantize, then bf16 GEMM" W8A16 MoE engines (hunyuan_loader/kernels/w8a16_dequant.py) and the
+dispatch's engine choice (hunyuan_loader/hooks/moe_dispatch.py). The dequantization kernel runs in
 Triton's CPU interpreter (a subprocess); GPU tests are marked."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import pytest
 import torch
 from triton_interpreter import PRELUDE, interpret, needs_triton
 
-from hunyuan_image3.hunyuan_loader import moe_dispatch as md
-from hunyuan_image3.hunyuan_loader import moe_grouped as mg
-from hunyuan_image3.hunyuan_loader import w8a16_dequant as D
-from hunyuan_image3.hunyuan_loader.w8a16 import dequantize_weight, quantize_weight
+from hunyuan_image3.hunyuan_loader.formats.w8a16 import dequantize_weight, quantize_weight
+from hunyuan_image3.hunyuan_loader.hooks import moe_dispatch as md
+from hunyuan_image3.hunyuan_loader.hooks import moe_grouped as mg
+from hunyuan_image3.hunyuan_loader.kernels import w8a16_dequant as D
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -41,8 +41,8 @@ def test_torch_fallback_is_dequantize_weight_bit_for_bit() -> None:
 
 
 _KERNEL = PRELUDE + r"""
-from hunyuan_image3.hunyuan_loader import w8a16_dequant as D
-from hunyuan_image3.hunyuan_loader.w8a16 import quantize_weight, dequantize_weight
+from hunyuan_image3.hunyuan_loader.kernels import w8a16_dequant as D
+from hunyuan_image3.hunyuan_loader.formats.w8a16 import quantize_weight, dequantize_weight
 torch.manual_seed(0)
 # N*K not a multiple of BLOCK (a partial last program), weights allocated out of order (the base
 # pointer is the lowest address), large and tiny values (rounding ties and subnormal-free range).
@@ -71,8 +71,8 @@ def test_dequant_kernel_bit_exact_in_the_triton_interpreter(variant: str) -> Non
 
 
 _GROUPS = PRELUDE + r"""
-from hunyuan_image3.hunyuan_loader import w8a16_dequant as D
-from hunyuan_image3.hunyuan_loader.w8a16 import quantize_weight, dequantize_weight
+from hunyuan_image3.hunyuan_loader.kernels import w8a16_dequant as D
+from hunyuan_image3.hunyuan_loader.formats.w8a16 import quantize_weight, dequantize_weight
 torch.manual_seed(0)
 # Two Linears in ONE launch, as a chunk's gate_up and down: different N*K (the grid covers the larger;
 # the smaller entries' extra programs must write nothing), neither a multiple of BLOCK, the second
@@ -574,7 +574,8 @@ from hunyuan_loader.standalone import load_pack
 load_pack()
 import torch
 from test_w8a16_grouped import _block
-from hunyuan_image3.hunyuan_loader import moe_grouped as mg, w8a16_dequant as D
+from hunyuan_image3.hunyuan_loader.hooks import moe_grouped as mg
+from hunyuan_image3.hunyuan_loader.kernels import w8a16_dequant as D
 _, block = _block(torch.bfloat16, topk=2)
 x = (torch.rand(2, 37, 64, generator=torch.Generator().manual_seed(1)) + 0.05).to(torch.bfloat16)
 with torch.no_grad():
@@ -585,7 +586,7 @@ with torch.no_grad():
         out = block(x)
         assert float((out.float() - ref.float()).abs().max()) <= 2**-6 * float(ref.float().abs().max()), engine
         print("engine", engine, "ran without Triton")
-assert "hunyuan_image3.hunyuan_loader.w8a16_grouped" not in sys.modules
+assert "hunyuan_image3.hunyuan_loader.kernels.w8a16_grouped" not in sys.modules
 print("KERNEL OK")
 """
 
@@ -644,7 +645,7 @@ def test_scratch_env(monkeypatch) -> None:
     ValueError naming the variable."""
     import types
 
-    from hunyuan_image3.hunyuan_loader.card_plan import moe_workspace_bytes, real_model_sizes
+    from hunyuan_image3.hunyuan_loader.cli.card_plan import moe_workspace_bytes, real_model_sizes
 
     real = [types.SimpleNamespace(gate_and_up_proj=types.SimpleNamespace(weight=torch.empty(6144, 4096, device="meta")),
                                   down_proj=types.SimpleNamespace(weight=torch.empty(4096, 3072, device="meta")))]
@@ -721,7 +722,7 @@ def test_bench_grouped_candidate_outputs(engine: str, monkeypatch) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     import int8 as bench_int8
 
-    from hunyuan_image3.hunyuan_loader.w8a16 import Int8WeightOnlyLinear
+    from hunyuan_image3.hunyuan_loader.formats.w8a16 import Int8WeightOnlyLinear
 
     x0 = torch.zeros(1, 8, dtype=torch.bfloat16)
     if engine == "dequant" and not D.grouped_mm_available(x0):

@@ -1,5 +1,5 @@
-"""Grouped W8A16 MoE kernel (hunyuan_loader/w8a16_grouped.py) and the dispatch's choice between it
-and the per-expert loop (hunyuan_loader/moe_dispatch.py). The kernel's logic runs in Triton's CPU
+"""Grouped W8A16 MoE kernel (hunyuan_loader/kernels/w8a16_grouped.py) and the dispatch's choice between it
+and the per-expert loop (hunyuan_loader/hooks/moe_dispatch.py). The kernel's logic runs in Triton's CPU
 interpreter (a subprocess, fp16: the interpreter has no bf16 dot); GPU tests are marked."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch
 from torch import nn
 from triton_interpreter import PRELUDE, interpret, needs_triton
 
-from hunyuan_image3.hunyuan_loader import moe_dispatch as md
-from hunyuan_image3.hunyuan_loader import moe_grouped as mg
+from hunyuan_image3.hunyuan_loader.formats.w8a16 import quantize_experts_w8a16
+from hunyuan_image3.hunyuan_loader.hooks import moe_dispatch as md
+from hunyuan_image3.hunyuan_loader.hooks import moe_grouped as mg
 from hunyuan_image3.hunyuan_loader.test_model import load_remote_code, wrap_moe_block
-from hunyuan_image3.hunyuan_loader.w8a16 import quantize_experts_w8a16
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL = Path("/tmp/official/base/hunyuan_image_3/hunyuan.py")
@@ -42,7 +42,7 @@ def _block(dtype=torch.bfloat16, topk: int = 2, experts: int = 8, seed: int = 0,
 
 # -- eligibility (no Triton needed) ------------------------------------------------------------
 def test_grouped_eligibility_rules(monkeypatch) -> None:
-    from hunyuan_image3.hunyuan_loader import w8a16
+    from hunyuan_image3.hunyuan_loader.formats import w8a16
 
     _, block = _block()
     x = torch.randn(4, 64, dtype=torch.bfloat16)
@@ -110,8 +110,8 @@ def test_official_expert_mlp_is_what_the_grouped_path_computes() -> None:
 # -- the kernel in the Triton interpreter ----------------------------------------------------------
 _PRELUDE = PRELUDE + r"""
 import os, contextlib
-from hunyuan_image3.hunyuan_loader import w8a16_grouped as G
-from hunyuan_image3.hunyuan_loader.w8a16 import quantize_weight, torch_w8a16
+from hunyuan_image3.hunyuan_loader.kernels import w8a16_grouped as G
+from hunyuan_image3.hunyuan_loader.formats.w8a16 import quantize_weight, torch_w8a16
 torch.manual_seed(0)
 def experts(counts, n, kk):
     ws, ss = zip(*[quantize_weight(torch.randn(n, kk) * 0.05) for _ in counts])
@@ -165,9 +165,10 @@ print("KERNEL OK")
 _DISPATCH = _PRELUDE + r"""
 sys.path.insert(0, {tests!r})
 from test_w8a16_grouped import _block
-from hunyuan_image3.hunyuan_loader import moe_dispatch as md, w8a16
-from hunyuan_image3.hunyuan_loader import moe_grouped as mg
-from hunyuan_image3.hunyuan_loader import w8a16_kernel
+from hunyuan_image3.hunyuan_loader.hooks import moe_dispatch as md
+from hunyuan_image3.hunyuan_loader.formats import w8a16
+from hunyuan_image3.hunyuan_loader.hooks import moe_grouped as mg
+from hunyuan_image3.hunyuan_loader.kernels import w8a16_kernel
 w8a16._kernel = w8a16_kernel  # the per-expert path runs the per-Linear kernel, interpreted too
 w8a16.fused_available = lambda x: True  # CPU tensors stand in for CUDA ones
 torch.cuda.device = lambda device: contextlib.nullcontext()
@@ -202,7 +203,7 @@ print("KERNEL OK", err)
 
 @needs_triton
 def test_tile_schedule() -> None:
-    from hunyuan_image3.hunyuan_loader.w8a16_grouped import tile_schedule
+    from hunyuan_image3.hunyuan_loader.kernels.w8a16_grouped import tile_schedule
 
     assert tile_schedule([], 16) == ([], [], [])
     assert tile_schedule([0, 0], 16) == ([], [], [])
@@ -217,7 +218,7 @@ def test_grouped_kernel_small_shapes_in_the_triton_interpreter() -> None:
 @needs_triton
 def test_grouped_kernel_every_config_in_the_triton_interpreter() -> None:
     out = interpret(_KERNEL_EVERY_CONFIG)
-    from hunyuan_image3.hunyuan_loader.w8a16_grouped import configs
+    from hunyuan_image3.hunyuan_loader.kernels.w8a16_grouped import configs
 
     assert out.count("CONFIG OK") == len(configs()) >= 4
 
@@ -235,7 +236,7 @@ def _gpu_layer(experts: int = 16, hidden: int = 1024, width: int = 768, topk: in
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 37, 1056, 8448])
 def test_gpu_grouped_matches_per_expert_and_repeats(tokens: int, monkeypatch) -> None:
-    from hunyuan_image3.hunyuan_loader import w8a16_grouped as G
+    from hunyuan_image3.hunyuan_loader.kernels import w8a16_grouped as G
 
     _, block = _gpu_layer()
     x = torch.randn(1, tokens, 1024, device="cuda", generator=torch.Generator("cuda").manual_seed(tokens))
@@ -264,9 +265,9 @@ def test_gpu_grouped_matches_per_expert_and_repeats(tokens: int, monkeypatch) ->
 def test_gpu_grouped_real_expert_shapes_every_config() -> None:
     """64 experts of the real widths (N 6144 / 4096, K 4096 / 3072), 1 MP routing counts, each
     non-SWAP config forced: fp32 reference on every expert, two runs identical."""
-    from hunyuan_image3.hunyuan_loader import w8a16_grouped as G
-    from hunyuan_image3.hunyuan_loader.w8a16 import quantize_weight
-    from hunyuan_image3.hunyuan_loader.w8a16_kernel import reference_error
+    from hunyuan_image3.hunyuan_loader.formats.w8a16 import quantize_weight
+    from hunyuan_image3.hunyuan_loader.kernels import w8a16_grouped as G
+    from hunyuan_image3.hunyuan_loader.kernels.w8a16_kernel import reference_error
 
     g = torch.Generator("cuda").manual_seed(0)
     counts = torch.randint(900, 1200, (64,), generator=g, device="cuda").tolist()
@@ -312,7 +313,7 @@ class _Stack(nn.Module):
 
 @pytest.mark.gpu
 def test_gpu_grouped_streamed_resident_and_parked_are_bit_identical(monkeypatch) -> None:
-    from hunyuan_image3.hunyuan_loader import w8a16_grouped as G
+    from hunyuan_image3.hunyuan_loader.kernels import w8a16_grouped as G
     from hunyuan_image3.memory.residency import ResidencyManager
 
     dev = torch.device("cuda", 0)
@@ -366,8 +367,8 @@ def test_stack_stays_finite_and_repeats_on_cpu(monkeypatch) -> None:
 def test_run_estimate_adds_the_grouped_workspace_for_w8a16_experts_only(cache, base_checkpoint, monkeypatch) -> None:
     """placement.inference_bytes = the estimator's activations + moe_grouped.workspace_bytes, which is
     the chunk activations + scratch bound for W8A16 SiLU experts and 0 for bf16 ones or HY3_MOE_GROUPED=0."""
-    from hunyuan_image3.hunyuan_loader.placement import inference_bytes
-    from hunyuan_image3.hunyuan_loader.spec import LoadSpec
+    from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
+    from hunyuan_image3.hunyuan_loader.load.placement import inference_bytes
 
     int8 = cache.get(cache.load(LoadSpec(str(base_checkpoint), quant="int8", int8_format="w8a16")))
     down = int8.model.model.layers[0].mlp.experts[0].down_proj

@@ -44,7 +44,7 @@ def main() -> int:
     spec.loader.exec_module(pack)
     memory = sys.modules[f"{name}.nodes.comfy_memory"]
     cache = sys.modules[f"{name}.hunyuan_loader.cache"].get_cache()
-    LoadSpec = sys.modules[f"{name}.hunyuan_loader.loading"].LoadSpec
+    LoadSpec = sys.modules[f"{name}.hunyuan_loader.load.pipeline"].LoadSpec
 
     entry = memory.comfy_memory_entry()
     assert entry is not None and any(e is entry for e in mm.current_loaded_models), "entry not registered"

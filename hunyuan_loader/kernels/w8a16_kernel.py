@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from .cuda_timing import time_ms
-from .w8a16 import MAX_BUCKET, Unsupported, m_bucket  # noqa: F401 - part of this module's interface
+from .w8a16_common import MAX_BUCKET, Unsupported, m_bucket  # noqa: F401 - part of this module's interface
 
 log = logging.getLogger(__name__)
 

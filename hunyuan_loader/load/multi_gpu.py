@@ -19,95 +19,32 @@ The Budget loader's ``vram_budget_gb`` applies to each GPU.
 from __future__ import annotations
 
 import logging
-import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..memory import devices as dv
-from ..memory.residency.multi import MultiDeviceResidency
-from ..memory.residency.planner import InsufficientVRAMError, ResidencyPlan
-from .errors import InputError, NotEnoughVRAMError
-from .split_exec import SplitExecution
+from ...memory import devices as dv
+from ...memory.residency.multi import MultiDeviceResidency
+from ...memory.residency.planner import InsufficientVRAMError, ResidencyPlan
+from ..core.devices import (  # noqa: F401 - part of this module's interface
+    LOGICAL_ENV,
+    default_device,
+    handled_here,
+    logical_devices_allowed,
+    normalise_devices,
+    parse_devices,
+    primary_device,
+    resolve_devices,
+)
+from ..core.errors import InputError, NotEnoughVRAMError
+from ..hooks.split_exec import SplitExecution
 
 log = logging.getLogger(__name__)
 
-LOGICAL_ENV = "HUNYUAN_LOGICAL_DEVICES"
 MODES = dv.MODES
 CPU_ROOM = 1 << 50  # a logical CPU "device" (tests): no memory limit
-_NAME = re.compile(r"cuda:(\d+)|cpu")
-
-
-def logical_devices_allowed() -> bool:
-    return os.environ.get(LOGICAL_ENV, "").strip() not in ("", "0")
-
-
-# -- the devices input ----------------------------------------------------------------------------
-def parse_devices(text: str) -> tuple[str, ...] | None:
-    """The syntax of a ``devices`` input: None for auto, else the device names ("cuda:N")."""
-    raw = (text or "").strip().lower()
-    if raw in ("", "auto"):
-        return None
-    names: list[str] = []
-    for token in raw.replace(" ", "").split(","):
-        if token.isdigit():
-            token = f"cuda:{token}"
-        if not token or not _NAME.fullmatch(token):
-            raise InputError(
-                f"devices '{text}': '{token}' is not a GPU name. List GPUs as cuda:N separated by commas "
-                "(e.g. 'cuda:0,cuda:1'), or use 'auto' for every visible GPU."
-            )
-        if token == "cpu" and not logical_devices_allowed():
-            raise InputError(f"devices '{text}' lists 'cpu': list GPUs only (cuda:N), or use 'auto' (on a machine "
-                             "without a CUDA GPU, auto runs on the CPU).")
-        if token in names and not logical_devices_allowed():
-            raise InputError(f"devices '{text}' names {token} twice: name each GPU once.")
-        names.append(token)
-    return tuple(names)
-
-
-def normalise_devices(text: str) -> str:
-    """The canonical form of a ``devices`` input (the cache key): 'auto' or 'cuda:0,cuda:1'."""
-    names = parse_devices(text)
-    return "auto" if names is None else ",".join(names)
-
-
-def resolve_devices(text: str) -> list[torch.device]:
-    """The devices a ``devices`` input means on this machine; InputError for one it does not have."""
-    names = parse_devices(text)
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if names is None:
-        if count == 0:
-            return [torch.device("cpu")]
-        current = torch.cuda.current_device()
-        return [torch.device("cuda", current)] + [torch.device("cuda", i) for i in range(count) if i != current]
-    out = []
-    for name in names:
-        device = torch.device(name)
-        if device.type == "cuda" and device.index >= count:
-            have = ("no CUDA GPU is visible to this process" if count == 0
-                    else f"this machine has {count} visible GPU(s): cuda:0 to cuda:{count - 1}")
-            raise InputError(f"devices: {name} does not exist ({have}). Use 'auto', or GPUs from that list.")
-        out.append(device)
-    return out
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def primary_device(spec: Any) -> torch.device:
-    """Where the model's non-block parts live: the first device of ``spec.devices``."""
-    return resolve_devices(getattr(spec, "devices", "auto"))[0]
-
-
-def handled_here(spec: Any) -> bool:
-    """Whether the load goes through this module: several devices, or one that is not the current."""
-    found = resolve_devices(getattr(spec, "devices", "auto"))
-    return len(found) > 1 or found[0] != default_device()
 
 
 # -- the plan -------------------------------------------------------------------------------------
@@ -145,7 +82,7 @@ def device_room(spec: Any, device: torch.device) -> int:
 def _headrooms(spec: Any, config: Any) -> tuple[int, int]:
     """Activation headroom of the full batch (a split runs both rows on every device) and of one row
     (a CFG-parallel replica): the user's, else the 1 MP estimate."""
-    from ..memory.estimator import estimate_inference_gb
+    from ...memory.estimator import estimate_inference_gb
 
     if spec.headroom_gb is not None:
         full = int(spec.headroom_gb * dv.GIB)
@@ -241,7 +178,7 @@ class SplitResidency(MultiDeviceResidency):
 
 def _replica_other_bytes(sk: Any, units: Sequence[Any]) -> int:
     """Non-block bytes a decoder replica carries (model.wte, model.ln_f), from the headers."""
-    from .block_loader import placed_nbytes
+    from .blocks import placed_nbytes
 
     return sum(placed_nbytes(sk, e) for u in units if u.block is None for e in u.entries
                if e.name.startswith("model."))
@@ -259,7 +196,7 @@ def load_blocks(
 ) -> Any:
     """loading._load_blocks for several devices (or one that is not the current): plan, refuse
     before reading if the machine cannot hold it, materialise, and return the residency."""
-    from .block_loader import finish, materialise
+    from .blocks import finish, materialise
     from .placement import LoadPlacement, adopt_load, check_load_ram
 
     bnb = type(sk.hf_quantizer).__name__.lower().startswith("bnb") if sk.hf_quantizer is not None else False
@@ -268,7 +205,7 @@ def load_blocks(
     log.info("load plan for %s: %s", spec.describe(), mp.describe())
     primary = mp.devices[0]
     if mp.mode == "cfg_parallel":
-        from .cfg_parallel import CfgParallelResidency
+        from ..hooks.cfg_parallel import CfgParallelResidency
 
         plan = mp.cfg_plan
         assert plan is not None

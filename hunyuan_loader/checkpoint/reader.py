@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint_layout import TensorEntry
+from .layout import TensorEntry
 
 CHUNK = 64 << 20  # bytes per preadv call
 COALESCE = 64 << 20  # a run of back-to-back tensors read by one preadv is at most this long ...
@@ -107,7 +107,7 @@ class TensorReader:
         self.window = max(int(window), 1)
         self.ring_ahead = ring if isinstance(ring, RingAhead) else None  # taken by the reader thread
         if self.ring_ahead is None and ring is None and ring_bytes > 0:
-            from ..memory.residency.packed import HostBuffer
+            from ...memory.residency.packed import HostBuffer
 
             ring = HostBuffer(_align(ring_bytes), pin=pin)
         self._ring = self._ring_bytes_view = None
@@ -374,7 +374,7 @@ class RingAhead:
         self._thread.start()
 
     def _make(self, pin: bool) -> None:
-        from ..memory.residency.packed import HostBuffer
+        from ...memory.residency.packed import HostBuffer
 
         t0 = time.perf_counter()
         try:

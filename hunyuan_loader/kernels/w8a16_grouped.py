@@ -33,17 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import w8a16
+from . import w8a16_common as w8a16
 from .cuda_timing import time_ms
-from .w8a16 import Unsupported, m_bucket
-from .w8a16_kernel import (
-    CHECK_TOL,
-    CONFIGS,
-    INT32_LIMIT,
-    Config,
-    compiled_hazard,
-    reference_error,
-)
+from .w8a16_common import Unsupported, m_bucket
+from .w8a16_kernel import CHECK_TOL, CONFIGS, INT32_LIMIT, Config, compiled_hazard, reference_error
 
 log = logging.getLogger(__name__)
 

@@ -36,12 +36,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..memory.residency.packed import PackedBlock
-from ..memory.residency.weights import weight_tensors
-from .checkpoint_layout import LoadUnit, TensorEntry
-from .errors import CheckpointError
-from .quantization import ROUTER_SUFFIX
-from .tensor_reader import RingAhead, TensorReader
+from ...memory.residency.packed import PackedBlock
+from ...memory.residency.weights import weight_tensors
+from ..checkpoint.layout import LoadUnit, TensorEntry
+from ..checkpoint.reader import RingAhead, TensorReader
+from ..core.errors import CheckpointError
+from ..formats.quantization import ROUTER_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -466,7 +466,7 @@ def gpu_staging_bytes(layout: dict[str, TensorEntry]) -> int:
     """staging_bytes of a GPU load, from the headers alone (every tensor passes through the ring),
     so the ring can be made while the skeleton is built. At least what staging_bytes gives once the
     skeleton is known (that one leaves out the tensors the model does not use)."""
-    from .checkpoint_layout import block_of
+    from ..checkpoint.layout import block_of
 
     units: dict[int | None, int] = {}
     for name, e in layout.items():
@@ -523,7 +523,7 @@ class _HostBuffersAhead:
         self._thread.start()
 
     def _run(self) -> None:
-        from ..memory.residency.packed import HostBuffer
+        from ...memory.residency.packed import HostBuffer
 
         for i in self._order:
             with self._cond:
@@ -592,8 +592,8 @@ closed here. ``cancel`` is called between units (it raises to stop). On any fail
     weights are freed before the exception leaves (nothing stays alive, even if the
     traceback keeps the model object).
     """
-    from ..memory.stats import malloc_trim
-    from ..memory.unload import strip_module_weights
+    from ...memory.stats import malloc_trim
+    from ...memory.unload import strip_module_weights
 
     stats = stats if stats is not None else LoadStats()
     streamed = set(streamed)

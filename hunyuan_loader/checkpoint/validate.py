@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointError, DependencyError
+from ..core.errors import CheckpointError, DependencyError
 
 log = logging.getLogger(__name__)
 

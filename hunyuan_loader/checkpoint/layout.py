@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from ..core.errors import CheckpointError
 
 _DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,

@@ -18,23 +18,24 @@ from typing import Any
 
 import torch
 
-from ..memory import stats
-from ..memory.unload import strip_module_weights, track_model
-from . import multi_gpu, quiet
-from .checkpoint import CheckpointInfo, check_code_dependencies, loadable_path, validate_checkpoint
-from .errors import DependencyError
-from .placement import accelerate_kwargs, adopt_load, place_for_spec, plan_load, uses_accelerate
-from .prequantized import check_matches_loader, check_prequantized, prequantized_format
-from .quantization import (
+from ...memory import stats
+from ...memory.unload import strip_module_weights, track_model
+from ..checkpoint.prequantized import check_matches_loader, check_prequantized, prequantized_format
+from ..checkpoint.validate import CheckpointInfo, check_code_dependencies, loadable_path, validate_checkpoint
+from ..core import quiet
+from ..core.errors import DependencyError
+from ..core.spec import LoadedModel, LoadSpec
+from ..formats.quantization import (
     check_quantized_modules,
     quantization_config,
     require_bitsandbytes,
     restore_float32_routers,
     skip_modules_for,
 )
-from .spec import LoadedModel, LoadSpec
-from .variants import detect_variant, read_generation_config
-from .w8a16 import resolve_int8_format
+from ..formats.w8a16 import resolve_int8_format
+from ..model.variants import detect_variant, read_generation_config
+from . import multi_gpu
+from .placement import accelerate_kwargs, adopt_load, place_for_spec, plan_load, uses_accelerate
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def _quant_config(spec: LoadSpec, info: CheckpointInfo, tensor_names: list[str])
     require_bitsandbytes("bf16" if int8_format == "w8a16" else spec.quant)
     if int8_format == "w8a16":  # issue 14: int8 weights x bf16 activations, quantized while loading
         # importing it registers the quantization method with transformers
-        from .w8a16_transformers import quantization_config as w8a16_quantization_config
+        from ..formats.w8a16_transformers import quantization_config as w8a16_quantization_config
 
         if pre is None:
             return w8a16_quantization_config(skip_modules_for(tensor_names)), False
@@ -78,14 +79,14 @@ def load_model(
     is read. On any failure (or a cancel) nothing stays loaded: the partial model's weights are
     freed and memory released before the exception leaves.
     """
-    from .block_loader import LoadStats
+    from .blocks import LoadStats
 
     start = time.perf_counter()
     st = LoadStats()
     quiet.install()  # before bitsandbytes is imported: its messages that do not concern the user
     with st.phase("validate"):
         info = validate_checkpoint(spec.path)
-        from .checkpoint_layout import read_layout
+        from ..checkpoint.layout import read_layout
 
         layout = read_layout(info.shard_files)
         qconfig, pre_quantized = _quant_config(spec, info, sorted(layout))
@@ -153,8 +154,8 @@ def _clear_inner_frames(exc: BaseException) -> None:
 
 def _prepare(model: Any, spec: LoadSpec, info: CheckpointInfo, device: torch.device, st: Any) -> None:
     """What every load does after the weights: tokenizer, MoE dispatch, remote-code fixes."""
-    from .moe_dispatch import install_moe_dispatch
-    from .remote_code_fixes import install_cpu_input_casts, install_mask_alignment
+    from ..hooks.moe_dispatch import install_moe_dispatch
+    from ..hooks.remote_code_fixes import install_cpu_input_casts, install_mask_alignment
 
     with st.phase("tokenizer"):
         if hasattr(model, "load_tokenizer"):
@@ -178,16 +179,9 @@ def _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, c
     needs the skeleton for its sizes: the reader starts after that plan. On a GPU the reader's
     page-locked ring is allocated on a helper thread (pinning 1 GiB takes a few tenths of a second).
     No weight is read before a plan has passed."""
-    from .block_loader import (
-        build_skeleton,
-        finish,
-        gpu_staging_bytes,
-        materialise,
-        staging_bytes,
-        unit_bytes,
-    )
-    from .checkpoint_layout import load_units
-    from .tensor_reader import RingAhead
+    from ..checkpoint.layout import load_units
+    from ..checkpoint.reader import RingAhead
+    from .blocks import build_skeleton, finish, gpu_staging_bytes, materialise, staging_bytes, unit_bytes
 
     ring = reader = None
     single = not multi_gpu.handled_here(spec)
@@ -254,10 +248,10 @@ def _plan_from_headers_and_read(spec, info, layout, device) -> tuple[int, Any]:
     nothing, when the machine cannot hold it), then the reader started on every tensor in load
     order (its ring pinned on a helper thread). Returns (the RAM the plan counted as available,
     the reader)."""
-    from .block_loader import gpu_staging_bytes, header_nbytes, start_reader
-    from .checkpoint_layout import load_units
+    from ..checkpoint.layout import load_units
+    from ..checkpoint.reader import RingAhead
+    from .blocks import gpu_staging_bytes, header_nbytes, start_reader
     from .placement import available_ram
-    from .tensor_reader import RingAhead
 
     units = load_units(layout)
     block_bytes = [0] * (1 + max((u.block for u in units if u.block is not None), default=-1))
@@ -282,7 +276,7 @@ def _ram_available(ring: Any) -> int | None:
     held = ring.wait() if ring is not None else 0
     if not held:
         return None
-    from ..memory.residency.ram import available_ram as os_available
+    from ...memory.residency.ram import available_ram as os_available
     from .placement import RAM_LIMIT_ENV
 
     avail = os_available() + held
@@ -324,7 +318,7 @@ def _load_from_pretrained(spec, info, qconfig, pre_quantized, device):
 def save_quantized_copy(loaded: LoadedModel, dest: str | Path | None = None,
                         progress: ProgressFn | None = None) -> Path:
     """Write the loaded int8/nf4 model as a pre-quantized checkpoint (default: next to its folder)."""
-    from .prequantized import default_copy_path, save_prequantized
+    from ..checkpoint.prequantized import default_copy_path, save_prequantized
 
     target = Path(dest) if dest is not None else default_copy_path(loaded.info.path, loaded.spec.quant)
     return save_prequantized(loaded.model, loaded.info.path, target, progress=progress)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, DependencyError
+from ..core.errors import CheckpointError, DependencyError
 
 log = logging.getLogger(__name__)
 

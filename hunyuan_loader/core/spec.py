@@ -8,9 +8,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointInfo
 from .errors import InputError
-from .variants import Variant
 
 QUANTS = ("bf16", "int8", "nf4")
 OFFLOAD_MODES = ("disabled", "smart", "budget", "accelerate")
@@ -54,7 +52,8 @@ class LoadSpec:
 
     def _check_devices(self) -> None:
         """devices: syntax and existence on this machine (normalised: the cache key); multi_gpu."""
-        from .multi_gpu import MODES, normalise_devices, resolve_devices
+        from ...memory.devices import MODES
+        from .devices import normalise_devices, resolve_devices
 
         if self.multi_gpu not in MODES:
             raise InputError(f"multi_gpu '{self.multi_gpu}' is not one of {', '.join(MODES)}.")
@@ -83,8 +82,8 @@ class LoadedModel:
 
     model: Any
     spec: LoadSpec
-    info: CheckpointInfo
-    variant: Variant
+    info: Any  # checkpoint.validate.CheckpointInfo (core imports nothing above it)
+    variant: Any  # model.variants.Variant
     device: torch.device
     load_seconds: float
     residency: Any = None  # memory.residency.ResidencyManager on CUDA, else None

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..memory.estimator import REAL_DEFAULTS, config_value, estimate_inference_gb, tokens_for_image
-from ..memory.residency.planner import InsufficientVRAMError, ResidencyPlan, plan_placement
-from .quantization import ROUTER_SUFFIX, is_quantizable
+from ...memory.estimator import REAL_DEFAULTS, config_value, estimate_inference_gb, tokens_for_image
+from ...memory.residency.planner import InsufficientVRAMError, ResidencyPlan, plan_placement
+from ..formats.quantization import ROUTER_SUFFIX, is_quantizable
 
 GIB = 1024**3
 QUANT_ORDER = ("bf16", "int8", "nf4")
@@ -159,7 +159,7 @@ def _header(file: Path) -> dict[str, Any]:
 
 def checkpoint_sizes(path: str | Path, int8_format: str = "w8a16") -> WeightSizes:
     """Sizes of a checkpoint folder from its config.json and safetensors headers (no weights read)."""
-    from .checkpoint import validate_checkpoint
+    from ..checkpoint.validate import validate_checkpoint
 
     info = validate_checkpoint(path)
     tensors: list[tuple[str, Sequence[int]]] = []
@@ -206,7 +206,7 @@ def moe_workspace_bytes(sizes: WeightSizes, quant: str) -> int:
     """What W8A16 experts run together hold on the GPU during a MoE call (moe_grouped.workspace_bytes_for)."""
     if quant != "int8" or sizes.int8_format != "w8a16":
         return 0
-    from .moe_grouped import workspace_bytes_for
+    from ..hooks.moe_grouped import workspace_bytes_for
 
     inter = config_value(sizes.config, "moe_intermediate_size")
     inter = max(inter) if isinstance(inter, (list, tuple)) else inter

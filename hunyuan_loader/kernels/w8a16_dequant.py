@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import w8a16
+from . import w8a16_common as w8a16
 
 log = logging.getLogger(__name__)
 

@@ -39,9 +39,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..memory.residency.packed import PackedBlock
-from ..memory.residency.streaming import BlockStreamer
-from ..memory.residency.weights import TensorRef, weight_tensors
+from ...memory.residency.packed import PackedBlock
+from ...memory.residency.streaming import BlockStreamer
+from ...memory.residency.weights import TensorRef, weight_tensors
 from .split_exec import move_to
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class Replica:
 
     def close(self) -> None:
         """Remove the streaming hooks, free the slots and every weight this replica owns."""
-        from ..memory.unload import strip_module_weights
+        from ...memory.unload import strip_module_weights
 
         if self.streamer is not None:
             self.streamer.close()
@@ -419,7 +419,7 @@ class CfgParallelResidency:
         self._build()
 
     def _build(self) -> None:
-        from ..memory.unload import track_model
+        from ...memory.unload import track_model
         from .moe_dispatch import install_moe_dispatch
 
         plan = self.manager.plan
@@ -495,7 +495,7 @@ class CfgParallelResidency:
         replica one row of the decoder (about half the activations). A replica short of room turns
         CFG-parallel off for this run (the first device runs both rows). Returns (the first
         device's usable bytes, its shortfall)."""
-        from ..memory.devices import usable_vram
+        from ...memory.devices import usable_vram
 
         unlimited = 1 << 50
         usable = [usable_vram(d) if d.type == "cuda" else unlimited for d in self.devices]
@@ -527,7 +527,7 @@ class CfgParallelResidency:
 
     # -- soft unload -----------------------------------------------------------------------
     def park(self, **kwargs: Any) -> Any:
-        from ..memory.residency.manager import ParkReport
+        from ...memory.residency.manager import ParkReport
 
         report = self.manager.park(**kwargs)  # checks RAM first: if it refuses, nothing changed
         freed = self._drop()

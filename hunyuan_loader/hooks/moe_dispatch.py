@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.topology import find_moe_blocks, is_moe_block
 from .moe_grouped import grouped_chunks, grouped_w8a16_reason
 
 logger = logging.getLogger(__name__)
@@ -86,17 +87,6 @@ def routing_for(config: Any, layer_idx: int, block: nn.Module | None = None) -> 
         norm_topk_prob=bool(get("norm_topk_prob", True)),
         routed_scaling_factor=float(get("routed_scaling_factor", 1.0)),
     )
-
-
-def _is_moe_block(module: nn.Module) -> bool:
-    gate = module._modules.get("gate")
-    experts = module._modules.get("experts")
-    return gate is not None and hasattr(gate, "wg") and isinstance(experts, nn.ModuleList)
-
-
-def find_moe_blocks(model: nn.Module) -> list[nn.Module]:
-    """MoE blocks found by structure: ``.gate`` with ``.wg``, ``.experts`` (ModuleList), optional ``.shared_mlp``."""
-    return [m for m in model.modules() if _is_moe_block(m)]
 
 
 def router_logits(gate: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -217,7 +207,7 @@ def install_moe_dispatch(model: nn.Module, impl: str = "gather_scatter") -> int:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     config = getattr(model, "config", None)
-    named = [(n, m) for n, m in model.named_modules() if _is_moe_block(m)]
+    named = [(n, m) for n, m in model.named_modules() if is_moe_block(m)]
     changed = 0
     for i, (name, block) in enumerate(named):
         current = getattr(block, _MARK, "reference")

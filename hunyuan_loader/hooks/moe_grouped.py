@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cuda_timing import time_ms
-from .moe_activation import silu_mul
+from ..kernels.cuda_timing import time_ms
+from ..kernels.moe_activation import silu_mul
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,8 @@ def grouped_engines(x: torch.Tensor) -> list[str]:
     linear: the same scratch, one cuBLAS matmul per expert. In ``auto`` the dequant engines
     are offered on CUDA only (CPU keeps the per-expert plain path); a forced engine runs anywhere
     it works (CPU tests)."""
-    from . import w8a16, w8a16_dequant
+    from ..formats import w8a16
+    from ..kernels import w8a16_dequant
 
     mode = grouped_mode()
     if mode == "off" or x.dtype not in (torch.bfloat16, torch.float16):
@@ -135,7 +136,7 @@ def grouped_w8a16_reason(experts: nn.ModuleList, x: torch.Tensor) -> str | None:
         return "no experts"
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return "global module hooks"
-    from . import w8a16
+    from ..formats import w8a16
 
     linear = w8a16.Int8WeightOnlyLinear
     for e in experts:  # runs every MoE call: plain reads, no Module.__getattr__ (~1 us per expert)
@@ -158,7 +159,7 @@ def grouped_w8a16_reason(experts: nn.ModuleList, x: torch.Tensor) -> str | None:
 def scratch_experts(experts: Any) -> int:
     """Experts per chunk whose dequantized weights, gate_up and down together (the two buffers of
     ``DequantPipeline``), fit ``scratch_bytes()``: 7 on the real config at the default 512 MiB."""
-    from .w8a16_dequant import experts_per_chunk
+    from ..kernels.w8a16_dequant import experts_per_chunk
 
     gu, dn = _linears(experts[0])
     return experts_per_chunk([tuple(_param(gu, "weight").shape), tuple(_param(dn, "weight").shape)], scratch_bytes())
@@ -216,10 +217,10 @@ def _engine_rows(engine: str, ex: Any, x: torch.Tensor, idx: torch.Tensor, sub: 
     expert, ``sub`` rows each) through ``engine``. The dequant engines read their weights from
     ``pipe`` (a ``DequantPipeline``; stages ``stage`` and ``stage + 1`` are this chunk's), else
     from a pipeline of their own for this chunk."""
-    from . import w8a16_dequant as D
+    from ..kernels import w8a16_dequant as D
 
     if engine == "triton":
-        from . import w8a16_grouped as G  # imports Triton: only this engine needs it
+        from ..kernels import w8a16_grouped as G  # imports Triton: only this engine needs it
 
         xs = x.index_select(0, idx)
         h = G.grouped_linear(xs, [e.gate_and_up_proj.weight for e in ex],
@@ -282,7 +283,7 @@ def engine_key(ex: Any, x: torch.Tensor, sub: list[int], base: tuple | None = No
     """(rows/expert bucket, shapes, dtype, device): what an automatic engine choice is kept for; ``base``
     is ``key_base(ex, x)`` made once per call (the planning of a call's chunks runs before its first
     kernel, so its host time is GPU idle time: ~0.5 ms per MoE call on the H200's host at 10 chunks)."""
-    from .w8a16 import m_bucket
+    from ..formats.w8a16 import m_bucket
 
     busy = sum(1 for c in sub if c) or 1
     return (m_bucket(sum(sub) // busy), *(base if base is not None else key_base(ex, x)))
@@ -361,7 +362,7 @@ def _chunk_engine(experts: Any, x: torch.Tensor, idx: torch.Tensor, sub: list[in
 
 def _run_chunk(name: str, ex: Any, x: torch.Tensor, idx: torch.Tensor, sub: list[int], pipe: Any,
                stage: int) -> tuple[torch.Tensor, list[int]] | None:
-    from .w8a16 import Unsupported
+    from ..formats.w8a16 import Unsupported
 
     try:
         return _engine_rows(name, ex, x, idx, sub, pipe, stage)
@@ -385,7 +386,7 @@ def grouped_chunks(experts: Any, x: torch.Tensor, tok: torch.Tensor, counts: lis
     Each chunk's engine is chosen first (``engine`` forces one); the chunks on a dequant engine
     share one ``DequantPipeline``, so on CUDA the next Linear's weights are dequantized on a side
     stream while this one's GEMMs run (``overlap``: None follows ``HY3_MOE_OVERLAP``, off by default)."""
-    from . import w8a16_dequant as D
+    from ..kernels import w8a16_dequant as D
 
     D.dequant_kernel_variant()  # a bad HY3_DEQUANT_KERNEL is the caller's error, not an engine failure to log and drop
     experts = list(experts)  # a ModuleList's slice builds a new ModuleList (~7 add_module calls) per chunk
@@ -423,8 +424,8 @@ def workspace_bytes(model: nn.Module) -> int:
     the model's experts are not W8A16 SiLU MLPs, or ``HY3_MOE_GROUPED=0``): a chunk's activations
     (``GROUPED_ROWS`` rows of gathered input, gate_up output, activation and output) and the
     dequant engines' scratch (``scratch_bytes()``). For the run estimate (placement.inference_bytes)."""
-    from . import w8a16
-    from .moe_dispatch import find_moe_blocks
+    from ..formats import w8a16
+    from ..model.topology import find_moe_blocks
 
     if grouped_mode() == "off":
         return 0

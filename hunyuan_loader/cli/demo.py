@@ -40,7 +40,7 @@ def builder_hash() -> str:
 
 def cached_test_model(variant: str = "base") -> Path:
     """The cached test checkpoint of ``variant``, built on first use; stale builds are removed."""
-    from .test_model import make_test_model
+    from ..test_model import make_test_model
 
     root = cache_root()
     prefix = f"test-model-{variant}-"

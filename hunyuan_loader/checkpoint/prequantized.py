@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint_layout import block_of
-from .errors import CheckpointError, InputError
+from ..core.errors import CheckpointError, InputError
+from .layout import block_of
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +88,14 @@ def quantized_modules_in_checkpoint(names: Iterable[str]) -> set[str]:
 def check_prequantized(model: Any, names: Iterable[str]) -> None:
     """The checkpoint's quantized tensors and the model built from its quantization_config agree,
     and nothing that must stay full precision is quantized (a clear error naming the module)."""
-    from .quantization import check_quantized_modules, quantized_module_names
+    from ..formats.quantization import check_quantized_modules, quantized_module_names
 
     in_file = quantized_modules_in_checkpoint(names)
     in_model = set(quantized_module_names(model))
     check_quantized_modules(model)
     stray = sorted(in_file - in_model)
     if stray:
-        from .quantization import is_quantizable
+        from ..formats.quantization import is_quantizable
 
         bad = [m for m in stray if not is_quantizable(m)]
         first = (bad or stray)[0]
@@ -223,43 +223,3 @@ def save_prequantized(
         raise
     log.info("wrote %s (%.1f GiB) in %.1f s", dest, total / 1024**3, time.perf_counter() - t0)
     return dest
-
-
-def quantize_checkpoint(
-    model_dir: str | Path,
-    quant: str,
-    out: str | Path,
-    *,
-    int8_format: str = "w8a16",
-    offload: str = "smart",
-    progress: Callable[[str, int, int], None] | None = None,
-) -> Path:
-    """Load a BF16 checkpoint quantized (on the GPU when there is one; blocks that do not fit
-    stream through pinned RAM) and write the pre-quantized copy ``out``. ``progress(stage,
-    done, total)`` with stage 'read' / 'write'. The model is freed afterwards."""
-    from ..memory.unload import collect_garbage
-    from .loading import load_model
-    from .spec import LoadSpec
-
-    if quant not in ("int8", "nf4"):
-        raise InputError(f"quantize writes int8 or nf4 copies (got '{quant}').")
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"{out} already exists. Choose another --out folder or delete it first.")
-    if not out.parent.is_dir():
-        raise InputError(f"The parent folder of --out ({out.parent}) does not exist.")
-    spec = LoadSpec(str(model_dir), quant=quant, offload=offload, int8_format=int8_format)
-    if prequantized_format(json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-                           if (Path(model_dir) / "config.json").is_file() else {}):
-        raise InputError(f"{model_dir} is already pre-quantized: quantize the BF16 checkpoint.")
-    read = (lambda d, t: progress("read", d, t)) if progress is not None else None
-    write = (lambda d, t: progress("write", d, t)) if progress is not None else None
-    loaded = load_model(spec, progress=read)
-    try:
-        return save_prequantized(loaded.model, loaded.info.path, out, progress=write)
-    finally:
-        if loaded.residency is not None:
-            loaded.residency.close()
-        loaded.model = None
-        del loaded
-        collect_garbage()

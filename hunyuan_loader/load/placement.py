@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from ..memory import stats
-from ..memory.estimator import estimate_inference_gb, megapixels
-from ..memory.residency.planner import InsufficientVRAMError, Placement, ResidencyPlan, plan_placement
-from .errors import NotEnoughRAMError, NotEnoughVRAMError
-from .spec import LoadedModel, LoadSpec
+from ...memory import stats
+from ...memory.estimator import estimate_inference_gb, megapixels
+from ...memory.residency.planner import InsufficientVRAMError, Placement, ResidencyPlan, plan_placement
+from ..core.errors import NotEnoughRAMError, NotEnoughVRAMError
+from ..core.spec import LoadedModel, LoadSpec
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def headroom_bytes(spec: LoadSpec, config: Any) -> int:
 
 def default_headroom_gb(model: Any) -> float:
     """Inference headroom for 1 MP with the model's active MoE implementation."""
-    from .moe_dispatch import active_moe_impl
+    from ..hooks.moe_dispatch import active_moe_impl
 
     return estimate_inference_gb(1024, 1024, config=model.config, moe_impl=active_moe_impl(model))
 
@@ -80,7 +80,7 @@ def default_headroom_gb(model: Any) -> float:
 def available_ram() -> int:
     """Host RAM a load may use: what the OS reports available, capped by HUNYUAN_RAM_LIMIT_GB
     (act as if the machine had only this much; tests and trying a smaller box's plan)."""
-    from ..memory.residency.ram import available_ram as os_available
+    from ...memory.residency.ram import available_ram as os_available
 
     avail = os_available()
     limit = os.environ.get(RAM_LIMIT_ENV, "").strip()
@@ -186,7 +186,7 @@ def adopt_load(model: Any, placement: LoadPlacement, packed: Mapping[int, Any]) 
     re-counted on the real tensor sizes. None on a CPU device."""
     if placement.plan is None:
         return None
-    from ..memory.residency import ResidencyManager
+    from ...memory.residency import ResidencyManager
 
     planned = placement.plan
 
@@ -206,7 +206,7 @@ def place_for_spec(model: Any, spec: LoadSpec, device: torch.device) -> Any:
     """Today's path (from_pretrained on the CPU, then placement): create the model's
     ResidencyManager and apply the load-time plan (disabled: every block on the GPU; smart: the
     usable VRAM is the budget; budget: the user's; both keep the inference headroom)."""
-    from ..memory.residency import ResidencyManager
+    from ...memory.residency import ResidencyManager
 
     headroom_gb = spec.headroom_gb if spec.headroom_gb is not None else default_headroom_gb(model)
     budget = budget_bytes(spec)
@@ -250,8 +250,8 @@ def inference_bytes(loaded: LoadedModel, width: int, height: int, extra_tokens: 
     """Estimated activation memory of one run at this size, for the active MoE implementation;
     ``extra_tokens`` per CFG half: reference images, think / recaption text (generation.extra_tokens);
     plus the grouped W8A16 experts' workspace where they run that way (moe_grouped.workspace_bytes)."""
-    from .moe_dispatch import active_moe_impl
-    from .moe_grouped import workspace_bytes
+    from ..hooks.moe_dispatch import active_moe_impl
+    from ..hooks.moe_grouped import workspace_bytes
 
     impl = active_moe_impl(loaded.model)
     gb = estimate_inference_gb(width, height, config=loaded.model.config, moe_impl=impl, extra_tokens=extra_tokens)

@@ -15,14 +15,14 @@ import time
 
 import torch
 
-from ..memory import stats
-from . import quiet
-from .cache import get_cache
-from .errors import HunyuanError, InputError
-from .generation import BOT_TASKS, DEFAULT_MAX_NEW_TOKENS, GenerationRequest, generate, open_reference_images
-from .input_checks import check_output_path, check_request, check_resolution, checkpoint_variant, model_sizes
-from .multi_gpu import MODES as MULTI_GPU_MODES
-from .spec import INT8_FORMATS, MOE_IMPLS, OFFLOAD_MODES, QUANTS, LoadSpec
+from ...memory import stats
+from ..cache import get_cache
+from ..core import quiet
+from ..core.errors import HunyuanError, InputError
+from ..core.spec import INT8_FORMATS, MOE_IMPLS, OFFLOAD_MODES, QUANTS, LoadSpec
+from ..generation import BOT_TASKS, DEFAULT_MAX_NEW_TOKENS, GenerationRequest, generate, open_reference_images
+from ..input_checks import check_output_path, check_request, check_resolution, checkpoint_variant, model_sizes
+from ..load.multi_gpu import MODES as MULTI_GPU_MODES
 
 TEST_VARIANTS = ("base", "instruct", "distil")
 
@@ -129,10 +129,10 @@ def _request(args: argparse.Namespace) -> GenerationRequest:
 def _generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from .checkpoint import validate_checkpoint
+    from ..checkpoint.validate import validate_checkpoint
+    from ..formats.quantization import require_bitsandbytes
+    from ..formats.w8a16 import resolve_int8_format
     from .demo import NOISE_NOTE, cached_test_model
-    from .quantization import require_bitsandbytes
-    from .w8a16 import resolve_int8_format
 
     # Every check before anything loads: flags, output file, request, checkpoint folder, variant.
     _check_flags(args)
@@ -196,8 +196,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from ..generation import parse_size
     from . import card_plan as cp
-    from .generation import parse_size
 
     if args.readme_table:
         print(cp.readme_table())
@@ -240,7 +240,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from .prequantized import quantize_checkpoint
+    from .quantize import quantize_checkpoint
 
     start = time.perf_counter()
 
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "make-test-model":
-            from .test_model import make_test_model
+            from ..test_model import make_test_model
 
             try:
                 print(make_test_model(args.dest, variant=args.variant, overwrite=args.overwrite))

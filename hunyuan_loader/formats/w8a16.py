@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.w8a16_common import ALIGN, MAX_BUCKET, Unsupported, dequantize_weight, m_bucket, offset_units  # noqa: F401 - part of this module's interface
+
 log = logging.getLogger(__name__)
 
 FORMAT = "w8a16"
@@ -48,28 +50,6 @@ KERNEL_ENV = "HY3_W8A16_KERNEL"  # auto (default) | torch
 
 EXPERT_RE = re.compile(r"(?:^|\.)mlp\.experts\.\d+\.(?:gate_and_up_proj|down_proj)$")
 ATTENTION_RE = re.compile(r"(?:^|\.)self_attn\.(?:qkv_proj|o_proj)$")
-
-
-class Unsupported(RuntimeError):
-    """This call cannot run on a W8A16 kernel (no safe config, a too large or misaligned weight): the
-    caller takes the plain path. Here, not in the Triton modules, so that it imports without Triton."""
-
-
-MAX_BUCKET = 4096
-ALIGN = 16  # bytes: the grouped kernels address each expert's weight and scale in these units
-
-
-def offset_units(tensors: list[torch.Tensor]) -> list[int]:
-    """Each tensor's address from the lowest one's, in ALIGN units: how the grouped Triton kernels
-    (``w8a16_grouped``, ``w8a16_dequant``) reach experts that stay separate parameters through one
-    base pointer. The callers check the ALIGN alignment."""
-    base = min(t.data_ptr() for t in tensors)
-    return [(t.data_ptr() - base) // ALIGN for t in tensors]
-
-
-def m_bucket(m: int) -> int:
-    """Tuning key for a token count: the next power of two, 16..MAX_BUCKET."""
-    return min(MAX_BUCKET, max(16, 1 << max(0, m - 1).bit_length()))
 
 
 # -- the format ------------------------------------------------------------------------------
@@ -86,11 +66,6 @@ def quantize_weight(weight: torch.Tensor, device: torch.device | str | None = No
     return q, scale
 
 
-def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``q * scale`` per row, computed in fp32 and returned in ``dtype``."""
-    return (q.float() * scale.float()[:, None]).to(dtype)
-
-
 # -- the forward -----------------------------------------------------------------------------
 _kernel: Any = None  # the w8a16_kernel module, False once unavailable, None before the first try
 _capable: dict[int, bool] = {}  # CUDA device index -> compute capability >= 8.0 (bf16 tensor cores)
@@ -100,7 +75,7 @@ def _load_kernel() -> Any:
     global _kernel
     if _kernel is None:
         try:
-            from . import w8a16_kernel
+            from ..kernels import w8a16_kernel
 
             _kernel = w8a16_kernel
         except Exception as exc:  # noqa: BLE001 - no Triton, or a Triton that does not import
