@@ -317,7 +317,7 @@ README_RAM = (64, 128)
 
 
 def readme_table(sizes: WeightSizes | None = None) -> str:
-    """The README's "Which loader for my card" table, generated (tests/test_card_plan.py compares)."""
+    """The README's "Which loader for my card" table, generated (tests/cli/test_card_plan.py compares)."""
     sizes = sizes or real_model_sizes()
     lines = [
         "| GPU | RAM | BF16 | INT8 | NF4 |",

@@ -8,7 +8,7 @@ a model is loaded (input checks, the node's list) the same groups are computed h
   (official base image_processor.py:53, tokenizer_wrapper.py:107-143);
 - Instruct / Instruct-Distil: those 33 plus four extras appended in index order
   (1024x768, 1280x720, 768x1024, 720x1280 as HxW; align 16; Instruct image_processor.py:236).
-``tests/test_model_interface.py`` checks these against the test checkpoint's image processor.
+``tests/model/test_model_interface.py`` checks these against the test checkpoint's image processor.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ resolution-group snapping and both ``generate_image`` return conventions (base: 
 PIL image; Instruct/Distil: ``(cot_text_list or None, [PIL images])``).
 
 Where the pack touches the model, this code behaves like the official one (each behaviour
-pinned by a test in tests/test_model_interface.py that cites the official file:line):
+pinned by a test in tests/model/test_model_interface.py that cites the official file:line):
 3-D expert input (``chunk(2, dim=2)``), the reference MoE feeding each expert
 ``[1, capacity, hidden]``, timestep embedders casting their input to ``mlp[0].weight.dtype``,
 Distil's ``guidance_emb`` / ``timestep_r_emb``, two CFG rows always built for base/Instruct

@@ -16,7 +16,7 @@ from PIL import Image
 from hunyuan_image3.hunyuan_loader.cli import demo
 from hunyuan_image3.hunyuan_loader.cli import main as cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -119,7 +119,7 @@ def test_demo_generates_reports_and_reuses_one_cached_checkpoint(tmp_path: Path)
     for label in ("load:", "generate:", "peak RAM:", "test checkpoint:", "noise by design", "--model"):
         assert label in first.stdout, first.stdout
     assert Image.open(out_png).size == (1280, 768)
-    # quiet by default: no library note that does not concern the user (tests/test_quiet.py has each one)
+    # quiet by default: no library note that does not concern the user (tests/core/test_quiet.py has each one)
     assert "bitsandbytes" not in first.stderr and "INFO" not in first.stderr, first.stderr
 
     folder = next(line.split(": ", 1)[1] for line in first.stdout.splitlines() if line.startswith("test checkpoint:"))

@@ -25,7 +25,7 @@ from hunyuan_image3.hunyuan_loader.load import blocks as block_loader
 from hunyuan_image3.hunyuan_loader.load.pipeline import load_model
 from hunyuan_image3.memory.unload import tracked_models
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FORMATS = [("bf16", "w8a16"), ("int8", "bnb"), ("nf4", "w8a16"), ("int8", "w8a16")]
 CUDA = torch.device("cuda", 0) if torch.cuda.is_available() else None
 

@@ -17,7 +17,7 @@ from hunyuan_image3.hunyuan_loader.hooks import moe_dispatch as md
 from hunyuan_image3.hunyuan_loader.hooks import moe_grouped as mg
 from hunyuan_image3.hunyuan_loader.test_model import load_remote_code, wrap_moe_block
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OFFICIAL = Path("/tmp/official/base/hunyuan_image_3/hunyuan.py")
 
 

@@ -18,7 +18,7 @@ from hunyuan_image3.hunyuan_loader.hooks import moe_dispatch as md
 from hunyuan_image3.hunyuan_loader.hooks import moe_grouped as mg
 from hunyuan_image3.hunyuan_loader.kernels import w8a16_dequant as D
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
 

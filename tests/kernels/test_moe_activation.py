@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from hunyuan_image3.hunyuan_loader.kernels import moe_activation as A
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 from triton_interpreter import PRELUDE, interpret, needs_triton  # noqa: E402
 

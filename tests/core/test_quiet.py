@@ -13,7 +13,7 @@ import pytest
 
 from hunyuan_image3.hunyuan_loader.core import quiet
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class _Collect(logging.Handler):

@@ -11,7 +11,7 @@ import pytest
 from hunyuan_image3.hunyuan_loader.cli import card_plan as cp
 from hunyuan_image3.hunyuan_loader.cli import main as cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GB = 1e9
 
 

@@ -171,7 +171,7 @@ def test_quantized_loads(base_checkpoint: Path, quant: str) -> None:
 
 def test_pack_buckets_follow_the_official_walk() -> None:
     """The pack's pre-load copy of the bucket math (the model's image processor is the judge at run
-    time: tests/test_model_interface.py compares the two per variant)."""
+    time: tests/model/test_model_interface.py compares the two per variant)."""
     base, instruct = resolution_buckets("base"), resolution_buckets("instruct")
     assert len(base) == 33 and len(instruct) == 37 and instruct[:33] == [
         (w - w % 16, h - h % 16) for w, h in base

@@ -207,7 +207,7 @@ def test_missing_code_dependency_is_a_clear_error_before_loading(base_checkpoint
     script = textwrap.dedent(f"""
         import sys
         sys.modules["diffusers"] = None  # as if not installed
-        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
         from hunyuan_loader.standalone import load_pack
         load_pack()
         from hunyuan_image3.hunyuan_loader.core.errors import DependencyError

@@ -31,7 +31,7 @@ from hunyuan_image3.hunyuan_loader.formats.w8a16 import (
 from hunyuan_image3.memory.residency import ResidencyManager, ResidencyState, weight_tensors
 from hunyuan_image3.memory.residency.weights import module_weight_bytes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
 
 
