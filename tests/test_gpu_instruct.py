@@ -103,3 +103,26 @@ def test_reference_images_make_the_run_stream_more(cache, instruct_checkpoint: P
     result = generate(loaded, three)
     assert any("reference-image / text tokens" in n and "streaming" in n for n in result.notes), result.notes
     assert not loaded.residency.plan.streamed  # restored after the run
+
+
+@pytest.mark.parametrize("quant", ["bf16", "int8", "nf4"])
+def test_budget_loader_edits_on_the_gpu(cache, instruct_checkpoint: Path, quant: str) -> None:
+    """The Budget loader (offload budget, about half the blocks streamed) runs an Instruct edit: every input of
+    the vision encoder reaches its device (the official code leaves the SigLIP2 mask on the CPU,
+    modeling_hunyuan_image_3.py:117-124 / :2831), and the image equals the one with every block resident."""
+    req = _request("edit")
+    cache.force_unload()
+    resident = cache.get(cache.load(LoadSpec(str(instruct_checkpoint), quant=quant)))
+    manager = resident.residency
+    budget = manager.other_bytes + 2 * max(manager.block_bytes) + sum(manager.block_bytes) // 2
+    cache.force_unload()
+    spec = LoadSpec(str(instruct_checkpoint), quant=quant, offload="budget", vram_budget_gb=budget / GIB,
+                    headroom_gb=1e-6)
+    loaded = cache.get(cache.load(spec))
+    manager = loaded.residency
+    assert manager.plan.streamed and manager.plan.resident, manager.plan.describe()
+    streamed = generate(loaded, req)
+    _report(f"edit {quant} budget (streaming)", streamed)
+    manager.apply(ResidencyPlan.uniform(Placement.GPU, manager.block_bytes, manager.other_bytes))
+    again = generate(loaded, req)
+    assert torch.equal(streamed.image, again.image), "streamed output differs from resident output"

@@ -83,3 +83,38 @@ def install_cpu_input_casts(model: Any) -> int:
             setattr(module, _CAST_MARK, True)
             hooked += 1
     return hooked
+
+
+_VISION_MARK = "_hy3_vision_input_alignment"
+
+
+def _move_tensor_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    param = next(module.parameters(), None)
+    if param is None:
+        return None
+    device = param.device
+
+    def move(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.device != device:
+            return value.to(device, non_blocking=True)
+        return value
+
+    return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+
+def install_vision_input_alignment(model: Any) -> bool:
+    """Move every tensor input of the vision encoder (Instruct's SigLIP2) to its device.
+
+    The Instruct code packs the encoder's ``spatial_shapes`` and ``attention_mask`` into a dict
+    (modeling_hunyuan_image_3.py:2538-2553) and sends it through its ``to_device`` helper (:2831), which
+    returns a dict unmoved (:117-124): the mask stays on the CPU and the eager attention fails on a GPU at
+    ``attn_weights + attention_mask`` (siglip2.py:210). The official README loads with ``device_map="auto"``,
+    whose accelerate hooks move every input to its module's device; the pack places the modules itself, so
+    this keyword pre-hook on ``model.vision_model`` does what those hooks do. Idempotent; True when installed now.
+    """
+    vision = getattr(model, "vision_model", None)
+    if not isinstance(vision, torch.nn.Module) or getattr(vision, _VISION_MARK, False):
+        return False
+    vision.register_forward_pre_hook(_move_tensor_inputs, with_kwargs=True)
+    setattr(vision, _VISION_MARK, True)
+    return True

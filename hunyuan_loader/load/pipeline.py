@@ -155,7 +155,11 @@ def _clear_inner_frames(exc: BaseException) -> None:
 def _prepare(model: Any, spec: LoadSpec, info: CheckpointInfo, device: torch.device, st: Any) -> None:
     """What every load does after the weights: tokenizer, MoE dispatch, remote-code fixes."""
     from ..hooks.moe_dispatch import install_moe_dispatch
-    from ..hooks.remote_code_fixes import install_cpu_input_casts, install_mask_alignment
+    from ..hooks.remote_code_fixes import (
+        install_cpu_input_casts,
+        install_mask_alignment,
+        install_vision_input_alignment,
+    )
 
     with st.phase("tokenizer"):
         if hasattr(model, "load_tokenizer"):
@@ -163,6 +167,7 @@ def _prepare(model: Any, spec: LoadSpec, info: CheckpointInfo, device: torch.dev
     with st.phase("moe dispatch"):
         install_moe_dispatch(model, spec.moe_impl)
         install_mask_alignment(model)
+        install_vision_input_alignment(model)
         if device.type == "cpu":
             install_cpu_input_casts(model)
 

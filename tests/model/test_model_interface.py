@@ -516,3 +516,29 @@ def test_pack_casts_float_inputs_of_the_image_modules_on_cpu() -> None:
         model.patch_embed(x)
     assert install_cpu_input_casts(model) == 1 and install_cpu_input_casts(model) == 0
     assert model.patch_embed(x).dtype == torch.bfloat16
+
+
+def test_instruct_leaves_the_vision_mask_on_the_cpu_and_the_pack_moves_it(models: dict) -> None:
+    # M:117-124 to_device moves tensors and lists and returns a dict as it is; the SigLIP2 kwargs are such a
+    # dict (M:2538-2553, sent through to_device at M:2831), so the attention mask stays on the CPU and the eager
+    # attention fails on a GPU at `attn_weights + attention_mask` (siglip2.py:210). The stand-in does the same.
+    import importlib
+
+    from hunyuan_image3.hunyuan_loader.hooks.remote_code_fixes import (
+        _move_tensor_inputs,
+        install_vision_input_alignment,
+    )
+
+    model = models["instruct"]
+    code = importlib.import_module(type(model).__module__)
+    mask = torch.ones(1, 4)
+    assert code._to_device({"attention_mask": mask}, "meta")["attention_mask"].device.type == "cpu"
+    assert code._to_device([mask], "meta")[0].device.type == "meta"
+    # the fix: every tensor input of the vision encoder goes to the encoder's device
+    vision = torch.nn.Linear(2, 2, device="meta")
+    args, kwargs = _move_tensor_inputs(vision, (torch.zeros(1, 2),), {"attention_mask": mask, "n": 3})
+    assert args[0].device.type == "meta" and kwargs["attention_mask"].device.type == "meta" and kwargs["n"] == 3
+    hooks = len(model.vision_model._forward_pre_hooks)
+    install_vision_input_alignment(model)
+    assert not install_vision_input_alignment(model)  # idempotent: one hook however often it is asked
+    assert len(model.vision_model._forward_pre_hooks) <= hooks + 1

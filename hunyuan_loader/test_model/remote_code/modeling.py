@@ -52,6 +52,16 @@ def _nvtx(name: str):
     return nullcontext()
 
 
+def _to_device(data, device):
+    """The official helper's behaviour (modeling_hunyuan_image_3.py:117-124): tensors and lists move, anything
+    else (a dict of vision kwargs) is returned as it is."""
+    if isinstance(data, torch.Tensor):
+        return data.to(device)
+    if isinstance(data, list):
+        return [_to_device(x, device) for x in data]
+    return data
+
+
 def _conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run a conv; on CPU in float32 (CPU bf16 convs are very slow), result in x's dtype."""
     if x.device.type != "cpu" or x.dtype == torch.float32:
@@ -453,12 +463,17 @@ class VisionLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(dim)
         self.mlp = nn.ModuleDict({"fc1": nn.Linear(dim, 2 * dim), "fc2": nn.Linear(2 * dim, dim)})
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor | None = None) -> torch.Tensor:
         h = self.layer_norm1(x)
         a = self.self_attn
         q, k, v = a["q_proj"](h), a["k_proj"](h), a["v_proj"](h)
-        mask = None if key_mask is None else key_mask[:, None, :].expand(-1, x.shape[1], -1)
-        x = x + a["out_proj"](F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+        if mask_bias is not None:
+            # the official eager attention adds the 4-D mask to the scores where it lies (siglip2.py:210):
+            # a mask left on the CPU fails here on a GPU ("Expected all tensors to be on the same device")
+            scores = scores + mask_bias[:, 0]
+        attn = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        x = x + a["out_proj"](attn @ v)
         h = self.layer_norm2(x)
         return x + self.mlp["fc2"](F.gelu(self.mlp["fc1"](h)))
 
@@ -479,9 +494,15 @@ class VisionModel(nn.Module):
             side = int(math.isqrt(pixel_values.shape[1]))
             spatial_shapes = torch.tensor([[side, side]] * pixel_values.shape[0])
         x = self.embeddings(pixel_values, spatial_shapes)
-        key_mask = None if attention_mask is None else attention_mask.to(torch.bool)
+        # [images, patches] -> an additive [images, 1, patches, patches] bias in x's dtype, made on the mask's
+        # device, as the official forward does with _prepare_4d_attention_mask (siglip2.py:514-516)
+        bias = None
+        if attention_mask is not None:
+            keep = attention_mask.to(torch.bool)[:, None, None, :].expand(-1, 1, x.shape[1], -1)
+            bias = torch.zeros(keep.shape, dtype=x.dtype, device=attention_mask.device)
+            bias = bias.masked_fill(~keep, torch.finfo(x.dtype).min)
         for layer in self.encoder["layers"]:
-            x = layer(x, key_mask)
+            x = layer(x, bias)
         return BaseModelOutput(last_hidden_state=self.post_layernorm(x))
 
 
@@ -855,11 +876,13 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
             latents = self.vae_encode(vae_image[None].to(device))[..., : th * p, : tw * p]
             t = torch.zeros(1, device=device)
             vae_tokens = self.patch_embed(latents.to(dtype), self.time_embed(t).to(dtype))[0]
+            # The official code packs the SigLIP2 kwargs into a dict (modeling_hunyuan_image_3.py:2538-2553) and
+            # passes it through to_device (:2831), which moves tensors and lists but returns a dict as it is
+            # (:117-124): the pixel values reach the device, the attention mask stays on the CPU.
             kwargs = vit_image.vision_encoder_kwargs
-            vit_tokens = self._forward_vision_encoder(
-                vit_image[None].to(device), attention_mask=kwargs["pixel_attention_mask"][None].to(device),
-                spatial_shapes=kwargs["spatial_shapes"][None],
-            )[0]
+            vit_kwargs = _to_device({"spatial_shapes": kwargs["spatial_shapes"][None],
+                                     "attention_mask": kwargs["pixel_attention_mask"][None]}, device)
+            vit_tokens = self._forward_vision_encoder(_to_device(vit_image[None], device), **vit_kwargs)[0]
             out.append((vae_tokens, vit_tokens, self.timestep_emb(t)[0]))
         return out
 
