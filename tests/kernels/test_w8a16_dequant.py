@@ -570,6 +570,7 @@ import os, sys
 sys.modules["triton"] = None  # `import triton` raises ImportError, as on a machine without Triton (Windows)
 sys.path.insert(0, {root!r})
 sys.path.insert(0, {tests!r})
+sys.path.insert(0, {tests!r} + "/kernels")
 from hunyuan_loader.standalone import load_pack
 load_pack()
 import torch

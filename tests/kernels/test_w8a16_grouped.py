@@ -164,6 +164,7 @@ print("KERNEL OK")
 # fp16 rounding; the tuner picks a config; HY3_MOE_GROUPED=0 turns it off; chunks of rows.
 _DISPATCH = _PRELUDE + r"""
 sys.path.insert(0, {tests!r})
+sys.path.insert(0, {tests!r} + "/kernels")
 from test_w8a16_grouped import _block
 from hunyuan_image3.hunyuan_loader.hooks import moe_dispatch as md
 from hunyuan_image3.hunyuan_loader.formats import w8a16
