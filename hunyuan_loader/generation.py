@@ -38,6 +38,7 @@ import torch
 from ..memory import stats
 from .core.errors import HunyuanError, InputError, NotEnoughRAMError, NotEnoughVRAMError, OutOfMemoryError
 from .core.spec import LoadedModel
+from .hooks.registry import NamedOnly, registry
 from .load.placement import run_placement
 from .model.variants import Variant
 
@@ -222,25 +223,42 @@ def step_hooks(model: Any, total: int, progress: ProgressFn | None, cancel: Canc
     generate_image calls its pipeline without a step callback, so we wrap the scheduler's
     step() on the instance for this call (the pipeline is built lazily: build it first).
     """
-    scheduler = model.pipeline.scheduler
-    original = scheduler.step
-    done = [0]
+    hook = _StepProgress(model.pipeline.scheduler, total, progress, cancel)
+    with registry(model).active("diffusion_progress", hook):
+        yield hook.done
 
-    def step(*args: Any, **kwargs: Any) -> Any:
-        if cancel is not None:
-            cancel()
-        out = original(*args, **kwargs)
-        done[0] += 1
-        if progress is not None:
-            progress(done[0], total)
-        return out
 
-    scheduler.step = step
-    try:
-        yield done
-    finally:
-        if scheduler.__dict__.get("step") is step:
-            del scheduler.step
+class _StepProgress:
+    """The hook registry's entry ``diffusion_progress``: ``scheduler.step`` wrapped on the instance."""
+
+    torch_hooks = False
+
+    def __init__(self, scheduler: Any, total: int, progress: ProgressFn | None, cancel: CancelFn | None) -> None:
+        self.scheduler = scheduler
+        self.done = [0]
+        self._step: Any = None
+        self._args = total, progress, cancel
+
+    def attach(self) -> None:
+        total, progress, cancel = self._args
+        original, done = self.scheduler.step, self.done
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            if cancel is not None:
+                cancel()
+            out = original(*args, **kwargs)
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], total)
+            return out
+
+        self._step = step
+        self.scheduler.step = step
+
+    def detach(self) -> None:
+        if self._step is not None and self.scheduler.__dict__.get("step") is self._step:
+            del self.scheduler.step
+        self._step = None
 
 
 @contextlib.contextmanager
@@ -394,7 +412,8 @@ def _call_model(
         kwargs["bot_task"] = req.bot_task
     if variant.honours_step_kwargs:
         kwargs.update(diff_infer_steps=steps, diff_guidance_scale=guidance)
-    with torch.inference_mode(), seeded_rng(loaded, req.seed):
+    per_token = registry(model).active("text_progress", NamedOnly()) if "stopping_criteria" in kwargs else None
+    with torch.inference_mode(), seeded_rng(loaded, req.seed), per_token or contextlib.nullcontext():
         try:
             out = model.generate_image(prompt=req.prompt, **kwargs)
         except ValueError as exc:

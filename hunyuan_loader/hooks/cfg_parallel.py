@@ -42,7 +42,9 @@ from torch import nn
 from ...memory.residency.packed import PackedBlock
 from ...memory.residency.streaming import BlockStreamer
 from ...memory.residency.weights import TensorRef, weight_tensors
+from .registry import registry
 from .split_exec import move_to
+from .streaming import StreamingHooks
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ class Replica:
         """Remove the streaming hooks, free the slots and every weight this replica owns."""
         from ...memory.unload import strip_module_weights
 
+        registry(self.module).remove_all()  # its MoE dispatch and block streaming entries
         if self.streamer is not None:
             self.streamer.close()
             self.streamer = None
@@ -105,13 +108,14 @@ def clone_decoder(
     try:
         for w in originals:  # deepcopy the structure, not the weights
             w.assign(torch.empty(1, dtype=w.tensor.dtype))
-        for m in decoder.modules():  # nor the hooks, nor a forward another object installed (a wrapper)
+        for m in decoder.modules():  # nor the hooks, nor an instance forward (a registry entry: the
+            # replica gets its own entries)
             for name in _HOOK_DICTS:
                 if m.__dict__.get(name):
                     stashed.append((m, name, m.__dict__[name]))
                     m.__dict__[name] = type(m.__dict__[name])()
             fwd = m.__dict__.get("forward")
-            if fwd is not None and getattr(fwd, "__self__", m) is not m:
+            if fwd is not None:
                 stashed.append((m, "forward", fwd))
                 del m.__dict__["forward"]
         replica = copy.deepcopy(decoder, memo)
@@ -146,7 +150,8 @@ def clone_decoder(
     if packed:
         blocks = getattr(replica, blocks_attr)
         shared = {i: _share_packed(pb, blocks[i]) for i, pb in packed.items()}
-        streamer = BlockStreamer(blocks, shared, device, n_slots)
+        streamer = BlockStreamer(blocks, shared, device, n_slots, attach=False)
+        registry(replica).install("block_streaming", StreamingHooks([streamer]))
     return Replica(device, replica, streamer, owned)
 
 
@@ -279,9 +284,13 @@ class _ThreadState:
 
 class CfgParallel:
     """Replaces ``decoder.forward`` (on the instance) by the row-splitting wrapper over
-    ``replicas`` (the first entry runs ``decoder`` itself on ``primary``)."""
+    ``replicas`` (the first entry runs ``decoder`` itself on ``primary``): the registry entry
+    ``cfg_rows``. ``attach=False``: the wrapper goes on when the registry attaches the entry."""
 
-    def __init__(self, decoder: nn.Module, primary: torch.device | str, replicas: Sequence[Replica]) -> None:
+    torch_hooks = False
+
+    def __init__(self, decoder: nn.Module, primary: torch.device | str, replicas: Sequence[Replica], *,
+                 attach: bool = True) -> None:
         self.decoder = decoder
         self.primary = torch.device(primary)
         self.replicas = list(replicas)
@@ -295,9 +304,28 @@ class CfgParallel:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.replicas)), thread_name_prefix="cfg-parallel")
         self._streams = [_stream(r.device, i) if r.device.type == "cuda" else None for i, r in enumerate(self.replicas)]
-        self._previous = decoder.__dict__.get("forward")
+        self._previous: Any = None
         self._original: Callable[..., Any] = decoder.forward
-        decoder.forward = self._forward
+        self._attached = False
+        if attach:
+            self.attach()
+
+    def attach(self) -> None:
+        if self._attached:
+            return
+        self._previous = self.decoder.__dict__.get("forward")
+        self._original = self.decoder.forward
+        self.decoder.forward = self._forward
+        self._attached = True
+
+    def detach(self) -> None:
+        """Put the decoder's forward back (the threads stay: ``attach`` may follow)."""
+        if self._attached and self.decoder.__dict__.get("forward") == self._forward:
+            if self._previous is None:
+                del self.decoder.forward
+            else:
+                self.decoder.forward = self._previous
+        self._attached = False
 
     @property
     def n(self) -> int:
@@ -391,11 +419,7 @@ class CfgParallel:
 
     def close(self) -> None:
         """Put the decoder's forward back and stop the threads (the replicas stay as they are)."""
-        if self.decoder.__dict__.get("forward") == self._forward:
-            if self._previous is None:
-                del self.decoder.forward
-            else:
-                self.decoder.forward = self._previous
+        self.detach()
         self._pool.shutdown(wait=True)
         self._caches.clear()
 
@@ -437,7 +461,8 @@ class CfgParallelResidency:
             for rep in replicas:
                 rep.close()
             raise
-        self.parallel = CfgParallel(self.model.model, self.devices[0], replicas)
+        self.parallel = CfgParallel(self.model.model, self.devices[0], replicas, attach=False)
+        registry(self.model).install("cfg_rows", self.parallel)
         log.info("CFG-parallel over %s (%.2f GiB of replica weights)", ", ".join(map(str, self.devices)),
                  sum(r.gpu_bytes() for r in replicas) / 1024**3)
 
@@ -445,6 +470,8 @@ class CfgParallelResidency:
         if self.parallel is None:
             return 0
         freed = sum(r.gpu_bytes() for r in self.parallel.replicas)
+        if registry(self.model).get("cfg_rows") is self.parallel:
+            registry(self.model).remove("cfg_rows")
         self.parallel.close()
         for rep in self.parallel.replicas:
             rep.close()
@@ -455,6 +482,11 @@ class CfgParallelResidency:
     @property
     def device(self) -> torch.device:
         return self.devices[0]
+
+    @property
+    def managers(self) -> list[Any]:
+        """The first device's manager (the replicas stream through their own registries)."""
+        return [self.manager]
 
     @property
     def plan(self) -> Any:

@@ -28,6 +28,7 @@ W8A16 experts run together in chunks when they can (``moe_grouped.py``: engines,
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import re
@@ -41,12 +42,12 @@ from torch import nn
 
 from ..model.topology import find_moe_blocks, is_moe_block
 from .moe_grouped import grouped_chunks, grouped_w8a16_reason
+from .registry import registry
 
 logger = logging.getLogger(__name__)
 
 IMPLS = ("gather_scatter", "reference")
-_MARK = "_hy3_moe_impl"
-_CFG = "_hy3_moe_routing"
+HOOK = "moe_dispatch"  # the registry entry's name
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
 
@@ -160,11 +161,10 @@ def _combine(chunks: Any, experts: Any, x: torch.Tensor, tok: torch.Tensor, w: t
         del ys, yv
 
 
-def gather_scatter_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """MoE forward with memory linear in tokens (bound to a block by ``install_moe_dispatch``)."""
+def gather_scatter_forward(self: nn.Module, hidden_states: torch.Tensor, *, rule: Routing) -> torch.Tensor:
+    """MoE forward with memory linear in tokens (bound to a block, with its ``rule``, by ``install_moe_dispatch``)."""
     if hidden_states.is_cuda:
         torch.cuda.set_device(hidden_states.device)
-    rule: Routing = getattr(self, _CFG)
     shape = hidden_states.shape
     x = hidden_states.reshape(-1, shape[-1])
     experts = self.experts
@@ -199,41 +199,63 @@ def _forward_owner(block: nn.Module) -> tuple[object, str]:
     return (block, "_old_forward") if hasattr(block, "_old_forward") else (block, "forward")
 
 
-def install_moe_dispatch(model: nn.Module, impl: str = "gather_scatter") -> int:
-    """Switch every MoE block of ``model`` to ``impl``; returns the number of blocks now using it.
+class MoeDispatch:
+    """Registry entry ``moe_dispatch``: each MoE block's forward replaced, on the instance, by
+    ``gather_scatter_forward`` with the block's routing; ``detach`` puts the saved forwards back."""
 
-    Idempotent. ``"reference"`` restores the block's original forward.
+    torch_hooks = False
+
+    def __init__(self, blocks: list[tuple[nn.Module, Routing]]) -> None:
+        self.blocks = blocks
+        self._saved: list[tuple[object, str, Any]] = []  # (owner, attribute, what it held: None = nothing)
+
+    @property
+    def rules(self) -> list[Routing]:
+        return [rule for _, rule in self.blocks]
+
+    def attach(self) -> None:
+        if self._saved:
+            return
+        for block, rule in self.blocks:
+            owner, attr = _forward_owner(block)
+            self._saved.append((owner, attr, owner.__dict__.get(attr)))
+            setattr(owner, attr, types.MethodType(functools.partial(gather_scatter_forward, rule=rule), block))
+
+    def detach(self) -> None:
+        for owner, attr, saved in reversed(self._saved):
+            if saved is None:
+                owner.__dict__.pop(attr, None)
+            else:
+                setattr(owner, attr, saved)
+        self._saved = []
+
+
+def install_moe_dispatch(model: nn.Module, impl: str = "gather_scatter") -> int:
+    """Switch every MoE block of ``model`` to ``impl``; returns the number of MoE blocks.
+
+    Idempotent. ``"gather_scatter"`` installs the registry entry ``moe_dispatch``;
+    ``"reference"`` removes it (the blocks' own forward again).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     config = getattr(model, "config", None)
     named = [(n, m) for n, m in model.named_modules() if is_moe_block(m)]
-    changed = 0
-    for i, (name, block) in enumerate(named):
-        current = getattr(block, _MARK, "reference")
-        owner, attr = _forward_owner(block)
-        if impl == "gather_scatter":
-            setattr(block, _CFG, routing_for(config, _layer_index(name, i), block))
-            if current != "gather_scatter":
-                saved = owner.__dict__.get(attr)
-                block.__dict__["_hy3_saved_forward"] = (attr, saved)
-                setattr(owner, attr, types.MethodType(gather_scatter_forward, block))
-                changed += 1
-        elif current != "reference":
-            attr, saved = block.__dict__.pop("_hy3_saved_forward", (attr, None))
-            if saved is None:
-                owner.__dict__.pop(attr, None)
-            else:
-                setattr(owner, attr, saved)
-            changed += 1
-        block.__dict__[_MARK] = impl
+    reg = registry(model)
+    if impl == "gather_scatter" and named and HOOK not in reg:
+        blocks = [(block, routing_for(config, _layer_index(name, i), block)) for i, (name, block) in enumerate(named)]
+        changed = len(blocks) if reg.install(HOOK, MoeDispatch(blocks)) else 0
+    elif impl == "reference":
+        changed = len(named) if reg.remove(HOOK) else 0
+    else:
+        changed = 0
     logger.info("MoE dispatch %s: %d blocks (%d changed)", impl, len(named), changed)
     return len(named)
 
 
 def active_moe_impl(model: nn.Module) -> str:
     """``"gather_scatter"`` when every MoE block uses it, else ``"reference"`` (the conservative answer)."""
+    entry = registry(model).get(HOOK)
     blocks = find_moe_blocks(model)
-    if blocks and all(getattr(b, _MARK, "reference") == "gather_scatter" for b in blocks):
+    if isinstance(entry, MoeDispatch) and blocks and {id(b) for b in blocks} <= {id(b) for b, _ in entry.blocks}:
         return "gather_scatter"
     return "reference"

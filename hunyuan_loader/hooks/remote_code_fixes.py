@@ -1,4 +1,7 @@
-"""Work-arounds for the official remote code, applied to a loaded model without editing its files."""
+"""Work-arounds for the official remote code, applied to a loaded model without editing its files.
+
+Each is a named entry of the model's hook registry (registry.py): mask_alignment,
+vision_input_alignment, cpu_input_casts."""
 
 from __future__ import annotations
 
@@ -7,9 +10,20 @@ from typing import Any
 
 import torch
 
+from .registry import ModuleHooks, registry
+
 log = logging.getLogger(__name__)
 
-_MARK = "_hy3_mask_alignment"
+
+class _PreHooks(ModuleHooks):
+    """One keyword pre-hook ``fn`` on each of ``modules`` (a registry entry)."""
+
+    def __init__(self, modules: list[torch.nn.Module], fn: Any) -> None:
+        super().__init__()
+        self.modules, self.fn = modules, fn
+
+    def hooks(self) -> list[tuple[torch.nn.Module, str, Any]]:
+        return [(m, "pre_kwargs", self.fn) for m in self.modules]
 
 
 def _align_attention_mask(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -38,15 +52,9 @@ def install_mask_alignment(model: Any) -> bool:
     hooks do for this one tensor. Idempotent; returns True when installed now.
     """
     decoder = getattr(model, "model", None)
-    if not isinstance(decoder, torch.nn.Module) or getattr(decoder, _MARK, False):
+    if not isinstance(decoder, torch.nn.Module):
         return False
-    decoder.register_forward_pre_hook(_align_attention_mask, with_kwargs=True)
-    setattr(decoder, _MARK, True)
-    log.debug("attention-mask alignment installed on %s", type(decoder).__name__)
-    return True
-
-
-_CAST_MARK = "_hy3_cpu_input_casts"
+    return registry(model).install("mask_alignment", _PreHooks([decoder], _align_attention_mask))
 
 
 def _cast_float_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -73,19 +81,14 @@ def install_cpu_input_casts(model: Any) -> int:
     (CPU)" in the VAE). Keyword pre-hooks on patch_embed, final_layer and the VAE's encoder and
     decoder cast what CUDA autocast would. Idempotent; returns the number of modules hooked.
     """
-    hooked = 0
     vae = getattr(model, "vae", None)
     targets = [getattr(model, "patch_embed", None), getattr(model, "final_layer", None),
                getattr(vae, "encoder", None), getattr(vae, "decoder", None)]
-    for module in targets:
-        if isinstance(module, torch.nn.Module) and not getattr(module, _CAST_MARK, False):
-            module.register_forward_pre_hook(_cast_float_inputs, with_kwargs=True)
-            setattr(module, _CAST_MARK, True)
-            hooked += 1
-    return hooked
+    modules = [m for m in targets if isinstance(m, torch.nn.Module)]
+    if not modules or not registry(model).install("cpu_input_casts", _PreHooks(modules, _cast_float_inputs)):
+        return 0
+    return len(modules)
 
-
-_VISION_MARK = "_hy3_vision_input_alignment"
 
 
 def _move_tensor_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -113,8 +116,6 @@ def install_vision_input_alignment(model: Any) -> bool:
     this keyword pre-hook on ``model.vision_model`` does what those hooks do. Idempotent; True when installed now.
     """
     vision = getattr(model, "vision_model", None)
-    if not isinstance(vision, torch.nn.Module) or getattr(vision, _VISION_MARK, False):
+    if not isinstance(vision, torch.nn.Module):
         return False
-    vision.register_forward_pre_hook(_move_tensor_inputs, with_kwargs=True)
-    setattr(vision, _VISION_MARK, True)
-    return True
+    return registry(model).install("vision_input_alignment", _PreHooks([vision], _move_tensor_inputs))

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .registry import ModuleHooks
+
 log = logging.getLogger(__name__)
 
 
@@ -60,15 +62,18 @@ def move_to(value: Any, device: torch.device, memo: dict[int, tuple[torch.Tensor
     return value
 
 
-class SplitExecution:
-    """Hooks that run ``blocks[i]`` on ``devices[i]`` and return to ``primary`` after the last."""
+class SplitExecution(ModuleHooks):
+    """Hooks that run ``blocks[i]`` on ``devices[i]`` and return to ``primary`` after the last
+    (the registry entry ``split_boundaries``)."""
 
     def __init__(self, blocks: Sequence[nn.Module], devices: Sequence[torch.device | str],
-                 primary: torch.device | str, *, starts: Sequence[int] | None = None) -> None:
+                 primary: torch.device | str, *, starts: Sequence[int] | None = None, attach: bool = True) -> None:
         """``starts``: the first block of each run (default: where the device changes); two runs on
         one device (logical parts, tests) count as a boundary there. Every block gets a pre-hook
         (the shared mask / rope reach each block from the decoder, not from the block before); on
-        a block whose inputs are already on its device it moves nothing."""
+        a block whose inputs are already on its device it moves nothing. ``attach=False``: the
+        hooks go on when the registry attaches the entry."""
+        super().__init__()
         if len(blocks) != len(devices):
             raise ValueError(f"{len(blocks)} blocks but {len(devices)} devices")
         self.blocks = list(blocks)
@@ -76,14 +81,18 @@ class SplitExecution:
         self.primary = torch.device(primary)
         self._memos: dict[torch.device, dict] = {}
         self.moves = 0  # block calls with a tensor moved to the block's device (tests, bench)
-        self._handles: list[Any] = []
         self.starts = sorted({0, *(starts or [i for i in range(1, len(self.blocks))
                                              if self.devices[i] != self.devices[i - 1]])})
-        for i, block in enumerate(self.blocks):
-            self._handles.append(block.register_forward_pre_hook(self._make_pre(i), with_kwargs=True))
+        self._pres = [self._make_pre(i) for i in range(len(self.blocks))]
+        if attach:
+            self.attach()
+
+    def hooks(self) -> list[tuple[nn.Module, str, Any]]:
+        """A keyword pre-hook on every block, an always-called hook after the last."""
+        out: list[tuple[nn.Module, str, Any]] = [(b, "pre_kwargs", pre) for b, pre in zip(self.blocks, self._pres)]
         if self.blocks:
-            self._handles.append(
-                self.blocks[-1].register_forward_hook(self._after_last, always_call=True))
+            out.append((self.blocks[-1], "post_always", self._after_last))
+        return out
 
     @property
     def crossings(self) -> int:
@@ -121,8 +130,9 @@ class SplitExecution:
         self.moves += 1
         return move_to(output, self.primary)
 
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+    def detach(self) -> None:
+        super().detach()
         self._memos.clear()
+
+    def close(self) -> None:
+        self.detach()

@@ -39,6 +39,7 @@ from ..core.devices import (  # noqa: F401 - part of this module's interface
     resolve_devices,
 )
 from ..core.errors import InputError, NotEnoughVRAMError
+from ..hooks.registry import registry
 from ..hooks.split_exec import SplitExecution
 
 log = logging.getLogger(__name__)
@@ -160,8 +161,10 @@ class SplitResidency(MultiDeviceResidency):
     def __init__(self, model: Any, blocks: Sequence[Any], split: dv.SplitPlan, **kwargs: Any) -> None:
         super().__init__(model, blocks, split, **kwargs)
         starts = [a for a, b in split.ranges if b > a]
-        self.execution = (SplitExecution(blocks, split.block_devices, split.devices[0], starts=starts)
+        self.execution = (SplitExecution(blocks, split.block_devices, split.devices[0], starts=starts, attach=False)
                           if len(split.devices) > 1 else None)
+        if self.execution is not None:
+            registry(model).install("split_boundaries", self.execution)
 
     def extra_needed(self, need: int, notes: list[str] | None = None) -> tuple[int, int]:
         result = super().extra_needed(need, notes)
@@ -171,6 +174,8 @@ class SplitResidency(MultiDeviceResidency):
 
     def close(self) -> None:
         if self.execution is not None:
+            if registry(self.model).get("split_boundaries") is self.execution:
+                registry(self.model).remove("split_boundaries")
             self.execution.close()
             self.execution = None
         super().close()

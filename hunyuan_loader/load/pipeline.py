@@ -103,6 +103,9 @@ def load_model(
             with st.phase("from_pretrained"):
                 model, residency = _load_from_pretrained(spec, info, qconfig, pre_quantized, device)
         _prepare(model, spec, info, device, st)
+        from ..hooks.streaming import connect_streaming  # the streamers' hooks: the registry's order
+
+        connect_streaming(model, residency.managers if residency is not None else ())
         loaded = LoadedModel(model, spec, info, variant, device, 0.0)
         loaded.residency = residency
         loaded.load_stats = st

@@ -75,6 +75,9 @@ class ResidencyManager:
         self._packed: dict[int, PackedBlock] = {}
         self._other_packed: PackedBlock | None = None
         self._streamer: BlockStreamer | None = None
+        # set by whoever orders the model's hooks (hunyuan_loader's hook registry): told of each
+        # streamer made (True; it attaches its hooks) and closed (False); None: the streamer attaches itself
+        self.on_streamer: Callable[[BlockStreamer, bool], None] | None = None
         self._parked = False
         self.plan: ResidencyPlan | None = None
         self._release_thread: threading.Thread | None = None
@@ -166,8 +169,23 @@ class ResidencyManager:
                 "on this machine every block stays resident on the CPU"
             )
 
+    @property
+    def managers(self) -> list[ResidencyManager]:
+        """The managers of this residency (one here; several for a split over devices)."""
+        return [self]
+
+    def _start_streamer(self, plan: ResidencyPlan) -> None:
+        """A streamer for ``plan``'s streamed blocks (they are packed), its hooks attached."""
+        notify = self.on_streamer
+        self._streamer = BlockStreamer(self.blocks, {i: self._packed[i] for i in plan.streamed}, self.device,
+                                       plan.n_slots, attach=notify is None)
+        if notify is not None:
+            notify(self._streamer, True)
+
     def _close_streamer(self) -> None:
         if self._streamer is not None:
+            if self.on_streamer is not None:
+                self.on_streamer(self._streamer, False)
             self._streamer.close()
             self._streamer = None
 
@@ -206,9 +224,7 @@ class ResidencyManager:
             if i not in self._packed:  # from CPU (e.g. mmap'd safetensors): straight into pinned RAM
                 self._packed[i] = PackedBlock(self._tensors(i), pin=pin)
         if plan.streamed:
-            self._streamer = BlockStreamer(
-                self.blocks, {i: self._packed[i] for i in plan.streamed}, self.device, plan.n_slots
-            )
+            self._start_streamer(plan)
         self.plan = plan
         self._parked = False
         if self.device.type == "cuda":
@@ -267,9 +283,7 @@ class ResidencyManager:
             for i in done:
                 self._packed.pop(i).unpack_to(self.device)  # its host buffer is dropped here
             if self.plan is not None and self.plan.streamed:
-                self._streamer = BlockStreamer(
-                    self.blocks, {i: self._packed[i] for i in self.plan.streamed}, self.device, self.plan.n_slots
-                )
+                self._start_streamer(self.plan)
             raise
         self._parked = True
         freed = 0

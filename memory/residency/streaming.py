@@ -41,7 +41,11 @@ class BlockStreamer:
         packed: Mapping[int, PackedBlock],
         device: torch.device | str,
         n_slots: int = 2,
+        *,
+        attach: bool = True,
     ) -> None:
+        """``attach=False``: the hooks go on when ``attach()`` is called (by whoever orders the
+        model's hooks: hunyuan_loader's hook registry, entry ``block_streaming``)."""
         if not packed:
             raise ValueError("nothing to stream")
         self.device = torch.device(device)
@@ -66,13 +70,25 @@ class BlockStreamer:
             idx: [m for m in blocks[idx].modules() if type(m.__dict__.get("state")).__name__ == "MatmulLtState"]
             for idx in self.order
         }
-        self._handles = []
+        self._handles: list = []
+        if attach:
+            self.attach()
+
+    # -- hooks ---------------------------------------------------------------------------
+    def attach(self) -> None:
+        """Register the pre/post forward hooks on every streamed block (again after ``detach``)."""
+        self.detach()
         for idx in self.order:
-            block = blocks[idx]
+            block = self.blocks[idx]
             self._handles.append(block.register_forward_pre_hook(self._make_pre(idx)))
             self._handles.append(block.register_forward_hook(self._make_post(idx), always_call=True))
 
-    # -- hooks ---------------------------------------------------------------------------
+    def detach(self) -> None:
+        """Remove the hooks (slots and copies stay: ``attach`` puts them back as they were)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
     def _make_pre(self, idx: int):
         def pre(_module, _args):
             self.before(idx)
@@ -173,9 +189,7 @@ class BlockStreamer:
     def close(self) -> None:
         """Remove the hooks and free the slots (the pinned master copies stay)."""
         self.reset()
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self.detach()
         self._views.clear()
         self.slots = []
         self.copy_stream = None

@@ -54,7 +54,7 @@ def test_split_over_two_cpu_parts_gives_the_same_image(cache, base_checkpoint: P
     assert torch.equal(img, ref)
     assert any(n.startswith("split over cpu: blocks 0-1") for n in notes), notes
     execution = loaded.residency.execution
-    assert len(execution._handles) == 5  # every block (the rope / mask reach each one), after the last
+    assert len(execution.handles) == 5  # every block (the rope / mask reach each one), after the last
     assert execution.starts == [0, 2] and execution.moves == 0  # both parts on the CPU: nothing to move
 
 

@@ -1,0 +1,195 @@
+"""One registry per model of everything the pack attaches to it: named entries in ONE global order.
+
+Each behaviour the pack adds to the official model (a forward pre-hook, an instance ``forward``
+swap, a wrap of the scheduler for one call) is a ``Hook``: an object with ``attach()`` and
+``detach()``, given a name from ``HOOK_ORDER``. ``registry(model)`` holds the entries of that
+model; ``install`` / ``remove`` / ``names`` / ``remove_all`` are the only ways the pack adds or
+takes them away, so ``names()`` is always the whole list and ``remove_all()`` gives the
+official model back.
+
+Why one order: torch runs a module's forward pre-hooks and hooks in registration order, so two
+mechanisms on one module (the split's activation moves and the streamer's weight copies on
+every decoder block) ran in whatever order the loaders happened to install them. Here the
+order is ``HOOK_ORDER`` whatever the call order: installing an entry detaches the installed
+entries that come after it and attaches them again after it (they register their torch hooks
+anew, so torch's registration order is the documented order). docs/hooks.md has the why of
+each position and the recipe to add a hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# The documented execution order, first runs first (a pre-hook before a later pre-hook on the
+# same module; a wrapper outside a later wrapper). Every name the pack installs is listed here.
+HOOK_ORDER: tuple[str, ...] = (
+    "mask_alignment",          # remote_code_fixes: the decoder's CPU-built text mask to its device
+    "vision_input_alignment",  # remote_code_fixes: the vision tower's tensor kwargs to its device
+    "cpu_input_casts",         # remote_code_fixes: image modules' float inputs cast as CUDA autocast would
+    "split_boundaries",        # split_exec: a block's inputs to the block's device (several devices)
+    "block_streaming",         # memory BlockStreamer: a streamed block's weights into a GPU slot
+    "moe_dispatch",            # moe_dispatch: MoE blocks' forward -> gather_scatter
+    "cfg_rows",                # cfg_parallel: decoder.forward -> the row-splitting wrapper
+    "diffusion_progress",      # generation, one call: scheduler.step -> progress + cancel
+    "text_progress",           # generation, one call: the per-token StoppingCriteria
+)
+
+
+class Hook(Protocol):
+    """One named behaviour. ``attach`` puts all of it on the model (keeping every handle it
+    gets), ``detach`` takes all of it off; both may be called again after each other. A class
+    attribute ``torch_hooks = False`` marks an entry that registers no torch hook (an instance
+    ``forward`` swap: torch runs a module's hooks around whatever its forward is), which the
+    registry then never detaches to keep the order."""
+
+    def attach(self) -> None: ...
+
+    def detach(self) -> None: ...
+
+
+class ModuleHooks:
+    """A Hook made of torch forward (pre-)hooks: subclasses list them in ``hooks()``; every
+    handle is kept and removed by ``detach``."""
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+
+    def hooks(self) -> list[tuple[nn.Module, str, Any]]:
+        """(module, "pre" | "pre_kwargs" | "post" | "post_always", function), in the order to register."""
+        raise NotImplementedError
+
+    def attach(self) -> None:
+        self.detach()
+        for module, kind, fn in self.hooks():
+            if kind.startswith("pre"):
+                handle = module.register_forward_pre_hook(fn, with_kwargs=kind == "pre_kwargs")
+            else:
+                handle = module.register_forward_hook(fn, always_call=kind == "post_always")
+            self.handles.append(handle)
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+class NamedOnly:
+    """A Hook that changes nothing on the model: a per-call mechanism that is handed to the
+    model's code (a StoppingCriteria) and is listed while it is in use."""
+
+    torch_hooks = False
+
+    def attach(self) -> None:
+        pass
+
+    def detach(self) -> None:
+        pass
+
+
+def _position(name: str) -> int:
+    try:
+        return HOOK_ORDER.index(name)
+    except ValueError:
+        raise ValueError(f"unknown hook name {name!r}: add it to registry.HOOK_ORDER (docs/hooks.md)") from None
+
+
+class HookRegistry:
+    """The named hooks of one model, kept (and executed) in ``HOOK_ORDER``."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Hook] = {}
+
+    def names(self) -> list[str]:
+        """Installed names, in execution order."""
+        return list(self._entries)
+
+    def get(self, name: str) -> Hook | None:
+        return self._entries.get(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def install(self, name: str, hook: Hook) -> bool:
+        """Attach ``hook`` as ``name`` in its place of the order. Idempotent: a name already
+        installed stays as it is (False); remove it first to replace it. True when installed now."""
+        pos = _position(name)
+        if name in self._entries:
+            return False
+        later = [n for n in self._entries if _position(n) > pos and getattr(self._entries[n], "torch_hooks", True)]
+        for n in reversed(later):  # the last-registered torch hooks come off first
+            self._entries[n].detach()
+        try:
+            hook.attach()
+        except BaseException:
+            hook.detach()
+            raise
+        finally:
+            for n in later:
+                self._entries[n].attach()
+        self._entries[name] = hook
+        self._entries = dict(sorted(self._entries.items(), key=lambda item: _position(item[0])))
+        log.debug("hook %s installed (%s)", name, ", ".join(self._entries))
+        return True
+
+    def remove(self, name: str) -> bool:
+        """Detach ``name``; False when it was not installed."""
+        hook = self._entries.pop(name, None)
+        if hook is None:
+            return False
+        hook.detach()
+        return True
+
+    def remove_all(self) -> None:
+        """Detach every entry, the last in the order first."""
+        for name in reversed(list(self._entries)):
+            self.remove(name)
+
+    @contextlib.contextmanager
+    def active(self, name: str, hook: Hook) -> Iterator[Hook]:
+        """``hook`` installed as ``name`` for the ``with`` block (a per-call hook)."""
+        if not self.install(name, hook):
+            raise RuntimeError(f"hook {name!r} is already installed (a call inside another call?)")
+        try:
+            yield hook
+        finally:
+            if self._entries.get(name) is hook:
+                self.remove(name)
+
+
+_REGISTRIES: weakref.WeakKeyDictionary[Any, HookRegistry] = weakref.WeakKeyDictionary()
+
+
+def registry(model: Any) -> HookRegistry:
+    """The registry of ``model`` (made on first use). Kept beside the model, not on it: the model
+    carries no attribute of the pack's."""
+    reg = _REGISTRIES.get(model)
+    if reg is None:
+        reg = _REGISTRIES[model] = HookRegistry()
+    return reg
+
+
+def hook_names(model: Any) -> list[str]:
+    """The names installed on ``model``, in execution order (an empty list for a model never hooked)."""
+    reg = _REGISTRIES.get(model)
+    return reg.names() if reg is not None else []
+
+
+def remove_all_hooks(model: Any) -> None:
+    """Take every hook of the pack off ``model``: the official model's forward is back."""
+    reg = _REGISTRIES.get(model)
+    if reg is not None:
+        reg.remove_all()
+
+
+def forward_hook_count(model: nn.Module) -> int:
+    """Forward hooks and pre-hooks left on any module of ``model`` (tests, diagnostics)."""
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
