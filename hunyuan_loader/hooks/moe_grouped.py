@@ -2,11 +2,10 @@
 
 W8A16 experts (``grouped_w8a16_reason``) run in chunks of experts through one of the grouped
 engines (``grouped_engines``: dequantize + per-expert cuBLAS; dequantize + ``torch._grouped_mm``;
-the fused Triton grouped kernel). ``HY3_MOE_GROUPED`` = auto (default: on CUDA, the first call
-per (rows/expert bucket, shapes) times the available engines on its first chunk, in turn, and keeps
-the first in ``ENGINES`` order unless one whose output agrees with it is clearly faster
-(``SWITCH_MARGIN``); fixed from then on in the process) | triton | dequant | linear | 0 (per-expert
-calls). The activation between the two Linears is one Triton pass (``moe_activation``).
+the fused Triton grouped kernel). ``HY3_MOE_GROUPED`` = auto (default: on CUDA, ``auto_engine``, a
+rule of the chunk's rows/expert bucket: the Triton kernel up to ``TRITON_MAX_BUCKET``, linear above;
+never a timing, see ``auto_engine``) | triton | dequant | linear | 0 (per-expert calls). The
+activation between the two Linears is one Triton pass (``moe_activation``).
 ``HY3_MOE_OVERLAP=1`` has the dequant engines overlap the dequantization with the GEMMs
 (``w8a16_dequant.DequantPipeline``): on CUDA the next Linear's weights (the down_proj of this
 chunk, then the gate_up of the next) are dequantized on a side stream into a second buffer while
@@ -34,7 +33,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..kernels.cuda_timing import time_ms
 from ..kernels.moe_activation import silu_mul
 
 logger = logging.getLogger(__name__)
@@ -43,14 +41,11 @@ GROUPED_ENV = "HY3_MOE_GROUPED"  # auto (default) | triton | dequant | linear | 
 GROUPED_ROWS = 16384  # rows (token x expert assignments) per grouped chunk: bounds the activations
 SCRATCH_BYTES = 512 * 2**20  # both buffers of dequantized bf16 weights (gate_up + down of one chunk), by default
 SCRATCH_ENV = "HY3_MOE_SCRATCH_MB"  # MiB for those buffers instead of SCRATCH_BYTES (e.g. 1024: 14 experts per chunk)
-ENGINES = ("linear", "dequant", "triton")  # in order of preference: auto keeps the first unless another is
-# SWITCH_MARGIN faster (linear was the fastest or tied on the H200 at 1 and 2 MP in every run; a fixed
-# preference keeps the choice, hence the image bits, the same from one ComfyUI start to the next)
-SWITCH_MARGIN = 0.9  # another engine is chosen only when it takes at most this fraction of the preferred one's time
-SELECT_ROUNDS = 3  # timings per engine, taken in turn; the best of each counts
-SELECT_TOL = 2**-6  # an engine whose output differs from the first one's by more (of the max) is left out
+ENGINES = ("linear", "dequant", "triton")  # what HY3_MOE_GROUPED can name; auto: ``auto_engine``
+AUTO_ORDER = ("linear", "triton", "dequant")  # auto above TRITON_MAX_BUCKET: the first of these available
+TRITON_MAX_BUCKET = 512  # rows/expert buckets up to this run the Triton engine in auto (see auto_engine)
 _grouped_off: set[str] = set()  # engines that failed for a reason other than their input
-_chosen: dict[tuple, str | None] = {}  # engine per (rows/expert bucket, shapes, dtype, device)
+_chosen: dict[tuple, str | None] = {}  # auto's engine per (rows/expert bucket, shapes, dtype, device), as used
 
 
 def grouped_mode() -> str:
@@ -79,7 +74,7 @@ def scratch_bytes() -> int:
 
 
 def grouped_engines(x: torch.Tensor) -> list[str]:
-    """Engines that can run ``x`` now, in ``ENGINES`` order (``auto`` times them on first use).
+    """Engines that can run ``x`` now, in ``ENGINES`` order (``auto`` picks one: ``auto_engine``).
 
     triton: the fused grouped kernel (``w8a16_grouped``; CUDA, Triton). dequant: the chunk's
     weights dequantized into a bf16 scratch, then ``torch._grouped_mm`` (``w8a16_dequant``).
@@ -289,58 +284,44 @@ def engine_key(ex: Any, x: torch.Tensor, sub: list[int], base: tuple | None = No
     return (m_bucket(sum(sub) // busy), *(base if base is not None else key_base(ex, x)))
 
 
-def _select_engine(names: list[str], ex: Any, x: torch.Tensor, idx: torch.Tensor, sub: list[int],
-                   base: tuple | None = None) -> str | None:
-    """The engine for this chunk's key: the only one offered, or (several) the fastest of those
-    that run this chunk and agree with the first one within ``SELECT_TOL`` (timed once, on it)."""
-    if len(names) == 1:
-        return names[0]  # nothing to choose (a forced engine, or the only one here): no key to make
-    key = engine_key(ex, x, sub, base)
-    if key in _chosen:
-        return _chosen[key]
-    if not x.is_cuda or not bool(torch.isfinite(x).all()):
-        return names[0]  # no CUDA timer, or an input no comparison can use
-    ref, ok = None, []
-    for name in names:
-        try:
-            y, starts = _engine_rows(name, ex, x, idx, sub)  # first call: compiles / tunes
-            rows = torch.cat([y[s:s + c] for s, c in zip(starts, sub) if c]).float()
-            if ref is None:
-                ref = rows
-            elif not float((rows - ref).abs().max()) <= SELECT_TOL * float(ref.abs().max()):
-                logger.warning("grouped MoE engine %s disagrees with %s on %s: left out", name, names[0], key[:3])
-                continue
-            del y, rows
-            ok.append(name)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - no config / not built here: not a candidate
-            logger.info("grouped MoE engine %s unavailable for %s: %s: %s", name, key[:3], type(exc).__name__, exc)
-    # rounds in turn, best of each: one timing per engine picked the slower engine in 1 of 3 processes
-    # on the H200 (a chunk takes ~1 ms; the host and clocks jitter by as much as the engines differ)
-    timings: dict[str, float] = {}
-    for _ in range(SELECT_ROUNDS if len(ok) > 1 else 0):
-        for name in ok:
-            t = time_ms(lambda n=name: _engine_rows(n, ex, x, idx, sub), x.device)
-            timings[name] = min(t, timings.get(name, t))
-    best = preferred(ok, timings)
-    logger.info("grouped MoE engine for rows/expert %d, %s x %s: %s (%s)", key[0], key[1], key[2], best,
-                ", ".join(f"{n} {t:.2f} ms" for n, t in timings.items()))
-    _chosen[key] = best
-    return best
+def auto_engine(names: list[str], bucket: int) -> str | None:
+    """The engine ``auto`` runs a chunk on, among ``names`` (``grouped_engines``, in ``ENGINES``
+    order), for a chunk of ``bucket`` rows per expert (``m_bucket``): the Triton engine up to
+    ``TRITON_MAX_BUCKET`` rows/expert, else the first of ``AUTO_ORDER`` available (linear).
 
-
-def preferred(ok: list[str], timings: dict[str, float]) -> str | None:
-    """The first of ``ok`` (engines in preference order), unless another one's time is at most
-    ``SWITCH_MARGIN`` of its time."""
-    if not ok:
+    A rule of the shape alone, never a timing (issue 21): the engines round differently (the Triton
+    kernel scales the fp32 accumulator; linear and dequant round the dequantized weight to bf16
+    first, and their GEMMs are different cuBLAS / CUTLASS kernels), so an engine picked by a timing
+    on the first call could give the first image after a start, a later one and another process
+    different bits. The rule follows the bytes and the GEMM speed: the Triton engine reads each int8
+    weight once where linear reads 1, writes 2 and reads 2 bytes per weight (~30 us per real-size
+    expert on the H200, measured: 1.9 ms for 64; ~45 us on an H100, estimated from its bandwidth),
+    and its GEMM is ~25-30% slower than cuBLAS's (~0.10 us per row per expert on the H200: 6.5 ms for
+    64 experts at 1,056 rows). By that estimate linear wins from roughly 900 (H200) to 1,300 (H100)
+    rows per expert and the Triton engine below: buckets up to 512 take Triton, from 1,024 (1 MP is
+    1,056 rows per expert, where the former timing picked linear on the H200 in every run) linear.
+    ``python bench/int8.py --tokens ...`` with ``HY3_MOE_GROUPED`` forced to each engine measures the
+    two sides on a machine."""
+    if not names:
         return None
-    best = ok[0]
-    if best in timings:
-        fastest = min(timings, key=timings.__getitem__)
-        if timings[fastest] <= SWITCH_MARGIN * timings[best]:
-            best = fastest
-    return best
+    if "triton" in names and bucket <= TRITON_MAX_BUCKET:
+        return "triton"
+    return next((n for n in AUTO_ORDER if n in names), names[0])
+
+
+def _select_engine(names: list[str], ex: Any, x: torch.Tensor, sub: list[int],
+                   base: tuple | None = None) -> str | None:
+    """The engine for this chunk: the only one offered (a forced engine, or the only one here), or
+    ``auto_engine`` of the chunk's rows/expert bucket (recorded in ``engine_choices``)."""
+    if len(names) == 1:
+        return names[0]  # nothing to choose: no key to make
+    key = engine_key(ex, x, sub, base)
+    name = auto_engine(names, key[0])
+    if _chosen.get(key, "") != name:
+        logger.info("grouped MoE engine for rows/expert bucket %d, %s x %s: %s (of %s)",
+                    key[0], key[1], key[2], name, ", ".join(names))
+        _chosen[key] = name
+    return name
 
 
 def engine_choices() -> dict[tuple, str | None]:
@@ -348,15 +329,15 @@ def engine_choices() -> dict[tuple, str | None]:
     return dict(_chosen)
 
 
-def _chunk_engine(experts: Any, x: torch.Tensor, idx: torch.Tensor, sub: list[int],
-                  engine: str | None, names: list[str] | None = None, base: tuple | None = None) -> str | None:
+def _chunk_engine(experts: Any, x: torch.Tensor, sub: list[int], engine: str | None,
+                  names: list[str] | None = None, base: tuple | None = None) -> str | None:
     """The engine for one chunk (``engine`` forces one; None: the chunk has no rows or no engine);
     ``names``: ``grouped_engines(x)`` and ``base``: ``key_base`` if the caller has them."""
     if sum(sub) == 0:
         return None
     if names is None:
         names = [engine] if engine is not None else grouped_engines(x)
-    name = _select_engine(names, experts, x, idx, sub, base) if names else None
+    name = _select_engine(names, experts, x, sub, base) if names else None
     return None if name is None or (engine is None and name in _grouped_off) else name
 
 
@@ -397,7 +378,7 @@ def grouped_chunks(experts: Any, x: torch.Tensor, tok: torch.Tensor, counts: lis
         sub = counts[lo:hi]
         n = sum(sub)
         idx = tok[start : start + n]
-        plan.append((lo, hi, start, sub, idx, _chunk_engine(experts[lo:hi], x, idx, sub, engine, names, base)))
+        plan.append((lo, hi, start, sub, idx, _chunk_engine(experts[lo:hi], x, sub, engine, names, base)))
         start += n
     stages, first = [], {}
     for lo, hi, _, sub, _, name in plan:

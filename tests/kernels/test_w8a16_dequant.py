@@ -16,6 +16,7 @@ from triton_interpreter import PRELUDE, interpret, needs_triton
 from hunyuan_image3.hunyuan_loader.formats.w8a16 import dequantize_weight, quantize_weight
 from hunyuan_image3.hunyuan_loader.hooks import moe_dispatch as md
 from hunyuan_image3.hunyuan_loader.hooks import moe_grouped as mg
+from hunyuan_image3.hunyuan_loader.hooks.registry import registry
 from hunyuan_image3.hunyuan_loader.kernels import w8a16_dequant as D
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -206,7 +207,7 @@ def test_dispatch_engine_matches_per_expert_on_cpu(engine: str, monkeypatch) -> 
     x0 = torch.zeros(1, 8, dtype=torch.bfloat16)
     if engine == "dequant" and not D.grouped_mm_available(x0):
         pytest.skip("torch._grouped_mm does not run on this CPU build")
-    _, block = _block(torch.bfloat16, topk=2)
+    model, block = _block(torch.bfloat16, topk=2)
     x = (torch.rand(2, 37, 64, generator=torch.Generator().manual_seed(1)) + 0.05).to(torch.bfloat16)
     calls = []
     real = D.gemm_rows
@@ -221,7 +222,7 @@ def test_dispatch_engine_matches_per_expert_on_cpu(engine: str, monkeypatch) -> 
         monkeypatch.setattr(mg, "SCRATCH_BYTES", 1)  # one expert per chunk: many chunks, same result
         n = len(calls)
         chunked = block(x)
-        top = md.route(md.router_logits(block.gate, x.reshape(-1, 64)), getattr(block, md._CFG))[0]
+        top = md.route(md.router_logits(block.gate, x.reshape(-1, 64)), registry(model).get("moe_dispatch").rules[0])[0]
         assert 3 not in top.tolist() and len(calls) - n == 2 * top.unique().numel() > 4
         real_pipe = D.DequantPipeline
         monkeypatch.setattr(D, "DequantPipeline", lambda *a, **k: real_pipe(*a, **{**k, "prefetch": True}))
