@@ -176,14 +176,6 @@ def test_gather_index_pads_each_expert() -> None:
     assert starts == [0, 16, 32]
 
 
-def test_auto_keeps_the_preferred_engine_unless_another_is_clearly_faster() -> None:
-    assert mg.ENGINES[0] == "linear"
-    assert mg.preferred(["linear", "dequant", "triton"], {"linear": 10.0, "dequant": 9.5, "triton": 9.1}) == "linear"
-    assert mg.preferred(["linear", "dequant", "triton"], {"linear": 10.0, "dequant": 9.5, "triton": 8.9}) == "triton"
-    assert mg.preferred(["dequant", "triton"], {"dequant": 5.0, "triton": 6.0}) == "dequant"
-    assert mg.preferred(["triton"], {}) == "triton" and mg.preferred([], {}) is None
-
-
 def test_engine_modes_and_env_override(monkeypatch) -> None:
     x = torch.zeros(2, 8, dtype=torch.bfloat16)
     assert mg.grouped_mode() == "auto"
