@@ -94,7 +94,7 @@ class HunyuanModelCache:
         restored), then the offload policy's run placement (room for the activations, extra
         blocks streamed for this run, restored afterwards). ``size`` is (width, height) or a
         function of the live model (its snapped size)."""
-        from .load.placement import run_placement
+        from .load.per_run import run_placement
 
         loaded = self.bring_back(handle, make_room)
         target = size(loaded) if callable(size) else size

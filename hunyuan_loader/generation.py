@@ -39,7 +39,7 @@ from ..memory import stats
 from .core.errors import HunyuanError, InputError, NotEnoughRAMError, NotEnoughVRAMError, OutOfMemoryError
 from .core.spec import LoadedModel
 from .hooks.registry import NamedOnly, registry
-from .load.placement import run_placement
+from .load.per_run import run_placement
 from .model.variants import Variant
 
 log = logging.getLogger(__name__)

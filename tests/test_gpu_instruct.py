@@ -89,7 +89,7 @@ def test_reference_images_make_the_run_stream_more(cache, instruct_checkpoint: P
     spec = LoadSpec(str(instruct_checkpoint), moe_impl="reference")
     loaded = cache.get(cache.load(spec))
     from hunyuan_image3.hunyuan_loader.generation import extra_tokens
-    from hunyuan_image3.hunyuan_loader.load.placement import inference_bytes
+    from hunyuan_image3.hunyuan_loader.load.per_run import inference_bytes
 
     plain = GenerationRequest("x", seed=1, steps=1, guidance=2.0, resolution="1024x1024")
     three = GenerationRequest("x", seed=1, steps=1, guidance=2.0, resolution="1024x1024",

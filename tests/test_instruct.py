@@ -174,7 +174,7 @@ def test_node_outputs_image_and_text_and_counts_batch_frames(cache, instruct_che
 
 
 def test_reference_images_and_text_enter_the_memory_estimate(cache, instruct_checkpoint: Path, monkeypatch) -> None:
-    from hunyuan_image3.hunyuan_loader.load.placement import inference_bytes
+    from hunyuan_image3.hunyuan_loader.load.per_run import inference_bytes
     from hunyuan_image3.memory import estimator
 
     loaded = _loaded(cache, instruct_checkpoint)

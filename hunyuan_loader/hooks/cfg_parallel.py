@@ -429,14 +429,15 @@ class CfgParallelResidency:
     """The first device's ResidencyManager (the whole model) plus a replica of the decoder on each
     other device, seen as one residency by the cache, the offload policy and the unload nodes.
     Soft Unload drops the replicas (their weights are copies) and parks the model; the restore
-    brings the model back and copies the replicas again."""
+    brings the model back and copies the replicas again. ``prepare_replica(module)`` is called on
+    each new replica's decoder (the loader installs the MoE dispatch there, as on the model)."""
 
     def __init__(self, model: nn.Module, manager: Any, devices: Sequence[torch.device | str], *,
-                 moe_impl: str = "gather_scatter") -> None:
+                 prepare_replica: Callable[[nn.Module], None] | None = None) -> None:
         self.model = model
         self.manager = manager
         self.devices = [torch.device(manager.device)] + [torch.device(d) for d in devices[1:]]
-        self.moe_impl = moe_impl
+        self.prepare_replica = prepare_replica
         self.parallel: CfgParallel | None = None
         self._short_primary = 0
         self.last_note = ""
@@ -444,7 +445,6 @@ class CfgParallelResidency:
 
     def _build(self) -> None:
         from ...memory.unload import track_model
-        from .moe_dispatch import install_moe_dispatch
 
         plan = self.manager.plan
         streamed = list(plan.streamed) if plan is not None else []
@@ -454,7 +454,8 @@ class CfgParallelResidency:
             for dev in self.devices[1:]:
                 rep = clone_decoder(self.model.model, dev, packed=packed,
                                     n_slots=plan.n_slots if plan is not None and streamed else 2, keep=[self.model])
-                install_moe_dispatch(rep.module, self.moe_impl)
+                if self.prepare_replica is not None:
+                    self.prepare_replica(rep.module)
                 track_model(rep.module)
                 replicas.append(rep)
         except BaseException:
@@ -559,7 +560,7 @@ class CfgParallelResidency:
 
     # -- soft unload -----------------------------------------------------------------------
     def park(self, **kwargs: Any) -> Any:
-        from ...memory.residency.manager import ParkReport
+        from ...memory.residency.protocol import ParkReport
 
         report = self.manager.park(**kwargs)  # checks RAM first: if it refuses, nothing changed
         freed = self._drop()

@@ -28,7 +28,7 @@ import copy
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -566,41 +566,51 @@ class _Progress:
             self.fn(self.done, self.total)
 
 
-def materialise(
-    sk: Skeleton,
-    units: list[LoadUnit],
-    device: torch.device,
-    streamed: Iterable[int] = (),
-    *,
-    progress: ProgressFn | None = None,
-    cancel: CancelFn | None = None,
-    ring_bytes: int | None = None,
-    stats: LoadStats | None = None,
-    unit_device: Callable[[LoadUnit], torch.device] | None = None,
-    streamed_sizes: dict[int, int] | None = None,
-    ring: RingAhead | None = None,
-    reader: TensorReader | None = None,
-) -> dict[int, PackedBlock]:
-    """Read and place every unit in order; returns the streamed blocks' packed host buffers.
+@dataclass
+class LoadJob:
+    """One ``materialise`` call: what to read, where to put it, what to call on the way."""
 
-    ``unit_device(unit)`` puts units on other devices than ``device`` (issue 13: a model split
-    over several GPUs). ``streamed_sizes`` (block -> planned bytes) lets a helper thread prepare
-    each streamed block's pinned buffer ahead; ``ring`` is the reader's ring made ahead (used if it
-is at least ``ring_bytes``; closed here in any case); ``reader`` a reader already started on
-exactly these units' entries (``start_reader``: reading while the skeleton was built), used and
-closed here. ``cancel`` is called between units (it raises to stop). On any failure the partial
-    weights are freed before the exception leaves (nothing stays alive, even if the
-    traceback keeps the model object).
+    # what to read
+    units: list[LoadUnit]
+    # where to put it
+    device: torch.device  # the non-block parts (and every block without ``block_devices``)
+    block_devices: Sequence[torch.device] | None = None  # each block's device
+    streamed: Iterable[int] = ()  # blocks packed into pinned host buffers once placed
+    streamed_sizes: dict[int, int] | None = None  # their planned bytes: buffers prepared ahead on a thread
+    # how it is read
+    ring_bytes: int | None = None  # the reader's ring (None: ``staging_bytes``)
+    ring: RingAhead | None = None  # the ring made ahead: used if it holds ``ring_bytes``, closed in any case
+    reader: TensorReader | None = None  # a reader started ahead on exactly these units' entries (used, closed)
+    # callbacks
+    progress: ProgressFn | None = None  # (bytes read, bytes total)
+    cancel: CancelFn | None = None  # between units; raises to stop
+    stats: LoadStats | None = None
+
+    def unit_device(self, unit: LoadUnit) -> torch.device:
+        if self.block_devices is None or unit.block is None:
+            return self.device
+        return self.block_devices[unit.block]
+
+
+def materialise(sk: Skeleton, job: LoadJob) -> dict[int, PackedBlock]:
+    """Read and place every unit of ``job`` in order; returns the streamed blocks' packed host buffers.
+
+    Units go to ``job.unit_device(unit)`` (issue 13: a model split over several GPUs). On any
+    failure the partial weights are freed before the exception leaves (nothing stays alive, even
+    if the traceback keeps the model object).
     """
     from ...memory.stats import malloc_trim
     from ...memory.unload import strip_module_weights
 
-    stats = stats if stats is not None else LoadStats()
-    streamed = set(streamed)
+    units, device, ring, reader, cancel = job.units, job.device, job.ring, job.reader, job.cancel
+    stats = job.stats if job.stats is not None else LoadStats()
+    streamed = set(job.streamed)
+    streamed_sizes = job.streamed_sizes
     cuda = device.type == "cuda"
     total = sum(u.nbytes for u in units)
     stats.bytes_total = total
-    prog = _Progress(total, progress)
+    prog = _Progress(total, job.progress)
+    ring_bytes = job.ring_bytes
     if ring_bytes is None:
         ring_bytes = staging_bytes(sk, units, device)
     entries = [e for u in units for e in u.entries]
@@ -636,7 +646,7 @@ closed here. ``cancel`` is called between units (it raises to stop). On any fail
             for unit in units:
                 if cancel is not None:
                     cancel()
-                target = device if unit_device is None else unit_device(unit)  # issue 13 hook
+                target = job.unit_device(unit)
                 for entry in unit.entries:
                     item = reader.next()
                     assert item.entry is entry
@@ -656,8 +666,8 @@ closed here. ``cancel`` is called between units (it raises to stop). On any fail
                 stats.order.append(unit.label)
             if cuda:
                 torch.cuda.synchronize(device)
-                if unit_device is not None:  # issue 13 hook: every GPU the units went to
-                    for dev in {unit_device(u) for u in units} - {device}:
+                if job.block_devices is not None:  # every other GPU the units went to
+                    for dev in {job.unit_device(u) for u in units} - {device}:
                         if dev.type == "cuda":
                             torch.cuda.synchronize(dev)
         _check_no_meta(sk.model)

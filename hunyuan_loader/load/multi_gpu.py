@@ -5,7 +5,8 @@
 - ``multi_gpu``: auto | split | cfg_parallel | off (``memory.devices.choose_mode``): auto runs the
   CFG halves in parallel when every GPU holds the model with nothing streamed (and the checkpoint
   has CFG rows), keeps the model on the first GPU when it fits there, and splits it otherwise.
-- ``load_blocks``: the block loader's plan, materialisation and residency for those devices.
+- ``plan_load_on_devices``: the load plan for those devices, a ``placement.LoadPlacement`` that the
+  one load pipeline (pipeline.py) reads, places and adopts (adopt.py) as it does for one device.
   split: each decoder block is read straight to its GPU (the non-block parts to the first),
   streamed blocks to pinned RAM; ``split_exec.SplitExecution`` moves the activations at the
   boundaries. cfg_parallel: the model on the first GPU, a replica of the decoder on each other
@@ -19,14 +20,13 @@ The Budget loader's ``vram_budget_gb`` applies to each GPU.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ...memory import devices as dv
-from ...memory.residency.multi import MultiDeviceResidency
 from ...memory.residency.planner import InsufficientVRAMError, ResidencyPlan
 from ..core.devices import (  # noqa: F401 - part of this module's interface
     LOGICAL_ENV,
@@ -39,8 +39,7 @@ from ..core.devices import (  # noqa: F401 - part of this module's interface
     resolve_devices,
 )
 from ..core.errors import InputError, NotEnoughVRAMError
-from ..hooks.registry import registry
-from ..hooks.split_exec import SplitExecution
+from .placement import LoadPlacement, check_load_ram
 
 log = logging.getLogger(__name__)
 
@@ -154,33 +153,7 @@ def plan_devices(
     return MultiPlan("split", tuple(found[:n]), choice.reason, split=split)
 
 
-# -- the load -------------------------------------------------------------------------------------
-class SplitResidency(MultiDeviceResidency):
-    """MultiDeviceResidency plus the activation moves at the device boundaries."""
-
-    def __init__(self, model: Any, blocks: Sequence[Any], split: dv.SplitPlan, **kwargs: Any) -> None:
-        super().__init__(model, blocks, split, **kwargs)
-        starts = [a for a, b in split.ranges if b > a]
-        self.execution = (SplitExecution(blocks, split.block_devices, split.devices[0], starts=starts, attach=False)
-                          if len(split.devices) > 1 else None)
-        if self.execution is not None:
-            registry(model).install("split_boundaries", self.execution)
-
-    def extra_needed(self, need: int, notes: list[str] | None = None) -> tuple[int, int]:
-        result = super().extra_needed(need, notes)
-        if notes is not None and self.execution is not None:
-            notes.append(self.split.describe() + ".")
-        return result
-
-    def close(self) -> None:
-        if self.execution is not None:
-            if registry(self.model).get("split_boundaries") is self.execution:
-                registry(self.model).remove("split_boundaries")
-            self.execution.close()
-            self.execution = None
-        super().close()
-
-
+# -- the load on several devices -----------------------------------------------------------------
 def _replica_other_bytes(sk: Any, units: Sequence[Any]) -> int:
     """Non-block bytes a decoder replica carries (model.wte, model.ln_f), from the headers."""
     from .blocks import placed_nbytes
@@ -189,57 +162,35 @@ def _replica_other_bytes(sk: Any, units: Sequence[Any]) -> int:
                if e.name.startswith("model."))
 
 
-def load_blocks(
+def plan_load_on_devices(
     spec: Any,
     sk: Any,
     units: Sequence[Any],
     block_bytes: Sequence[int],
     other_bytes: int,
-    staging: int,
-    progress: Callable[[int, int], None] | None,
-    cancel: Callable[[], None] | None,
-) -> Any:
-    """loading._load_blocks for several devices (or one that is not the current): plan, refuse
-    before reading if the machine cannot hold it, materialise, and return the residency."""
-    from .blocks import finish, materialise
-    from .placement import LoadPlacement, adopt_load, check_load_ram
-
+    *,
+    staging_bytes: int = 0,
+    ram_available: int | None = None,
+) -> LoadPlacement:
+    """``placement.plan_load`` for the spec's devices (several, or one that is not the current):
+    the mode and each device's plan (``plan_devices``), as a LoadPlacement the load pipeline
+    reads, places and adopts like a one-device one; refused (RAM, VRAM) before any read."""
     bnb = type(sk.hf_quantizer).__name__.lower().startswith("bnb") if sk.hf_quantizer is not None else False
     mp = plan_devices(spec, block_bytes, other_bytes, sk.config, replicable=not bnb,
                       replica_other_bytes=_replica_other_bytes(sk, units))
     log.info("load plan for %s: %s", spec.describe(), mp.describe())
     primary = mp.devices[0]
     if mp.mode == "cfg_parallel":
-        from ..hooks.cfg_parallel import CfgParallelResidency
-
         plan = mp.cfg_plan
         assert plan is not None
-        placement = LoadPlacement(primary, plan, plan.streamed_bytes, staging)
-        check_load_ram(spec, placement)
-        packed = materialise(sk, units, primary, plan.streamed, progress=progress, cancel=cancel, ring_bytes=staging)
-        finish(sk)
-        manager = adopt_load(sk.model, placement, packed)
-        try:
-            return CfgParallelResidency(sk.model, manager, mp.devices, moe_impl=spec.moe_impl)
-        except BaseException:
-            manager.close()
-            raise
-    split = mp.split
-    assert split is not None
-    whole = ResidencyPlan(split.placements, tuple(int(b) for b in block_bytes), int(other_bytes))
-    check_load_ram(spec, LoadPlacement(primary, whole, split.streamed_bytes, staging))
-    block_devices = [torch.device(d) for d in split.block_devices]
-    packed = materialise(sk, units, primary, split.streamed, progress=progress, cancel=cancel, ring_bytes=staging,
-                         unit_device=lambda unit: primary if unit.block is None else block_devices[unit.block])
-    finish(sk)
-    residency = SplitResidency(sk.model, sk.blocks, split)
-    try:
-        for manager, (start, stop) in zip(residency.managers, split.ranges):
-            mine = {i - start: pb for i, pb in packed.items() if start <= i < stop}
-            if mine:
-                manager.adopt_packed(mine)
-        residency.apply_split()
-    except BaseException:
-        residency.close()
-        raise
-    return residency
+        placement = LoadPlacement(primary, plan, plan.streamed_bytes, staging_bytes, layout="cfg_parallel",
+                                  devices=mp.devices)
+    else:
+        split = mp.split
+        assert split is not None
+        whole = ResidencyPlan(split.placements, tuple(int(b) for b in block_bytes), int(other_bytes))
+        placement = LoadPlacement(primary, whole, split.streamed_bytes, staging_bytes, layout="split",
+                                  devices=mp.devices, block_devices=tuple(torch.device(d) for d in split.block_devices),
+                                  split=split)
+    check_load_ram(spec, placement, ram_available)
+    return placement

@@ -35,7 +35,8 @@ from ..formats.quantization import (
 from ..formats.w8a16 import resolve_int8_format
 from ..model.variants import detect_variant, read_generation_config
 from . import multi_gpu
-from .placement import accelerate_kwargs, adopt_load, place_for_spec, plan_load, uses_accelerate
+from .adopt import adopt
+from .placement import accelerate_kwargs, place_for_spec, plan_load, uses_accelerate
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,12 @@ def _prepare(model: Any, spec: LoadSpec, info: CheckpointInfo, device: torch.dev
 
 def _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, cancel, st):
     """Plan from the headers, refuse before reading if the machine cannot hold the plan, then
-    materialise block by block (block_loader.py). Returns (skeleton, residency manager or None).
+    materialise block by block (blocks.py), adopt. Returns (skeleton, residency or None).
+
+    One pipeline for one device and several: the spec's devices choose the planner (``plan_load``
+    for the current device alone, ``multi_gpu.plan_load_on_devices`` otherwise), whose
+    LoadPlacement (each block's device, the streamed blocks, the layout) the read, the placing and
+    the adopt step (adopt.py) follow whatever it holds.
 
     A load that quantizes nothing (bf16, a pre-quantized checkpoint; ``qconfig`` None) is planned
     from the headers first: its placed sizes are its header sizes (``block_loader.header_nbytes``),
@@ -189,7 +195,7 @@ def _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, c
     No weight is read before a plan has passed."""
     from ..checkpoint.layout import load_units
     from ..checkpoint.reader import RingAhead
-    from .blocks import build_skeleton, finish, gpu_staging_bytes, materialise, staging_bytes, unit_bytes
+    from . import blocks
 
     ring = reader = None
     single = not multi_gpu.handled_here(spec)
@@ -199,10 +205,10 @@ def _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, c
         if early:
             with st.phase("plan"):
                 ram, reader = _plan_from_headers_and_read(spec, info, layout, device)
-        elif device.type == "cuda" and single:
-            ring = RingAhead(gpu_staging_bytes(layout), pin=True)
+        elif device.type == "cuda":
+            ring = RingAhead(blocks.gpu_staging_bytes(layout), pin=True)
         with st.phase("skeleton"):
-            sk = build_skeleton(loadable_path(info), layout.keys(), spec.quant, qconfig, device)
+            sk = blocks.build_skeleton(loadable_path(info), layout.keys(), spec.quant, qconfig, device)
             track_model(sk.model)
         with st.phase("checks"):
             if sk.hf_quantizer is not None:
@@ -214,12 +220,12 @@ def _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, c
             units = load_units(layout, sk.to_load)
             block_bytes = [0] * len(sk.blocks)
             other_bytes = 0
-            for unit, nbytes in zip(units, unit_bytes(sk, units)):
+            for unit, nbytes in zip(units, blocks.unit_bytes(sk, units)):
                 if unit.block is None:
                     other_bytes = nbytes
                 else:
                     block_bytes[unit.block] = nbytes
-            staging = staging_bytes(sk, units, device)
+            staging = blocks.staging_bytes(sk, units, device)
             held = reader.ring_bytes if reader is not None else ring.nbytes if ring is not None else 0
             if held >= staging > 0:
                 staging = held  # the ring made ahead is what the load holds
@@ -228,27 +234,37 @@ def _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, c
                                        or any(a is not b for a, b in zip(entries, reader.entries))):
                 reader.close()  # the model leaves some tensors out: read them in its order instead
                 reader = None
-        if not single:  # issue 13 hook: several GPUs (hunyuan_loader/multi_gpu.py)
-            with st.phase("read+place"):
-                return sk, multi_gpu.load_blocks(spec, sk, units, block_bytes, other_bytes, staging, progress, cancel)
-        with st.phase("plan"):
-            placement = plan_load(spec, block_bytes, other_bytes, device, sk.config, staging_bytes=staging,
-                                  ram_available=ram if early else _ram_available(ring))
+            ram_available = ram if early else _ram_available(ring)
+            if single:
+                placement = plan_load(spec, block_bytes, other_bytes, device, sk.config, staging_bytes=staging,
+                                      ram_available=ram_available)
+            else:
+                placement = multi_gpu.plan_load_on_devices(spec, sk, units, block_bytes, other_bytes,
+                                                           staging_bytes=staging, ram_available=ram_available)
             sizes = {i: placement.plan.block_bytes[i] for i in placement.streamed} if placement.plan is not None \
                 else None
         with st.phase("read+place"):
-            got, reader = reader, None  # materialise owns (and closes) it from here
-            packed = materialise(sk, units, device, placement.streamed, progress=progress, cancel=cancel,
-                                 ring_bytes=staging, streamed_sizes=sizes, ring=ring, stats=st, reader=got)
+            job = blocks.LoadJob(units, placement.device, placement.block_devices, placement.streamed, sizes,
+                                 ring_bytes=staging, ring=ring, reader=reader, progress=progress, cancel=cancel,
+                                 stats=st)
+            reader = None  # materialise owns (and closes) it from here
+            packed = blocks.materialise(sk, job)
     finally:
         if reader is not None:
             reader.close()
         if ring is not None:
             ring.close()
     with st.phase("finish"):
-        finish(sk)
+        blocks.finish(sk)
     with st.phase("adopt"):
-        return sk, adopt_load(sk.model, placement, packed)
+        return sk, adopt(sk.model, placement, packed, prepare_replica=_replica_preparer(spec))
+
+
+def _replica_preparer(spec: LoadSpec) -> Callable[[Any], None]:
+    """What a CFG-parallel decoder replica gets installed (the model's own comes from ``_prepare``)."""
+    from ..hooks.moe_dispatch import install_moe_dispatch
+
+    return lambda decoder: install_moe_dispatch(decoder, spec.moe_impl)
 
 
 def _plan_from_headers_and_read(spec, info, layout, device) -> tuple[int, Any]:
@@ -319,7 +335,9 @@ def _load_from_pretrained(spec, info, qconfig, pre_quantized, device):
         restore_float32_routers(model, info.path)
     residency = None
     if device.type == "cuda" and not accelerate:
-        residency = place_for_spec(model, spec, device)
+        from ..hooks.moe_dispatch import active_moe_impl
+
+        residency = place_for_spec(model, spec, device, active_moe_impl(model))
     return model, residency
 
 

@@ -1,42 +1,34 @@
-"""The offload policy: the ONE place that reads a LoadSpec's offload mode and budget.
+"""The offload policy at load time: where a LoadSpec's offload mode and budget put the model.
 
-The residency engine (memory/residency) executes plans; this module decides them, for both
-load time and run time:
-- load time (``plan_load``): from the checkpoint's header sizes, before any weight is read,
-  which decoder blocks stay on the GPU and which stream from pinned RAM; refuses, with the
-  numbers and the choices, a plan whose VRAM or host RAM the machine does not have.
-  ``adopt_load`` hands the loaded blocks to a ResidencyManager;
-- run time (``run_placement``): per Generate, make room (ComfyUI's own models first), estimate
-  the inference memory of the target size and stream just enough extra blocks for that run
-  (INT8 auto-switch above 1.2 MP, a bigger margin on an OOM retry).
-Path of a Generate: node -> cache.prepare_run -> run_placement -> residency, each once.
+The residency engine (memory/residency) executes plans; this module decides them before any
+weight is read (``plan_load``, one device; ``multi_gpu.plan_load_on_devices``, several): which
+decoder blocks stay on the GPU and which stream from pinned RAM, refusing, with the numbers and
+the choices, a plan whose VRAM or host RAM the machine does not have. The plan is a
+``LoadPlacement``, which the load pipeline reads, places and adopts the same way for one device
+or several (``adopt.adopt``). Run time (each Generate) is per_run.py's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ...memory import stats
-from ...memory.estimator import estimate_inference_gb, megapixels
+from ...memory.estimator import estimate_inference_gb
 from ...memory.residency.planner import InsufficientVRAMError, Placement, ResidencyPlan, plan_placement
 from ..core.errors import NotEnoughRAMError, NotEnoughVRAMError
-from ..core.spec import LoadedModel, LoadSpec
+from ..core.spec import LoadSpec
 
 log = logging.getLogger(__name__)
 
-AUTO_SWITCH_MP = 1.2
-OOM_RETRY_FACTOR = 1.5
 RAM_LIMIT_ENV = "HUNYUAN_RAM_LIMIT_GB"
 MIN_STREAMED_ENV = "HUNYUAN_MIN_STREAMED_BLOCKS"  # tests and benches: stream at least this many blocks
 RAM_MARGIN_BYTES = stats.GIB  # kept free for the process itself
-MakeRoom = Callable[[int], Any]  # asks other users of the GPU (ComfyUI's models) to free N bytes
 
 
 def decoder_blocks(model: Any) -> torch.nn.ModuleList:
@@ -70,13 +62,6 @@ def headroom_bytes(spec: LoadSpec, config: Any) -> int:
     return int(estimate_inference_gb(1024, 1024, config=config, moe_impl=spec.moe_impl) * stats.GIB)
 
 
-def default_headroom_gb(model: Any) -> float:
-    """Inference headroom for 1 MP with the model's active MoE implementation."""
-    from ..hooks.moe_dispatch import active_moe_impl
-
-    return estimate_inference_gb(1024, 1024, config=model.config, moe_impl=active_moe_impl(model))
-
-
 def available_ram() -> int:
     """Host RAM a load may use: what the OS reports available, capped by HUNYUAN_RAM_LIMIT_GB
     (act as if the machine had only this much; tests and trying a smaller box's plan)."""
@@ -100,12 +85,17 @@ def _gib(n: float) -> str:
 
 @dataclass(frozen=True)
 class LoadPlacement:
-    """Where a load puts the model, decided before any weight is read."""
+    """Where a load puts the model, decided before any weight is read: on one device, or (the
+    fields after ``staging_bytes``, set by ``multi_gpu.plan_load_on_devices``) on several."""
 
-    device: torch.device
-    plan: ResidencyPlan | None  # None: no residency manager (a CPU device: everything in RAM)
+    device: torch.device  # the first device: the non-block parts (and every block on one device)
+    plan: ResidencyPlan | None  # over all blocks; None: no residency manager (a CPU device: everything in RAM)
     ram_bytes: int  # host RAM the loaded model keeps: pinned streamed blocks (CPU device: all of it)
     staging_bytes: int  # the reader's ring while loading
+    layout: str = "one"  # how the residency is built (adopt.py): "one", "split" or "cfg_parallel"
+    devices: tuple[torch.device, ...] = ()  # every device used, ``device`` first (empty: ``device`` alone)
+    block_devices: tuple[torch.device, ...] | None = None  # each block's device (None: ``device``)
+    split: Any = None  # a split's memory.devices.SplitPlan: each device's run of blocks and its plan
 
     @property
     def streamed(self) -> list[int]:
@@ -186,7 +176,7 @@ def adopt_load(model: Any, placement: LoadPlacement, packed: Mapping[int, Any]) 
     re-counted on the real tensor sizes. None on a CPU device."""
     if placement.plan is None:
         return None
-    from ...memory.residency import ResidencyManager
+    from ...memory.residency.manager import ResidencyManager
 
     planned = placement.plan
 
@@ -202,13 +192,15 @@ def adopt_load(model: Any, placement: LoadPlacement, packed: Mapping[int, Any]) 
     return ResidencyManager.adopt(model, decoder_blocks(model), placement.device, packed, recounted)
 
 
-def place_for_spec(model: Any, spec: LoadSpec, device: torch.device) -> Any:
+def place_for_spec(model: Any, spec: LoadSpec, device: torch.device, moe_impl: str) -> Any:
     """Today's path (from_pretrained on the CPU, then placement): create the model's
     ResidencyManager and apply the load-time plan (disabled: every block on the GPU; smart: the
-    usable VRAM is the budget; budget: the user's; both keep the inference headroom)."""
-    from ...memory.residency import ResidencyManager
+    usable VRAM is the budget; budget: the user's; both keep the inference headroom, by default
+    the 1 MP estimate for ``moe_impl``, the model's active MoE implementation)."""
+    from ...memory.residency.manager import ResidencyManager
 
-    headroom_gb = spec.headroom_gb if spec.headroom_gb is not None else default_headroom_gb(model)
+    headroom_gb = (spec.headroom_gb if spec.headroom_gb is not None
+                   else estimate_inference_gb(1024, 1024, config=model.config, moe_impl=moe_impl))
     budget = budget_bytes(spec)
     try:
         manager = ResidencyManager(model, decoder_blocks(model), device)
@@ -239,90 +231,3 @@ def load_gpu_bytes(spec: LoadSpec, disk_bytes: int, *, pre_quantized: bool = Fal
     if spec.offload == "budget" and spec.vram_budget_gb is not None:
         return min(weights, int(spec.vram_budget_gb * stats.GIB))
     return weights
-
-
-def needs_auto_switch(spec: LoadSpec, width: int, height: int) -> bool:
-    """INT8 with offload disabled above 1.2 MP switches to smart offload for that run."""
-    return spec.quant == "int8" and spec.offload == "disabled" and megapixels(width, height) > AUTO_SWITCH_MP
-
-
-def inference_bytes(loaded: LoadedModel, width: int, height: int, extra_tokens: int = 0) -> int:
-    """Estimated activation memory of one run at this size, for the active MoE implementation;
-    ``extra_tokens`` per CFG half: reference images, think / recaption text (generation.extra_tokens);
-    plus the grouped W8A16 experts' workspace where they run that way (moe_grouped.workspace_bytes)."""
-    from ..hooks.moe_dispatch import active_moe_impl
-    from ..hooks.moe_grouped import workspace_bytes
-
-    impl = active_moe_impl(loaded.model)
-    gb = estimate_inference_gb(width, height, config=loaded.model.config, moe_impl=impl, extra_tokens=extra_tokens)
-    workspace = workspace_bytes(loaded.model) if impl == "gather_scatter" else 0
-    return int(gb * stats.GIB) + workspace
-
-
-@contextlib.contextmanager
-def run_placement(
-    loaded: LoadedModel,
-    size: tuple[int, int],
-    notes: list[str],
-    *,
-    extra_margin: bool = False,
-    make_room: MakeRoom | None = None,
-    extra_tokens: int = 0,
-) -> Iterator[None]:
-    """For one run: make room (``make_room(bytes)``: ComfyUI's own models yield first), then
-    stream just enough extra blocks that the inference memory fits; restore after the run."""
-    width, height = size
-    switch = needs_auto_switch(loaded.spec, width, height)
-    manager = loaded.residency
-    mp = megapixels(width, height)
-    if manager is None:
-        if switch:
-            notes.append(
-                f"INT8 at {mp:.2f} MP (> {AUTO_SWITCH_MP} MP): smart offload for this run; "
-                "no GPU in use, so no weights had to move."
-            )
-        yield
-        return
-    need = inference_bytes(loaded, width, height, extra_tokens) * (OOM_RETRY_FACTOR if extra_margin else 1.0)
-    if make_room is not None:
-        make_room(int(need))
-    available = stats.usable_vram()
-    extra = int(max(0.0, need - available))
-    if hasattr(manager, "extra_needed"):  # issue 13 hook: a model on several GPUs checks each (multi_gpu.py)
-        available, extra = manager.extra_needed(int(need), notes)
-    if not (switch or extra):
-        yield
-        return
-    before = manager.plan.streamed_bytes if manager.plan is not None else 0
-    with contextlib.ExitStack() as stack:
-        short = ""
-        try:
-            plan = stack.enter_context(manager.stream_extra(extra))
-        except InsufficientVRAMError:
-            plan = stack.enter_context(_stream_every_block(manager))
-            short = " (every block streamed and still short of the estimate: this run may run out of memory)"
-        tokens_text = f" with {extra_tokens} reference-image / text tokens" if extra_tokens else ""
-        text = (
-            f"needs ~{need / stats.GIB:.1f} GiB for activations at {width}x{height}{tokens_text} "
-            f"({available / stats.GIB:.1f} GiB free); streaming {(plan.streamed_bytes - before) / stats.GIB:.2f} GiB "
-            f"more of weights ({len(plan.streamed)} of {len(plan.placements)} blocks) for this run{short}"
-        )
-        if switch:
-            text = f"INT8 at {mp:.2f} MP (> {AUTO_SWITCH_MP} MP): smart offload for this run: " + text
-        notes.append(text + ".")
-        log.warning(notes[-1])
-        yield
-
-
-@contextlib.contextmanager
-def _stream_every_block(manager: Any) -> Iterator[Any]:
-    """The most VRAM the weights can give back without parking: stream all blocks for one run."""
-    previous = manager.plan
-    plan = ResidencyPlan.uniform(
-        Placement.STREAM, manager.block_bytes, manager.other_bytes, prefetch_slots=manager.prefetch_slots
-    )
-    manager.apply(plan)
-    try:
-        yield plan
-    finally:
-        manager.apply(previous)

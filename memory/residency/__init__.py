@@ -36,13 +36,18 @@ manager (``manager.py``)
     plan=None, prefetch_slots=2, available_ram_bytes=None) -> ResidencyManager`` for the
     loader: after a CPU (mmap) load, resident parts go to the GPU and streamed blocks
     straight into pinned RAM. ``InsufficientRAMError`` when CPU RAM is short (nothing moved).
+protocol (``protocol.py``)
+    ``Residency``: what the cache, the offload policy and the unload nodes call on a model's
+    residency, one device (``ResidencyManager``), a split (``multi.MultiDeviceResidency``) or
+    CFG-parallel replicas alike (``extra_needed``, ``gpu_bytes_by_device``, ``managers``, ...).
 """
 
 from __future__ import annotations
 
-from .manager import ParkReport, ResidencyManager, ResidencyState, place_loaded_model
+from .manager import ResidencyManager, place_loaded_model
 from .packed import HostBuffer, PackedBlock
 from .planner import InsufficientVRAMError, Placement, ResidencyPlan, evenly_spaced, plan_placement
+from .protocol import ParkReport, Residency, ResidencyState
 from .ram import InsufficientRAMError, available_ram, check_ram
 from .streaming import BlockStreamer, StreamingUnavailableError
 from .weights import (
@@ -63,6 +68,7 @@ __all__ = [
     "PackedBlock",
     "ParkReport",
     "Placement",
+    "Residency",
     "ResidencyManager",
     "ResidencyPlan",
     "ResidencyState",

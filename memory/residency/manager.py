@@ -7,32 +7,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from enum import Enum
 
 import torch
 from torch import nn
 
+from .. import stats
 from .packed import HostBuffer, Layout, PackedBlock
 from .planner import Placement, ResidencyPlan, plan_placement
+from .protocol import ParkReport, ResidencyState
 from .ram import GiB, check_ram
 from .streaming import BlockStreamer, StreamingUnavailableError
 from .weights import WeightTensor, move_weight_tensors, weight_tensors, weights_bytes
 
 log = logging.getLogger(__name__)
-
-
-class ResidencyState(str, Enum):
-    RESIDENT = "resident"
-    STREAMING = "streaming"
-    PARKED = "parked"
-
-
-@dataclass(frozen=True)
-class ParkReport:
-    moved_bytes: int
-    freed_bytes: int  # drop of torch.cuda.memory_allocated (0 on CPU)
-    seconds: float
 
 
 class ResidencyManager:
@@ -141,6 +128,18 @@ class ResidencyManager:
         if self._parked or self.plan is None:
             return 0
         return self.plan.gpu_weight_bytes
+
+    def gpu_bytes_by_device(self) -> dict[str, int]:
+        return {str(self.device): self.gpu_bytes()}
+
+    def describe(self) -> str:
+        return self.plan.describe() if self.plan is not None else f"no plan applied on {self.device}"
+
+    def extra_needed(self, need: int, notes: list[str] | None = None) -> tuple[int, int]:
+        """For one run: the usable VRAM (``memory.stats.usable_vram``: the current GPU, within
+        HUNYUAN_VRAM_LIMIT_GB) and the activation bytes ``need`` short of it."""
+        available = stats.usable_vram()
+        return available, max(0, int(need) - available)
 
     def plan_for_budget(self, budget_bytes: int, headroom_bytes: int, *, min_streamed: int = 0) -> ResidencyPlan:
         return plan_placement(

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from ..devices import SplitPlan, usable_vram
-from .manager import ParkReport, ResidencyManager, ResidencyState
+from .manager import ResidencyManager
 from .planner import Placement, ResidencyPlan
+from .protocol import ParkReport, ResidencyState
 from .ram import check_ram
 
 log = logging.getLogger(__name__)

@@ -19,13 +19,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from .packed import PackedBlock
-
 log = logging.getLogger(__name__)
+
+
+class Packed(Protocol):
+    """What the streamer uses of a packed block (``packed.PackedBlock``; named here so this module
+    imports nothing of the package)."""
+
+    nbytes: int
+    host: Any  # packed.HostBuffer: ``tensor`` is the flat pinned buffer
+    pinned: bool
+
+    def views_into(self, buf: torch.Tensor) -> list[torch.Tensor]: ...
+
+    def point_at(self, views: Sequence[torch.Tensor]) -> None: ...
+
+    def point_at_host(self) -> None: ...
 
 
 class StreamingUnavailableError(RuntimeError):
@@ -38,7 +52,7 @@ class BlockStreamer:
     def __init__(
         self,
         blocks: Sequence[nn.Module],
-        packed: Mapping[int, PackedBlock],
+        packed: Mapping[int, Packed],
         device: torch.device | str,
         n_slots: int = 2,
         *,

@@ -367,10 +367,10 @@ def test_stack_stays_finite_and_repeats_on_cpu(monkeypatch) -> None:
 
 
 def test_run_estimate_adds_the_grouped_workspace_for_w8a16_experts_only(cache, base_checkpoint, monkeypatch) -> None:
-    """placement.inference_bytes = the estimator's activations + moe_grouped.workspace_bytes, which is
+    """per_run.inference_bytes = the estimator's activations + moe_grouped.workspace_bytes, which is
     the chunk activations + scratch bound for W8A16 SiLU experts and 0 for bf16 ones or HY3_MOE_GROUPED=0."""
     from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
-    from hunyuan_image3.hunyuan_loader.load.placement import inference_bytes
+    from hunyuan_image3.hunyuan_loader.load.per_run import inference_bytes
 
     int8 = cache.get(cache.load(LoadSpec(str(base_checkpoint), quant="int8", int8_format="w8a16")))
     down = int8.model.model.layers[0].mlp.experts[0].down_proj

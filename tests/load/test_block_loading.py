@@ -122,7 +122,7 @@ import bitsandbytes as bnb
 bnb.nn.Params4bit(torch.randn(64, 64, dtype=torch.bfloat16), quant_type="nf4").to("cpu")
 open("/proc/self/clear_refs", "w").write("5")
 base = hwm()
-block_loader.materialise(sk, units, dev)
+block_loader.materialise(sk, block_loader.LoadJob(units, dev))
 print(json.dumps(dict(peak_added=hwm() - base, placed=placed, disk=sum(u.nbytes for u in units),
                       biggest_unit=max(u.nbytes for u in units))))
 """
@@ -482,7 +482,7 @@ def test_a_ring_made_ahead_is_used_when_large_enough(base_checkpoint: Path, enou
     assert staging > 0  # nf4 from bf16 on the CPU passes the bf16 weights through a ring
     ring = RingAhead(staging if enough else staging // 2, pin=False)
     st = block_loader.LoadStats()
-    block_loader.materialise(sk, units, cpu, ring_bytes=staging, ring=ring, stats=st)
+    block_loader.materialise(sk, block_loader.LoadJob(units, cpu, ring_bytes=staging, ring=ring, stats=st))
     assert st.ring_ahead is enough and st.ring_seconds > 0
     assert ring.wait() == 0  # taken or freed
     ref = load_model(_spec(base_checkpoint, "nf4"))

@@ -24,7 +24,7 @@ from hunyuan_image3.hunyuan_loader.hooks.cfg_parallel import (
 )
 from hunyuan_image3.hunyuan_loader.hooks.split_exec import SplitExecution, move_to
 from hunyuan_image3.hunyuan_loader.load import multi_gpu
-from hunyuan_image3.hunyuan_loader.load.multi_gpu import SplitResidency
+from hunyuan_image3.hunyuan_loader.load.adopt import SplitResidency
 from hunyuan_image3.memory import devices as dv
 from hunyuan_image3.memory.residency import ResidencyState, weight_tensors
 from hunyuan_image3.memory.residency.multi import MultiDeviceResidency
@@ -56,6 +56,25 @@ def test_split_over_two_cpu_parts_gives_the_same_image(cache, base_checkpoint: P
     execution = loaded.residency.execution
     assert len(execution.handles) == 5  # every block (the rope / mask reach each one), after the last
     assert execution.starts == [0, 2] and execution.moves == 0  # both parts on the CPU: nothing to move
+
+
+@pytest.mark.parametrize("mode", ["split", "cfg_parallel"])
+def test_several_devices_load_through_the_one_pipeline(base_checkpoint: Path, mode: str) -> None:
+    """A load on several devices takes the same steps as one on one device (plan, read+place,
+    finish, adopt; the reader's statistics kept), and its residency is a Residency like any other."""
+    from hunyuan_image3.hunyuan_loader.load.pipeline import load_model
+    from hunyuan_image3.memory.residency import Residency
+
+    one = load_model(LoadSpec(str(base_checkpoint)))
+    loaded = load_model(LoadSpec(str(base_checkpoint), devices="cpu,cpu", multi_gpu=mode))
+    try:
+        assert isinstance(loaded.residency, Residency)
+        st, ref = loaded.load_stats, one.load_stats
+        assert set(st.phases) == set(ref.phases)  # (one device, bf16: planned once more from the headers first)
+        assert {"plan", "read+place", "finish", "adopt"} <= set(st.phases)
+        assert st.bytes_read == st.bytes_total == ref.bytes_total > 0 and st.order == ref.order
+    finally:
+        loaded.residency.close()
 
 
 @pytest.mark.parametrize("variant,quant", [("base", "bf16"), ("instruct", "bf16"), ("base", "int8")])
