@@ -117,10 +117,12 @@ class HunyuanModelCache:
         save option, right after loading). None when there is nothing to do: ``dest`` exists
         already, the model is bf16, or its checkpoint is pre-quantized itself."""
         from .checkpoint.prequantized import save_prequantized
+        from .formats.builtin import for_load
 
         with self._lock:
             loaded = self.get(handle)
-            if loaded.spec.quant == "bf16" or loaded.info.config.get("quantization_config"):
+            if not for_load(loaded.spec.quant, loaded.spec.int8_format).quantized \
+                    or loaded.info.config.get("quantization_config"):
                 return None
             if Path(dest).exists():
                 log.info("quantized copy %s exists already: not written again", dest)

@@ -28,36 +28,16 @@ from .layout import block_of
 log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors.index.json", "config.json")
-_QUANT_SUFFIXES = (".SCB", ".weight_format", ".weight.absmax", ".weight.quant_map", ".weight.nested_absmax",
-                   ".weight.nested_quant_map", ".weight_scale")  # bnb int8 / nf4, W8A16
 
 
 def prequantized_format(config: dict) -> str | None:
-    """The loader a pre-quantized config.json needs ('int8': bitsandbytes int8 or W8A16; 'nf4'),
-    None for a full-precision checkpoint; CheckpointError for a format this pack cannot load."""
-    qc = config.get("quantization_config")
-    if not qc:
-        return None
-    method = qc.get("quant_method", "bitsandbytes")
-    if method == "hy3_w8a16":  # the pack's own INT8 W8A16 format (w8a16_transformers.py)
-        return "int8"
-    if method != "bitsandbytes":
-        raise CheckpointError(
-            f"This checkpoint is quantized with '{method}', which this pack does not load. Use the BF16 "
-            "checkpoint (with the INT8 or NF4 loader), or a copy written by `python -m hunyuan_loader quantize`."
-        )
-    if qc.get("load_in_8bit"):
-        return "int8"
-    if qc.get("load_in_4bit"):
-        kind = qc.get("bnb_4bit_quant_type", "fp4")
-        if kind != "nf4":
-            raise CheckpointError(
-                f"This checkpoint is quantized to bitsandbytes 4-bit '{kind}', which this pack does not load. "
-                "Use the BF16 checkpoint with the NF4 loader, or an NF4 copy (`python -m hunyuan_loader quantize`)."
-            )
-        return "nf4"
-    raise CheckpointError("config.json has a bitsandbytes quantization_config with neither 8-bit nor 4-bit set. "
-                          "Re-download or re-create the quantized copy.")
+    """The loader a pre-quantized config.json needs (its weight format's quant: 'int8' for bitsandbytes
+    int8 or W8A16, 'nf4'), None for a full-precision checkpoint; CheckpointError for a format this
+    pack cannot load (formats/registry.py)."""
+    from ..formats.builtin import for_config
+
+    fmt = for_config(config.get("quantization_config"))
+    return fmt.quant if fmt is not None else None
 
 
 def check_matches_loader(fmt: str | None, quant: str, path: Path) -> None:
@@ -71,18 +51,13 @@ def check_matches_loader(fmt: str | None, quant: str, path: Path) -> None:
     )
 
 
-def quantized_modules_in_checkpoint(names: Iterable[str]) -> set[str]:
-    """Modules whose quantization state the checkpoint holds (SCB, absmax, quant_state, ...)."""
-    out = set()
-    for name in names:
-        if ".weight.quant_state." in name:
-            out.add(name.split(".weight.quant_state.")[0])
-            continue
-        for suffix in _QUANT_SUFFIXES:
-            if name.endswith(suffix):
-                out.add(name[: -len(suffix)])
-                break
-    return out
+def quantized_modules_in_checkpoint(names: Iterable[str], quantization_config: Any) -> set[str]:
+    """Modules whose quantized weights the checkpoint holds (SCB, absmax, quant_state, weight_scale,
+    ...), by the tensor names of its weight format (the one its ``quantization_config`` names)."""
+    from ..formats.builtin import for_config
+
+    fmt = for_config(quantization_config)
+    return fmt.stored_modules(names) if fmt is not None else set()
 
 
 def check_prequantized(model: Any, names: Iterable[str]) -> None:
@@ -90,7 +65,7 @@ def check_prequantized(model: Any, names: Iterable[str]) -> None:
     and nothing that must stay full precision is quantized (a clear error naming the module)."""
     from ..formats.quantization import check_quantized_modules, quantized_module_names
 
-    in_file = quantized_modules_in_checkpoint(names)
+    in_file = quantized_modules_in_checkpoint(names, getattr(model.config, "quantization_config", None))
     in_model = set(quantized_module_names(model))
     check_quantized_modules(model)
     stray = sorted(in_file - in_model)

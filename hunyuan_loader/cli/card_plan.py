@@ -14,7 +14,6 @@ For the real model (built in) or a checkpoint folder (its safetensors headers, n
 from __future__ import annotations
 
 import json
-import math
 import re
 import struct
 from collections.abc import Iterable, Sequence
@@ -24,10 +23,11 @@ from typing import Any
 
 from ...memory.estimator import REAL_DEFAULTS, config_value, estimate_inference_gb, tokens_for_image
 from ...memory.residency.planner import InsufficientVRAMError, ResidencyPlan, plan_placement
+from ..formats.builtin import for_load, loader_quants
 from ..formats.quantization import ROUTER_SUFFIX, is_quantizable
 
 GIB = 1024**3
-QUANT_ORDER = ("bf16", "int8", "nf4")
+QUANT_ORDER = ("bf16", "int8", "nf4")  # the loaders the table and the README show (formats.loader_quants: all)
 REAL_BLOCKS = 32
 # Outside the decoder blocks (token embedding, lm_head, VAE, vision encoder and aligner,
 # patch_embed / final_layer, timestep embedders): ~5 GB, all kept in bf16 by every loader. The
@@ -35,7 +35,6 @@ REAL_BLOCKS = 32
 # ~165 GB of the BF16 checkpoint (160-170 GB, docs/HUNYUAN3_FACTS).
 REAL_OTHER_BYTES = 5 * 10**9
 RAM_RESERVE_GIB = 8.0  # kept free for the OS, ComfyUI and Python: an assumption, said in the output
-NF4_STATE_BYTES = (256 + 16 + 1) * 4
 _BLOCK = re.compile(r"^model\.layers\.(\d+)\.")
 _ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -93,25 +92,22 @@ class WeightSizes:
 
 
 def tensor_bytes(name: str, shape: Sequence[int], quant: str, int8_format: str = "w8a16") -> int:
-    """GPU bytes of one checkpoint tensor once loaded in ``quant`` (bf16, router float32)."""
-    numel = math.prod(shape)
+    """GPU bytes of one checkpoint tensor once loaded in ``quant`` (bf16, router float32): the weight
+    format's size model (formats/registry.py), exact (no alignment), quantized where the pack's skip
+    rules quantize (attention projections and routed experts)."""
     module, _, leaf = name.rpartition(".")
-    if quant == "bf16" or leaf != "weight" or len(shape) != 2 or not is_quantizable(module):
-        return numel * (4 if module.endswith(ROUTER_SUFFIX) else 2)
-    if quant == "int8":  # int8 weight + one scale per output row: bf16 (W8A16) or float32 (bnb SCB)
-        return numel + shape[0] * (2 if int8_format == "w8a16" else 4)
-    # nf4: 4-bit weight, a uint8 absmax per 64 values, a float32 absmax per 256 of those, and the
-    # quant state's code books and offset (256 + 16 float32 + 1)
-    blocks = math.ceil(numel / 64)
-    return math.ceil(numel / 2) + blocks + math.ceil(blocks / 256) * 4 + NF4_STATE_BYTES
+    quantized = leaf == "weight" and len(shape) == 2 and is_quantizable(module)
+    fmt = for_load(quant, int8_format)
+    return fmt.placed_bytes(shape, 4 if module.endswith(ROUTER_SUFFIX) else 2, quantized, align=False)
 
 
 def _sizes(tensors: Iterable[tuple[str, Sequence[int]]], n_blocks: int, int8_format: str) -> tuple[dict, dict]:
-    block = {q: [0] * n_blocks for q in QUANT_ORDER}
-    other = dict.fromkeys(QUANT_ORDER, 0)
+    quants = loader_quants()  # every registered format's loader, the README's three among them
+    block = {q: [0] * n_blocks for q in quants}
+    other = dict.fromkeys(quants, 0)
     for name, shape in tensors:
         match = _BLOCK.match(name)
-        for quant in QUANT_ORDER:
+        for quant in quants:
             nbytes = tensor_bytes(name, shape, quant, int8_format)
             if match is None:
                 other[quant] += nbytes
@@ -145,8 +141,8 @@ def real_model_sizes(int8_format: str = "w8a16") -> WeightSizes:
     return WeightSizes(
         source="HunyuanImage-3.0, built-in config (no --model)",
         config=None,
-        block_bytes={q: one[q] * REAL_BLOCKS for q in QUANT_ORDER},
-        other_bytes=dict.fromkeys(QUANT_ORDER, REAL_OTHER_BYTES),
+        block_bytes={q: b * REAL_BLOCKS for q, b in one.items()},
+        other_bytes=dict.fromkeys(one, REAL_OTHER_BYTES),
         int8_format=int8_format,
     )
 

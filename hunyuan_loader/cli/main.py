@@ -130,8 +130,7 @@ def _generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from ..checkpoint.validate import validate_checkpoint
-    from ..formats.quantization import require_bitsandbytes
-    from ..formats.w8a16 import resolve_int8_format
+    from ..formats.builtin import for_config, for_load
     from .demo import NOISE_NOTE, cached_test_model
 
     # Every check before anything loads: flags, output file, request, checkpoint folder, variant.
@@ -153,8 +152,9 @@ def _generate(args: argparse.Namespace) -> int:
     variant = checkpoint_variant(model_dir)
     check_request(request, variant)
     check_resolution(request.resolution, model_sizes(variant))
-    int8_format = resolve_int8_format(spec.quant, spec.int8_format, info.config)
-    require_bitsandbytes("bf16" if int8_format == "w8a16" else spec.quant)  # W8A16 needs no bitsandbytes
+    # the weight format's dependencies (bitsandbytes for its formats, none for W8A16), before loading
+    pre = for_config(info.config.get("quantization_config"))
+    (pre if pre is not None and pre.quant == spec.quant else for_load(spec.quant, spec.int8_format)).prepare()
 
     cache = get_cache()
     start = time.perf_counter()

@@ -11,6 +11,7 @@ from ...memory.unload import collect_garbage
 from ..checkpoint.prequantized import prequantized_format, save_prequantized
 from ..core.errors import InputError
 from ..core.spec import LoadSpec
+from ..formats.builtin import for_load
 from ..load.pipeline import load_model
 
 
@@ -26,8 +27,8 @@ def quantize_checkpoint(
     """Load a BF16 checkpoint quantized (on the GPU when there is one; blocks that do not fit
     stream through pinned RAM) and write the pre-quantized copy ``out``. ``progress(stage,
     done, total)`` with stage 'read' / 'write'. The model is freed afterwards."""
-    if quant not in ("int8", "nf4"):
-        raise InputError(f"quantize writes int8 or nf4 copies (got '{quant}').")
+    if not for_load(quant, int8_format).quantized:
+        raise InputError(f"quantize writes quantized copies: int8 or nf4 (got '{quant}').")
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out} already exists. Choose another --out folder or delete it first.")

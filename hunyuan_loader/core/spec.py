@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from .errors import InputError
+from .quants import QUANTS, known_quants  # noqa: F401 - QUANTS is part of this module's interface
 
-QUANTS = ("bf16", "int8", "nf4")
 OFFLOAD_MODES = ("disabled", "smart", "budget", "accelerate")
 MOE_IMPLS = ("gather_scatter", "reference")
 # INT8 kernels: "w8a16" int8 weights x bf16 activations (fused Triton kernel on CUDA, hunyuan_loader/w8a16.py);
@@ -34,8 +34,8 @@ class LoadSpec:
     multi_gpu: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.quant not in QUANTS:
-            raise InputError(f"quantization '{self.quant}' is not one of {', '.join(QUANTS)}.")
+        if self.quant not in known_quants():  # a registered weight format adds its own (formats/registry.py)
+            raise InputError(f"quantization '{self.quant}' is not one of {', '.join(known_quants())}.")
         if self.offload not in OFFLOAD_MODES:
             raise InputError(f"offload_mode '{self.offload}' is not one of {', '.join(OFFLOAD_MODES)}.")
         if self.moe_impl not in MOE_IMPLS:

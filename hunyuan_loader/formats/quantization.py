@@ -129,9 +129,15 @@ def require_bitsandbytes(quant: str) -> None:
 
 
 def quantization_config(quant: str, skip_modules: list[str]) -> Any:
-    """The BitsAndBytesConfig for int8 / nf4 (None for bf16)."""
-    if quant == "bf16":
-        return None
+    """The quantization_config of a fresh load with the ``quant`` loader (bitsandbytes for int8;
+    None for bf16): the registered format's (formats/registry.py)."""
+    from .registry import for_load
+
+    return for_load(quant, "bnb").quantization_config(skip_modules)
+
+
+def bnb_quantization_config(quant: str, skip_modules: list[str]) -> Any:
+    """The BitsAndBytesConfig for int8 / nf4 (formats/bnb_int8.py, bnb_nf4.py)."""
     from transformers import BitsAndBytesConfig
 
     if quant == "int8":
@@ -145,14 +151,23 @@ def quantization_config(quant: str, skip_modules: list[str]) -> Any:
     )
 
 
-def _is_bnb_linear(module: Any) -> bool:
-    # Int8WeightOnlyLinear: the pack's W8A16 int8 format (w8a16.py)
-    return type(module).__name__ in ("Linear8bitLt", "Linear4bit", "LinearNF4", "LinearFP4", "Int8WeightOnlyLinear")
-
-
 def quantized_module_names(model: Any) -> list[str]:
-    """Names of the modules that hold bitsandbytes-quantized weights."""
-    return sorted(name for name, module in model.named_modules() if _is_bnb_linear(module))
+    """Names of the modules that hold quantized weights, of any registered format
+    (formats/registry.py); a CheckpointError for a module with integer weights that no format owns."""
+    from .registry import owner_of
+
+    names = []
+    for name, module in model.named_modules():
+        if owner_of(module) is not None:
+            names.append(name)
+            continue
+        weight = module.__dict__.get("_parameters", {}).get("weight")
+        if weight is not None and not (weight.dtype.is_floating_point or weight.dtype.is_complex):
+            raise CheckpointError(
+                f"{name} is a {type(module).__name__} with {weight.dtype} weights, a quantized module of no "
+                "weight format this pack knows. Load the BF16 checkpoint, or a copy written by this pack."
+            )
+    return sorted(names)
 
 
 def check_quantized_modules(model: Any) -> None:

@@ -259,7 +259,7 @@ def replace_with_w8a16(
 
 
 def w8a16_module_names(model: nn.Module) -> list[str]:
-    return sorted(n for n, m in model.named_modules() if type(m).__name__ == "Int8WeightOnlyLinear")
+    return sorted(n for n, m in model.named_modules() if isinstance(m, Int8WeightOnlyLinear))
 
 
 # -- checkpoints -----------------------------------------------------------------------------

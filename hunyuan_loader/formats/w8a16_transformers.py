@@ -26,7 +26,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .quantization import transformers_skips
-from .w8a16 import QUANT_METHOD, config_entry, quantize_weight, replace_with_w8a16
+from .w8a16 import QUANT_METHOD, Int8WeightOnlyLinear, config_entry, quantize_weight, replace_with_w8a16
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class W8A16Config(QuantizationConfigMixin):
 
 
 def _is_w8a16(module: nn.Module) -> bool:
-    return type(module).__name__ == "Int8WeightOnlyLinear"
+    return isinstance(module, Int8WeightOnlyLinear)
 
 
 class W8A16Quantizer(HfQuantizer):

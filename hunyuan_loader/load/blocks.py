@@ -42,6 +42,7 @@ from ..checkpoint.layout import LoadUnit, TensorEntry
 from ..checkpoint.reader import RingAhead, TensorReader
 from ..core.errors import CheckpointError
 from ..formats.quantization import ROUTER_SUFFIX
+from ..formats.registry import for_model  # the built-ins are registered: pipeline imports formats.builtin
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,18 @@ class Skeleton:
     tensor_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
     unknown_ok: bool | None = None  # whether transformers casts nothing for a name the model lacks
     _needs_quant: dict[str, bool] = field(default_factory=dict, repr=False)
+    _format: list = field(default_factory=list, repr=False)
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.model.layers
+
+    def weight_format(self) -> Any:
+        """The registered weight format the model's quantization_config names (formats/registry.py;
+        None: nothing quantized), looked up once."""
+        if not self._format:
+            self._format.append(for_model(self.model))
+        return self._format[0]
 
     def needs_quantization(self, name: str) -> bool:
         """The quantizer's ``param_needs_quantization`` for a checkpoint tensor, asked once per name:
@@ -264,33 +273,13 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def _int8_bytes(numel: int, rows: int) -> int:
-    return _aligned(numel) + _aligned(4 * rows)  # int8 weight + float32 row scales (bnb SCB)
-
-
-def _nf4_bytes(numel: int, rows: int) -> int:
-    blocks = -(-numel // 64)  # 4-bit data, uint8 absmax per 64 values, double-quantized (256 per block)
-    return (_aligned(-(-numel // 2)) + _aligned(blocks) + _aligned(16 * 4) + _aligned(4)
-            + _aligned(4 * -(-blocks // 256)) + _aligned(256 * 4))
-
-
-# Bytes of one quantized weight (numel, rows) per format; formats not listed count as int8 + scales.
-QUANTIZED_BYTES: dict[str, Callable[[int, int], int]] = {"int8": _int8_bytes, "nf4": _nf4_bytes}
-
-
 def placed_nbytes(sk: Skeleton, entry: TensorEntry) -> int:
     """Bytes ``entry`` will take once placed (quantized or cast), as the residency engine counts
     them (256-byte aligned), from the header only."""
     if sk.needs_quantization(entry.name):
         if sk.pre_quantized:  # stored as it will live; bnb's packed metadata becomes python values
-            if entry.name.endswith("weight_format") or ".quant_state." in entry.name:
-                return 0
-            return _aligned(entry.nbytes)
-        numel = 1
-        for d in entry.shape:
-            numel *= d
-        rows = entry.shape[0] if entry.shape else 1
-        return QUANTIZED_BYTES.get(sk.quant, _int8_bytes)(numel, rows)
+            return sk.weight_format().stored_bytes(entry.name, entry.nbytes)
+        return sk.weight_format().placed_bytes(entry.shape, entry.dtype.itemsize, True)  # the format's size model
     if entry.dtype.is_floating_point and entry.dtype.itemsize > 1:
         dtype = _cast_dtype(sk, entry.name, entry.dtype) or entry.dtype
         return _aligned(entry.nbytes // entry.dtype.itemsize * dtype.itemsize)

@@ -175,8 +175,8 @@ def plan_load_on_devices(
     """``placement.plan_load`` for the spec's devices (several, or one that is not the current):
     the mode and each device's plan (``plan_devices``), as a LoadPlacement the load pipeline
     reads, places and adopts like a one-device one; refused (RAM, VRAM) before any read."""
-    bnb = type(sk.hf_quantizer).__name__.lower().startswith("bnb") if sk.hf_quantizer is not None else False
-    mp = plan_devices(spec, block_bytes, other_bytes, sk.config, replicable=not bnb,
+    fmt = sk.weight_format()  # the registry's: whether CFG replicas can copy its modules
+    mp = plan_devices(spec, block_bytes, other_bytes, sk.config, replicable=fmt is None or fmt.replicable,
                       replica_other_bytes=_replica_other_bytes(sk, units))
     log.info("load plan for %s: %s", spec.describe(), mp.describe())
     primary = mp.devices[0]

@@ -20,19 +20,13 @@ import torch
 
 from ...memory import stats
 from ...memory.unload import strip_module_weights, track_model
-from ..checkpoint.prequantized import check_matches_loader, check_prequantized, prequantized_format
+from ..checkpoint.prequantized import check_matches_loader, check_prequantized
 from ..checkpoint.validate import CheckpointInfo, check_code_dependencies, loadable_path, validate_checkpoint
 from ..core import quiet
 from ..core.errors import DependencyError
 from ..core.spec import LoadedModel, LoadSpec
-from ..formats.quantization import (
-    check_quantized_modules,
-    quantization_config,
-    require_bitsandbytes,
-    restore_float32_routers,
-    skip_modules_for,
-)
-from ..formats.w8a16 import resolve_int8_format
+from ..formats.builtin import for_config, for_load
+from ..formats.quantization import check_quantized_modules, restore_float32_routers, skip_modules_for
 from ..model.variants import detect_variant, read_generation_config
 from . import multi_gpu
 from .adopt import adopt
@@ -50,20 +44,15 @@ def default_device() -> torch.device:
 
 def _quant_config(spec: LoadSpec, info: CheckpointInfo, tensor_names: list[str]) -> tuple[Any, bool]:
     """(quantization_config to pass, whether the checkpoint is pre-quantized). A pre-quantized
-    checkpoint brings its own config (None is passed, as to from_pretrained)."""
-    pre = prequantized_format(info.config)
-    check_matches_loader(pre, spec.quant, info.path)
-    int8_format = resolve_int8_format(spec.quant, spec.int8_format, info.config)  # w8a16 needs no bitsandbytes
-    require_bitsandbytes("bf16" if int8_format == "w8a16" else spec.quant)
-    if int8_format == "w8a16":  # issue 14: int8 weights x bf16 activations, quantized while loading
-        # importing it registers the quantization method with transformers
-        from ..formats.w8a16_transformers import quantization_config as w8a16_quantization_config
-
-        if pre is None:
-            return w8a16_quantization_config(skip_modules_for(tensor_names)), False
+    checkpoint brings its own config (None is passed, as to from_pretrained); the weight format is the
+    registry's (formats/registry.py): the checkpoint's own, else the loader's (quant, int8_format)."""
+    pre = for_config(info.config.get("quantization_config"))
+    check_matches_loader(pre.quant if pre is not None else None, spec.quant, info.path)
+    fmt = pre if pre is not None else for_load(spec.quant, spec.int8_format)
+    fmt.prepare()  # its dependencies (bitsandbytes), its quant_method registered with transformers
     if pre is not None:
         return None, True
-    return quantization_config(spec.quant, skip_modules_for(tensor_names)), False
+    return fmt.quantization_config(skip_modules_for(tensor_names)), False
 
 
 def load_model(

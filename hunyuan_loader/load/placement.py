@@ -219,15 +219,13 @@ def place_for_spec(model: Any, spec: LoadSpec, device: torch.device, moe_impl: s
     return manager
 
 
-# Weight bytes on the GPU per bf16 byte on disk (int8: 1 byte + row scales; nf4: 4 bits +
-# absmax; the unquantized router, shared expert, VAE and embeddings keep these above 0.5 / 0.25).
-GPU_BYTES_PER_DISK_BYTE = {"bf16": 1.0, "int8": 0.52, "nf4": 0.30}
-
-
 def load_gpu_bytes(spec: LoadSpec, disk_bytes: int, *, pre_quantized: bool = False) -> int:
-    """Weight bytes a load of ``spec`` will put on the GPU (before the first run); a
-    pre-quantized checkpoint is on disk as it will be on the GPU."""
-    weights = int(disk_bytes * (1.0 if pre_quantized else GPU_BYTES_PER_DISK_BYTE.get(spec.quant, 0.52)))
+    """Weight bytes a load of ``spec`` will put on the GPU (before the first run): the BF16 bytes on
+    disk times its weight format's ``disk_ratio`` (formats/registry.py); a pre-quantized checkpoint
+    is on disk as it will be on the GPU."""
+    from ..formats.registry import for_load  # the built-ins are registered: pipeline imports formats.builtin
+
+    weights = int(disk_bytes * (1.0 if pre_quantized else for_load(spec.quant, spec.int8_format).disk_ratio))
     if spec.offload == "budget" and spec.vram_budget_gb is not None:
         return min(weights, int(spec.vram_budget_gb * stats.GIB))
     return weights
