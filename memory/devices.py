@@ -19,17 +19,17 @@ reads only the current one.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from ..hunyuan_loader.core import settings
+from ..hunyuan_loader.core.units import GIB
 from .residency.planner import InsufficientVRAMError, Placement, ResidencyPlan, evenly_spaced, plan_placement
 
-GIB = 1024**3
 MODES = ("auto", "split", "cfg_parallel", "off")
-VRAM_LIMIT_ENV = "HUNYUAN_VRAM_LIMIT_GB"
+VRAM_LIMIT_ENV = settings.VRAM_LIMIT_GB
 
 
 def _gib(n: float) -> str:
@@ -46,9 +46,9 @@ def usable_vram(device: torch.device | str) -> int:
     free, _total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     usable = free + torch.cuda.memory_reserved(device) - allocated
-    limit = os.environ.get(VRAM_LIMIT_ENV, "").strip()
-    if limit:
-        usable = min(usable, int(float(limit) * GIB) - allocated)
+    limit = settings.get(VRAM_LIMIT_ENV)
+    if limit is not None:
+        usable = min(usable, int(limit * GIB) - allocated)
     return max(0, int(usable))
 
 

@@ -28,7 +28,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-GIB = 1024**3
+from ..hunyuan_loader.core.units import GIB
+
 TEXT_TOKENS_PER_HALF = 128  # prompt + special tokens per CFG half (8,448 tokens at 1 MP)
 CALIBRATION = 1.3
 OVERHEAD_GB = 0.5  # CUDA context, cuBLAS workspace

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import os
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +12,8 @@ from typing import Any
 import psutil
 import torch
 
-GIB = 1024**3
+from ..hunyuan_loader.core import settings
+from ..hunyuan_loader.core.units import GIB
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,8 @@ def release_cached_memory() -> None:
 def vram_limit_bytes() -> int | None:
     """HUNYUAN_VRAM_LIMIT_GB: act as if the GPU had only this much memory (sharing a GPU with
     other programs; trying a 24/48/96 GB card's placement on a larger one). None if unset."""
-    value = os.environ.get("HUNYUAN_VRAM_LIMIT_GB", "").strip()
-    return int(float(value) * GIB) if value else None
+    limit = settings.get(settings.VRAM_LIMIT_GB)
+    return int(limit * GIB) if limit is not None else None
 
 
 def usable_vram(snap: MemorySnapshot | None = None) -> int:

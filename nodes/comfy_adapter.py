@@ -18,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ..hunyuan_loader.checkpoint.validate import WHERE_MODELS_GO
+from ..hunyuan_loader.core import settings
 from ..hunyuan_loader.core.errors import CheckpointError, HunyuanError
 from . import model_paths
 
@@ -55,8 +56,7 @@ def model_roots() -> list[Path]:
             return [Path(p) for p in fp.get_folder_paths(MODEL_FOLDER)]
         except KeyError:
             return []
-    env = os.environ.get("HUNYUAN_MODELS_DIR", "")
-    return [Path(p) for p in env.split(os.pathsep) if p]
+    return list(settings.get(settings.MODELS_DIR))
 
 
 def _not_a_checkpoint(path: Path) -> str | None:

@@ -86,3 +86,39 @@ def cache():
     c = get_cache()
     yield c
     c.force_unload()
+
+
+class _SettingsMonkeyPatch(pytest.MonkeyPatch):
+    """pytest's MonkeyPatch whose setenv / delenv also refresh the pack's settings: they are parsed once
+    and cached (core/settings.py), and a test that changes a variable mid-test must see the change."""
+
+    def setenv(self, name: str, value: str, prepend: str | None = None) -> None:
+        super().setenv(name, value, prepend)
+        _refresh_settings()
+
+    def delenv(self, name: str, raising: bool = True) -> None:
+        super().delenv(name, raising)
+        _refresh_settings()
+
+
+def _refresh_settings() -> None:
+    from hunyuan_image3.hunyuan_loader.core import settings
+
+    settings.refresh()
+
+
+@pytest.fixture
+def monkeypatch():
+    """The ``monkeypatch`` fixture, settings-aware (see _SettingsMonkeyPatch); undone after the test."""
+    mp = _SettingsMonkeyPatch()
+    yield mp
+    mp.undo()
+    _refresh_settings()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings():
+    """Every test starts from the environment as it is (a value cached by an earlier test is forgotten)."""
+    _refresh_settings()
+    yield
+    _refresh_settings()

@@ -17,6 +17,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -77,13 +78,26 @@ def block_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def parse_header(file: Path) -> tuple[int, dict[str, Any]]:
+    """The header of a .safetensors file: (its length in bytes, its JSON object), the one parser of
+    the format (layout, checkpoint validation, the card planner). ValueError when the file is too
+    short for its header or the header is not JSON; OSError when the file cannot be read."""
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{len(head)} bytes, shorter than the 8-byte header length")
+        (length,) = struct.unpack("<Q", head)
+        header = fh.read(length)
+    if len(header) < length:
+        raise ValueError(f"the header says {length} bytes but the file ends after {len(header)}")
+    return length, json.loads(header)
+
+
 def read_header(file: Path) -> dict[str, TensorEntry]:
     """Tensor entries of one .safetensors file (header only)."""
     try:
-        with open(file, "rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(length))
-    except (OSError, ValueError, struct.error) as exc:
+        length, header = parse_header(file)
+    except (OSError, ValueError) as exc:
         raise CheckpointError(f"{file} is not a readable safetensors file ({exc}). Re-download it.") from exc
     base = 8 + length
     out: dict[str, TensorEntry] = {}

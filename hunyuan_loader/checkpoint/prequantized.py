@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..core.errors import CheckpointError, InputError
+from ..core.units import GIB
 from .layout import block_of
 
 log = logging.getLogger(__name__)
@@ -196,5 +197,5 @@ def save_prequantized(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("wrote %s (%.1f GiB) in %.1f s", dest, total / 1024**3, time.perf_counter() - t0)
+    log.info("wrote %s (%.1f GiB) in %.1f s", dest, total / GIB, time.perf_counter() - t0)
     return dest

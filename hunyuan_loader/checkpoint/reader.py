@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..core.units import aligned
 from .layout import TensorEntry
 
 CHUNK = 64 << 20  # bytes per preadv call
@@ -41,11 +42,6 @@ COALESCE = 64 << 20  # a run of back-to-back tensors read by one preadv is at mo
 # plain 64 MiB sequential read 2.26 GB/s on an NF4 copy). Page cache only: it counts in no RSS.
 READ_AHEAD = 256 << 20
 MAX_IOV = 512  # ... and at most this many tensors (Linux allows 1024 buffers per call)
-ALIGN = 256
-
-
-def _align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
 @dataclass(eq=False)
@@ -109,7 +105,7 @@ class TensorReader:
         if self.ring_ahead is None and ring is None and ring_bytes > 0:
             from ...memory.residency.packed import HostBuffer
 
-            ring = HostBuffer(_align(ring_bytes), pin=pin)
+            ring = HostBuffer(aligned(ring_bytes), pin=pin)
         self._ring = self._ring_bytes_view = None
         self.ring_bytes = 0
         if self.ring_ahead is not None:
@@ -158,7 +154,7 @@ class TensorReader:
                 self.wait_seconds += time.perf_counter() - t0
             item = self._ready.popleft()
             if item._region is None:  # a kept tensor: the consumer owns it from here
-                self._in_flight -= _align(item.entry.nbytes)
+                self._in_flight -= aligned(item.entry.nbytes)
                 self._cond.notify_all()
             return item
 
@@ -228,8 +224,8 @@ class TensorReader:
     def _place(self, entry: TensorEntry, wait: bool) -> tuple[bool, tuple[int, int] | None] | None:
         """Reserve room for ``entry`` (a ring region or window bytes): (to ring, region). Waits for
         room if ``wait``, else returns None when there is none now. Called with the lock held."""
-        ring = self._ring is not None and self._to_ring(entry) and _align(entry.nbytes) <= self.ring_bytes
-        need = _align(entry.nbytes)
+        ring = self._ring is not None and self._to_ring(entry) and aligned(entry.nbytes) <= self.ring_bytes
+        need = aligned(entry.nbytes)
         while not self._stop:
             if ring:
                 region = self._alloc(need) if self._in_flight + need <= self.window or not self._regions else None
@@ -366,7 +362,7 @@ class RingAhead:
     skeleton is built and the plan made; ``take()`` waits for it. Nothing is read here."""
 
     def __init__(self, nbytes: int, pin: bool) -> None:
-        self.nbytes = _align(nbytes)
+        self.nbytes = aligned(nbytes)
         self.seconds = 0.0
         self._buffer: Any = None
         self._error: BaseException | None = None

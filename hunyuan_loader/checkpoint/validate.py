@@ -11,13 +11,13 @@ import json
 import logging
 import os
 import re
-import struct
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import CheckpointError, DependencyError
+from .layout import parse_header
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +66,9 @@ def is_hunyuan_image3(config: dict) -> bool:
 
 def _safetensors_expected_size(file: Path) -> int:
     """Size a .safetensors file must have, from its own header."""
-    with open(file, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            return -1
-        (header_len,) = struct.unpack("<Q", head)
-        header = fh.read(header_len)
-    if len(header) < header_len:
-        return -1
     try:
-        meta = json.loads(header)
-    except ValueError:
+        header_len, meta = parse_header(file)
+    except ValueError:  # too short for its header, or not JSON (an unreadable file still raises OSError)
         return -1
     end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
     return 8 + header_len + end

@@ -13,9 +13,7 @@ For the real model (built in) or a checkpoint folder (its safetensors headers, n
 
 from __future__ import annotations
 
-import json
 import re
-import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +21,11 @@ from typing import Any
 
 from ...memory.estimator import REAL_DEFAULTS, config_value, estimate_inference_gb, tokens_for_image
 from ...memory.residency.planner import InsufficientVRAMError, ResidencyPlan, plan_placement
+from ..checkpoint.layout import parse_header
+from ..core.units import GIB
 from ..formats.builtin import for_load, loader_quants
 from ..formats.quantization import ROUTER_SUFFIX, is_quantizable
 
-GIB = 1024**3
 QUANT_ORDER = ("bf16", "int8", "nf4")  # the loaders the table and the README show (formats.loader_quants: all)
 REAL_BLOCKS = 32
 # Outside the decoder blocks (token embedding, lm_head, VAE, vision encoder and aligner,
@@ -147,12 +146,6 @@ def real_model_sizes(int8_format: str = "w8a16") -> WeightSizes:
     )
 
 
-def _header(file: Path) -> dict[str, Any]:
-    with open(file, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        return json.loads(fh.read(length))
-
-
 def checkpoint_sizes(path: str | Path, int8_format: str = "w8a16") -> WeightSizes:
     """Sizes of a checkpoint folder from its config.json and safetensors headers (no weights read)."""
     from ..checkpoint.validate import validate_checkpoint
@@ -160,7 +153,7 @@ def checkpoint_sizes(path: str | Path, int8_format: str = "w8a16") -> WeightSize
     info = validate_checkpoint(path)
     tensors: list[tuple[str, Sequence[int]]] = []
     for shard in info.shard_files:
-        for name, meta in _header(shard).items():
+        for name, meta in parse_header(shard)[1].items():
             if name != "__metadata__":
                 tensors.append((name, tuple(meta["shape"])))
     n_blocks = 1 + max((int(m.group(1)) for n, _ in tensors if (m := _BLOCK.match(n))), default=-1)

@@ -14,6 +14,8 @@ import os
 import shutil
 from pathlib import Path
 
+from ..core import settings
+
 log = logging.getLogger(__name__)
 
 TEST_MODEL_CODE = Path(__file__).resolve().parent / "test_model"
@@ -25,7 +27,7 @@ NOISE_NOTE = (
 
 
 def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    base = settings.get(settings.CACHE_HOME) or Path.home() / ".cache"
     return Path(base).expanduser() / "hunyuan_image3"
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import resource
 import sys
 import time
@@ -17,7 +16,7 @@ import torch
 
 from ...memory import stats
 from ..cache import get_cache
-from ..core import quiet
+from ..core import quiet, settings
 from ..core.errors import HunyuanError, InputError
 from ..core.spec import INT8_FORMATS, MOE_IMPLS, OFFLOAD_MODES, QUANTS, LoadSpec
 from ..generation import BOT_TASKS, DEFAULT_MAX_NEW_TOKENS, GenerationRequest, generate, open_reference_images
@@ -257,7 +256,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: no hub retries
+    settings.hub_offline_by_default()  # local folders only: no hub retries
     args = _parser().parse_args(argv)
     quiet.set_verbose(args.verbose)
     quiet.install()

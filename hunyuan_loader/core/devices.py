@@ -3,20 +3,21 @@ devices it names on this machine. Below the load pipeline so that a LoadSpec can
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any
 
 import torch
 
+from . import settings
 from .errors import InputError
 
-LOGICAL_ENV = "HUNYUAN_LOGICAL_DEVICES"
+LOGICAL_ENV = settings.LOGICAL_DEVICES
 _NAME = re.compile(r"cuda:(\d+)|cpu")
 
 
 def logical_devices_allowed() -> bool:
-    return os.environ.get(LOGICAL_ENV, "").strip() not in ("", "0")
+    """HUNYUAN_LOGICAL_DEVICES (tests and benches): cpu and a repeated GPU are allowed in ``devices``."""
+    return settings.get(LOGICAL_ENV)
 
 
 # -- the devices input ----------------------------------------------------------------------------

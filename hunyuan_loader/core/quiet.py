@@ -9,10 +9,11 @@ called before the libraries are imported or used (model loading, the CLI). Verbo
 from __future__ import annotations
 
 import logging
-import os
 import re
 import warnings
 from dataclasses import dataclass
+
+from . import settings
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ WARNING_NOISE: tuple[Noise, ...] = (
     ),
 )
 
-_verbose = os.environ.get("HUNYUAN_VERBOSE", "") not in ("", "0")
+_verbose: bool | None = None  # None: HUNYUAN_VERBOSE decides; set_verbose (the CLI) overrides it
 
 
 def set_verbose(on: bool) -> None:
@@ -61,7 +62,7 @@ def set_verbose(on: bool) -> None:
 
 
 def is_verbose() -> bool:
-    return _verbose
+    return settings.get(settings.VERBOSE) if _verbose is None else _verbose
 
 
 class NoiseFilter(logging.Filter):
@@ -72,7 +73,7 @@ class NoiseFilter(logging.Filter):
         self.noise = noise
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return _verbose or not record.getMessage().startswith(self.noise.starts_with)
+        return is_verbose() or not record.getMessage().startswith(self.noise.starts_with)
 
 
 def install() -> None:
@@ -81,7 +82,7 @@ def install() -> None:
         logger = logging.getLogger(str(noise.source))
         if not any(isinstance(f, NoiseFilter) and f.noise == noise for f in logger.filters):
             logger.addFilter(NoiseFilter(noise))
-    if _verbose:
+    if is_verbose():
         return
     for noise in WARNING_NOISE:
         assert isinstance(noise.source, type)

@@ -20,12 +20,7 @@ from typing import Any
 
 from ..core.errors import CheckpointError, InputError
 from ..core.quants import allow_quant, forget_quant
-
-ALIGN = 256  # the residency engine packs every tensor 256-byte aligned (memory/residency/packed.py)
-
-
-def aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
+from ..core.units import aligned  # the residency engine packs every tensor 256-byte aligned
 
 
 class WeightFormat:

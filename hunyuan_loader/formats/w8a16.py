@@ -29,7 +29,6 @@ and byte accounting (memory/residency/weights.py) see them without special cases
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -38,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import settings
 from ..kernels.w8a16_common import ALIGN, MAX_BUCKET, Unsupported, dequantize_weight, m_bucket, offset_units  # noqa: F401 - part of this module's interface
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ FORMAT = "w8a16"
 QUANT_METHOD = "hy3_w8a16"  # quantization_config.quant_method in a pre-quantized config.json
 SCALE_DTYPE = torch.bfloat16
 QMAX = 127
-KERNEL_ENV = "HY3_W8A16_KERNEL"  # auto (default) | torch
+KERNEL_ENV = settings.W8A16_KERNEL  # auto (default) | torch
 
 EXPERT_RE = re.compile(r"(?:^|\.)mlp\.experts\.\d+\.(?:gate_and_up_proj|down_proj)$")
 ATTENTION_RE = re.compile(r"(?:^|\.)self_attn\.(?:qkv_proj|o_proj)$")
@@ -88,7 +88,7 @@ def fused_available(x: torch.Tensor) -> bool:
     """True where the fused Triton kernel runs ``x``: CUDA, bf16/fp16, compute capability >= 8.0."""
     if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
         return False
-    if os.environ.get(KERNEL_ENV, "auto").lower() == "torch":
+    if settings.get(KERNEL_ENV) == "torch":
         return False
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if index not in _capable:

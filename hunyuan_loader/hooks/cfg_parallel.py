@@ -42,6 +42,7 @@ from torch import nn
 from ...memory.residency.packed import PackedBlock
 from ...memory.residency.streaming import BlockStreamer
 from ...memory.residency.weights import TensorRef, weight_tensors
+from ..core.units import GIB
 from .registry import registry
 from .split_exec import move_to
 from .streaming import StreamingHooks
@@ -465,7 +466,7 @@ class CfgParallelResidency:
         self.parallel = CfgParallel(self.model.model, self.devices[0], replicas, attach=False)
         registry(self.model).install("cfg_rows", self.parallel)
         log.info("CFG-parallel over %s (%.2f GiB of replica weights)", ", ".join(map(str, self.devices)),
-                 sum(r.gpu_bytes() for r in replicas) / 1024**3)
+                 sum(r.gpu_bytes() for r in replicas) / GIB)
 
     def _drop(self) -> int:
         if self.parallel is None:
@@ -539,7 +540,7 @@ class CfgParallelResidency:
             self.last_note = "CFG-parallel: the replicas are not loaded; both CFG rows run on " + str(self.devices[0])
         elif short:
             self.last_note = (f"CFG-parallel off for this run: {', '.join(map(str, short))} has less than "
-                              f"{need / 2 / 1024**3:.1f} GiB free for one row's activations; both rows run on "
+                              f"{need / 2 / GIB:.1f} GiB free for one row's activations; both rows run on "
                               f"{self.devices[0]}")
         else:
             self.last_note = (f"CFG-parallel: the conditional and unconditional rows run at once on "

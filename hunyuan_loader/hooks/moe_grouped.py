@@ -27,20 +27,20 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..core import settings
 from ..kernels.moe_activation import silu_mul
 
 logger = logging.getLogger(__name__)
 
-GROUPED_ENV = "HY3_MOE_GROUPED"  # auto (default) | triton | dequant | linear | 0 (every expert on its own)
+GROUPED_ENV = settings.MOE_GROUPED  # auto (default) | triton | dequant | linear | off/0 (every expert on its own)
 GROUPED_ROWS = 16384  # rows (token x expert assignments) per grouped chunk: bounds the activations
 SCRATCH_BYTES = 512 * 2**20  # both buffers of dequantized bf16 weights (gate_up + down of one chunk), by default
-SCRATCH_ENV = "HY3_MOE_SCRATCH_MB"  # MiB for those buffers instead of SCRATCH_BYTES (e.g. 1024: 14 experts per chunk)
+SCRATCH_ENV = settings.MOE_SCRATCH_MB  # MiB for those buffers instead of SCRATCH_BYTES (e.g. 1024: 14 experts per chunk)
 ENGINES = ("linear", "dequant", "triton")  # what HY3_MOE_GROUPED can name; auto: ``auto_engine``
 AUTO_ORDER = ("linear", "triton", "dequant")  # auto above TRITON_MAX_BUCKET: the first of these available
 TRITON_MAX_BUCKET = 512  # rows/expert buckets up to this run the Triton engine in auto (see auto_engine)
@@ -50,27 +50,14 @@ _chosen: dict[tuple, str | None] = {}  # auto's engine per (rows/expert bucket, 
 
 def grouped_mode() -> str:
     """``HY3_MOE_GROUPED``: "auto", "off", or one engine name."""
-    mode = os.environ.get(GROUPED_ENV, "auto").strip().lower()
-    if mode in ("0", "off", "per_expert", "false"):
-        return "off"
-    if mode in ENGINES or mode == "auto":
-        return mode
-    raise ValueError(f"{GROUPED_ENV}={mode!r}: use auto, triton, dequant, linear or 0")
+    return settings.get(GROUPED_ENV)
 
 
 def scratch_bytes() -> int:
     """Bytes for the dequant engines' two buffers: ``HY3_MOE_SCRATCH_MB`` MiB (a positive whole
     number) if set, else ``SCRATCH_BYTES`` (512 MiB)."""
-    raw = os.environ.get(SCRATCH_ENV, "").strip()
-    if not raw:
-        return SCRATCH_BYTES
-    try:
-        mb = int(raw)
-    except ValueError:
-        mb = 0
-    if mb <= 0:
-        raise ValueError(f"{SCRATCH_ENV}={raw!r}: use a positive whole number of MiB (default 512), or unset it")
-    return mb * 2**20
+    mb = settings.get(SCRATCH_ENV)
+    return SCRATCH_BYTES if mb is None else mb * 2**20
 
 
 def grouped_engines(x: torch.Tensor) -> list[str]:

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..core import settings
 from . import w8a16_common as w8a16
 
 log = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ def dequantize_groups(groups: Sequence[Group], out: torch.Tensor, *, use_triton:
     return out
 
 
-KERNEL_ENV = "HY3_DEQUANT_KERNEL"  # rows (default) | flat: which dequantization kernel (same bits, see above)
+KERNEL_ENV = settings.DEQUANT_KERNEL  # rows (default) | flat: which dequantization kernel (same bits, see above)
 ROWS = 4  # output rows per program of the row-tiled kernel ...
 KBLOCK = 1024  # ... and columns per step
 
@@ -292,10 +292,7 @@ def dequant_kernel_variant() -> str:
     division, one scale load per row) or "flat" (one BLOCK of N*K per program; the row of each element
     found by a division). Both write the same bits (tests). H200, a real layer's 64 experts' gate_up +
     down in one launch (bench/moe_host.py): rows 1.99 ms (3.65 TB/s), flat 2.21 ms (3.28 TB/s)."""
-    value = os.environ.get(KERNEL_ENV, "rows").strip().lower()
-    if value not in ("flat", "rows"):
-        raise ValueError(f"{KERNEL_ENV}={value!r}: use flat or rows")
-    return value
+    return settings.get(KERNEL_ENV)
 
 
 def dequantize_into(weights: list[torch.Tensor], scales: list[torch.Tensor], out: torch.Tensor,
@@ -403,31 +400,21 @@ def dequant_linear(xs: torch.Tensor, weights: list[torch.Tensor], scales: list[t
 # 1: dequantize on a side CUDA stream ahead of the GEMMs | 0 (default). Off by default: on the H200 the
 # dequantization running beside cuBLAS slowed it more than it hid (64 experts at 8,448 tokens: 11.5 ms
 # sequential, 13.4 ms overlapped, bench/int8.py), both kernels wanting the same memory bandwidth and SMs.
-OVERLAP_ENV = "HY3_MOE_OVERLAP"
+OVERLAP_ENV = settings.MOE_OVERLAP
 # 1 (default): without the overlap, one dequantization launch per chunk for its gate_up AND down buffers
 # (half the Triton launches, ~30 us of host time each on the H200's host) | 0: one launch per Linear.
-PAIR_ENV = "HY3_MOE_PAIR_DEQUANT"
+PAIR_ENV = settings.MOE_PAIR_DEQUANT
 _side: dict[int, Any] = {}  # one side stream per CUDA device, created once
-
-
-def _flag(name: str, default: str) -> bool:
-    value = os.environ.get(name, default).strip().lower()
-    if value in ("1", "on", "true", "yes"):
-        return True
-    if value in ("0", "off", "false", "no"):
-        return False
-    raise ValueError(f"{name}={value!r}: use 1 or 0")
 
 
 def overlap_enabled(device: torch.device) -> bool:
     """Double-buffered dequantization on a side stream: CUDA and ``HY3_MOE_OVERLAP=1`` (off by default)."""
-    flag = os.environ.get(OVERLAP_ENV, "0").strip().lower()
-    return device.type == "cuda" and flag in ("1", "on", "true", "yes")
+    return device.type == "cuda" and settings.get(OVERLAP_ENV)
 
 
 def pair_enabled() -> bool:
     """``HY3_MOE_PAIR_DEQUANT`` (on by default): a chunk's two Linears dequantized in one launch."""
-    return _flag(PAIR_ENV, "1")
+    return settings.get(PAIR_ENV)
 
 
 def side_stream(device: torch.device) -> Any:

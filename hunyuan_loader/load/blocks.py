@@ -41,6 +41,7 @@ from ...memory.residency.weights import weight_tensors
 from ..checkpoint.layout import LoadUnit, TensorEntry
 from ..checkpoint.reader import RingAhead, TensorReader
 from ..core.errors import CheckpointError
+from ..core.units import aligned
 from ..formats.quantization import ROUTER_SUFFIX
 from ..formats.registry import for_model  # the built-ins are registered: pipeline imports formats.builtin
 
@@ -266,13 +267,6 @@ def _prepare_missing(sk: Skeleton) -> None:
 
 
 # -- sizes for the plan ------------------------------------------------------------------------------
-_ALIGN = 256
-
-
-def _aligned(n: int) -> int:
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
 def placed_nbytes(sk: Skeleton, entry: TensorEntry) -> int:
     """Bytes ``entry`` will take once placed (quantized or cast), as the residency engine counts
     them (256-byte aligned), from the header only."""
@@ -282,8 +276,8 @@ def placed_nbytes(sk: Skeleton, entry: TensorEntry) -> int:
         return sk.weight_format().placed_bytes(entry.shape, entry.dtype.itemsize, True)  # the format's size model
     if entry.dtype.is_floating_point and entry.dtype.itemsize > 1:
         dtype = _cast_dtype(sk, entry.name, entry.dtype) or entry.dtype
-        return _aligned(entry.nbytes // entry.dtype.itemsize * dtype.itemsize)
-    return _aligned(entry.nbytes)
+        return aligned(entry.nbytes // entry.dtype.itemsize * dtype.itemsize)
+    return aligned(entry.nbytes)
 
 
 def unit_bytes(sk: Skeleton, units: list[LoadUnit]) -> list[int]:
@@ -491,7 +485,7 @@ def header_nbytes(entry: TensorEntry) -> int:
     n = entry.nbytes
     if entry.name.endswith(ROUTER_SUFFIX + ".weight") and entry.dtype.is_floating_point and entry.dtype.itemsize < 4:
         n = n // entry.dtype.itemsize * 4
-    return _aligned(n)
+    return aligned(n)
 
 
 class _HostBuffersAhead:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,7 @@ from ..formats.quantization import check_quantized_modules, restore_float32_rout
 from ..model.variants import detect_variant, read_generation_config
 from . import multi_gpu
 from .adopt import adopt
-from .placement import accelerate_kwargs, place_for_spec, plan_load, uses_accelerate
+from .placement import accelerate_kwargs, place_for_spec, plan_load, uses_accelerate, within_ram_limit
 
 log = logging.getLogger(__name__)
 
@@ -290,11 +289,8 @@ def _ram_available(ring: Any) -> int | None:
     if not held:
         return None
     from ...memory.residency.ram import available_ram as os_available
-    from .placement import RAM_LIMIT_ENV
 
-    avail = os_available() + held
-    limit = os.environ.get(RAM_LIMIT_ENV, "").strip()
-    return min(avail, int(float(limit) * stats.GIB)) if limit else avail
+    return within_ram_limit(os_available() + held)
 
 
 def _load_from_pretrained(spec, info, qconfig, pre_quantized, device):

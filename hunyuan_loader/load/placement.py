@@ -11,7 +11,6 @@ or several (``adopt.adopt``). Run time (each Generate) is per_run.py's.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,13 +20,14 @@ import torch
 from ...memory import stats
 from ...memory.estimator import estimate_inference_gb
 from ...memory.residency.planner import InsufficientVRAMError, Placement, ResidencyPlan, plan_placement
+from ..core import settings
 from ..core.errors import NotEnoughRAMError, NotEnoughVRAMError
 from ..core.spec import LoadSpec
 
 log = logging.getLogger(__name__)
 
-RAM_LIMIT_ENV = "HUNYUAN_RAM_LIMIT_GB"
-MIN_STREAMED_ENV = "HUNYUAN_MIN_STREAMED_BLOCKS"  # tests and benches: stream at least this many blocks
+RAM_LIMIT_ENV = settings.RAM_LIMIT_GB
+MIN_STREAMED_ENV = settings.MIN_STREAMED_BLOCKS  # tests and benches: stream at least this many blocks
 RAM_MARGIN_BYTES = stats.GIB  # kept free for the process itself
 
 
@@ -67,16 +67,19 @@ def available_ram() -> int:
     (act as if the machine had only this much; tests and trying a smaller box's plan)."""
     from ...memory.residency.ram import available_ram as os_available
 
-    avail = os_available()
-    limit = os.environ.get(RAM_LIMIT_ENV, "").strip()
-    return min(avail, int(float(limit) * stats.GIB)) if limit else avail
+    return within_ram_limit(os_available())
+
+
+def within_ram_limit(avail: int) -> int:
+    """``avail`` bytes, capped by HUNYUAN_RAM_LIMIT_GB when it is set."""
+    limit = settings.get(RAM_LIMIT_ENV)
+    return min(avail, int(limit * stats.GIB)) if limit is not None else avail
 
 
 def min_streamed_blocks() -> int:
     """HUNYUAN_MIN_STREAMED_BLOCKS: with offload smart/budget, stream at least this many blocks
     (a small model would otherwise never stream: two streaming slots cost as much as two blocks)."""
-    value = os.environ.get(MIN_STREAMED_ENV, "").strip()
-    return max(0, int(value)) if value else 0
+    return settings.get(MIN_STREAMED_ENV)
 
 
 def _gib(n: float) -> str:

@@ -15,7 +15,7 @@ from .. import stats
 from .packed import HostBuffer, Layout, PackedBlock
 from .planner import Placement, ResidencyPlan, plan_placement
 from .protocol import ParkReport, ResidencyState
-from .ram import GiB, check_ram
+from .ram import GIB, check_ram
 from .streaming import BlockStreamer, StreamingUnavailableError
 from .weights import WeightTensor, move_weight_tensors, weight_tensors, weights_bytes
 
@@ -36,7 +36,7 @@ class ResidencyManager:
         device: torch.device | str,
         *,
         prefetch_slots: int = 2,
-        ram_margin_bytes: int = GiB,
+        ram_margin_bytes: int = GIB,
         allow_cpu_streaming: bool = False,
     ) -> None:
         self._setup(model, blocks, device, prefetch_slots, ram_margin_bytes, allow_cpu_streaming)
@@ -84,7 +84,7 @@ class ResidencyManager:
         plan_for: Callable[[ResidencyManager], ResidencyPlan],
         *,
         prefetch_slots: int = 2,
-        ram_margin_bytes: int = GiB,
+        ram_margin_bytes: int = GIB,
         allow_cpu_streaming: bool = False,
     ) -> ResidencyManager:
         """A manager for a model a loader has just placed (resident blocks and the rest on the
@@ -298,10 +298,10 @@ class ResidencyManager:
             if freed < 0.9 * expected:
                 log.warning(
                     "park freed only %.2f GiB of %.2f GiB expected (%.2f GiB still allocated): "
-                    "something else holds GPU tensors", freed / GiB, expected / GiB, after / GiB,
+                    "something else holds GPU tensors", freed / GIB, expected / GIB, after / GIB,
                 )
         report = ParkReport(need, freed, time.perf_counter() - t0)
-        log.info("parked %.2f GiB in %.2f s (GPU freed %.2f GiB)", need / GiB, report.seconds, freed / GiB)
+        log.info("parked %.2f GiB in %.2f s (GPU freed %.2f GiB)", need / GIB, report.seconds, freed / GIB)
         return report
 
     def restore(self, *, available_ram_bytes: int | None = None) -> float:

@@ -19,15 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ...hunyuan_loader.core.units import aligned
 from .weights import WeightTensor
 
 log = logging.getLogger(__name__)
-
-ALIGN = 256
-
-
-def _align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
 def _unregister(ptr: int, holder: list) -> None:
@@ -89,7 +84,7 @@ class Layout:
         for w in tensors:
             offsets.append(pos)
             sizes.append(w.nbytes)
-            pos += _align(w.nbytes)
+            pos += aligned(w.nbytes)
         return cls(tuple(offsets), tuple(sizes), pos)
 
 

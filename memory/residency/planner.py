@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-GiB = 1024**3
+from ...hunyuan_loader.core.units import GIB
 
 
 class Placement(str, Enum):
@@ -37,7 +37,7 @@ class InsufficientVRAMError(MemoryError):
 
 
 def _gib(n: int) -> str:
-    return f"{n / GiB:.2f} GiB"
+    return f"{n / GIB:.2f} GiB"
 
 
 def evenly_spaced(n_blocks: int, k: int) -> list[int]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-GiB = 1024**3
+from ...hunyuan_loader.core.units import GIB
 
 
 class InsufficientRAMError(MemoryError):
@@ -16,7 +16,7 @@ def available_ram() -> int:
 
 
 def check_ram(
-    needed_bytes: int, what: str, *, available_bytes: int | None = None, margin_bytes: int = GiB
+    needed_bytes: int, what: str, *, available_bytes: int | None = None, margin_bytes: int = GIB
 ) -> None:
     """Raise InsufficientRAMError unless ``needed_bytes`` + margin fit the available RAM."""
     if needed_bytes <= 0:
@@ -24,7 +24,7 @@ def check_ram(
     avail = available_ram() if available_bytes is None else int(available_bytes)
     if needed_bytes + margin_bytes > avail:
         raise InsufficientRAMError(
-            f"cannot {what}: it needs {needed_bytes / GiB:.2f} GiB of CPU RAM "
-            f"(+{margin_bytes / GiB:.2f} GiB margin) but only {avail / GiB:.2f} GiB is available. "
+            f"cannot {what}: it needs {needed_bytes / GIB:.2f} GiB of CPU RAM "
+            f"(+{margin_bytes / GIB:.2f} GiB margin) but only {avail / GIB:.2f} GiB is available. "
             "Nothing was moved; the model stays where it was. Free RAM or unload the model fully."
         )

@@ -569,6 +569,7 @@ load_pack()
 import torch
 from test_w8a16_grouped import _block
 from hunyuan_image3.hunyuan_loader.hooks import moe_grouped as mg
+from hunyuan_image3.hunyuan_loader.core import settings
 from hunyuan_image3.hunyuan_loader.kernels import w8a16_dequant as D
 _, block = _block(torch.bfloat16, topk=2)
 x = (torch.rand(2, 37, 64, generator=torch.Generator().manual_seed(1)) + 0.05).to(torch.bfloat16)
@@ -576,6 +577,7 @@ with torch.no_grad():
     ref = block(x)
     for engine in ("linear",) + (("dequant",) if D.grouped_mm_available(x) else ()):
         os.environ[mg.GROUPED_ENV] = engine
+        settings.refresh()  # settings are parsed once: re-read the changed variable
         assert mg.grouped_w8a16_reason(block.experts, x.reshape(-1, 64)) is None, engine
         out = block(x)
         assert float((out.float() - ref.float()).abs().max()) <= 2**-6 * float(ref.float().abs().max()), engine

@@ -169,6 +169,7 @@ from test_w8a16_grouped import _block
 from hunyuan_image3.hunyuan_loader.hooks import moe_dispatch as md
 from hunyuan_image3.hunyuan_loader.formats import w8a16
 from hunyuan_image3.hunyuan_loader.hooks import moe_grouped as mg
+from hunyuan_image3.hunyuan_loader.core import settings
 from hunyuan_image3.hunyuan_loader.kernels import w8a16_kernel
 w8a16._kernel = w8a16_kernel  # the per-expert path runs the per-Linear kernel, interpreted too
 w8a16.fused_available = lambda x: True  # CPU tensors stand in for CUDA ones
@@ -186,10 +187,12 @@ with torch.no_grad():
     assert len(calls) == 2 and sum(calls[0]) == 2 * 74 and calls[0][3] == 0, calls
     assert torch.equal(block(x), ours)
     os.environ[mg.GROUPED_ENV] = "0"
+    settings.refresh()  # settings are parsed once: re-read the changed variable
     n = len(calls)
     per_expert = block(x)
     assert len(calls) == n
     del os.environ[mg.GROUPED_ENV]
+    settings.refresh()
     err = float((ours.double() - per_expert.double()).abs().max() / per_expert.double().abs().max())
     assert err < 1e-2, err
     mg.GROUPED_ROWS = 40
