@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 
 from ..hunyuan_loader.core import settings
+from ..hunyuan_loader.core.devices import MODES
 from ..hunyuan_loader.core.units import GIB
 from .residency.planner import InsufficientVRAMError, Placement, ResidencyPlan, evenly_spaced, plan_placement
 
-MODES = ("auto", "split", "cfg_parallel", "off")
 VRAM_LIMIT_ENV = settings.VRAM_LIMIT_GB
 
 

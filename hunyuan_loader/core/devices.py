@@ -13,6 +13,7 @@ from .errors import InputError
 
 LOGICAL_ENV = settings.LOGICAL_DEVICES
 _NAME = re.compile(r"cuda:(\d+)|cpu")
+MODES = ("auto", "split", "cfg_parallel", "off")  # the loaders' multi_gpu input (memory.devices.choose_mode)
 
 
 def logical_devices_allowed() -> bool:

@@ -52,8 +52,7 @@ class LoadSpec:
 
     def _check_devices(self) -> None:
         """devices: syntax and existence on this machine (normalised: the cache key); multi_gpu."""
-        from ...memory.devices import MODES
-        from .devices import normalise_devices, resolve_devices
+        from .devices import MODES, normalise_devices, resolve_devices
 
         if self.multi_gpu not in MODES:
             raise InputError(f"multi_gpu '{self.multi_gpu}' is not one of {', '.join(MODES)}.")
