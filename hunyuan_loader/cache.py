@@ -17,6 +17,7 @@ from pathlib import Path
 from ..memory import stats
 from ..memory.unload import UnloadReport, collect_garbage, nuke_orphans
 from .core.spec import LoadedModel, LoadSpec
+from .generation import CancelFn, GenerationRequest, GenerationResult, ProgressFn, generate
 from .load.pipeline import load_model
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,25 @@ class HunyuanModelCache:
             if make_room is not None:
                 make_room(self.bytes_to_bring_back(handle))
             return self.get(handle)
+
+    def generate(
+        self,
+        handle: ModelHandle,
+        req: GenerationRequest,
+        progress: ProgressFn | None = None,
+        cancel: CancelFn | None = None,
+        make_room: Callable[[int], object] | None = None,
+    ) -> GenerationResult:
+        """The one call a Generate node makes: the model brought back (``make_room(bytes)`` lets ComfyUI's
+        own models yield first), then, for each attempt, ``prepare_run`` has the offload policy place the
+        run (node -> cache -> policy -> residency)."""
+        loaded = self.bring_back(handle, make_room)
+
+        def placement(size: tuple[int, int], notes: list[str], retried: bool, tokens: int):
+            return self.prepare_run(handle, size, notes, make_room=make_room, extra_margin=retried,
+                                    extra_tokens=tokens)
+
+        return generate(loaded, req, progress, cancel, placement=placement)
 
     def save_quantized_copy(
         self, handle: ModelHandle, dest: Path, progress: Callable[[int, int], None] | None = None

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from .checkpoint.validate import read_config
 from .core.errors import InputError
-from .generation import (
+from .model.variants import Variant, detect_variant, read_generation_config
+from .request import (
     CUSTOM_MAX,
     CUSTOM_MIN,
     GenerationRequest,
@@ -23,7 +24,6 @@ from .generation import (
     parse_size,
     validate_request,
 )
-from .model.variants import Variant, detect_variant, read_generation_config
 
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 

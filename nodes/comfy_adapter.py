@@ -23,6 +23,8 @@ from ..hunyuan_loader.core.errors import CheckpointError, HunyuanError
 from . import model_paths
 
 MODEL_FOLDER = "HunyuanImage-3"
+CATEGORY = "HunyuanImage3"  # the node menu
+MODEL_TYPE = "HUNYUAN_IMAGE3"  # the loaders' output type: a light handle into the one model cache
 NO_MODELS = "(no model folders found: see README, 'Where the model goes')"
 
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 from .comfy_adapter import comfy_module
 
@@ -53,10 +55,8 @@ class HunyuanComfyPatcher:
         self.unloads: list[tuple[str, int, int]] = []  # (action, bytes requested, bytes freed), for tests
 
     @staticmethod
-    def _cache():  # imported lazily: the cache module pulls in torch-side helpers
-        from ..hunyuan_loader.cache import get_cache
-
-        return get_cache()
+    def _cache() -> Any:
+        return _cache_getter()
 
     def _on_cpu(self) -> bool:
         return getattr(self.load_device, "type", str(self.load_device)) == "cpu"
@@ -121,6 +121,13 @@ _comfy_patcher: HunyuanComfyPatcher | None = None
 _comfy_entry = None
 
 
+def _no_cache() -> Any:
+    return None
+
+
+_cache_getter: Callable[[], Any] = _no_cache  # set by register_with_comfy_memory
+
+
 def _make_loaded_model_class(mm: ModuleType) -> type:
     class HunyuanLoadedModel(mm.LoadedModel):
         """A current_loaded_models entry that ComfyUI never pops; unloading goes to our cache."""
@@ -179,9 +186,11 @@ def make_room_on_gpu(bytes_needed: int) -> int:
     return len(unloaded)
 
 
-def register_with_comfy_memory() -> bool:
-    """Put our cache into ComfyUI's memory management (idempotent). False outside ComfyUI."""
-    global _comfy_patcher, _comfy_entry
+def register_with_comfy_memory(cache_getter: Callable[[], Any]) -> bool:
+    """Put our cache (``cache_getter()`` returns it) into ComfyUI's memory management (idempotent). False
+    outside ComfyUI. The getter is passed in so that this adapter does not import the library above it."""
+    global _comfy_patcher, _comfy_entry, _cache_getter
+    _cache_getter = cache_getter
     mm = comfy_module("comfy.model_management")
     if mm is None or not hasattr(mm, "current_loaded_models") or not hasattr(mm, "LoadedModel"):
         return False

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..hunyuan_loader.cache import ModelHandle
+from ..hunyuan_loader.cache import ModelHandle, get_cache
 from ..hunyuan_loader.core.errors import HunyuanError
 from ..hunyuan_loader.generation import (
     BOT_TASKS,
@@ -22,13 +22,11 @@ from ..hunyuan_loader.generation import (
     MAX_STEPS,
     GenerationRequest,
     GenerationResult,
-    generate_cached,
     image_tensor_to_pils,
 )
 from ..hunyuan_loader.input_checks import check_queued_inputs, check_request, checkpoint_variant
 from ..hunyuan_loader.model.resolution import resolution_buckets
 from . import comfy_adapter, comfy_memory
-from .loaders import CATEGORY, MODEL_TYPE
 
 IMAGE_INPUTS = tuple(f"image_{i}" for i in range(1, MAX_REFERENCE_IMAGES + 1))
 
@@ -57,7 +55,7 @@ class HunyuanImage3Generate:
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("image", "text")
     FUNCTION = "generate"
-    CATEGORY = CATEGORY
+    CATEGORY = comfy_adapter.CATEGORY
     DESCRIPTION = (
         "Generates an image from a prompt with a HunyuanImage-3 model from one of the loaders. Instruct "
         "checkpoints also take reference images (1 = edit, 2-3 = fusion) and can think / rewrite the prompt "
@@ -75,7 +73,7 @@ class HunyuanImage3Generate:
         }
         return {
             "required": {
-                "model": (MODEL_TYPE, {"tooltip": "From a HunyuanImage-3 loader."}),
+                "model": (comfy_adapter.MODEL_TYPE, {"tooltip": "From a HunyuanImage-3 loader."}),
                 "prompt": ("STRING", {"multiline": True, "default": "",
                                       "tooltip": "What the image shows, or (with reference images) what to change."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
@@ -157,7 +155,7 @@ class HunyuanImage3Generate:
         # Per variant (guidance; base: no images, no text task), from config.json before any (re)load.
         check_request(request, checkpoint_variant(model.spec.path))
         total = request.steps or checkpoint_variant(model.spec.path).default_steps
-        result = generate_cached(model, request, comfy_adapter.progress_callback(total),
-                                 comfy_adapter.cancel_check(), make_room=comfy_memory.make_room_on_gpu)
+        result = get_cache().generate(model, request, comfy_adapter.progress_callback(total),
+                                      comfy_adapter.cancel_check(), make_room=comfy_memory.make_room_on_gpu)
         text = result.cot_text or ""
         return {"ui": {"text": result_text(result)}, "result": (result.image, text)}

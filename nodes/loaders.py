@@ -12,8 +12,8 @@ from . import comfy_adapter, comfy_memory
 
 log = logging.getLogger(__name__)
 
-CATEGORY = "HunyuanImage3"
-MODEL_TYPE = "HUNYUAN_IMAGE3"
+CATEGORY = comfy_adapter.CATEGORY
+MODEL_TYPE = comfy_adapter.MODEL_TYPE
 
 MODEL_NAME_TIP = (
     "Checkpoint folder (holding config.json) directly inside ComfyUI/models/HunyuanImage-3 "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..hunyuan_loader.cache import ModelHandle, get_cache
-from .loaders import CATEGORY, MODEL_TYPE
+from . import comfy_adapter
 
 
 class _AnyType(str):
@@ -26,7 +26,7 @@ class HunyuanImage3ForceUnload:
     RETURN_TYPES = (ANY, "STRING")
     RETURN_NAMES = ("trigger", "report")
     FUNCTION = "unload"
-    CATEGORY = CATEGORY
+    CATEGORY = comfy_adapter.CATEGORY
     OUTPUT_NODE = True
     DESCRIPTION = (
         "Unloads HunyuanImage-3 completely. nuke_orphaned_tensors also frees model memory left "
@@ -55,10 +55,10 @@ class HunyuanImage3ForceUnload:
 class HunyuanImage3SoftUnload:
     """Parks the model in CPU RAM and frees the GPU; the next Generate brings it back in seconds."""
 
-    RETURN_TYPES = (MODEL_TYPE, ANY)
+    RETURN_TYPES = (comfy_adapter.MODEL_TYPE, ANY)
     RETURN_NAMES = ("model", "trigger")
     FUNCTION = "unload"
-    CATEGORY = CATEGORY
+    CATEGORY = comfy_adapter.CATEGORY
     OUTPUT_NODE = True
     DESCRIPTION = (
         "Moves every weight of the model to (pinned) CPU RAM and frees the GPU for other work. "
@@ -68,7 +68,7 @@ class HunyuanImage3SoftUnload:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
-            "required": {"model": (MODEL_TYPE, {"tooltip": "The model to park in CPU RAM."})},
+            "required": {"model": (comfy_adapter.MODEL_TYPE, {"tooltip": "The model to park in CPU RAM."})},
             "optional": {"trigger": (ANY, {"tooltip": "Any output: runs this node after it."})},
         }
 

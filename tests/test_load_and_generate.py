@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hunyuan_image3.hunyuan_loader.cache import get_cache
 from hunyuan_image3.hunyuan_loader.core.errors import GenerationCancelled, InputError
 from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
 from hunyuan_image3.hunyuan_loader.generation import GenerationRequest, generate
@@ -144,16 +145,15 @@ def test_distil_takes_any_guidance(cache, distil_checkpoint: Path) -> None:
 
 
 def test_generate_node_path_is_one_call_through_the_cache(cache, base_checkpoint: Path) -> None:
-    """node -> generation.generate_cached -> cache (bring back, prepare_run) -> policy -> residency."""
-    from hunyuan_image3.hunyuan_loader.generation import generate_cached
+    """node -> cache.generate -> cache (bring back, prepare_run) -> policy -> residency."""
 
     handle = cache.load(LoadSpec(str(base_checkpoint)))
     asked: list[int] = []
-    first = generate_cached(handle, GenerationRequest("x", steps=1, seed=3), make_room=asked.append)
+    first = get_cache().generate(handle, GenerationRequest("x", steps=1, seed=3), make_room=asked.append)
     assert first.image.shape == (1, 1024, 1024, 3) and asked and set(asked) == {0}  # resident: nothing to bring back
     loads, before = cache.load_count, len(asked)
     cache.unload("drop")  # as ComfyUI's /free does: the handle reloads through the cache
-    again = generate_cached(handle, GenerationRequest("x", steps=1, seed=3), make_room=asked.append)
+    again = get_cache().generate(handle, GenerationRequest("x", steps=1, seed=3), make_room=asked.append)
     assert cache.load_count == loads + 1 and asked[before] > 0  # the reload's weights asked for room first
     assert torch.equal(first.image, again.image)
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 
 from workflow_check import check_api, check_ui  # noqa: E402
 
-from hunyuan_image3.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
+from hunyuan_image3 import NODE_CLASS_MAPPINGS  # noqa: E402
 
 
 def _object_info() -> dict:
