@@ -22,11 +22,8 @@ def load_test_model(path: Path, quant: str | None = None, **kwargs: Any):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hunyuan_image3.hunyuan_loader.formats.quantization import (
-        checkpoint_tensor_names,
-        quantization_config,
-        skip_modules_for,
-    )
+    from hunyuan_image3.hunyuan_loader.formats.builtin import quantization_config
+    from hunyuan_image3.hunyuan_loader.formats.quantization import checkpoint_tensor_names, skip_modules_for
 
     if quant not in (None, "int8", "nf4"):
         raise ValueError(f"quant must be None, 'int8' or 'nf4', got {quant!r}")

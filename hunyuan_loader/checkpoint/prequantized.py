@@ -35,7 +35,9 @@ def prequantized_format(config: dict) -> str | None:
     """The loader a pre-quantized config.json needs (its weight format's quant: 'int8' for bitsandbytes
     int8 or W8A16, 'nf4'), None for a full-precision checkpoint; CheckpointError for a format this
     pack cannot load (formats/registry.py)."""
-    from ..formats.builtin import for_config
+    from ..formats.registry import (
+        for_config,  # the built-ins are registered: pipeline imports formats.builtin
+    )
 
     fmt = for_config(config.get("quantization_config"))
     return fmt.quant if fmt is not None else None
@@ -55,7 +57,9 @@ def check_matches_loader(fmt: str | None, quant: str, path: Path) -> None:
 def quantized_modules_in_checkpoint(names: Iterable[str], quantization_config: Any) -> set[str]:
     """Modules whose quantized weights the checkpoint holds (SCB, absmax, quant_state, weight_scale,
     ...), by the tensor names of its weight format (the one its ``quantization_config`` names)."""
-    from ..formats.builtin import for_config
+    from ..formats.registry import (
+        for_config,  # the built-ins are registered: pipeline imports formats.builtin
+    )
 
     fmt = for_config(quantization_config)
     return fmt.stored_modules(names) if fmt is not None else set()
@@ -64,7 +68,7 @@ def quantized_modules_in_checkpoint(names: Iterable[str], quantization_config: A
 def check_prequantized(model: Any, names: Iterable[str]) -> None:
     """The checkpoint's quantized tensors and the model built from its quantization_config agree,
     and nothing that must stay full precision is quantized (a clear error naming the module)."""
-    from ..formats.quantization import check_quantized_modules, quantized_module_names
+    from ..formats.registry import check_quantized_modules, quantized_module_names
 
     in_file = quantized_modules_in_checkpoint(names, getattr(model.config, "quantization_config", None))
     in_model = set(quantized_module_names(model))

@@ -3,4 +3,14 @@ it: bf16, int8, nf4), and the registry's lookups: the pack imports these from he
 formats are always registered when it looks one up (formats/registry.py)."""
 
 from . import bf16, w8a16_format, bnb_int8, bnb_nf4  # noqa: F401,I001 - registering is importing
-from .registry import for_config, for_load, for_model, get, loader_quants, owner_of  # noqa: F401
+from .registry import (  # noqa: F401
+    check_quantized_modules,
+    for_config,
+    for_load,
+    for_model,
+    get,
+    loader_quants,
+    owner_of,
+    quantization_config,
+    quantized_module_names,
+)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..core.errors import CheckpointError, DependencyError
+from ..core.errors import DependencyError
 
 log = logging.getLogger(__name__)
 
@@ -128,14 +128,6 @@ def require_bitsandbytes(quant: str) -> None:
         ) from exc
 
 
-def quantization_config(quant: str, skip_modules: list[str]) -> Any:
-    """The quantization_config of a fresh load with the ``quant`` loader (bitsandbytes for int8;
-    None for bf16): the registered format's (formats/registry.py)."""
-    from .registry import for_load
-
-    return for_load(quant, "bnb").quantization_config(skip_modules)
-
-
 def bnb_quantization_config(quant: str, skip_modules: list[str]) -> Any:
     """The BitsAndBytesConfig for int8 / nf4 (formats/bnb_int8.py, bnb_nf4.py)."""
     from transformers import BitsAndBytesConfig
@@ -149,37 +141,6 @@ def bnb_quantization_config(quant: str, skip_modules: list[str]) -> Any:
         bnb_4bit_use_double_quant=True,
         llm_int8_skip_modules=list(skip_modules),
     )
-
-
-def quantized_module_names(model: Any) -> list[str]:
-    """Names of the modules that hold quantized weights, of any registered format
-    (formats/registry.py); a CheckpointError for a module with integer weights that no format owns."""
-    from .registry import owner_of
-
-    names = []
-    for name, module in model.named_modules():
-        if owner_of(module) is not None:
-            names.append(name)
-            continue
-        weight = module.__dict__.get("_parameters", {}).get("weight")
-        if weight is not None and not (weight.dtype.is_floating_point or weight.dtype.is_complex):
-            raise CheckpointError(
-                f"{name} is a {type(module).__name__} with {weight.dtype} weights, a quantized module of no "
-                "weight format this pack knows. Load the BF16 checkpoint, or a copy written by this pack."
-            )
-    return sorted(names)
-
-
-def check_quantized_modules(model: Any) -> None:
-    """Refuse a model in which a module that must stay in full precision is quantized."""
-    bad = [name for name in quantized_module_names(model) if not is_quantizable(name)]
-    if bad:
-        raise CheckpointError(
-            f"{len(bad)} module(s) that must stay in full precision are quantized, first: {bad[0]} "
-            "(quantizing the router, shared expert, embedders, VAE or vision parts garbles images or "
-            "crashes). Use the original BF16 checkpoint, or a quantized copy written by this pack "
-            "(`python -m hunyuan_loader quantize`)."
-        )
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from typing import Any
 from ..core.errors import CheckpointError, InputError
 from ..core.quants import allow_quant, forget_quant
 from ..core.units import aligned  # the residency engine packs every tensor 256-byte aligned
+from .quantization import is_quantizable
 
 
 class WeightFormat:
@@ -183,3 +184,39 @@ def owner_of(module: Any) -> WeightFormat | None:
         if fmt.owns(module):
             return fmt
     return None
+
+
+# -- lookups over a built model ---------------------------------------------------------------------
+def quantization_config(quant: str, skip_modules: list[str]) -> Any:
+    """The quantization_config of a fresh load with the ``quant`` loader (bitsandbytes for int8;
+    None for bf16): the registered format's (formats/registry.py)."""
+    return for_load(quant, "bnb").quantization_config(skip_modules)
+
+
+def quantized_module_names(model: Any) -> list[str]:
+    """Names of the modules that hold quantized weights, of any registered format
+    (formats/registry.py); a CheckpointError for a module with integer weights that no format owns."""
+    names = []
+    for name, module in model.named_modules():
+        if owner_of(module) is not None:
+            names.append(name)
+            continue
+        weight = module.__dict__.get("_parameters", {}).get("weight")
+        if weight is not None and not (weight.dtype.is_floating_point or weight.dtype.is_complex):
+            raise CheckpointError(
+                f"{name} is a {type(module).__name__} with {weight.dtype} weights, a quantized module of no "
+                "weight format this pack knows. Load the BF16 checkpoint, or a copy written by this pack."
+            )
+    return sorted(names)
+
+
+def check_quantized_modules(model: Any) -> None:
+    """Refuse a model in which a module that must stay in full precision is quantized."""
+    bad = [name for name in quantized_module_names(model) if not is_quantizable(name)]
+    if bad:
+        raise CheckpointError(
+            f"{len(bad)} module(s) that must stay in full precision are quantized, first: {bad[0]} "
+            "(quantizing the router, shared expert, embedders, VAE or vision parts garbles images or "
+            "crashes). Use the original BF16 checkpoint, or a quantized copy written by this pack "
+            "(`python -m hunyuan_loader quantize`)."
+        )

@@ -25,11 +25,18 @@ from ..core import quiet
 from ..core.errors import DependencyError
 from ..core.spec import LoadedModel, LoadSpec
 from ..formats.builtin import for_config, for_load
-from ..formats.quantization import check_quantized_modules, restore_float32_routers, skip_modules_for
+from ..formats.quantization import restore_float32_routers, skip_modules_for
+from ..formats.registry import check_quantized_modules
 from ..model.variants import detect_variant, read_generation_config
 from . import multi_gpu
 from .adopt import adopt
-from .placement import accelerate_kwargs, place_for_spec, plan_load, uses_accelerate, within_ram_limit
+from .placement import (
+    accelerate_kwargs,
+    place_for_spec,
+    plan_load,
+    uses_accelerate,
+    within_ram_limit,
+)
 
 log = logging.getLogger(__name__)
 

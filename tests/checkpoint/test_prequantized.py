@@ -38,11 +38,8 @@ def _plain(path: Path, qconfig=None, device_map="cpu"):
 
 
 def _fresh_qconfig(checkpoint: Path, quant: str, fmt: str):
-    from hunyuan_image3.hunyuan_loader.formats.quantization import (
-        checkpoint_tensor_names,
-        quantization_config,
-        skip_modules_for,
-    )
+    from hunyuan_image3.hunyuan_loader.formats.builtin import quantization_config
+    from hunyuan_image3.hunyuan_loader.formats.quantization import checkpoint_tensor_names, skip_modules_for
 
     skips = skip_modules_for(checkpoint_tensor_names(checkpoint))
     if quant == "int8" and fmt == "w8a16":

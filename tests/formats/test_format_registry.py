@@ -25,10 +25,9 @@ from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
 from hunyuan_image3.hunyuan_loader.formats import registry
 from hunyuan_image3.hunyuan_loader.formats.quantization import (
     is_quantizable,
-    quantized_module_names,
     transformers_skips,
 )
-from hunyuan_image3.hunyuan_loader.formats.registry import WeightFormat
+from hunyuan_image3.hunyuan_loader.formats.registry import WeightFormat, quantized_module_names
 from hunyuan_image3.hunyuan_loader.load.pipeline import load_model, save_quantized_copy
 
 NAME = "bf16_renamed"

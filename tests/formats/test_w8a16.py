@@ -172,7 +172,8 @@ def w8a16_model(base_checkpoint, one_thread):
 def test_transformers_load_converts_exactly_the_bnb_module_set(w8a16_model, base_checkpoint) -> None:
     from fixtures_model import load_test_model
 
-    from hunyuan_image3.hunyuan_loader.formats.quantization import check_quantized_modules, is_quantizable
+    from hunyuan_image3.hunyuan_loader.formats.builtin import check_quantized_modules
+    from hunyuan_image3.hunyuan_loader.formats.quantization import is_quantizable
 
     names = w8a16.w8a16_module_names(w8a16_model)
     assert names and all(is_quantizable(n) for n in names)
@@ -370,7 +371,8 @@ assert len(tuned) == 1, tuned
 (key, t), = tuned.items()
 assert key[:5] == (64, 96, 64, torch.float16, False), key
 assert bad in t.rejected and "error" in t.rejected[bad], t.rejected
-assert t.config in cands and t.config != bad and set(t.timings) == set(cands) - {bad}, t
+same = {c for c in cands if c != bad and k.numerics_class(c) == k.numerics_class(t.reference)}
+assert t.config in cands and t.config != bad and set(t.timings) == same, t  # only the reference's class is timed
 assert k.reference_error(y.reshape(40, 96), x.reshape(40, 64), q, s, b) < 2e-3
 assert torch.equal(k.launch(x, q, s, b), y) and len(k.tunings()) == 1
 def racing_run(cfg, x2, weight, scale, bias, y, calls=[0]):

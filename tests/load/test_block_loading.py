@@ -102,7 +102,8 @@ torch.set_num_threads(1)
 from hunyuan_image3.hunyuan_loader.load import blocks as block_loader
 from hunyuan_image3.hunyuan_loader.checkpoint.validate import loadable_path, validate_checkpoint
 from hunyuan_image3.hunyuan_loader.checkpoint.layout import load_units, read_layout
-from hunyuan_image3.hunyuan_loader.formats.quantization import quantization_config, skip_modules_for
+from hunyuan_image3.hunyuan_loader.formats.quantization import skip_modules_for
+from hunyuan_image3.hunyuan_loader.formats.builtin import quantization_config
 block_loader.CPU_READ_AHEAD = {window}
 
 def hwm():

@@ -22,10 +22,10 @@ import torch
 from fixtures_model import load_test_model
 
 from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
+from hunyuan_image3.hunyuan_loader.formats.builtin import quantized_module_names
 from hunyuan_image3.hunyuan_loader.formats.quantization import (
     checkpoint_tensor_names,
     is_quantizable,
-    quantized_module_names,
     skip_modules_for,
     transformers_skips,
 )
