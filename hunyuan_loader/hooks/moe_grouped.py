@@ -19,7 +19,7 @@ buffers together hold at most ``scratch_bytes()`` (``HY3_MOE_SCRATCH_MB``, defau
 experts' bf16 gate_up + down, 504 MiB; 1024: 14 experts, half the chunks and so half the launches
 per chunk; the same chunks with and without overlap) — ~1.1 GB in all at the default; the
 activations are freed after each chunk, the buffers at the end of the layer's MoE call (the
-caching allocator keeps them reserved). The run estimate (placement.inference_bytes, the card
+caching allocator keeps them reserved). The run estimate (per_run.inference_bytes, the card
 plan) adds it through ``workspace_bytes``.
 """
 
@@ -391,7 +391,7 @@ def workspace_bytes(model: nn.Module) -> int:
     """GPU bytes the grouped path may hold on top of the per-expert path during one MoE call (0 when
     the model's experts are not W8A16 SiLU MLPs, or ``HY3_MOE_GROUPED=0``): a chunk's activations
     (``GROUPED_ROWS`` rows of gathered input, gate_up output, activation and output) and the
-    dequant engines' scratch (``scratch_bytes()``). For the run estimate (placement.inference_bytes)."""
+    dequant engines' scratch (``scratch_bytes()``). For the run estimate (per_run.inference_bytes)."""
     from ..formats import w8a16
     from ..model.topology import find_moe_blocks
 
