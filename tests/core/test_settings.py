@@ -118,6 +118,7 @@ def test_unset_or_blank_is_the_default(monkeypatch, name: str) -> None:
 
 def test_false_switches_verbose_and_logical_devices_off(monkeypatch) -> None:
     """The bug this module fixed: "false" used to switch both features ON."""
+    monkeypatch.setattr(quiet, "_verbose", None)  # the variable decides (an in-process CLI run may have set it)
     monkeypatch.setenv(settings.VERBOSE, "false")
     monkeypatch.setenv(settings.LOGICAL_DEVICES, "false")
     assert quiet.is_verbose() is False
