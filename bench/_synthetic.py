@@ -250,3 +250,11 @@ def copy_rates(device, nbytes: int = 2 << 30, reps: int = 3) -> tuple[float, flo
         rates.append(nbytes * reps / (time.perf_counter() - t0))
         del src, host
     return rates[0], rates[1]
+
+
+def settings_refresh() -> None:
+    """The pack parses its environment variables once (core/settings.py): re-read them after this bench
+    changes one."""
+    from hunyuan_image3.hunyuan_loader.core import settings
+
+    settings.refresh()

@@ -61,6 +61,7 @@ from _synthetic import (
     bnb_linear,
     make_layer,
     quantize_layer,
+    settings_refresh,
     start_bench,
     step_input,
     time_steps,
@@ -200,12 +201,14 @@ def env_path(pairs, value: str | None):
             old = os.environ.pop("HY3_W8A16_KERNEL", None)
             if value is not None:
                 os.environ["HY3_W8A16_KERNEL"] = value
+            settings_refresh()
             try:
                 return f(x)
             finally:
                 os.environ.pop("HY3_W8A16_KERNEL", None)
                 if old is not None:
                     os.environ["HY3_W8A16_KERNEL"] = old
+                settings_refresh()
         return call
     return [(wrap(a), wrap(b)) for a, b in pairs]
 
@@ -457,12 +460,14 @@ def part2(dev, n: int, tokens: int, steps: int, modes: tuple[str, ...]) -> None:
         old = os.environ.pop(mg.GROUPED_ENV, None)
         if mode.endswith("-per-expert"):
             os.environ[mg.GROUPED_ENV] = "0"
+        settings_refresh()
         try:
             t, _, peak = time_steps(model, x, steps)
         finally:
             os.environ.pop(mg.GROUPED_ENV, None)
             if old is not None:
                 os.environ[mg.GROUPED_ENV] = old
+            settings_refresh()
         rows[mode] = (t, per_layer)
         ratio = f"{t / rows['bf16'][0]:.2f}x" if "bf16" in rows else "-"
         print(f"| {STEP_NAMES[mode]} | {t:.3f} | {ratio} | {per_layer / GB:.3f} | {delta / GB:.3f} | "

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from _synthetic import start_bench
+from _synthetic import settings_refresh, start_bench
 
 GB = 1e9
 GIB = 1024**3
@@ -405,6 +405,7 @@ def main() -> int:
         return lambda loaded: save_quantized_copy(loaded, copies[quant])
 
     os.environ["HUNYUAN_MIN_STREAMED_BLOCKS"] = str(half)  # smart rows: half of the blocks stream
+    settings_refresh()
     # Rows that read the BF16 files come first; then per format: from BF16 (resident writes the copy),
     # the copy's floor and loads, and the copy is deleted, so at most one copy is on disk at a time.
     only_copies = args.prequantized_only
@@ -422,6 +423,7 @@ def main() -> int:
         r.order = 10
         record(r, out, quant)
     os.environ.pop("HUNYUAN_MIN_STREAMED_BLOCKS", None)
+    settings_refresh()
     # accelerate: device_map="auto" within a budget that holds about half of the blocks
     from hunyuan_image3.hunyuan_loader.checkpoint.layout import block_of, read_layout
 
@@ -436,6 +438,7 @@ def main() -> int:
         r.order = 11
         record(r, out, "bf16")
     os.environ["HUNYUAN_MIN_STREAMED_BLOCKS"] = str(half)
+    settings_refresh()
     for k, quant in enumerate(("int8", "nf4")):
         label = quant if quant != "int8" else f"int8 {fmt}"
         r, out = run_load(f"ours {label} resident", bf16_files, floors, "bf16", lambda q=quant: load_model(spec(ckpt, q)),
@@ -457,6 +460,7 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(copies[quant], ignore_errors=True)
     os.environ.pop("HUNYUAN_MIN_STREAMED_BLOCKS", None)
+    settings_refresh()
     rows.sort(key=lambda row: row.order)  # the table in the earlier order: bf16, int8, nf4, copies, others
 
     print(f"\n{n} real-size layers ({nbytes / GB:.1f} GB BF16 on disk), disk floor {floor:.1f} s "

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _synthetic import make_layer, start_bench
+from _synthetic import make_layer, settings_refresh, start_bench
 
 
 def _events() -> tuple[torch.cuda.Event, torch.cuda.Event]:
@@ -130,6 +130,7 @@ def main() -> int:
         dequant_alone(ours, kernels, args.reps)
         for mb, pair, kern in [(int(m), p, k) for m in args.scratch.split(",") for p in ("0", "1") for k in kernels]:
             os.environ[mg.SCRATCH_ENV], os.environ[D.PAIR_ENV], os.environ[D.KERNEL_ENV] = str(mb), pair, kern
+            settings_refresh()
             fn = grouped_candidate(ours, "linear", overlap=False)
             e = mg.scratch_experts(_namespaces(ours[:1]))
             chunks = len(mg._expert_chunks(per, e))
@@ -156,6 +157,7 @@ def main() -> int:
             os.environ.pop(k, None)
             if v is not None:
                 os.environ[k] = v
+        settings_refresh()
     return 0
 
 
@@ -175,6 +177,7 @@ def dequant_alone(ours, kernels: list[str], reps: int) -> None:
     ref = None
     for kern in kernels:
         os.environ[D.KERNEL_ENV] = kern
+        settings_refresh()
         times = []
         for _ in range(reps + 2):
             a, b = _events()

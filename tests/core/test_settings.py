@@ -242,3 +242,14 @@ def test_the_readme_links_the_table() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme.split("### Other memory settings", 1)[1].split("\n## ", 1)[0]
     assert "docs/settings.md" in section
+
+
+def test_benches_that_change_a_setting_read_it_again() -> None:
+    """The settings are parsed once: a bench that sets a variable mid-run (the per-expert row of
+    bench/int8.py, the smart rows of bench/load.py) must call settings_refresh() or its row silently runs
+    with the old value (the per-expert row measured the grouped path once)."""
+    root = Path(__file__).resolve().parents[2] / "bench"
+    changed = [p.name for p in sorted(root.glob("*.py")) if re.search(r"os\.environ\[[^\]]+\]\s*(,|=[^=])", p.read_text())]
+    assert changed, "no bench sets a variable: the check has nothing to look at"
+    missing = [name for name in changed if "settings_refresh()" not in (root / name).read_text()]
+    assert not missing, missing
