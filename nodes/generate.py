@@ -12,7 +12,10 @@ from typing import Any
 
 from ..hunyuan_loader.cache import ModelHandle, get_cache
 from ..hunyuan_loader.core.errors import HunyuanError
-from ..hunyuan_loader.generation import (
+from ..hunyuan_loader.generation import image_tensor_to_pils
+from ..hunyuan_loader.input_checks import check_queued_inputs, check_request, checkpoint_variant
+from ..hunyuan_loader.model.resolution import resolution_buckets
+from ..hunyuan_loader.request import (
     BOT_TASKS,
     CUSTOM_MAX,
     CUSTOM_MIN,
@@ -22,10 +25,7 @@ from ..hunyuan_loader.generation import (
     MAX_STEPS,
     GenerationRequest,
     GenerationResult,
-    image_tensor_to_pils,
 )
-from ..hunyuan_loader.input_checks import check_queued_inputs, check_request, checkpoint_variant
-from ..hunyuan_loader.model.resolution import resolution_buckets
 from . import comfy_adapter, comfy_memory
 
 IMAGE_INPUTS = tuple(f"image_{i}" for i in range(1, MAX_REFERENCE_IMAGES + 1))

@@ -19,9 +19,10 @@ from ..cache import get_cache
 from ..core import quiet, settings
 from ..core.errors import HunyuanError, InputError
 from ..core.spec import INT8_FORMATS, MOE_IMPLS, OFFLOAD_MODES, QUANTS, LoadSpec
-from ..generation import BOT_TASKS, DEFAULT_MAX_NEW_TOKENS, GenerationRequest, generate, open_reference_images
+from ..generation import generate, open_reference_images
 from ..input_checks import check_output_path, check_request, check_resolution, checkpoint_variant, model_sizes
 from ..load.multi_gpu import MODES as MULTI_GPU_MODES
+from ..request import BOT_TASKS, DEFAULT_MAX_NEW_TOKENS, GenerationRequest
 
 TEST_VARIANTS = ("base", "instruct", "distil")
 
@@ -195,7 +196,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from ..generation import parse_size
+    from ..request import parse_size
     from . import card_plan as cp
 
     if args.readme_table:
