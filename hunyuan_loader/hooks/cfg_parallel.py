@@ -150,25 +150,10 @@ def clone_decoder(
     streamer = None
     if packed:
         blocks = getattr(replica, blocks_attr)
-        shared = {i: _share_packed(pb, blocks[i]) for i, pb in packed.items()}
+        shared = {i: pb.shared_with(blocks[i]) for i, pb in packed.items()}
         streamer = BlockStreamer(blocks, shared, device, n_slots, attach=False)
         registry(replica).install("block_streaming", StreamingHooks([streamer]))
     return Replica(device, replica, streamer, owned)
-
-
-def _share_packed(pb: PackedBlock, block: nn.Module) -> PackedBlock:
-    """A PackedBlock for ``block`` (a replica of the block ``pb`` packed) over ``pb``'s host buffer."""
-    tensors = weight_tensors(block)
-    if len(tensors) != len(pb.tensors) or any(
-        a.tensor.data_ptr() != b.data_ptr() for a, b in zip(tensors, pb.host_views)
-    ):
-        raise ReplicaError("a streamed block's replica does not match its packed layout")
-    shared = PackedBlock.__new__(PackedBlock)
-    shared.tensors = tensors
-    shared.layout = pb.layout
-    shared.host = pb.host
-    shared.host_views = list(pb.host_views)
-    return shared
 
 
 # -- the batch split ------------------------------------------------------------------------------

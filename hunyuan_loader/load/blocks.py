@@ -621,47 +621,51 @@ def materialise(sk: Skeleton, job: LoadJob) -> dict[int, PackedBlock]:
         if made is None and ring_bytes > 0:
             stats.ring_seconds = time.perf_counter() - t_ring
     stats.tensors = len(entries)
-    ahead = None
-    try:
-        if streamed and streamed_sizes:
-            ahead = _HostBuffersAhead({i: streamed_sizes.get(i, 0) for i in streamed}, cuda)
-        with contextlib.closing(reader), torch.no_grad(), submodule_index(sk.model):
-            for unit in units:
-                if cancel is not None:
-                    cancel()
-                target = job.unit_device(unit)
-                for entry in unit.entries:
-                    item = reader.next()
-                    assert item.entry is entry
-                    try:
-                        # issue 13 hook: a CPU unit of a GPU load keeps its own copy (the ring is reused)
-                        value = item.tensor.clone() if target.type != device.type else item.tensor
-                        _fill(sk, entry, value, target)
-                    finally:
-                        item.release()
-                    prog.add(entry.nbytes)
-                _follow_unit(_unit_modules(sk, unit), target)
-                if not cuda:  # give the unit's freed buffers back to the OS (glibc keeps them)
-                    malloc_trim()
-                if unit.block is not None and unit.block in streamed:
-                    host = ahead.take(unit.block) if ahead is not None else None
-                    packed[unit.block] = PackedBlock(weight_tensors(sk.blocks[unit.block]), pin=cuda, host=host)
-                stats.order.append(unit.label)
-            if cuda:
-                torch.cuda.synchronize(device)
-                if job.block_devices is not None:  # every other GPU the units went to
-                    for dev in {job.unit_device(u) for u in units} - {device}:
-                        if dev.type == "cuda":
-                            torch.cuda.synchronize(dev)
-        _check_no_meta(sk.model)
-    except BaseException:
-        packed.clear()
-        strip_module_weights(sk.model)
-        raise
-    finally:
-        reader.close()  # (idempotent) also when the failure came before the reading loop
-        if ahead is not None:
-            ahead.close()
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(reader.close)  # (idempotent) also when the failure came before the reading loop
+        try:
+            ahead = None
+            if streamed and streamed_sizes:
+                ahead = cleanup.enter_context(contextlib.closing(
+                    _HostBuffersAhead({i: streamed_sizes.get(i, 0) for i in streamed}, cuda)))
+            with torch.no_grad(), submodule_index(sk.model):
+                for unit in units:
+                    if cancel is not None:
+                        cancel()
+                    target = job.unit_device(unit)
+                    for entry in unit.entries:
+                        item = reader.next()
+                        assert item.entry is entry
+                        try:
+                            # a CPU unit of a GPU load keeps its own copy (the ring is reused)
+                            value = item.tensor.clone() if target.type != device.type else item.tensor
+                            _fill(sk, entry, value, target)
+                        finally:
+                            item.release()
+                        prog.add(entry.nbytes)
+                    _follow_unit(_unit_modules(sk, unit), target)
+                    if not cuda:  # give the unit's freed buffers back to the OS (glibc keeps them)
+                        malloc_trim()
+                    if unit.block is not None and unit.block in streamed:
+                        host = ahead.take(unit.block) if ahead is not None else None
+                        packed[unit.block] = PackedBlock(weight_tensors(sk.blocks[unit.block]), pin=cuda, host=host)
+                    stats.order.append(unit.label)
+                if cuda:
+                    torch.cuda.synchronize(device)
+                    if job.block_devices is not None:  # every other GPU the units went to
+                        for dev in {job.unit_device(u) for u in units} - {device}:
+                            if dev.type == "cuda":
+                                torch.cuda.synchronize(dev)
+            # Anything still on the meta device was in no file: an incomplete folder.
+            unfilled = next((n for n, t in [*sk.model.named_parameters(), *sk.model.named_buffers()]
+                             if t.device.type == "meta"), None)
+            if unfilled is not None:
+                raise CheckpointError(f"the checkpoint did not fill {unfilled}: the folder is incomplete. "
+                                      "Re-download it.")
+        except BaseException:
+            packed.clear()
+            strip_module_weights(sk.model)
+            raise
     stats.bytes_read = reader.bytes_read
     stats.reads = reader.reads
     stats.wait_seconds = reader.wait_seconds
@@ -682,12 +686,6 @@ def _follow_unit(modules: list[nn.Module], device: torch.device) -> None:
         for p in m._parameters.values():
             if p is not None and p.device.type not in ("meta", device.type):
                 p.data = p.data.to(device)
-
-
-def _check_no_meta(model: nn.Module) -> None:
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.device.type == "meta":
-            raise CheckpointError(f"the checkpoint did not fill {name}: the folder is incomplete. Re-download it.")
 
 
 def finish(sk: Skeleton) -> Any:

@@ -97,15 +97,16 @@ def plan_devices(
     other_bytes: int,
     config: Any,
     *,
+    devices: Sequence[torch.device],
     replica_other_bytes: int | None = None,
     replicable: bool = True,
-    devices: Sequence[torch.device] | None = None,
     rooms: Sequence[int] | None = None,
 ) -> MultiPlan:
     """Choose the mode and the placement (NotEnoughVRAMError / InputError with the numbers and the
     choices). ``replicable``: the weight format can be copied to a replica (not bitsandbytes);
-    ``devices`` / ``rooms`` default to the spec's devices and what each has free (or the budget)."""
-    found = list(devices) if devices is not None else resolve_devices(spec.devices)
+    ``devices``: the spec's, resolved (``resolve_devices``); ``rooms`` default to what each has free
+    (or the budget)."""
+    found = list(devices)
     names = [str(d) for d in found]
     rooms = list(rooms) if rooms is not None else [device_room(spec, d) for d in found]
     gpu_rooms = [r for d, r in zip(found, rooms) if d.type == "cuda"]
@@ -169,15 +170,19 @@ def plan_load_on_devices(
     block_bytes: Sequence[int],
     other_bytes: int,
     *,
+    devices: Sequence[torch.device],
+    replicable: bool = True,
     staging_bytes: int = 0,
     ram_available: int | None = None,
 ) -> LoadPlacement:
-    """``placement.plan_load`` for the spec's devices (several, or one that is not the current):
-    the mode and each device's plan (``plan_devices``), as a LoadPlacement the load pipeline
-    reads, places and adopts like a one-device one; refused (RAM, VRAM) before any read."""
-    fmt = sk.weight_format()  # the registry's: whether CFG replicas can copy its modules
-    mp = plan_devices(spec, block_bytes, other_bytes, sk.config, replicable=fmt is None or fmt.replicable,
-                      replica_other_bytes=_replica_other_bytes(sk, units))
+    """``placement.plan_load`` for the spec's ``devices`` (several, or one that is not the current;
+    resolved by ``resolve_devices``): the mode and each device's plan (``plan_devices``), as a
+    LoadPlacement the load pipeline reads, places and adopts like a one-device one; refused (RAM,
+    VRAM) before any read. ``replicable``: the weight format's (whether CFG replicas can copy its
+    modules)."""
+    replica_other = _replica_other_bytes(sk, units)
+    mp = plan_devices(spec, block_bytes, other_bytes, sk.config, replicable=replicable,
+                      replica_other_bytes=replica_other, devices=devices)
     log.info("load plan for %s: %s", spec.describe(), mp.describe())
     primary = mp.devices[0]
     if mp.mode == "cfg_parallel":

@@ -21,13 +21,13 @@ from ...memory import stats
 from ...memory.unload import strip_module_weights, track_model
 from ..checkpoint.inspection import inspect_for_load
 from ..checkpoint.prequantized import check_prequantized
-from ..checkpoint.validate import CheckpointInfo
 from ..core import quiet
 from ..core.errors import DependencyError
 from ..core.spec import LoadedModel, LoadSpec
 from ..formats import builtin  # noqa: F401 - the built-in weight formats registered before any lookup
 from ..formats.quantization import restore_float32_routers
 from ..formats.registry import check_quantized_modules
+from ..hooks.standard import install_load_hooks, replica_hooks
 from . import multi_gpu
 from .adopt import adopt
 from .placement import (
@@ -79,10 +79,11 @@ def load_model(
         else:
             with st.phase("from_pretrained"):
                 model, residency = _load_from_pretrained(spec, found, device)
-        _prepare(model, spec, info, device, st)
-        from ..hooks.streaming import connect_streaming  # the streamers' hooks: the registry's order
-
-        connect_streaming(model, residency.managers if residency is not None else ())
+        with st.phase("tokenizer"):
+            if hasattr(model, "load_tokenizer"):
+                model.load_tokenizer(str(info.path))
+        with st.phase("moe dispatch"):  # and the other hooks: the registry's order (docs/hooks.md)
+            install_load_hooks(model, spec.moe_impl, device, residency.managers if residency is not None else ())
         loaded = LoadedModel(model, spec, info, variant, device, 0.0)
         loaded.residency = residency
         loaded.load_stats = st
@@ -132,26 +133,6 @@ def _clear_inner_frames(exc: BaseException) -> None:
         tb = tb.tb_next
 
 
-def _prepare(model: Any, spec: LoadSpec, info: CheckpointInfo, device: torch.device, st: Any) -> None:
-    """What every load does after the weights: tokenizer, MoE dispatch, remote-code fixes."""
-    from ..hooks.moe_dispatch import install_moe_dispatch
-    from ..hooks.remote_code_fixes import (
-        install_cpu_input_casts,
-        install_mask_alignment,
-        install_vision_input_alignment,
-    )
-
-    with st.phase("tokenizer"):
-        if hasattr(model, "load_tokenizer"):
-            model.load_tokenizer(str(info.path))
-    with st.phase("moe dispatch"):
-        install_moe_dispatch(model, spec.moe_impl)
-        install_mask_alignment(model)
-        install_vision_input_alignment(model)
-        if device.type == "cpu":
-            install_cpu_input_casts(model)
-
-
 def _load_blocks(spec, found, device, progress, cancel, st):
     """Plan from the headers, refuse before reading if the machine cannot hold the plan, then
     materialise block by block (blocks.py), adopt. Returns (skeleton, residency or None).
@@ -174,7 +155,8 @@ def _load_blocks(spec, found, device, progress, cancel, st):
     from . import blocks
 
     ring = reader = None
-    single = not multi_gpu.handled_here(spec)
+    devices = multi_gpu.resolve_devices(spec.devices)  # once per load: checked against the machine
+    single = len(devices) == 1 and devices[0] == multi_gpu.default_device()
     info, layout, qconfig = found.info, found.layout, found.quantization_config
     early = qconfig is None and single
     ram = None
@@ -216,8 +198,9 @@ def _load_blocks(spec, found, device, progress, cancel, st):
                 placement = plan_load(spec, block_bytes, other_bytes, device, sk.config, staging_bytes=staging,
                                       ram_available=ram_available)
             else:
-                placement = multi_gpu.plan_load_on_devices(spec, sk, units, block_bytes, other_bytes,
-                                                           staging_bytes=staging, ram_available=ram_available)
+                placement = multi_gpu.plan_load_on_devices(
+                    spec, sk, units, block_bytes, other_bytes, devices=devices,
+                    replicable=found.weight_format.replicable, staging_bytes=staging, ram_available=ram_available)
             sizes = {i: placement.plan.block_bytes[i] for i in placement.streamed} if placement.plan is not None \
                 else None
         with st.phase("read+place"):
@@ -234,14 +217,7 @@ def _load_blocks(spec, found, device, progress, cancel, st):
     with st.phase("finish"):
         blocks.finish(sk)
     with st.phase("adopt"):
-        return sk, adopt(sk.model, placement, packed, prepare_replica=_replica_preparer(spec))
-
-
-def _replica_preparer(spec: LoadSpec) -> Callable[[Any], None]:
-    """What a CFG-parallel decoder replica gets installed (the model's own comes from ``_prepare``)."""
-    from ..hooks.moe_dispatch import install_moe_dispatch
-
-    return lambda decoder: install_moe_dispatch(decoder, spec.moe_impl)
+        return sk, adopt(sk.model, placement, packed, prepare_replica=replica_hooks(spec.moe_impl))
 
 
 def _plan_from_headers_and_read(spec, info, layout, device) -> tuple[int, Any]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ...hunyuan_loader.core.units import aligned
-from .weights import WeightTensor
+from .weights import WeightTensor, weight_tensors
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,21 @@ class PackedBlock:
             torch.cuda.synchronize()  # the copies must land before the GPU originals are dropped
         for w, view in zip(self.tensors, self.host_views):
             w.assign(view)  # drops the original (GPU / mmap) tensor
+
+    def shared_with(self, block: torch.nn.Module) -> PackedBlock:
+        """A PackedBlock for ``block``, a copy of the packed block whose tensors already point into
+        this one's host buffer (a CFG-parallel replica's): the same buffer, no second copy."""
+        tensors = weight_tensors(block)
+        if len(tensors) != len(self.tensors) or any(
+            a.tensor.data_ptr() != b.data_ptr() for a, b in zip(tensors, self.host_views)
+        ):
+            raise ValueError("a streamed block's replica does not match its packed layout")
+        shared = PackedBlock.__new__(PackedBlock)
+        shared.tensors = tensors
+        shared.layout = self.layout
+        shared.host = self.host
+        shared.host_views = list(self.host_views)
+        return shared
 
     @property
     def nbytes(self) -> int:
