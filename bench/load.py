@@ -53,9 +53,9 @@ def say(text: str) -> None:
 
 
 # -- the synthetic checkpoint ----------------------------------------------------------------------
-def build_checkpoint(root: Path, n_layers: int, dev: torch.device) -> Path:
-    """The test model's code, tokenizer and generation_config with the real model's layer sizes
-    and random weights: one shard per decoder block plus one for the rest. Reused if present."""
+def build_checkpoint(root: Path, n_layers: int, dev: torch.device, variant: str = "base") -> Path:
+    """The test model's code, tokenizer and generation_config (of ``variant``) with the real model's
+    layer sizes and random weights: one shard per decoder block plus one for the rest. Reused if present."""
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -63,11 +63,11 @@ def build_checkpoint(root: Path, n_layers: int, dev: torch.device) -> Path:
     from hunyuan_image3.hunyuan_loader.checkpoint.validate import loadable_path, validate_checkpoint
     from hunyuan_image3.hunyuan_loader.test_model import make_test_model
 
-    folder = root / f"HunyuanImage-3-bench-L{n_layers}"
+    folder = root / ("HunyuanImage-3-bench-L" + str(n_layers) + ("" if variant == "base" else "-" + variant))
     if (folder / "DONE").is_file():
         return folder
     t0 = time.perf_counter()
-    make_test_model(folder, "base", overwrite=True, config_overrides={"num_hidden_layers": n_layers})
+    make_test_model(folder, variant, overwrite=True, config_overrides={"num_hidden_layers": n_layers})
     link = loadable_path(validate_checkpoint(folder))  # the remote code's module name, as the loader uses
     for f in [*folder.glob("*.safetensors"), folder / "model.safetensors.index.json"]:
         f.unlink()

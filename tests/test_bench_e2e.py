@@ -1,0 +1,55 @@
+"""bench/e2e.py: the stage timeline of one image on the test checkpoint (CPU), and the 32-layer projection."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import e2e as module
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def test_projection_scales_the_layers_and_keeps_the_rest(e2e) -> None:
+    st = e2e.Stages(text_tokens=10, text_s=1.0, text_ms_per_token=100.0, text_layer_ms_per_token=40.0, prep_s=2.0,
+                    step_ms=[300.0, 50.0, 60.0, 50.0], step_layer_ms=[200.0, 40.0, 40.0, 44.0], vae_s=0.5,
+                    total_s=4.0)
+    p = e2e.projection(st, n_layers=4, steps=3)
+    # later steps: median 50 ms, of which layers 40 (10 per layer): 32 x 10 + 10 of the rest
+    assert p["per_layer_ms"] == pytest.approx(10.0) and p["rest_ms"] == pytest.approx(10.0)
+    assert p["step_ms"] == pytest.approx(330.0)
+    assert p["token_ms"] == pytest.approx(40.0 * 8 + 60.0)  # the layers' 40 ms x 32/4, the other 60 as measured
+    assert p["image_s"] == pytest.approx(2.0 + 3 * 0.330 + 0.5 + 10 * 0.380)
+
+
+def test_timeline_of_one_image_on_the_test_checkpoint(e2e, base_checkpoint: Path) -> None:
+    from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
+    from hunyuan_image3.hunyuan_loader.load.pipeline import load_model
+    from hunyuan_image3.hunyuan_loader.request import GenerationRequest
+
+    loaded = load_model(LoadSpec(str(base_checkpoint)))
+    before = {m: (dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in loaded.model.modules()}
+    tl = e2e.Timeline(torch.device("cpu"))
+    result = e2e.run_image(loaded, GenerationRequest("a fox", seed=1, steps=3, resolution="256x256"), tl)
+    st = e2e.stages(tl)
+    n_layers = len(loaded.model.model.layers)
+    assert result.steps == 3 and len(tl.step_ends) == 3
+    assert len(st.step_ms) == 3 and len(st.step_layer_ms) == 3
+    assert all(0 < lay <= step for lay, step in zip(st.step_layer_ms, st.step_ms))  # the layers are inside the step
+    assert st.text_tokens == 0 and st.prep_s >= 0 and len(tl.vae) == 2 and st.vae_s > 0
+    assert st.total_s >= st.prep_s + sum(st.step_ms) / 1e3 + st.vae_s
+    # the bench's hooks are gone: every module has the pack's hooks only, the VAE its own decode
+    assert {m: (dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in loaded.model.modules()} == before
+    assert "decode" not in loaded.model.vae.__dict__
+    assert n_layers >= 1
