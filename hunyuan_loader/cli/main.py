@@ -139,9 +139,15 @@ def _plan(args: argparse.Namespace) -> int:
     if args.readme_table:
         print(cp.readme_table())
         return 0
+    if args.readme_guide:
+        from .card_guide import readme_guide
+
+        print(readme_guide())
+        return 0
+    gpu = _plan_gpu(args)
     for flag, value in (("--vram-gb", args.vram_gb), ("--ram-gb", args.ram_gb)):
         if value is None:
-            raise InputError(f"plan needs {flag}: e.g. `plan --vram-gb 24 --ram-gb 64`.")
+            raise InputError(f"plan needs {flag}: e.g. `plan --vram-gb 24 --ram-gb 64`, or `plan --gpu 4090`.")
         if value <= 0:
             raise InputError(f"{flag} must be positive (got {value:g}).")
     for flag, value in (("--budget-gb", args.budget_gb), ("--copy-gbps", args.copy_gbps)):
@@ -151,7 +157,7 @@ def _plan(args: argparse.Namespace) -> int:
     if not (256 <= width <= 4096 and 256 <= height <= 4096):
         raise InputError(f"--resolution {args.resolution}: plan for 256..4096 px a side.")
     sizes = cp.real_model_sizes() if args.model is None else cp.checkpoint_sizes(args.model)
-    figures = cp.H200_BENCH
+    figures = cp.H200_BENCH if gpu is None else cp.figures_for_gpu(gpu)
     if args.copy_gbps is not None:
         figures = dataclasses.replace(figures, copy_bytes_per_s=args.copy_gbps * 1e9)
     card = cp.Card(args.vram_gb, args.ram_gb, width, height, args.budget_gb)
@@ -170,10 +176,35 @@ def _plan(args: argparse.Namespace) -> int:
     print("Soft Unload parks all weights in RAM: "
           + ", ".join(f"{q.upper()} {sizes.total(q) / cp.GIB:.1f} GB" for q in cp.QUANT_ORDER) + ".")
     if args.copy_gbps is not None:
-        print(f"copy rate: {args.copy_gbps:g} GB/s (--copy-gbps) instead of the bench's "
+        print(f"copy rate: {args.copy_gbps:g} GB/s (--copy-gbps) instead of "
+              f"{cp.figures_for_gpu(gpu).copy_bytes_per_s / 1e9:.1f} GB/s." if gpu else
+              f"copy rate: {args.copy_gbps:g} GB/s (--copy-gbps) instead of the bench's "
               f"{cp.H200_BENCH.copy_bytes_per_s / 1e9:g} GB/s.")
+    if gpu is not None and args.ram_given is None:
+        print("RAM: not given (--ram-gb), so planned as no limit: each row's pinned RAM + "
+              f"{cp.RAM_RESERVE_GIB:g} GB for the OS and ComfyUI is what it needs.")
     print(cp.projection_note(figures))
     return 0
+
+
+def _plan_gpu(args: argparse.Namespace):
+    """--gpu NAME: the card's memory (unless --vram-gb) and, without --ram-gb, RAM as no limit."""
+    from . import card_plan as cp
+    from .gpus import find_gpu, gpu_names
+
+    args.ram_given = args.ram_gb
+    if args.gpu is None:
+        return None
+    gpu = find_gpu(args.gpu)
+    if gpu is None:
+        raise InputError(f"--gpu {args.gpu!r} is not a card plan knows ({gpu_names()}): pick one, or give "
+                         "--vram-gb (and --copy-gbps for its link).")
+    if args.vram_gb is None:
+        args.vram_gb = gpu.vram_gb
+    if args.ram_gb is None:
+        args.ram_gb = cp.NO_RAM_LIMIT_GIB
+    print(f"GPU: {gpu.name}, {gpu.vram_gb:g} GB, {gpu.tflops:g} dense BF16 TFLOPS, PCIe {gpu.pcie_gen}.0 x16")
+    return gpu
 
 
 def _quantize(args: argparse.Namespace) -> int:
