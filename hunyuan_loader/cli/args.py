@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", help="checkpoint folder (default: the real HunyuanImage-3.0, built in)")
     pl.add_argument("--readme-table", action="store_true",
                     help="print the README's 'Which loader for my card' table (24-96 GB cards, 64/128 GB RAM)")
-    pl.add_argument("--readme-guide", action="store_true", help="print the README's guide per card (every --gpu)")
+    pl.add_argument("--readme-block", choices=("guide", "memory", "projection"),
+                    help="print one of the README's generated blocks: the guide per card (every --gpu), the MoE "
+                         "memory table, the 96 GB projection")
     qu = sub.add_parser("quantize", parents=[common],
                         help="write a pre-quantized int8/nf4 copy of a BF16 checkpoint (loads in a fraction of the time)")
     qu.add_argument("--model", required=True, help="the BF16 checkpoint folder")

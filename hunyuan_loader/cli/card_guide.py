@@ -1,4 +1,4 @@
-"""The README's guide per card (`plan --readme-guide`): for each common GPU (gpus.py), the fastest
+"""The README's guide per card (`plan --readme-block guide`): for each common GPU (gpus.py), the fastest
 loader and offload mode that fits at 1024x1024, the RAM and disk it needs and the projected minutes
 per image for base / Instruct (50 steps, both CFG halves) and Instruct-Distil (8 steps, one half).
 Everything comes from card_plan's planner and projection; tests/cli/test_card_guide.py compares the

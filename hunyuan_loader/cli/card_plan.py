@@ -53,16 +53,22 @@ class BenchFigures:
     scaling: str = ""  # how they were scaled from the bench's card ("" = measured)
 
 
+# bench/int8.py --tokens 8448,16640 --skip-configs, one H200 run: s/step of 10 real-size layers resident,
+# each layer's experts through the loaders' MoE dispatch (README, Measured; docs/w8a16.md's current row).
+INT8_BENCH = {"bf16": 0.178, "w8a16": 0.196, "bnb": 0.712}
+W8A16_RATIO = INT8_BENCH["w8a16"] / INT8_BENCH["bf16"]  # the INT8 loader's default, against bf16
+BNB_INT8_RATIO = INT8_BENCH["bnb"] / INT8_BENCH["bf16"]  # int8_format "bnb" (LLM.int8), against bf16
+
 H200_BENCH = BenchFigures(
     source=(
         "bench/offload.py on one H200 (README, Measured): 10 real-size layers, 8,448 tokens per step; "
         "resident 0.165 s (BF16) / 0.228 s (bnb NF4) per step for the 10; INT8 = the loader's default W8A16 "
-        "at 1.14x the BF16 step (bench/int8.py, same 10 layers: 0.203 s vs BF16 0.178 s, bnb LLM.int8 1.010 s "
-        "in that run), so 0.188 s; "
-        "pinned host->GPU copy 55.3 GB/s; a streamed step 1.01x its copy-bound ideal"
+        f"at {W8A16_RATIO:.2f}x the BF16 step (bench/int8.py, same 10 layers: {INT8_BENCH['w8a16']} s vs BF16 "
+        f"{INT8_BENCH['bf16']} s; bnb LLM.int8 {INT8_BENCH['bnb']} s, {BNB_INT8_RATIO:.1f}x), so "
+        f"{0.165 * W8A16_RATIO:.3f} s; pinned host->GPU copy 55.3 GB/s; a streamed step 1.01x its copy-bound ideal"
     ),
     copy_bytes_per_s=55.3e9,
-    block_seconds={"bf16": 0.165 / 10, "int8": 0.165 * (0.203 / 0.178) / 10, "nf4": 0.228 / 10},
+    block_seconds={"bf16": 0.165 / 10, "int8": 0.165 * W8A16_RATIO / 10, "nf4": 0.228 / 10},
     tokens=8448,
     stream_overhead=1.01,
 )

@@ -139,10 +139,12 @@ def _plan(args: argparse.Namespace) -> int:
     if args.readme_table:
         print(cp.readme_table())
         return 0
-    if args.readme_guide:
-        from .card_guide import readme_guide
+    if args.readme_block:
+        from . import card_guide, readme_figures
 
-        print(readme_guide())
+        blocks = {"guide": card_guide.readme_guide, "memory": readme_figures.moe_memory_block,
+                  "projection": readme_figures.projection_block}
+        print(blocks[args.readme_block]())
         return 0
     gpu = _plan_gpu(args)
     for flag, value in (("--vram-gb", args.vram_gb), ("--ram-gb", args.ram_gb)):

@@ -1,5 +1,5 @@
 """`plan --gpu NAME` projects each card with its own compute and PCIe link (cli/gpus.py), and the
-README's guide per card is `plan --readme-guide`'s output."""
+README's guide per card is `plan --readme-block guide`'s output."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ def test_readme_guide_is_the_commands_output(capsys) -> None:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     match = re.search(r"<!-- gpu-guide:start[^>]*-->\n(.*?)\n<!-- gpu-guide:end -->", text, re.S)
     assert match, "README.md lacks the <!-- gpu-guide:start --> ... <!-- gpu-guide:end --> block"
-    rc, out, _ = _plan(capsys, "--readme-guide")
+    rc, out, _ = _plan(capsys, "--readme-block", "guide")
     assert rc == 0 and match.group(1).strip() == out.strip(), (
-        "README's guide per card is stale: paste `python -m hunyuan_loader plan --readme-guide`"
+        "README's guide per card is stale: paste `python -m hunyuan_loader plan --readme-block guide`"
     )
 
 
