@@ -2,11 +2,12 @@
 
 A shard whose bytes were damaged (same size, so the size check passes) or a wrong quantization turns
 the weights, and from them the latents, into NaN; the official pipeline then decodes them and its
-postprocessing makes an all-black image without a word (hunyuan_image_3_pipeline.py:835 steps the
-latents, :866 decodes them). The latents are checked after every scheduler step (generation's
+postprocessing makes an all-black image without a word (base: hunyuan_image_3_pipeline.py:835 steps the
+latents, :866 decodes them; Instruct: the same file's :873 and :905). The latents are checked after every scheduler step (generation's
 ``diffusion_progress`` calls ``check_finite``: the run stops at the first bad step, not minutes later)
 and the VAE's input and output here, by wrapping ``model.vae.decode`` on the instance for one call
-(the pipeline decodes with the model's vae: hunyuan.py:1782 passes ``vae=self.vae``). One ``isfinite`` reduction per step.
+(the pipeline decodes with the model's vae: base hunyuan.py:1782 and Instruct
+modeling_hunyuan_image_3.py:1788 pass ``vae=self.vae``). One ``isfinite`` reduction per step.
 """
 
 from __future__ import annotations
