@@ -43,15 +43,24 @@ def prequantized_format(config: dict) -> str | None:
     return fmt.quant if fmt is not None else None
 
 
-def check_matches_loader(fmt: str | None, quant: str, path: Path) -> None:
-    """A pre-quantized folder must be opened with the loader of its format."""
-    if fmt is None or fmt == quant:
-        return
-    raise CheckpointError(
-        f"{path.name} is a pre-quantized {fmt.upper()} checkpoint, but the {quant.upper()} loader was used. "
-        f"Load it with the {fmt.upper()} loader (its weights are already quantized), or pick the BF16 "
-        "checkpoint for other formats."
-    )
+def weight_format_for_load(config: dict, quant: str, int8_format: str | None, path: Path) -> tuple[Any, bool]:
+    """(the weight format a load uses, whether the checkpoint is pre-quantized): the checkpoint's own
+    format when its config.json names one, else the loader's (``quant``, ``int8_format``), both from
+    the format registry (formats/registry.py). A pre-quantized folder must be opened with the loader
+    of its format."""
+    # The built-ins are registered: the pipeline imports formats.builtin.
+    from ..formats.registry import for_config, for_load
+
+    pre = for_config(config.get("quantization_config"))
+    if pre is None:
+        return for_load(quant, int8_format), False
+    if pre.quant != quant:
+        raise CheckpointError(
+            f"{path.name} is a pre-quantized {pre.quant.upper()} checkpoint, but the {quant.upper()} loader was "
+            f"used. Load it with the {pre.quant.upper()} loader (its weights are already quantized), or pick the "
+            "BF16 checkpoint for other formats."
+        )
+    return pre, True
 
 
 def quantized_modules_in_checkpoint(names: Iterable[str], quantization_config: Any) -> set[str]:

@@ -270,14 +270,14 @@ def _prepare_missing(sk: Skeleton) -> None:
 def placed_nbytes(sk: Skeleton, entry: TensorEntry) -> int:
     """Bytes ``entry`` will take once placed (quantized or cast), as the residency engine counts
     them (256-byte aligned), from the header only."""
-    if sk.needs_quantization(entry.name):
-        if sk.pre_quantized:  # stored as it will live; bnb's packed metadata becomes python values
-            return sk.weight_format().stored_bytes(entry.name, entry.nbytes)
-        return sk.weight_format().placed_bytes(entry.shape, entry.dtype.itemsize, True)  # the format's size model
-    if entry.dtype.is_floating_point and entry.dtype.itemsize > 1:
-        dtype = _cast_dtype(sk, entry.name, entry.dtype) or entry.dtype
-        return aligned(entry.nbytes // entry.dtype.itemsize * dtype.itemsize)
-    return aligned(entry.nbytes)
+    if not sk.needs_quantization(entry.name):
+        if entry.dtype.is_floating_point and entry.dtype.itemsize > 1:
+            dtype = _cast_dtype(sk, entry.name, entry.dtype) or entry.dtype
+            return aligned(entry.nbytes // entry.dtype.itemsize * dtype.itemsize)
+        return aligned(entry.nbytes)
+    if sk.pre_quantized:  # stored as it will live; bnb's packed metadata becomes python values
+        return sk.weight_format().stored_bytes(entry.name, entry.nbytes)
+    return sk.weight_format().placed_bytes(entry.shape, entry.dtype.itemsize, True)  # the format's size model
 
 
 def unit_bytes(sk: Skeleton, units: list[LoadUnit]) -> list[int]:

@@ -19,15 +19,15 @@ import torch
 
 from ...memory import stats
 from ...memory.unload import strip_module_weights, track_model
-from ..checkpoint.prequantized import check_matches_loader, check_prequantized
-from ..checkpoint.validate import CheckpointInfo, check_code_dependencies, loadable_path, validate_checkpoint
+from ..checkpoint.inspection import inspect_for_load
+from ..checkpoint.prequantized import check_prequantized
+from ..checkpoint.validate import CheckpointInfo
 from ..core import quiet
 from ..core.errors import DependencyError
 from ..core.spec import LoadedModel, LoadSpec
-from ..formats.builtin import for_config, for_load
-from ..formats.quantization import restore_float32_routers, skip_modules_for
+from ..formats import builtin  # noqa: F401 - the built-in weight formats registered before any lookup
+from ..formats.quantization import restore_float32_routers
 from ..formats.registry import check_quantized_modules
-from ..model.variants import detect_variant, read_generation_config
 from . import multi_gpu
 from .adopt import adopt
 from .placement import (
@@ -46,19 +46,6 @@ CancelFn = Callable[[], None]
 
 def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _quant_config(spec: LoadSpec, info: CheckpointInfo, tensor_names: list[str]) -> tuple[Any, bool]:
-    """(quantization_config to pass, whether the checkpoint is pre-quantized). A pre-quantized
-    checkpoint brings its own config (None is passed, as to from_pretrained); the weight format is the
-    registry's (formats/registry.py): the checkpoint's own, else the loader's (quant, int8_format)."""
-    pre = for_config(info.config.get("quantization_config"))
-    check_matches_loader(pre.quant if pre is not None else None, spec.quant, info.path)
-    fmt = pre if pre is not None else for_load(spec.quant, spec.int8_format)
-    fmt.prepare()  # its dependencies (bitsandbytes), its quant_method registered with transformers
-    if pre is not None:
-        return None, True
-    return fmt.quantization_config(skip_modules_for(tensor_names)), False
 
 
 def load_model(
@@ -81,23 +68,17 @@ def load_model(
     st = LoadStats()
     quiet.install()  # before bitsandbytes is imported: its messages that do not concern the user
     with st.phase("validate"):
-        info = validate_checkpoint(spec.path)
-        from ..checkpoint.layout import read_layout
-
-        layout = read_layout(info.shard_files)
-        qconfig, pre_quantized = _quant_config(spec, info, sorted(layout))
-        check_code_dependencies(info.path)
-        device = multi_gpu.primary_device(spec)  # issue 13 hook: the first of spec.devices (auto: the current GPU)
-        variant = detect_variant(info.config, read_generation_config(info.path))
+        found = inspect_for_load(spec.path, spec.quant, spec.int8_format)
+        device = multi_gpu.primary_device(spec)  # the first of spec.devices (auto: the current GPU)
+    info, variant = found.info, found.variant
     model = residency = skeleton = None
     try:
         if engine == "blocks" and not uses_accelerate(spec):
-            skeleton, residency = _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, cancel,
-                                               st)
+            skeleton, residency = _load_blocks(spec, found, device, progress, cancel, st)
             model = skeleton.model
         else:
             with st.phase("from_pretrained"):
-                model, residency = _load_from_pretrained(spec, info, qconfig, pre_quantized, device)
+                model, residency = _load_from_pretrained(spec, found, device)
         _prepare(model, spec, info, device, st)
         from ..hooks.streaming import connect_streaming  # the streamers' hooks: the registry's order
 
@@ -171,7 +152,7 @@ def _prepare(model: Any, spec: LoadSpec, info: CheckpointInfo, device: torch.dev
             install_cpu_input_casts(model)
 
 
-def _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, cancel, st):
+def _load_blocks(spec, found, device, progress, cancel, st):
     """Plan from the headers, refuse before reading if the machine cannot hold the plan, then
     materialise block by block (blocks.py), adopt. Returns (skeleton, residency or None).
 
@@ -180,7 +161,7 @@ def _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, c
     LoadPlacement (each block's device, the streamed blocks, the layout) the read, the placing and
     the adopt step (adopt.py) follow whatever it holds.
 
-    A load that quantizes nothing (bf16, a pre-quantized checkpoint; ``qconfig`` None) is planned
+    A load that quantizes nothing (bf16, a pre-quantized checkpoint; no quantization_config) is planned
     from the headers first: its placed sizes are its header sizes (``block_loader.header_nbytes``),
     so once that plan has passed the reader starts, and the disk is busy while the skeleton is built
     (0.2-0.5 s per load on the H200: a tenth of a pre-quantized NF4 load of 5 real layers). The plan
@@ -194,6 +175,7 @@ def _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, c
 
     ring = reader = None
     single = not multi_gpu.handled_here(spec)
+    info, layout, qconfig = found.info, found.layout, found.quantization_config
     early = qconfig is None and single
     ram = None
     try:
@@ -203,16 +185,17 @@ def _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, c
         elif device.type == "cuda":
             ring = RingAhead(blocks.gpu_staging_bytes(layout), pin=True)
         with st.phase("skeleton"):
-            sk = blocks.build_skeleton(loadable_path(info), layout.keys(), spec.quant, qconfig, device)
-            track_model(sk.model)
+            sk = blocks.build_skeleton(found.loadable, layout.keys(), spec.quant, qconfig, device)
+            units = load_units(layout, sk.to_load)
         with st.phase("checks"):
             if sk.hf_quantizer is not None:
-                if pre_quantized:
+                if found.pre_quantized:
                     check_prequantized(sk.model, layout.keys())
                 else:
                     check_quantized_modules(sk.model)
+            track_model(sk.model)  # Force Unload finds it from here (it holds no weight yet)
         with st.phase("plan"):
-            units = load_units(layout, sk.to_load)
+            staging = blocks.staging_bytes(sk, units, device)
             block_bytes = [0] * len(sk.blocks)
             other_bytes = 0
             for unit, nbytes in zip(units, blocks.unit_bytes(sk, units)):
@@ -220,7 +203,6 @@ def _load_blocks(spec, info, layout, qconfig, pre_quantized, device, progress, c
                     other_bytes = nbytes
                 else:
                     block_bytes[unit.block] = nbytes
-            staging = blocks.staging_bytes(sk, units, device)
             held = reader.ring_bytes if reader is not None else ring.nbytes if ring is not None else 0
             if held >= staging > 0:
                 staging = held  # the ring made ahead is what the load holds
@@ -300,7 +282,7 @@ def _ram_available(ring: Any) -> int | None:
     return within_ram_limit(os_available() + held)
 
 
-def _load_from_pretrained(spec, info, qconfig, pre_quantized, device):
+def _load_from_pretrained(spec, found, device):
     """AutoModelForCausalLM.from_pretrained: the 'accelerate' offload mode (device_map auto), and
     the earlier path (on the CPU, then placement by the residency engine) for comparisons."""
     from transformers import AutoModelForCausalLM
@@ -312,6 +294,7 @@ def _load_from_pretrained(spec, info, qconfig, pre_quantized, device):
         moe_impl="eager",
         low_cpu_mem_usage=True,
     )
+    qconfig = found.quantization_config
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
     accelerate = uses_accelerate(spec) and device.type == "cuda"
@@ -319,12 +302,12 @@ def _load_from_pretrained(spec, info, qconfig, pre_quantized, device):
         kwargs.update(accelerate_kwargs(spec, device))
     else:
         kwargs["device_map"] = "cpu"  # the residency engine places blocks afterwards
-    model = AutoModelForCausalLM.from_pretrained(str(loadable_path(info)), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(found.loadable), **kwargs)
     model.eval()
     track_model(model)
-    if qconfig is not None or pre_quantized:
+    if qconfig is not None or found.pre_quantized:
         check_quantized_modules(model)
-        restore_float32_routers(model, info.path)
+        restore_float32_routers(model, found.info.path)
     residency = None
     if device.type == "cuda" and not accelerate:
         from ..hooks.moe_dispatch import active_moe_impl

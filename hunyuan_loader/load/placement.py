@@ -126,18 +126,9 @@ def plan_load(
     if device.type != "cuda":
         placement = LoadPlacement(device, None, total, staging_bytes)
     else:
-        headroom = headroom_bytes(spec, config)
         budget = budget_bytes(spec)
-        if budget is None:
-            plan = ResidencyPlan.uniform(Placement.GPU, list(block_bytes), int(other_bytes))
-            usable = stats.usable_vram() if vram_usable is None else vram_usable
-            if plan.gpu_weight_bytes > usable:
-                raise NotEnoughVRAMError(
-                    f"{spec.describe()} needs {_gib(plan.gpu_weight_bytes)} of VRAM for its weights but "
-                    f"{_gib(usable)} is usable. Choices: offload_mode smart (streams the blocks that do not "
-                    "fit from RAM), or the NF4 / INT8 loaders, whose weights are 4x / 2x smaller."
-                )
-        else:
+        if budget is not None:
+            headroom = headroom_bytes(spec, config)
             try:
                 plan = plan_placement(list(block_bytes), int(other_bytes), budget, headroom,
                                       min_streamed=min(min_streamed_blocks(), len(block_bytes)))
@@ -146,6 +137,15 @@ def plan_load(
                     f"{exc} Choices: a larger vram_budget_gb, a smaller inference_headroom_gb, or the "
                     "NF4 / INT8 loaders, whose weights are 4x / 2x smaller."
                 ) from None
+        else:
+            plan = ResidencyPlan.uniform(Placement.GPU, list(block_bytes), int(other_bytes))
+            usable = stats.usable_vram() if vram_usable is None else vram_usable
+            if plan.gpu_weight_bytes > usable:
+                raise NotEnoughVRAMError(
+                    f"{spec.describe()} needs {_gib(plan.gpu_weight_bytes)} of VRAM for its weights but "
+                    f"{_gib(usable)} is usable. Choices: offload_mode smart (streams the blocks that do not "
+                    "fit from RAM), or the NF4 / INT8 loaders, whose weights are 4x / 2x smaller."
+                )
         placement = LoadPlacement(device, plan, plan.streamed_bytes, staging_bytes)
     check_load_ram(spec, placement, ram_available)
     log.info("load plan for %s: %s", spec.describe(), placement.describe())

@@ -30,6 +30,14 @@ FORMATS = [("bf16", "w8a16"), ("int8", "bnb"), ("nf4", "w8a16"), ("int8", "w8a16
 CUDA = torch.device("cuda", 0) if torch.cuda.is_available() else None
 
 
+
+def _qconfig(spec):
+    """(the quantization_config a load builds its skeleton with, whether the checkpoint is pre-quantized)."""
+    from hunyuan_image3.hunyuan_loader.checkpoint.inspection import inspect_for_load
+
+    found = inspect_for_load(spec.path, spec.quant, spec.int8_format)
+    return found.quantization_config, found.pre_quantized
+
 def _spec(path: Path, quant: str, fmt: str = "w8a16", **kw) -> LoadSpec:
     return LoadSpec(str(path), quant=quant, int8_format=fmt, **kw)
 
@@ -240,12 +248,11 @@ def test_gpu_load_is_the_model_from_pretrained_gives(base_checkpoint: Path, quan
 
     from hunyuan_image3.hunyuan_loader.checkpoint.validate import loadable_path
     from hunyuan_image3.hunyuan_loader.formats.quantization import restore_float32_routers
-    from hunyuan_image3.hunyuan_loader.load.pipeline import _quant_config
 
     spec = _spec(base_checkpoint, quant, fmt)
     ours = load_model(spec)
     info = validate_checkpoint(base_checkpoint)
-    qconfig, _ = _quant_config(spec, info, sorted(read_layout(info.shard_files)))
+    qconfig, _ = _qconfig(spec)
     kwargs = {"quantization_config": qconfig} if qconfig is not None else {}
     ref = AutoModelForCausalLM.from_pretrained(str(loadable_path(info)), trust_remote_code=True,
                                                dtype=torch.bfloat16, attn_implementation="sdpa", moe_impl="eager",
@@ -402,12 +409,11 @@ def test_cast_dtype_is_what_transformers_infers(base_checkpoint: Path, quant: st
     from transformers.modeling_utils import _infer_parameter_dtype
 
     from hunyuan_image3.hunyuan_loader.checkpoint.validate import loadable_path
-    from hunyuan_image3.hunyuan_loader.load.pipeline import _quant_config
 
     info = validate_checkpoint(base_checkpoint)
     layout = read_layout(info.shard_files)
     spec = _spec(base_checkpoint, quant, fmt)
-    qconfig, _ = _quant_config(spec, info, sorted(layout))
+    qconfig, _ = _qconfig(spec)
     sk = block_loader.build_skeleton(loadable_path(info), layout.keys(), quant, qconfig, torch.device("cpu"))
     for name in sk.to_load:
         e = layout[name]
@@ -423,11 +429,10 @@ def test_submodule_index_answers_as_the_walk_and_leaves_no_trace(base_checkpoint
     path, the same error for a wrong one; the quantizer's per-name answers are cached as asked;
     afterwards the model has no instance attribute left."""
     from hunyuan_image3.hunyuan_loader.checkpoint.validate import loadable_path
-    from hunyuan_image3.hunyuan_loader.load.pipeline import _quant_config
 
     info = validate_checkpoint(base_checkpoint)
     layout = read_layout(info.shard_files)
-    qconfig, _ = _quant_config(_spec(base_checkpoint, quant, fmt), info, sorted(layout))
+    qconfig, _ = _qconfig(_spec(base_checkpoint, quant, fmt))
     sk = block_loader.build_skeleton(loadable_path(info), layout.keys(), quant, qconfig, torch.device("cpu"))
     model = sk.model
     paths = [name for name, _ in model.named_modules(remove_duplicate=False)]
@@ -471,11 +476,10 @@ def test_a_ring_made_ahead_is_used_when_large_enough(base_checkpoint: Path, enou
     else makes its own; the model is the same either way and the ring made ahead is closed."""
     from hunyuan_image3.hunyuan_loader.checkpoint.reader import RingAhead
     from hunyuan_image3.hunyuan_loader.checkpoint.validate import loadable_path
-    from hunyuan_image3.hunyuan_loader.load.pipeline import _quant_config
 
     info = validate_checkpoint(base_checkpoint)
     layout = read_layout(info.shard_files)
-    qconfig, _ = _quant_config(_spec(base_checkpoint, "nf4"), info, sorted(layout))
+    qconfig, _ = _qconfig(_spec(base_checkpoint, "nf4"))
     cpu = torch.device("cpu")
     sk = block_loader.build_skeleton(loadable_path(info), layout.keys(), "nf4", qconfig, cpu)
     units = load_units(layout, sk.to_load)
@@ -661,14 +665,14 @@ def test_header_sizes_bound_the_placed_sizes(base_checkpoint: Path, tmp_path: Pa
     @1ea1526), and its router is created float32 (hunyuan.py:1039 ``self.wg = nn.Linear(...,
     dtype=torch.float32)``, at ``mlp.gate.wg``: hunyuan.py:1088), which header_nbytes counts as float32."""
     from hunyuan_image3.hunyuan_loader.checkpoint.validate import loadable_path
-    from hunyuan_image3.hunyuan_loader.load.pipeline import _quant_config, save_quantized_copy
+    from hunyuan_image3.hunyuan_loader.load.pipeline import save_quantized_copy
 
     path = base_checkpoint
     if pre:
         path = save_quantized_copy(load_model(_spec(base_checkpoint, quant)), tmp_path / f"{quant}-pre")
     info = validate_checkpoint(path)
     layout = read_layout(info.shard_files)
-    qconfig, pre_quantized = _quant_config(_spec(path, quant), info, sorted(layout))
+    qconfig, pre_quantized = _qconfig(_spec(path, quant))
     assert qconfig is None and pre_quantized is pre  # the early path's loads
     sk = block_loader.build_skeleton(loadable_path(info), layout.keys(), quant, qconfig, torch.device("cpu"))
     assert sk.model._keep_in_fp32_modules is None
