@@ -130,3 +130,15 @@ def test_ctrl_c_during_generate(base_checkpoint: Path, tmp_path: Path) -> None:
     assert proc.returncode == 130, stderr
     assert [line for line in stderr.splitlines() if line.strip()] == ["cancelled"], stderr
     assert not out.exists()
+
+
+def test_the_demo_cache_key_covers_the_builders_code() -> None:
+    """The cached test checkpoint is named after a hash of hunyuan_loader/test_model (so a changed builder
+    rebuilds it), not of an empty file list."""
+    import hashlib
+
+    from hunyuan_image3.hunyuan_loader.cli import demo
+
+    assert (demo.TEST_MODEL_CODE / "builder.py").is_file()
+    assert len(list(demo.TEST_MODEL_CODE.rglob("*.py"))) >= 5
+    assert demo.builder_hash() != hashlib.sha1().hexdigest()[:12]
