@@ -118,15 +118,20 @@ def test_ctrl_c_during_generate(base_checkpoint: Path, tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "hunyuan_loader", "generate", "--model", str(base_checkpoint),
                              "--steps", "200", "--out", str(out)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen, deadline = "", time.monotonic() + 240
-    while "step 1/" not in seen and time.monotonic() < deadline:
-        char = proc.stdout.read(1)
-        if not char:
-            break
-        seen += char
-    assert "step 1/" in seen, seen + proc.stderr.read()
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    try:
+        seen, deadline = "", time.monotonic() + 300
+        while "step 1/" not in seen and time.monotonic() < deadline:
+            char = proc.stdout.read(1)
+            if not char:
+                break
+            seen += char
+        assert "step 1/" in seen, seen + proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 130, stderr
     assert [line for line in stderr.splitlines() if line.strip()] == ["cancelled"], stderr
     assert not out.exists()
