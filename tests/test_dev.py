@@ -92,3 +92,11 @@ def test_a_torchvision_that_does_not_import_is_removed_and_the_pair_named(venv: 
     assert "does not import beside torch 2.13.0+cpu" in res.stderr
     assert "pip install torch==2.14.1 torchvision==0.29.1" in res.stderr and "./dev setup --model" in res.stderr
     assert not any("generate" in a for _, a in calls)  # stopped before the minutes of loading
+
+
+def test_a_relative_venv_is_where_the_user_stands(venv: Path, tmp_path: Path) -> None:
+    env = dict(os.environ, HUNYUAN_VENV="venv", LOG=str(venv / "log"), VENV_DIR=str(venv))
+    res = subprocess.run([str(ROOT / "dev"), "test", "-q"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert (venv / "log").read_text(encoding="utf-8").splitlines()[-1] == f"{ROOT}|-m pytest -q"
