@@ -38,6 +38,7 @@ import torch
 from ..memory import stats
 from .core.errors import HunyuanError, InputError, NotEnoughRAMError, NotEnoughVRAMError, OutOfMemoryError
 from .core.spec import LoadedModel
+from .hooks.finite_output import DecodeCheck, NonFiniteOutput, check_finite, non_finite_error
 from .hooks.registry import NamedOnly, registry
 from .load.per_run import run_placement
 from .request import (  # noqa: F401 - re-exported: the request is part of this module's interface
@@ -102,7 +103,9 @@ def step_hooks(model: Any, total: int, progress: ProgressFn | None, cancel: Canc
     step() on the instance for this call (the pipeline is built lazily: build it first).
     """
     hook = _StepProgress(model.pipeline.scheduler, total, progress, cancel)
-    with registry(model).active("diffusion_progress", hook):
+    with registry(model).active("diffusion_progress", hook), registry(model).active(
+        "finite_output", DecodeCheck(model.vae)
+    ):
         yield hook.done
 
 
@@ -126,6 +129,7 @@ class _StepProgress:
                 cancel()
             out = original(*args, **kwargs)
             done[0] += 1
+            check_finite(out, "latents", done[0])
             if progress is not None:
                 progress(done[0], total)
             return out
@@ -389,6 +393,8 @@ def generate(
                     loaded, req, rendered, steps, guidance, stage, text_progress or progress, cancel
                 )
             break
+        except NonFiniteOutput as exc:
+            raise non_finite_error(loaded.spec, exc) from None
         except torch.OutOfMemoryError as exc:
             oom_message = oom_message or str(exc).splitlines()[0]
         except (NotEnoughVRAMError, NotEnoughRAMError) as exc:

@@ -9,17 +9,14 @@ from typing import Any
 
 import torch
 
+from .core.choices import BOT_TASKS, DEFAULT_MAX_NEW_TOKENS  # noqa: F401 - part of this interface
 from .core.errors import InputError
 from .model.variants import Variant
 
 CUSTOM_MIN, CUSTOM_MAX, CUSTOM_ALIGN = 256, 4096, 16
 MAX_STEPS = 200
-# bot_task values of the official Instruct generate_image that change what it does ("auto" draws like
-# "image"; "img_ratio" is internal). think / recaption / think_recaption write text before drawing.
-BOT_TASKS = ("image", "think", "recaption", "think_recaption")
 TEXT_TASKS = BOT_TASKS[1:]
 MAX_REFERENCE_IMAGES = 3  # official README: multi-image fusion "up to 3 inputs"
-DEFAULT_MAX_NEW_TOKENS = 2048  # the official generate_image default
 MAX_NEW_TOKENS = 8192  # the official generation_config's max_length is 12,800 tokens in all
 
 

@@ -65,3 +65,25 @@ def portable_nf4_on_cpu(model):
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     return model
+
+
+def damaged_copy(src: Path, dest: Path, tensor: str) -> Path:
+    """A copy of a test checkpoint whose shard holding ``tensor`` has that tensor's bytes overwritten
+    with 0xFF (a NaN in bf16 and float32): the shard keeps its size, so it passes the size check, as a
+    real download damaged in place would."""
+    import json
+    import shutil
+    import struct
+
+    shutil.copytree(src, dest)
+    for shard in sorted(dest.glob("*.safetensors")):
+        with open(shard, "r+b") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            meta = json.loads(handle.read(length)).get(tensor)
+            if meta is None:
+                continue
+            begin, end = meta["data_offsets"]
+            handle.seek(8 + length + begin)
+            handle.write(b"\xff" * (end - begin))
+            return dest
+    raise KeyError(f"{tensor} is in no shard of {src}")

@@ -44,5 +44,6 @@ def test_pyproject_has_what_the_registry_reads() -> None:
     license_ = project["license"]
     assert isinstance(license_, str) or ("file" in license_ or "text" in license_)
     assert comfy["PublisherId"] and comfy["DisplayName"]
-    repo = project["urls"]["Repository"]
-    assert repo.startswith("https://github.com/") and repo.rstrip("/").split("/")[-2] == comfy["PublisherId"]
+    repo = project.get("urls", {}).get("Repository")  # optional; when given, a real GitHub address
+    assert repo is None or (repo.startswith("https://github.com/") and "hunyuanimage3-nodes" not in repo)
+    assert comfy.get("Icon", None) != ""  # an empty Icon is a placeholder: leave the key out

@@ -4,6 +4,7 @@ leaves nothing half-loaded. Also gives remote code a safe module name."""
 from __future__ import annotations
 
 import ast
+import atexit
 import functools
 import hashlib
 import importlib.util
@@ -11,12 +12,14 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import CheckpointError, DependencyError
+from ..core.torch_pairs import torchvision_hint
 from .layout import parse_header
 
 log = logging.getLogger(__name__)
@@ -130,22 +133,34 @@ def validate_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
 _SAFE = re.compile(r"[^A-Za-z0-9_]")
 
 
+_link_folder: Path | None = None
+
+
+def _link_dir() -> Path:
+    """This process's folder for the links: made by mkdtemp (a random name, mode 0700, so no other
+    user can list it or plant a link the loader would follow), removed when the process exits; made
+    anew if something removed it (a temp cleaner, on a server that runs for weeks)."""
+    global _link_folder
+    if _link_folder is None or not _link_folder.is_dir():
+        _link_folder = Path(tempfile.mkdtemp(prefix="hunyuan_image3_links_"))
+        atexit.register(shutil.rmtree, _link_folder, ignore_errors=True)
+    return _link_folder
+
+
 def loadable_path(info: CheckpointInfo) -> Path:
     """A path for from_pretrained whose last part is a valid, unique Python module name.
 
     transformers turns the folder name into the module name of the remote code. A name with
     dots breaks older versions (the official README forbids dots), and two checkpoints with
     the same folder name but different code would share one cached module. We load through
-    a symlink named ``<safe name>_<hash of path and code>`` in the temp folder.
+    a symlink named ``<safe name>_<hash of path and code>`` in this process's private link folder.
     """
     digest = hashlib.sha1(str(info.path.resolve()).encode())
     for code in sorted(info.path.glob("*.py")):
         digest.update(code.name.encode())
         digest.update(code.read_bytes())
     name = f"{_SAFE.sub('_', info.path.name)}_{digest.hexdigest()[:10]}"
-    link_dir = Path(tempfile.gettempdir()) / "hunyuan_image3_links"
-    link_dir.mkdir(parents=True, exist_ok=True)
-    link = link_dir / name
+    link = _link_dir() / name
     if link.is_symlink() and Path(os.readlink(link)) != info.path.resolve():
         link.unlink()
     if not link.exists():
@@ -206,9 +221,14 @@ def check_code_dependencies(path: Path) -> None:
         except (ImportError, ValueError):  # ValueError: a sys.modules entry of None (import blocked)
             missing.append(name)
     if missing:
-        packages = " ".join(_PIP_NAMES.get(name, name) for name in missing)
+        others = [_PIP_NAMES.get(name, name) for name in missing if name != "torchvision"]
+        hints = []
+        if others:
+            hints.append(f"install with `python -m pip install {' '.join(others)}` (or `-r requirements.txt` of "
+                         "this pack, which lists them) into the Python that runs ComfyUI")
+        if "torchvision" in missing:
+            hints.append(torchvision_hint())  # not in requirements.txt: it must match torch's build
         raise DependencyError(
             f"The model's code in {path} imports {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
-            f"not installed in this Python. Install with `python -m pip install {packages}` (into the Python "
-            "that runs ComfyUI; `-r requirements.txt` of this pack installs them) and restart."
+            f"not installed in this Python. {'; '.join(hints)}. Then start again."
         )

@@ -25,6 +25,7 @@ from ..checkpoint.layout import parse_header
 from ..core.units import GIB
 from ..formats.builtin import for_load, loader_quants
 from ..formats.quantization import ROUTER_SUFFIX, is_quantizable
+from .gpus import BENCH_GPU, Gpu, bench_gpu
 
 QUANT_ORDER = ("bf16", "int8", "nf4")  # the loaders the table and the README show (formats.loader_quants: all)
 REAL_BLOCKS = 32
@@ -33,6 +34,7 @@ REAL_BLOCKS = 32
 # same figure as bench/offload.py's projection; with 32 blocks of ~4.99 GB it gives the
 # ~165 GB of the BF16 checkpoint (160-170 GB, docs/HUNYUAN3_FACTS).
 REAL_OTHER_BYTES = 5 * 10**9
+NO_RAM_LIMIT_GIB = 4096.0  # "RAM not given": plan as if it were no limit, then say what each mode needs
 RAM_RESERVE_GIB = 8.0  # kept free for the OS, ComfyUI and Python: an assumption, said in the output
 _BLOCK = re.compile(r"^model\.layers\.(\d+)\.")
 _ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -47,21 +49,53 @@ class BenchFigures:
     block_seconds: dict[str, float]  # one resident decoder block, one step (both CFG halves)
     tokens: int  # tokens per step the block times were measured at
     stream_overhead: float  # measured streamed step / max(compute, copies)
+    gpu: str = BENCH_GPU  # the card these figures are for (measured, or scaled by figures_for_gpu)
+    scaling: str = ""  # how they were scaled from the bench's card ("" = measured)
 
+
+# bench/int8.py --tokens 8448,16640 --skip-configs, one H200 run: s/step of 10 real-size layers resident,
+# each layer's experts through the loaders' MoE dispatch (README, Measured; docs/w8a16.md's current row).
+INT8_BENCH = {"bf16": 0.178, "w8a16": 0.196, "bnb": 0.712}
+W8A16_RATIO = INT8_BENCH["w8a16"] / INT8_BENCH["bf16"]  # the INT8 loader's default, against bf16
+BNB_INT8_RATIO = INT8_BENCH["bnb"] / INT8_BENCH["bf16"]  # int8_format "bnb" (LLM.int8), against bf16
 
 H200_BENCH = BenchFigures(
     source=(
         "bench/offload.py on one H200 (README, Measured): 10 real-size layers, 8,448 tokens per step; "
         "resident 0.165 s (BF16) / 0.228 s (bnb NF4) per step for the 10; INT8 = the loader's default W8A16 "
-        "at 1.14x the BF16 step (bench/int8.py, same 10 layers: 0.203 s vs BF16 0.178 s, bnb LLM.int8 1.010 s "
-        "in that run), so 0.188 s; "
-        "pinned host->GPU copy 55.3 GB/s; a streamed step 1.01x its copy-bound ideal"
+        f"at {W8A16_RATIO:.2f}x the BF16 step (bench/int8.py, same 10 layers: {INT8_BENCH['w8a16']} s vs BF16 "
+        f"{INT8_BENCH['bf16']} s; bnb LLM.int8 {INT8_BENCH['bnb']} s, {BNB_INT8_RATIO:.1f}x), so "
+        f"{0.165 * W8A16_RATIO:.3f} s; pinned host->GPU copy 55.3 GB/s; a streamed step 1.01x its copy-bound ideal"
     ),
     copy_bytes_per_s=55.3e9,
-    block_seconds={"bf16": 0.165 / 10, "int8": 0.165 * (0.203 / 0.178) / 10, "nf4": 0.228 / 10},
+    block_seconds={"bf16": 0.165 / 10, "int8": 0.165 * W8A16_RATIO / 10, "nf4": 0.228 / 10},
     tokens=8448,
     stream_overhead=1.01,
 )
+
+
+def figures_for_gpu(gpu: Gpu, base: BenchFigures = H200_BENCH) -> BenchFigures:
+    """The bench figures scaled to another card: compute by the cards' dense BF16 TFLOPS, the pinned copy
+    rate by their PCIe links (the bench reached ``copy / link`` of its own; the same share of the other)."""
+    ref = bench_gpu()
+    if gpu == ref:
+        return base
+    compute = ref.tflops / gpu.tflops
+    copy = base.copy_bytes_per_s * gpu.link_gbps / ref.link_gbps
+    share = base.copy_bytes_per_s / 1e9 / ref.link_gbps
+    return BenchFigures(
+        source=base.source,
+        copy_bytes_per_s=copy,
+        block_seconds={q: t * compute for q, t in base.block_seconds.items()},
+        tokens=base.tokens,
+        stream_overhead=base.stream_overhead,
+        gpu=gpu.name,
+        scaling=(
+            f"scaled to the {gpu.name}: compute x {compute:.2f} ({ref.tflops:g} / {gpu.tflops:g} dense BF16 TFLOPS), "
+            f"pinned copies at {copy / 1e9:.1f} GB/s (PCIe {gpu.pcie_gen}.0 x16, {gpu.link_gbps:g} GB/s, at the "
+            f"bench's {share:.0%} of its link)"
+        ),
+    )
 
 
 def project_step_seconds(
@@ -189,6 +223,7 @@ class Card:
     width: int = 1024
     height: int = 1024
     budget_gib: float | None = None  # the Budget loader's vram_budget_gb (None: no budget row)
+    cfg: bool = True  # both CFG halves in every step (base, Instruct); False: Instruct-Distil
 
 
 def moe_workspace_bytes(sizes: WeightSizes, quant: str) -> int:
@@ -225,7 +260,7 @@ def plan_option(sizes: WeightSizes, card: Card, quant: str, mode: str, figures: 
     pinned = plan.streamed_bytes
     if pinned / GIB + RAM_RESERVE_GIB > card.ram_gib:
         problem = f"RAM: {pinned / GIB:.0f} GB of streamed blocks + {RAM_RESERVE_GIB:.0f} reserve"
-    tokens = tokens_for_image(sizes.config, card.width, card.height)
+    tokens = tokens_for_image(sizes.config, card.width, card.height, cfg=card.cfg)
     per_block = figures.block_seconds[quant] * tokens / figures.tokens
     step = project_step_seconds(len(blocks), pinned, per_block, figures.copy_bytes_per_s, figures.stream_overhead)
     return Option(quant, mode, not problem, problem, plan, pinned, park, step)
@@ -263,19 +298,20 @@ def describe_sizes(sizes: WeightSizes) -> str:
 def describe_card(sizes: WeightSizes, card: Card) -> str:
     tokens = tokens_for_image(sizes.config, card.width, card.height)
     headroom = estimate_inference_gb(card.width, card.height, config=sizes.config, moe_impl="gather_scatter")
+    ram = (f"{card.ram_gib:g} GB RAM ({RAM_RESERVE_GIB:g} GB of it kept for the OS and ComfyUI)"
+           if card.ram_gib < NO_RAM_LIMIT_GIB else "RAM not given (planned as no limit)")
     return (
-        f"card: {card.vram_gib:g} GB VRAM, {card.ram_gib:g} GB RAM ({RAM_RESERVE_GIB:g} GB of it kept for the OS "
-        f"and ComfyUI); {card.width}x{card.height}: {tokens:,} tokens per step, ~{headroom:.1f} GB of activations "
+        f"card: {card.vram_gib:g} GB VRAM, {ram}; {card.width}x{card.height}: {tokens:,} tokens per step, ~{headroom:.1f} GB of activations "
         "(gather_scatter MoE, memory/estimator.py). GB = 2^30 bytes."
     )
 
 
 def projection_note(figures: BenchFigures = H200_BENCH) -> str:
+    card = (f"; {figures.scaling}" if figures.scaling else
+            f". These are the {figures.gpu}'s: `plan --gpu NAME` scales them to another card's compute and link")
     return (
         "s/step is a PROJECTION, not a measurement: max(compute of every block, copies of the streamed "
-        f"blocks) x {figures.stream_overhead}, compute scaled linearly with tokens, from {figures.source}. "
-        "A GPU slower than an H200 computes slower, and a PCIe 4.0 x16 link copies at most ~32 GB/s "
-        "(streamed rows take longer)."
+        f"blocks) x {figures.stream_overhead}, compute scaled linearly with tokens, from {figures.source}{card}."
     )
 
 

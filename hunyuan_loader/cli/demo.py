@@ -18,7 +18,7 @@ from ..core import settings
 
 log = logging.getLogger(__name__)
 
-TEST_MODEL_CODE = Path(__file__).resolve().parent / "test_model"
+TEST_MODEL_CODE = Path(__file__).resolve().parents[1] / "test_model"  # hunyuan_loader/test_model
 NOISE_NOTE = (
     "the test checkpoint has random weights, so its image is noise by design (it runs the real code "
     "paths in seconds). For real images download HunyuanImage-3.0 (~160-170 GB BF16) into "

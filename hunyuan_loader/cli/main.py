@@ -1,4 +1,4 @@
-"""Command line: `python -m hunyuan_loader generate|make-test-model ...` (run from the pack's root).
+"""Command line: `python -m hunyuan_loader generate|plan|quantize|make-test-model ...` (the parser: args.py).
 
 Without --model, `generate` uses the small test checkpoint (built once, cached): the demo.
 Every input is checked before anything loads; a user error is one `error: ...` line, exit 2.
@@ -18,84 +18,13 @@ from ...memory import stats
 from ..cache import get_cache
 from ..core import quiet, settings
 from ..core.errors import HunyuanError, InputError
-from ..core.spec import INT8_FORMATS, MOE_IMPLS, OFFLOAD_MODES, QUANTS, LoadSpec
+from ..core.spec import LoadSpec
 from ..generation import generate, open_reference_images
 from ..input_checks import check_output_path, check_request, check_resolution, checkpoint_variant, model_sizes
-from ..load.multi_gpu import MODES as MULTI_GPU_MODES
-from ..request import BOT_TASKS, DEFAULT_MAX_NEW_TOKENS, GenerationRequest
+from ..request import GenerationRequest
+from .args import TEST_VARIANTS, parse  # noqa: F401 - TEST_VARIANTS is part of this module's interface
 
-TEST_VARIANTS = ("base", "instruct", "distil")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line: `error: ...`, exit 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"error: {message} (`{self.prog} --help` lists the options)\n")
-
-
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--verbose", action="store_true", help="show library warnings and info logs too")
-    parser = _Parser(prog="python -m hunyuan_loader", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", parents=[common], help="load a checkpoint and generate one image")
-    gen.add_argument("--model", help="checkpoint folder (default: the cached test checkpoint, random weights)")
-    gen.add_argument("--variant", choices=TEST_VARIANTS,
-                     help="test checkpoint variant when --model is not given (default base)")
-    gen.add_argument("--quant", choices=QUANTS, default="bf16")
-    gen.add_argument("--int8-format", choices=INT8_FORMATS, default=INT8_FORMATS[0],
-                     help="INT8 kernels: w8a16 (int8 weights x bf16 activations, fused) or bnb (LLM.int8)")
-    gen.add_argument("--offload", choices=OFFLOAD_MODES, default="disabled")
-    gen.add_argument("--budget-gb", type=float, help="VRAM budget (offload budget)")
-    gen.add_argument("--headroom-gb", type=float, help="inference headroom (offload budget)")
-    gen.add_argument("--moe-impl", choices=MOE_IMPLS, default="gather_scatter")
-    gen.add_argument("--devices", default="auto",
-                     help="GPUs for the model: auto (every visible GPU) or a list such as cuda:0,cuda:1")
-    gen.add_argument("--multi-gpu", choices=MULTI_GPU_MODES, default="auto",
-                     help="with several GPUs: auto, split (blocks over the GPUs), cfg_parallel (the CFG halves on "
-                          "different GPUs at once) or off (the first GPU only)")
-    gen.add_argument("--prompt", default="a red fox in fresh snow, morning light, photograph")
-    gen.add_argument("--seed", type=int, default=42)
-    gen.add_argument("--steps", type=int, help="default: the checkpoint's generation_config")
-    gen.add_argument("--guidance", type=float, help="default: the checkpoint's generation_config")
-    gen.add_argument("--resolution", default="1024x1024",
-                     help="auto, one of the model's sizes as WIDTHxHEIGHT, or custom (with --width/--height)")
-    gen.add_argument("--width", type=int, help="with --resolution custom (default 1024)")
-    gen.add_argument("--height", type=int, help="with --resolution custom (default 1024)")
-    gen.add_argument("--out", default="hunyuan_image3.png", help="image file; its folder must exist")
-    gen.add_argument("--image", action="append", default=[], metavar="PATH",
-                     help="Instruct: a reference image (once = edit, 2-3 times = multi-image fusion)")
-    gen.add_argument("--bot-task", choices=BOT_TASKS,
-                     help="Instruct: image (default), think, recaption or think_recaption (text before drawing)")
-    gen.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                     help="Instruct: the most tokens of think / recaption text")
-    pl = sub.add_parser("plan", parents=[common],
-                        help="which loaders and offload modes fit a card, host RAM, projected s/step")
-    pl.add_argument("--vram-gb", type=float, help="the GPU's memory (GB)")
-    pl.add_argument("--ram-gb", type=float, help="the machine's RAM (GB)")
-    pl.add_argument("--quant", choices=QUANTS, help="one loader format (default: all three)")
-    pl.add_argument("--resolution", default="1024x1024", help="WIDTHxHEIGHT to plan for, or auto (1024x1024)")
-    pl.add_argument("--budget-gb", type=float, help="also plan the Budget loader with this vram_budget_gb")
-    pl.add_argument("--copy-gbps", type=float,
-                    help="host->GPU pinned copy rate for the projection (default: 55.3, the H200 bench)")
-    pl.add_argument("--model", help="checkpoint folder (default: the real HunyuanImage-3.0, built in)")
-    pl.add_argument("--readme-table", action="store_true",
-                    help="print the README's 'Which loader for my card' table (24-96 GB cards, 64/128 GB RAM)")
-    qu = sub.add_parser("quantize", parents=[common],
-                        help="write a pre-quantized int8/nf4 copy of a BF16 checkpoint (loads in a fraction of the time)")
-    qu.add_argument("--model", required=True, help="the BF16 checkpoint folder")
-    qu.add_argument("--quant", choices=("int8", "nf4"), required=True)
-    qu.add_argument("--out", required=True, help="the new folder (must not exist); its parent must")
-    qu.add_argument("--int8-format", choices=INT8_FORMATS, default=INT8_FORMATS[0], help="with --quant int8")
-    qu.add_argument("--offload", choices=("disabled", "smart"), default="smart",
-                    help="smart: blocks that do not fit the GPU stream through pinned RAM while quantizing")
-    mk = sub.add_parser("make-test-model", parents=[common],
-                        help="write the small HunyuanImage-3-shaped test checkpoint")
-    mk.add_argument("dest")
-    mk.add_argument("--variant", choices=TEST_VARIANTS, default="base")
-    mk.add_argument("--overwrite", action="store_true")
-    return parser
+CANCELLED_EXIT = 130  # 128 + SIGINT: what a shell reports for a program stopped by Ctrl-C
 
 
 def _peak_rss_gib() -> float:
@@ -132,6 +61,7 @@ def _generate(args: argparse.Namespace) -> int:
     from ..checkpoint.validate import validate_checkpoint
     from ..formats.builtin import for_config, for_load
     from .demo import NOISE_NOTE, cached_test_model
+    from .save import SaveError, save_image_atomically
 
     # Every check before anything loads: flags, output file, request, checkpoint folder, variant.
     _check_flags(args)
@@ -175,7 +105,11 @@ def _generate(args: argparse.Namespace) -> int:
     result = generate(cache.get(handle), request, progress=progress, text_progress=text_progress)
     print()
     image = (result.image[0].numpy() * 255).round().clip(0, 255).astype("uint8")
-    Image.fromarray(image).save(out)
+    try:
+        save_image_atomically(Image.fromarray(image), out)
+        save_error = None
+    except SaveError as exc:  # the timings below still print; the error is the last line
+        save_error = str(exc)
     print(f"model:      {spec.describe()}")
     print(f"load:       {load_s:.2f} s")
     print(f"generate:   {result.seconds:.2f} s ({result.steps} steps, {result.width}x{result.height})")
@@ -189,6 +123,9 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"note:       {note}")
     if result.cot_text:
         print(f"model text: {result.cot_text}")
+    if save_error is not None:
+        print(f"error: {save_error}", file=sys.stderr)
+        return 1
     print(f"image:      {out}" + ("  (noise by design: test checkpoint, random weights)" if demo else ""))
     return 0
 
@@ -202,9 +139,17 @@ def _plan(args: argparse.Namespace) -> int:
     if args.readme_table:
         print(cp.readme_table())
         return 0
+    if args.readme_block:
+        from . import card_guide, readme_figures
+
+        blocks = {"guide": card_guide.readme_guide, "memory": readme_figures.moe_memory_block,
+                  "projection": readme_figures.projection_block}
+        print(blocks[args.readme_block]())
+        return 0
+    gpu = _plan_gpu(args)
     for flag, value in (("--vram-gb", args.vram_gb), ("--ram-gb", args.ram_gb)):
         if value is None:
-            raise InputError(f"plan needs {flag}: e.g. `plan --vram-gb 24 --ram-gb 64`.")
+            raise InputError(f"plan needs {flag}: e.g. `plan --vram-gb 24 --ram-gb 64`, or `plan --gpu 4090`.")
         if value <= 0:
             raise InputError(f"{flag} must be positive (got {value:g}).")
     for flag, value in (("--budget-gb", args.budget_gb), ("--copy-gbps", args.copy_gbps)):
@@ -214,7 +159,7 @@ def _plan(args: argparse.Namespace) -> int:
     if not (256 <= width <= 4096 and 256 <= height <= 4096):
         raise InputError(f"--resolution {args.resolution}: plan for 256..4096 px a side.")
     sizes = cp.real_model_sizes() if args.model is None else cp.checkpoint_sizes(args.model)
-    figures = cp.H200_BENCH
+    figures = cp.H200_BENCH if gpu is None else cp.figures_for_gpu(gpu)
     if args.copy_gbps is not None:
         figures = dataclasses.replace(figures, copy_bytes_per_s=args.copy_gbps * 1e9)
     card = cp.Card(args.vram_gb, args.ram_gb, width, height, args.budget_gb)
@@ -233,10 +178,35 @@ def _plan(args: argparse.Namespace) -> int:
     print("Soft Unload parks all weights in RAM: "
           + ", ".join(f"{q.upper()} {sizes.total(q) / cp.GIB:.1f} GB" for q in cp.QUANT_ORDER) + ".")
     if args.copy_gbps is not None:
-        print(f"copy rate: {args.copy_gbps:g} GB/s (--copy-gbps) instead of the bench's "
+        print(f"copy rate: {args.copy_gbps:g} GB/s (--copy-gbps) instead of "
+              f"{cp.figures_for_gpu(gpu).copy_bytes_per_s / 1e9:.1f} GB/s." if gpu else
+              f"copy rate: {args.copy_gbps:g} GB/s (--copy-gbps) instead of the bench's "
               f"{cp.H200_BENCH.copy_bytes_per_s / 1e9:g} GB/s.")
+    if gpu is not None and args.ram_given is None:
+        print("RAM: not given (--ram-gb), so planned as no limit: each row's pinned RAM + "
+              f"{cp.RAM_RESERVE_GIB:g} GB for the OS and ComfyUI is what it needs.")
     print(cp.projection_note(figures))
     return 0
+
+
+def _plan_gpu(args: argparse.Namespace):
+    """--gpu NAME: the card's memory (unless --vram-gb) and, without --ram-gb, RAM as no limit."""
+    from . import card_plan as cp
+    from .gpus import find_gpu, gpu_names
+
+    args.ram_given = args.ram_gb
+    if args.gpu is None:
+        return None
+    gpu = find_gpu(args.gpu)
+    if gpu is None:
+        raise InputError(f"--gpu {args.gpu!r} is not a card plan knows ({gpu_names()}): pick one, or give "
+                         "--vram-gb (and --copy-gbps for its link).")
+    if args.vram_gb is None:
+        args.vram_gb = gpu.vram_gb
+    if args.ram_gb is None:
+        args.ram_gb = cp.NO_RAM_LIMIT_GIB
+    print(f"GPU: {gpu.name}, {gpu.vram_gb:g} GB, {gpu.tflops:g} dense BF16 TFLOPS, PCIe {gpu.pcie_gen}.0 x16")
+    return gpu
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -258,7 +228,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     settings.hub_offline_by_default()  # local folders only: no hub retries
-    args = _parser().parse_args(argv)
+    args = parse(argv)
     quiet.set_verbose(args.verbose)
     quiet.install()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -283,3 +253,6 @@ def main(argv: list[str] | None = None) -> int:
     except HunyuanError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the model stays as it was; no traceback into the model's code
+        print("\ncancelled", file=sys.stderr)
+        return CANCELLED_EXIT

@@ -9,11 +9,12 @@ from typing import Any
 import torch
 
 from . import settings
+from .choices import MULTI_GPU_MODES
 from .errors import InputError
 
 LOGICAL_ENV = settings.LOGICAL_DEVICES
 _NAME = re.compile(r"cuda:(\d+)|cpu")
-MODES = ("auto", "split", "cfg_parallel", "off")  # the loaders' multi_gpu input (memory.devices.choose_mode)
+MODES = MULTI_GPU_MODES  # the loaders' multi_gpu input (memory.devices.choose_mode)
 
 
 def logical_devices_allowed() -> bool:

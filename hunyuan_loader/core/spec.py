@@ -8,14 +8,10 @@ from typing import Any
 
 import torch
 
+from .choices import INT8_FORMATS, MOE_IMPLS, OFFLOAD_MODES  # noqa: F401 - part of this interface
 from .errors import InputError
 from .quants import QUANTS, known_quants  # noqa: F401 - QUANTS is part of this module's interface
 
-OFFLOAD_MODES = ("disabled", "smart", "budget", "accelerate")
-MOE_IMPLS = ("gather_scatter", "reference")
-# INT8 kernels: "w8a16" int8 weights x bf16 activations (fused Triton kernel on CUDA, hunyuan_loader/w8a16.py);
-# "bnb" bitsandbytes LLM.int8. Only meaningful with quant "int8" (normalised to the default otherwise).
-INT8_FORMATS = ("w8a16", "bnb")
 
 @dataclass(frozen=True)
 class LoadSpec:

@@ -187,10 +187,13 @@ def load_remote_code(variant: str = "base") -> types.ModuleType:
 
     Gives benchmarks and tests the module classes (``HunyuanMoE``, ``HunyuanImage3Config``, ...).
     """
+    import atexit
+    import shutil
     import tempfile
 
     files = VARIANTS[variant]["files"]
     folder = Path(tempfile.mkdtemp(prefix="hy3_remote_code_"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the modules stay imported; the files go at exit
     for template in TEMPLATES:
         (folder / f"{files[template]}.py").write_text(remote_code_source(template, files), encoding="utf-8")
     modeling, _, _ = _import_written(folder, files)

@@ -5,7 +5,8 @@
 One description per workflow, two renderings, so both formats always say the same thing.
 The Instruct workflows (edit, 2-image fusion, think + recaption) feed LoadImage nodes into the
 Generate node's image_1 / image_2 and its `text` output into ComfyUI's Preview Any node; their
-example images (INSTRUCT_IMAGES) must be in ComfyUI's input folder (the e2e runner writes them).
+example images (INSTRUCT_IMAGES, shipped in workflows/input/) must be in ComfyUI's input folder (the e2e runner
+writes them there).
 Widget order follows the nodes' INPUT_TYPES (required, then optional); the UI format adds the
 frontend's control_after_generate value after `seed`. run_comfyui_e2e.py checks both formats
 against the live server's /object_info.
@@ -269,6 +270,7 @@ def write_example_images(folder: Path) -> list[Path]:
     """The Instruct workflows' reference images (simple synthetic pictures) into ``folder``."""
     from PIL import Image, ImageDraw
 
+    folder.mkdir(parents=True, exist_ok=True)
     out = []
     for i, name in enumerate(INSTRUCT_IMAGES):
         image = Image.new("RGB", (768, 512) if i == 0 else (512, 640), (40 + 90 * i, 110, 200 - 80 * i))
@@ -291,6 +293,8 @@ def main() -> None:
         (WORKFLOWS / f"{name}.json").write_text(json.dumps(ui, indent=2) + "\n", encoding="utf-8")
         (WORKFLOWS / f"{name}.api.json").write_text(json.dumps(api, indent=2) + "\n", encoding="utf-8")
         print(f"wrote workflows/{name}.json and workflows/{name}.api.json")
+    for path in write_example_images(WORKFLOWS / "input"):  # shipped: users copy them into ComfyUI/input
+        print(f"wrote {path.relative_to(WORKFLOWS.parent)}")
 
 
 if __name__ == "__main__":

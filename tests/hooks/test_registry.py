@@ -177,9 +177,10 @@ def test_per_call_hooks_are_listed_during_a_generate_call_only(cache, request, o
                             bot_task="think" if variant == "instruct" else None)
     generate(loaded, req, progress=lambda *_: seen.append(hook_names(loaded.model)))
     # Instruct: the per-token criteria is handed to the whole generate_image call (text, then image)
-    expected = ["diffusion_progress", "text_progress"] if variant == "instruct" else ["diffusion_progress"]
-    assert seen and all([n for n in names if n.endswith("_progress")] == expected for names in seen), seen
-    assert not any(n.endswith("_progress") for n in hook_names(loaded.model))
+    per_call = ("diffusion_progress", "finite_output", "text_progress")
+    expected = list(per_call) if variant == "instruct" else list(per_call[:2])
+    assert seen and all([n for n in names if n in per_call] == expected for names in seen), seen
+    assert not any(n in per_call for n in hook_names(loaded.model))
 
 
 # -- remove_all: the official model's forward, bit for bit ---------------------------------------------
