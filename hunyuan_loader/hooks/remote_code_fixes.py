@@ -1,15 +1,17 @@
 """Work-arounds for the official remote code, applied to a loaded model without editing its files.
 
-Each is a named entry of the model's hook registry (registry.py): mask_alignment,
+Each is a named entry of the model's hook registry (registry.py): static_cache_init, mask_alignment,
 vision_input_alignment, cpu_input_casts."""
 
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import torch
 
+from ..core import hf_compat
 from .registry import ModuleHooks, registry
 
 log = logging.getLogger(__name__)
@@ -119,3 +121,51 @@ def install_vision_input_alignment(model: Any) -> bool:
     if not isinstance(vision, torch.nn.Module):
         return False
     return registry(model).install("vision_input_alignment", _PreHooks([vision], _move_tensor_inputs))
+
+
+class _MethodPatch:
+    """A Hook that swaps one method of a class of the checkpoint's own module (no torch hook)."""
+
+    torch_hooks = False
+
+    def __init__(self, cls: type, name: str, make: Any) -> None:
+        self.cls, self.name, self.make = cls, name, make
+        self.original: Any = None
+
+    def attach(self) -> None:
+        if self.original is None:
+            self.original = self.cls.__dict__[self.name]
+            setattr(self.cls, self.name, self.make(self.original))
+
+    def detach(self) -> None:
+        if self.original is not None:
+            setattr(self.cls, self.name, self.original)
+            self.original = None
+
+
+def _update_initialising_both(update: Any) -> Any:
+    def patched(self: Any, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+                cache_kwargs: Any = None) -> Any:
+        layers = getattr(self, "layers", None)
+        if layers is not None and not hasattr(self, "key_cache") and layers[layer_idx].keys is None:
+            layers[layer_idx].lazy_initialization(key_states, value_states)  # what the official line means
+        return update(self, key_states, value_states, layer_idx, cache_kwargs)
+
+    return patched
+
+
+def install_static_cache_init(model: Any) -> bool:
+    """Initialise the official KV cache's layers with the arguments transformers 5.x asks for.
+
+    The official ``HunyuanStaticCache.update`` (hunyuan.py:926, modeling_hunyuan_image_3.py:933) calls
+    ``self.layers[i].lazy_initialization(key_states)``: transformers 5.x's StaticLayer takes
+    ``(key_states, value_states)`` (cache_utils.py), so the first attention of every generation
+    raises a TypeError there. The patched ``update`` initialises the layer with both tensors first,
+    so the official line is not reached; everything else of it runs as shipped. Installed only where
+    the installed transformers needs it (4.57's takes one tensor) and on a model whose module defines
+    the class (the test stand-in has none). Idempotent; True when installed now."""
+    module = sys.modules.get(type(model).__module__)
+    cls = getattr(module, "HunyuanStaticCache", None)
+    if not isinstance(cls, type) or "update" not in cls.__dict__ or not hf_compat.lazy_init_takes_values():
+        return False
+    return registry(model).install("static_cache_init", _MethodPatch(cls, "update", _update_initialising_both))

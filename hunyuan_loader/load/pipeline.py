@@ -157,6 +157,7 @@ def _prepare(model: Any, spec: LoadSpec, info: CheckpointInfo, device: torch.dev
     from ..hooks.remote_code_fixes import (
         install_cpu_input_casts,
         install_mask_alignment,
+        install_static_cache_init,
         install_vision_input_alignment,
     )
 
@@ -165,6 +166,7 @@ def _prepare(model: Any, spec: LoadSpec, info: CheckpointInfo, device: torch.dev
             model.load_tokenizer(str(info.path))
     with st.phase("moe dispatch"):
         install_moe_dispatch(model, spec.moe_impl)
+        install_static_cache_init(model)
         install_mask_alignment(model)
         install_vision_input_alignment(model)
         if device.type == "cpu":

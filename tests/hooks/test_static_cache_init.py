@@ -1,0 +1,76 @@
+"""static_cache_init: the official HunyuanStaticCache's one-tensor ``lazy_initialization`` call works on
+the installed transformers (5.x asks for keys and values), through a load-time patch of the class."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+from transformers import PretrainedConfig
+from transformers.cache_utils import StaticCache
+
+from hunyuan_image3.hunyuan_loader.core import hf_compat
+from hunyuan_image3.hunyuan_loader.hooks.registry import hook_names, remove_all_hooks
+from hunyuan_image3.hunyuan_loader.hooks.remote_code_fixes import install_static_cache_init
+
+
+def _official_like_module() -> types.ModuleType:
+    """A module shaped like the official code: a StaticCache subclass whose update initialises a layer
+    the way hunyuan.py:924-928 does (``lazy_initialization(key_states)``), and a model class."""
+    mod = types.ModuleType("_hy3_official_cache_like")
+
+    class HunyuanStaticCache(StaticCache):
+        def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+            if self.layers[layer_idx].keys is None:
+                self.layers[layer_idx].lazy_initialization(key_states)
+            k_out, v_out = self.layers[layer_idx].keys, self.layers[layer_idx].values
+            position = cache_kwargs.get("cache_position")
+            k_out.index_copy_(2, position, key_states)
+            v_out.index_copy_(2, position, value_states)
+            return k_out, v_out
+
+    class Model(torch.nn.Module):
+        pass
+
+    HunyuanStaticCache.__module__ = Model.__module__ = mod.__name__
+    mod.HunyuanStaticCache, mod.Model = HunyuanStaticCache, Model
+    sys.modules[mod.__name__] = mod
+    return mod
+
+
+def _one_update(mod: types.ModuleType) -> torch.Tensor:
+    config = PretrainedConfig(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, hidden_size=8)
+    cache = mod.HunyuanStaticCache(config=config, batch_size=1, max_cache_len=4, dtype=torch.float32,
+                                   max_batch_size=1)
+    k = torch.arange(8, dtype=torch.float32).reshape(1, 2, 1, 4)
+    keys, values = cache.update(k, k + 100, 0, {"cache_position": torch.tensor([1])})
+    return values[0, :, 1]
+
+
+def test_the_official_update_runs_once_the_fix_is_installed() -> None:
+    mod = _official_like_module()
+    model = mod.Model()
+    shipped = mod.HunyuanStaticCache.__dict__["update"]
+    try:
+        if hf_compat.lazy_init_takes_values():  # 5.x: the shipped line fails, the fix is installed
+            with pytest.raises(TypeError, match="value_states"):
+                _one_update(mod)
+            assert install_static_cache_init(model) is True
+            assert hook_names(model) == ["static_cache_init"]
+            assert not install_static_cache_init(model)  # idempotent
+        else:  # 4.57: nothing to fix, nothing installed
+            assert install_static_cache_init(model) is False
+        assert torch.equal(_one_update(mod), torch.arange(8, dtype=torch.float32).reshape(2, 4) + 100)
+        remove_all_hooks(model)
+        assert mod.HunyuanStaticCache.__dict__["update"] is shipped  # the class is given back
+    finally:
+        remove_all_hooks(model)
+        sys.modules.pop(mod.__name__, None)
+
+
+def test_a_model_without_the_official_cache_gets_nothing() -> None:
+    model = torch.nn.Linear(2, 2)
+    assert install_static_cache_init(model) is False
+    assert hook_names(model) == []
