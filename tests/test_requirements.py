@@ -4,8 +4,9 @@ only with its reason on the comment line above it, torch not named, pyproject.to
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 _REQ = re.compile(r"^([A-Za-z0-9_.\-]+)\s*(.*)$")

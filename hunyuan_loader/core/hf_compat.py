@@ -387,6 +387,15 @@ def lazy_init_takes_values() -> bool:
     return "value_states" in inspect.signature(StaticLayer.lazy_initialization).parameters
 
 
+def cache_kwarg_renamed() -> bool:
+    """Whether transformers names the KV cache ``cache`` first (5.x ``ALL_CACHE_NAMES``) rather than
+    ``past_key_values`` (4.57)."""
+    from transformers.generation import utils
+
+    names = getattr(utils, "ALL_CACHE_NAMES", ["past_key_values"])
+    return bool(names) and names[0] == "cache"
+
+
 # -- finishing ------------------------------------------------------------------------------------------
 def postprocess(hf_quantizer: Any, model: Any, config: Any) -> None:
     """The quantizer's post-processing after the weights (4.57 passes the config as well)."""

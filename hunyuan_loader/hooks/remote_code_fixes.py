@@ -1,7 +1,7 @@
 """Work-arounds for the official remote code, applied to a loaded model without editing its files.
 
-Each is a named entry of the model's hook registry (registry.py): static_cache_init, mask_alignment,
-vision_input_alignment, cpu_input_casts."""
+Each is a named entry of the model's hook registry (registry.py): static_cache_init, cache_kwarg_name,
+mask_alignment, vision_input_alignment, cpu_input_casts."""
 
 from __future__ import annotations
 
@@ -169,3 +169,32 @@ def install_static_cache_init(model: Any) -> bool:
     if not isinstance(cls, type) or "update" not in cls.__dict__ or not hf_compat.lazy_init_takes_values():
         return False
     return registry(model).install("static_cache_init", _MethodPatch(cls, "update", _update_initialising_both))
+
+
+def _kwargs_keeping_past_key_values(update: Any) -> Any:
+    def patched(self: Any, outputs: Any, model_kwargs: dict, *args: Any, **kwargs: Any) -> dict:
+        updated = update(self, outputs, model_kwargs, *args, **kwargs)
+        if "cache" in updated and "past_key_values" not in updated:
+            updated["past_key_values"] = updated.pop("cache")  # the name the official forward reads
+        return updated
+
+    return patched
+
+
+def install_cache_kwarg_name(model: Any) -> bool:
+    """Hand the KV cache back to the official forward under the name it reads.
+
+    The official ``_update_model_kwargs_for_generation`` (hunyuan.py:2452-2461,
+    modeling_hunyuan_image_3.py:2933-2942) stores the step's cache under the first name of transformers'
+    ``ALL_CACHE_NAMES`` that the output holds: ``past_key_values`` on 4.57, ``cache`` on 5.x (which renamed
+    the field and lists "cache" first). The official ``forward`` takes ``past_key_values`` only, so on 5.x
+    the second diffusion step (and every generated token after the first) runs without the cache and its
+    attention fails ("The size of tensor a (257) must match the size of tensor b (267)"). The patched
+    method renames the entry back. Installed only where transformers lists "cache" first, on a model class
+    that defines the method. Idempotent; True when installed now."""
+    cls = next((c for c in type(model).__mro__ if "_update_model_kwargs_for_generation" in c.__dict__
+                and c.__module__ == type(model).__module__), None)
+    if cls is None or not hf_compat.cache_kwarg_renamed():
+        return False
+    return registry(model).install("cache_kwarg_name", _MethodPatch(cls, "_update_model_kwargs_for_generation",
+                                                                    _kwargs_keeping_past_key_values))

@@ -155,6 +155,7 @@ def _prepare(model: Any, spec: LoadSpec, info: CheckpointInfo, device: torch.dev
     """What every load does after the weights: tokenizer, MoE dispatch, remote-code fixes."""
     from ..hooks.moe_dispatch import install_moe_dispatch
     from ..hooks.remote_code_fixes import (
+        install_cache_kwarg_name,
         install_cpu_input_casts,
         install_mask_alignment,
         install_static_cache_init,
@@ -167,6 +168,7 @@ def _prepare(model: Any, spec: LoadSpec, info: CheckpointInfo, device: torch.dev
     with st.phase("moe dispatch"):
         install_moe_dispatch(model, spec.moe_impl)
         install_static_cache_init(model)
+        install_cache_kwarg_name(model)
         install_mask_alignment(model)
         install_vision_input_alignment(model)
         if device.type == "cpu":

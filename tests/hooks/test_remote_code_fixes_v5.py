@@ -1,4 +1,4 @@
-"""static_cache_init: the official HunyuanStaticCache's one-tensor ``lazy_initialization`` call works on
+"""static_cache_init and cache_kwarg_name: the official HunyuanStaticCache's one-tensor ``lazy_initialization`` call works on
 the installed transformers (5.x asks for keys and values), through a load-time patch of the class."""
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ from transformers.cache_utils import StaticCache
 
 from hunyuan_image3.hunyuan_loader.core import hf_compat
 from hunyuan_image3.hunyuan_loader.hooks.registry import hook_names, remove_all_hooks
-from hunyuan_image3.hunyuan_loader.hooks.remote_code_fixes import install_static_cache_init
+from hunyuan_image3.hunyuan_loader.hooks.remote_code_fixes import (
+    install_cache_kwarg_name,
+    install_static_cache_init,
+)
 
 
 def _official_like_module() -> types.ModuleType:
@@ -74,3 +77,49 @@ def test_a_model_without_the_official_cache_gets_nothing() -> None:
     model = torch.nn.Linear(2, 2)
     assert install_static_cache_init(model) is False
     assert hook_names(model) == []
+
+
+def _official_like_update_module() -> types.ModuleType:
+    """A model class whose _update_model_kwargs_for_generation stores the cache under the first name of
+    ALL_CACHE_NAMES the output holds, as hunyuan.py:2452-2461 does."""
+    from transformers.generation.utils import ALL_CACHE_NAMES
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    mod = types.ModuleType("_hy3_official_kwargs_like")
+
+    class Model(torch.nn.Module):
+        def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False,
+                                                num_new_tokens=1):
+            updated = {"mode": model_kwargs["mode"]}
+            for name in ALL_CACHE_NAMES:
+                if name in outputs:
+                    updated[name] = getattr(outputs, name)
+                    break
+            return updated
+
+    Model.__module__ = mod.__name__
+    mod.Model, mod.Output = Model, CausalLMOutputWithPast
+    sys.modules[mod.__name__] = mod
+    return mod
+
+
+def test_the_cache_goes_back_to_the_forward_as_past_key_values() -> None:
+    mod = _official_like_update_module()
+    model = mod.Model()
+    cache = object()
+    try:
+        out = mod.Output(logits=torch.zeros(1), past_key_values=cache)
+        before = model._update_model_kwargs_for_generation(out, {"mode": "gen_image"})
+        if hf_compat.cache_kwarg_renamed():  # 5.x: the shipped method hands it over as "cache"
+            assert "past_key_values" not in before
+            assert install_cache_kwarg_name(model) is True
+        else:
+            assert before["past_key_values"] is cache
+            assert install_cache_kwarg_name(model) is False
+        after = model._update_model_kwargs_for_generation(out, {"mode": "gen_image"})
+        assert after["past_key_values"] is cache and "cache" not in after
+        remove_all_hooks(model)
+        assert model._update_model_kwargs_for_generation(out, {"mode": "gen_image"}).keys() == before.keys()
+    finally:
+        remove_all_hooks(model)
+        sys.modules.pop(mod.__name__, None)
