@@ -181,20 +181,56 @@ def _kwargs_keeping_past_key_values(update: Any) -> Any:
     return patched
 
 
-def install_cache_kwarg_name(model: Any) -> bool:
-    """Hand the KV cache back to the official forward under the name it reads.
+def _inputs_taking_cache(prepare: Any) -> Any:
+    def patched(self: Any, input_ids: Any, *args: Any, cache: Any = None, **kwargs: Any) -> dict:
+        if cache is not None and kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = cache
+        return prepare(self, input_ids, *args, **kwargs)
 
-    The official ``_update_model_kwargs_for_generation`` (hunyuan.py:2452-2461,
-    modeling_hunyuan_image_3.py:2933-2942) stores the step's cache under the first name of transformers'
-    ``ALL_CACHE_NAMES`` that the output holds: ``past_key_values`` on 4.57, ``cache`` on 5.x (which renamed
-    the field and lists "cache" first). The official ``forward`` takes ``past_key_values`` only, so on 5.x
-    the second diffusion step (and every generated token after the first) runs without the cache and its
-    attention fails ("The size of tensor a (257) must match the size of tensor b (267)"). The patched
-    method renames the entry back. Installed only where transformers lists "cache" first, on a model class
-    that defines the method. Idempotent; True when installed now."""
-    cls = next((c for c in type(model).__mro__ if "_update_model_kwargs_for_generation" in c.__dict__
-                and c.__module__ == type(model).__module__), None)
-    if cls is None or not hf_compat.cache_kwarg_renamed():
+    return patched
+
+
+class _MethodPatches:
+    """Several _MethodPatch of one class as one entry."""
+
+    torch_hooks = False
+
+    def __init__(self, patches: list[_MethodPatch]) -> None:
+        self.patches = patches
+
+    def attach(self) -> None:
+        for p in self.patches:
+            p.attach()
+
+    def detach(self) -> None:
+        for p in reversed(self.patches):
+            p.detach()
+
+
+def install_cache_kwarg_name(model: Any) -> bool:
+    """Hand the KV cache to the official code under the name it reads, ``past_key_values``.
+
+    transformers 5.x renamed it ``cache``: model outputs carry ``cache`` and ``ALL_CACHE_NAMES`` lists it
+    first, and ``generate`` renames a ``past_key_values`` keyword to ``cache``. The official code reads
+    ``past_key_values`` only:
+    - ``_update_model_kwargs_for_generation`` (hunyuan.py:2452-2461, modeling_hunyuan_image_3.py:2933-2942)
+      stores the step's cache under the first of ``ALL_CACHE_NAMES`` the output holds, ``cache`` on 5.x, so
+      the second diffusion step ran without the cache and its attention failed ("The size of tensor a
+      (257) must match the size of tensor b (267)");
+    - ``_generate`` passes ``past_key_values=cache`` to ``generate`` (hunyuan.py:2355, 2559), which 5.x
+      refuses before the text stage ("model_kwargs are not used by the model: ['cache']") because
+      ``prepare_inputs_for_generation`` (hunyuan.py:2403) has no such parameter.
+    The patched methods rename the entry back and take ``cache`` as ``past_key_values``. Installed only
+    where transformers lists "cache" first, on a model class that defines the methods. Idempotent; True
+    when installed now."""
+    names = ("_update_model_kwargs_for_generation", "prepare_inputs_for_generation")
+    makes = {names[0]: _kwargs_keeping_past_key_values, names[1]: _inputs_taking_cache}
+    patches = []
+    for name in names:
+        cls = next((c for c in type(model).__mro__ if name in c.__dict__ and c.__module__ == type(model).__module__),
+                   None)
+        if cls is not None:
+            patches.append(_MethodPatch(cls, name, makes[name]))
+    if not patches or not hf_compat.cache_kwarg_renamed():
         return False
-    return registry(model).install("cache_kwarg_name", _MethodPatch(cls, "_update_model_kwargs_for_generation",
-                                                                    _kwargs_keeping_past_key_values))
+    return registry(model).install("cache_kwarg_name", _MethodPatches(patches))

@@ -3,6 +3,7 @@ the installed transformers (5.x asks for keys and values), through a load-time p
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 
@@ -97,6 +98,9 @@ def _official_like_update_module() -> types.ModuleType:
                     break
             return updated
 
+        def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+            return {"input_ids": input_ids, "past_key_values": past_key_values}  # as hunyuan.py:2403-2436
+
     Model.__module__ = mod.__name__
     mod.Model, mod.Output = Model, CausalLMOutputWithPast
     sys.modules[mod.__name__] = mod
@@ -118,8 +122,12 @@ def test_the_cache_goes_back_to_the_forward_as_past_key_values() -> None:
             assert install_cache_kwarg_name(model) is False
         after = model._update_model_kwargs_for_generation(out, {"mode": "gen_image"})
         assert after["past_key_values"] is cache and "cache" not in after
+        if hf_compat.cache_kwarg_renamed():  # 5.x generate hands the cache over as ``cache``
+            assert model.prepare_inputs_for_generation(torch.zeros(1, 2), cache=cache)["past_key_values"] is cache
+        assert model.prepare_inputs_for_generation(torch.zeros(1, 2), past_key_values=cache)["past_key_values"] is cache
         remove_all_hooks(model)
         assert model._update_model_kwargs_for_generation(out, {"mode": "gen_image"}).keys() == before.keys()
+        assert "cache" not in inspect.signature(mod.Model.prepare_inputs_for_generation).parameters
     finally:
         remove_all_hooks(model)
         sys.modules.pop(mod.__name__, None)
