@@ -5,6 +5,7 @@ mask_alignment, vision_input_alignment, cpu_input_casts."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 from typing import Any
@@ -187,6 +188,13 @@ def _inputs_taking_cache(prepare: Any) -> Any:
             kwargs["past_key_values"] = cache
         return prepare(self, input_ids, *args, **kwargs)
 
+    # generate() accepts the keywords this signature names (_validate_model_kwargs): the official ones
+    # (tokenizer_output, ...) and ``cache``
+    sig = inspect.signature(prepare)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params.append(inspect.Parameter("cache", inspect.Parameter.KEYWORD_ONLY, default=None))
+    params += [p for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    patched.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
     return patched
 
 

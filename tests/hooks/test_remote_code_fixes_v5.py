@@ -124,6 +124,9 @@ def test_the_cache_goes_back_to_the_forward_as_past_key_values() -> None:
         assert after["past_key_values"] is cache and "cache" not in after
         if hf_compat.cache_kwarg_renamed():  # 5.x generate hands the cache over as ``cache``
             assert model.prepare_inputs_for_generation(torch.zeros(1, 2), cache=cache)["past_key_values"] is cache
+            # generate() validates its keywords against this signature: the official ones stay, ``cache`` joins
+            params = inspect.signature(model.prepare_inputs_for_generation).parameters
+            assert {"past_key_values", "attention_mask", "cache", "kwargs"} <= set(params)
         assert model.prepare_inputs_for_generation(torch.zeros(1, 2), past_key_values=cache)["past_key_values"] is cache
         remove_all_hooks(model)
         assert model._update_model_kwargs_for_generation(out, {"mode": "gen_image"}).keys() == before.keys()
