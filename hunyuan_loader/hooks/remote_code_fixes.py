@@ -124,24 +124,42 @@ def install_vision_input_alignment(model: Any) -> bool:
     return registry(model).install("vision_input_alignment", _PreHooks([vision], _move_tensor_inputs))
 
 
+_PATCHED: dict[tuple[type, str], list[Any]] = {}  # (class, method) -> [shipped function, models using the patch]
+
+
 class _MethodPatch:
-    """A Hook that swaps one method of a class of the checkpoint's own module (no torch hook)."""
+    """A Hook that swaps one method of a class of the checkpoint's own module (no torch hook).
+
+    The class is shared by every model loaded from that code (a reload, two checkpoints of one code), so
+    the swap is counted: the first model that attaches wraps the shipped method, later ones share that
+    wrapper, and the shipped method comes back when the last one detaches."""
 
     torch_hooks = False
 
     def __init__(self, cls: type, name: str, make: Any) -> None:
         self.cls, self.name, self.make = cls, name, make
-        self.original: Any = None
+        self.attached = False
 
     def attach(self) -> None:
-        if self.original is None:
-            self.original = self.cls.__dict__[self.name]
-            setattr(self.cls, self.name, self.make(self.original))
+        if self.attached:
+            return
+        entry = _PATCHED.get((self.cls, self.name))
+        if entry is None:
+            shipped = self.cls.__dict__[self.name]
+            entry = _PATCHED[(self.cls, self.name)] = [shipped, 0]
+            setattr(self.cls, self.name, self.make(shipped))
+        entry[1] += 1
+        self.attached = True
 
     def detach(self) -> None:
-        if self.original is not None:
-            setattr(self.cls, self.name, self.original)
-            self.original = None
+        if not self.attached:
+            return
+        self.attached = False
+        entry = _PATCHED[(self.cls, self.name)]
+        entry[1] -= 1
+        if entry[1] == 0:
+            setattr(self.cls, self.name, entry[0])
+            del _PATCHED[(self.cls, self.name)]
 
 
 def _update_initialising_both(update: Any) -> Any:

@@ -134,3 +134,26 @@ def test_the_cache_goes_back_to_the_forward_as_past_key_values() -> None:
     finally:
         remove_all_hooks(model)
         sys.modules.pop(mod.__name__, None)
+
+
+def test_two_models_of_one_code_share_the_patch() -> None:
+    """A reload (or a second checkpoint of the same code) hooks the same class: wrapped once, given back
+    when the last model lets go."""
+    mod = _official_like_update_module()
+    first, second = mod.Model(), mod.Model()
+    shipped = mod.Model.__dict__["prepare_inputs_for_generation"]
+    try:
+        if not hf_compat.cache_kwarg_renamed():
+            assert install_cache_kwarg_name(first) is False
+            return
+        assert install_cache_kwarg_name(first) and install_cache_kwarg_name(second)
+        params = list(inspect.signature(second.prepare_inputs_for_generation).parameters)
+        assert params.count("cache") == 1
+        remove_all_hooks(first)
+        assert "cache" in inspect.signature(second.prepare_inputs_for_generation).parameters  # still patched
+        remove_all_hooks(second)
+        assert mod.Model.__dict__["prepare_inputs_for_generation"] is shipped
+    finally:
+        remove_all_hooks(first)
+        remove_all_hooks(second)
+        sys.modules.pop(mod.__name__, None)
