@@ -30,7 +30,8 @@ LOG_NOISE: tuple[Noise, ...] = (
         "bitsandbytes.backends.cpu.ops",
         "Failed to load CPU gemm_4bit_forward from kernels-community",
         "logged when bitsandbytes is imported on a CPU with AVX512-BF16 and the optional `kernels` "
-        "package is absent; bitsandbytes then uses its built-in CPU 4-bit path, and on a GPU neither is used.",
+        "package is absent, or present (transformers 5.x brings it) but cannot fetch or trust the hub "
+        "kernel (offline); bitsandbytes then uses its built-in CPU 4-bit path, and on a GPU neither is used.",
     ),
     Noise(
         "bitsandbytes.autograd._functions",

@@ -7,10 +7,14 @@ guidance embedder (the official TimestepEmbedder casts its input to ``mlp[0].wei
 so a quantized one runs GELU on int8: official modeling_hunyuan_image_3.py:591), lm_head.
 
 The skip list is derived from the checkpoint's own tensor names (the modules its code
-defines), not written by hand, and matched with the rule transformers 4.57 really applies:
-a module is skipped iff a key equals its full name or ``key + "."`` occurs in it
-(transformers/integrations/bitsandbytes.py, ``_replace_with_bnb_linear``). ``time_embed``
-therefore does NOT cover ``time_embed_2``: each embedder is listed by its own name.
+defines), not written by hand, and holds under both rules transformers applies:
+- 4.57: a module is skipped iff a key equals its full name or its last part, or ``key + "."``
+  occurs in it (transformers/integrations/bitsandbytes.py, ``_replace_with_bnb_linear``);
+- 5.x: iff a key (a regex) matches the full name from its start up to a module boundary, or the
+  full name ends with the key (transformers/quantizers/quantizers_utils.py, ``should_convert_module``).
+``time_embed`` therefore does NOT cover ``time_embed_2``: each embedder is listed by its own name;
+an in-block module is listed by its path inside the block for 4.57 (``mlp.gate``) and by its full
+relative path for 5.x (``mlp.gate.wg``), so a copy written on one version loads on the other.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ..core import hf_compat
 from ..core.errors import DependencyError
 
 log = logging.getLogger(__name__)
@@ -40,10 +45,21 @@ def is_quantizable(module_name: str) -> bool:
     return bool(_QUANTIZED_IN_BLOCK.match(module_name))
 
 
-def transformers_skips(module_name: str, skip_keys: Iterable[str]) -> bool:
+def skips_v4(module_name: str, skip_keys: Iterable[str]) -> bool:
     """transformers 4.57's llm_int8_skip_modules rule for one module (full dotted name)."""
     short = module_name.rsplit(".", 1)[-1]
     return any(short == key or key == module_name or key + "." in module_name for key in skip_keys)
+
+
+def skips_v5(module_name: str, skip_keys: Iterable[str]) -> bool:
+    """transformers 5.x's rule (``should_convert_module``) for one module (full dotted name)."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return any(re.match(rf"(?:{key}){boundary}", module_name) or module_name.endswith(key) for key in skip_keys)
+
+
+def transformers_skips(module_name: str, skip_keys: Iterable[str]) -> bool:
+    """The installed transformers' llm_int8_skip_modules rule for one module (full dotted name)."""
+    return (skips_v5 if hf_compat.is_v5() else skips_v4)(module_name, skip_keys)
 
 
 def checkpoint_tensor_names(path: Path) -> list[str]:
@@ -76,8 +92,9 @@ def skip_modules_for(tensor_names: Iterable[str]) -> list[str]:
     Keys: each top-level module other than ``model`` by its own name (vae, vision_model,
     time_embed, time_embed_2, guidance_emb, ...), ``lm_head``, the non-block parts of
     ``model`` (wte, ln_f, ...), and the in-block modules other than attention/experts by their
-    path inside the block (``mlp.gate``, ``mlp.shared_mlp``, ...). Verified against the rule
-    transformers applies: no quantizable module is covered, every other module is.
+    path inside the block (``mlp.gate``, ``mlp.shared_mlp``, ... and ``mlp.gate.wg``, ...). Verified
+    against both rules transformers applies (4.57 and 5.x): no quantizable module is covered, every
+    other module is.
     """
     modules = _module_names(tensor_names)
     keys: set[str] = {"lm_head"}
@@ -93,12 +110,13 @@ def skip_modules_for(tensor_names: Iterable[str]) -> list[str]:
         if is_quantizable(name):
             continue
         rel = inner.group(1).split(".")
-        # A group inside the block by its first two levels (mlp.gate, mlp.shared_mlp); a leaf
-        # (input_layernorm, self_attn.query_layernorm) by its own name.
+        # 4.57: a group inside the block by its first two levels (mlp.gate, mlp.shared_mlp); a leaf
+        # (input_layernorm, self_attn.query_layernorm) by its own name. 5.x: the whole path in the block.
         keys.add(".".join(rel[:2]) if len(rel) > 2 else rel[-1])
+        keys.add(inner.group(1))
     keys = {k for k in keys if k}
-    wrong = [m for m in modules if is_quantizable(m) and transformers_skips(m, keys)]
-    missed = [m for m in modules if not is_quantizable(m) and not transformers_skips(m, keys)]
+    wrong = [m for m in modules if is_quantizable(m) and (skips_v4(m, keys) or skips_v5(m, keys))]
+    missed = [m for m in modules if not is_quantizable(m) and not (skips_v4(m, keys) and skips_v5(m, keys))]
     if wrong or missed:  # fall back to exact names, which the rule always honours
         log.debug("skip keys %s cover %s / miss %s: using exact names", sorted(keys), wrong[:3], missed[:3])
         keys = {m for m in modules if not is_quantizable(m)} | {"lm_head"}

@@ -1,4 +1,5 @@
-"""W8A16 as a transformers quantization method (``quant_method: "hy3_w8a16"``), transformers 4.57.
+"""W8A16 as a transformers quantization method (``quant_method: "hy3_w8a16"``), transformers 4.57 and 5.x
+(4.57 calls ``create_quantized_param``, 5.x the op ``get_quantize_ops`` returns; both quantize the same way).
 
 With ``W8A16Config`` passed to ``from_pretrained`` the model is quantized tensor by tensor while
 it loads, exactly where bitsandbytes int8 would be: each checkpoint weight of a converted
@@ -25,6 +26,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..core import hf_compat
 from .quantization import transformers_skips
 from .w8a16 import QUANT_METHOD, Int8WeightOnlyLinear, config_entry, quantize_weight, replace_with_w8a16
 
@@ -82,21 +84,34 @@ class W8A16Quantizer(HfQuantizer):
         module, name = get_module_from_name(model, param_name)
         return _is_w8a16(module) and name == "weight"
 
+    @property
+    def quantized_element_size(self) -> float:  # 5.x: sizes for device_map="auto"
+        return 1
+
     def create_quantized_param(
         self, model: Any, param_value: torch.Tensor, param_name: str, target_device: Any, **kwargs: Any
     ) -> None:
         module, _ = get_module_from_name(model, param_name)
         target = torch.device(target_device) if not isinstance(target_device, int) else torch.device("cuda", target_device)
-        compute = param_value.device
-        if compute.type != "cuda" and torch.cuda.is_available():
-            compute = torch.device("cuda", torch.cuda.current_device())
-        q, scale = quantize_weight(param_value, compute)
+        q, scale = _quantized(param_value)
         module._parameters["weight"] = nn.Parameter(q.to(target), requires_grad=False)
         module._parameters["weight_scale"] = nn.Parameter(scale.to(target), requires_grad=False)
+
+    def get_quantize_ops(self) -> Any:
+        """5.x: the op from_pretrained applies to each weight this quantizer converts (already on its device)."""
+        def quantize(model: Any, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+            q, scale = _quantized(value)
+            prefix = name.rpartition(".")[0]
+            return {name: nn.Parameter(q.to(value.device), requires_grad=False),
+                    f"{prefix}.weight_scale": nn.Parameter(scale.to(value.device), requires_grad=False)}
+
+        return hf_compat.quantize_op(quantize)
 
     def _process_model_before_weight_loading(
         self, model: Any, device_map: Any = None, keep_in_fp32_modules: list[str] | None = None, **kwargs: Any
     ) -> None:
+        if keep_in_fp32_modules is None:  # 5.x passes none: its bitsandbytes quantizers read the model's
+            keep_in_fp32_modules = model._keep_in_fp32_modules
         self.modules_to_not_convert = self.get_modules_to_not_convert(
             model, self.quantization_config.modules_to_not_convert, keep_in_fp32_modules
         )
@@ -106,6 +121,11 @@ class W8A16Quantizer(HfQuantizer):
         model.config.quantization_config = self.quantization_config
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        # 5.x loads a stored float scale as a Parameter that requires grad; quantized on load it does not
+        for module in model.modules():
+            if _is_w8a16(module):
+                for param in module.parameters(recurse=False):
+                    param.requires_grad_(False)
         return model
 
     def is_serializable(self, safe_serialization: Any = None) -> bool:
@@ -114,6 +134,14 @@ class W8A16Quantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _quantized(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, scale) of a bf16 weight, computed on the GPU when there is one (bit-identical)."""
+    compute = value.device
+    if compute.type != "cuda" and torch.cuda.is_available():
+        compute = torch.device("cuda", torch.cuda.current_device())
+    return quantize_weight(value, compute)
 
 
 def register() -> None:

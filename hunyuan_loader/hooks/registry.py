@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # The documented execution order, first runs first (a pre-hook before a later pre-hook on the
 # same module; a wrapper outside a later wrapper). Every name the pack installs is listed here.
 HOOK_ORDER: tuple[str, ...] = (
+    "static_cache_init",       # remote_code_fixes: the official KV cache's layers initialised as 5.x asks
+    "cache_kwarg_name",        # remote_code_fixes: the KV cache handed back as past_key_values (5.x: "cache")
     "mask_alignment",          # remote_code_fixes: the decoder's CPU-built text mask to its device
     "vision_input_alignment",  # remote_code_fixes: the vision tower's tensor kwargs to its device
     "cpu_input_casts",         # remote_code_fixes: image modules' float inputs cast as CUDA autocast would

@@ -1,15 +1,18 @@
 """Work-arounds for the official remote code, applied to a loaded model without editing its files.
 
-Each is a named entry of the model's hook registry (registry.py): mask_alignment,
-vision_input_alignment, cpu_input_casts."""
+Each is a named entry of the model's hook registry (registry.py): static_cache_init, cache_kwarg_name,
+mask_alignment, vision_input_alignment, cpu_input_casts."""
 
 from __future__ import annotations
 
+import inspect
 import logging
+import sys
 from typing import Any
 
 import torch
 
+from ..core import hf_compat
 from .registry import ModuleHooks, registry
 
 log = logging.getLogger(__name__)
@@ -119,3 +122,141 @@ def install_vision_input_alignment(model: Any) -> bool:
     if not isinstance(vision, torch.nn.Module):
         return False
     return registry(model).install("vision_input_alignment", _PreHooks([vision], _move_tensor_inputs))
+
+
+_PATCHED: dict[tuple[type, str], list[Any]] = {}  # (class, method) -> [shipped function, models using the patch]
+
+
+class _MethodPatch:
+    """A Hook that swaps one method of a class of the checkpoint's own module (no torch hook).
+
+    The class is shared by every model loaded from that code (a reload, two checkpoints of one code), so
+    the swap is counted: the first model that attaches wraps the shipped method, later ones share that
+    wrapper, and the shipped method comes back when the last one detaches."""
+
+    torch_hooks = False
+
+    def __init__(self, cls: type, name: str, make: Any) -> None:
+        self.cls, self.name, self.make = cls, name, make
+        self.attached = False
+
+    def attach(self) -> None:
+        if self.attached:
+            return
+        entry = _PATCHED.get((self.cls, self.name))
+        if entry is None:
+            shipped = self.cls.__dict__[self.name]
+            entry = _PATCHED[(self.cls, self.name)] = [shipped, 0]
+            setattr(self.cls, self.name, self.make(shipped))
+        entry[1] += 1
+        self.attached = True
+
+    def detach(self) -> None:
+        if not self.attached:
+            return
+        self.attached = False
+        entry = _PATCHED[(self.cls, self.name)]
+        entry[1] -= 1
+        if entry[1] == 0:
+            setattr(self.cls, self.name, entry[0])
+            del _PATCHED[(self.cls, self.name)]
+
+
+def _update_initialising_both(update: Any) -> Any:
+    def patched(self: Any, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+                cache_kwargs: Any = None) -> Any:
+        layers = getattr(self, "layers", None)
+        if layers is not None and not hasattr(self, "key_cache") and layers[layer_idx].keys is None:
+            layers[layer_idx].lazy_initialization(key_states, value_states)  # what the official line means
+        return update(self, key_states, value_states, layer_idx, cache_kwargs)
+
+    return patched
+
+
+def install_static_cache_init(model: Any) -> bool:
+    """Initialise the official KV cache's layers with the arguments transformers 5.x asks for.
+
+    The official ``HunyuanStaticCache.update`` (hunyuan.py:926, modeling_hunyuan_image_3.py:933) calls
+    ``self.layers[i].lazy_initialization(key_states)``: transformers 5.x's StaticLayer takes
+    ``(key_states, value_states)`` (cache_utils.py), so the first attention of every generation
+    raises a TypeError there. The patched ``update`` initialises the layer with both tensors first,
+    so the official line is not reached; everything else of it runs as shipped. Installed only where
+    the installed transformers needs it (4.57's takes one tensor) and on a model whose module defines
+    the class (the test stand-in has none). Idempotent; True when installed now."""
+    module = sys.modules.get(type(model).__module__)
+    cls = getattr(module, "HunyuanStaticCache", None)
+    if not isinstance(cls, type) or "update" not in cls.__dict__ or not hf_compat.lazy_init_takes_values():
+        return False
+    return registry(model).install("static_cache_init", _MethodPatch(cls, "update", _update_initialising_both))
+
+
+def _kwargs_keeping_past_key_values(update: Any) -> Any:
+    def patched(self: Any, outputs: Any, model_kwargs: dict, *args: Any, **kwargs: Any) -> dict:
+        updated = update(self, outputs, model_kwargs, *args, **kwargs)
+        if "cache" in updated and "past_key_values" not in updated:
+            updated["past_key_values"] = updated.pop("cache")  # the name the official forward reads
+        return updated
+
+    return patched
+
+
+def _inputs_taking_cache(prepare: Any) -> Any:
+    def patched(self: Any, input_ids: Any, *args: Any, cache: Any = None, **kwargs: Any) -> dict:
+        if cache is not None and kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = cache
+        return prepare(self, input_ids, *args, **kwargs)
+
+    # generate() accepts the keywords this signature names (_validate_model_kwargs): the official ones
+    # (tokenizer_output, ...) and ``cache``
+    sig = inspect.signature(prepare)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params.append(inspect.Parameter("cache", inspect.Parameter.KEYWORD_ONLY, default=None))
+    params += [p for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    patched.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    return patched
+
+
+class _MethodPatches:
+    """Several _MethodPatch of one class as one entry."""
+
+    torch_hooks = False
+
+    def __init__(self, patches: list[_MethodPatch]) -> None:
+        self.patches = patches
+
+    def attach(self) -> None:
+        for p in self.patches:
+            p.attach()
+
+    def detach(self) -> None:
+        for p in reversed(self.patches):
+            p.detach()
+
+
+def install_cache_kwarg_name(model: Any) -> bool:
+    """Hand the KV cache to the official code under the name it reads, ``past_key_values``.
+
+    transformers 5.x renamed it ``cache``: model outputs carry ``cache`` and ``ALL_CACHE_NAMES`` lists it
+    first, and ``generate`` renames a ``past_key_values`` keyword to ``cache``. The official code reads
+    ``past_key_values`` only:
+    - ``_update_model_kwargs_for_generation`` (hunyuan.py:2452-2461, modeling_hunyuan_image_3.py:2933-2942)
+      stores the step's cache under the first of ``ALL_CACHE_NAMES`` the output holds, ``cache`` on 5.x, so
+      the second diffusion step ran without the cache and its attention failed ("The size of tensor a
+      (257) must match the size of tensor b (267)");
+    - ``_generate`` passes ``past_key_values=cache`` to ``generate`` (hunyuan.py:2355, 2559), which 5.x
+      refuses before the text stage ("model_kwargs are not used by the model: ['cache']") because
+      ``prepare_inputs_for_generation`` (hunyuan.py:2403) has no such parameter.
+    The patched methods rename the entry back and take ``cache`` as ``past_key_values``. Installed only
+    where transformers lists "cache" first, on a model class that defines the methods. Idempotent; True
+    when installed now."""
+    names = ("_update_model_kwargs_for_generation", "prepare_inputs_for_generation")
+    makes = {names[0]: _kwargs_keeping_past_key_values, names[1]: _inputs_taking_cache}
+    patches = []
+    for name in names:
+        cls = next((c for c in type(model).__mro__ if name in c.__dict__ and c.__module__ == type(model).__module__),
+                   None)
+        if cls is not None:
+            patches.append(_MethodPatch(cls, name, makes[name]))
+    if not patches or not hf_compat.cache_kwarg_renamed():
+        return False
+    return registry(model).install("cache_kwarg_name", _MethodPatches(patches))

@@ -11,7 +11,13 @@ import torch
 from torch import nn
 
 from .moe_dispatch import install_moe_dispatch
-from .remote_code_fixes import install_cpu_input_casts, install_mask_alignment, install_vision_input_alignment
+from .remote_code_fixes import (
+    install_cache_kwarg_name,
+    install_cpu_input_casts,
+    install_mask_alignment,
+    install_static_cache_init,
+    install_vision_input_alignment,
+)
 from .streaming import connect_streaming
 
 
@@ -19,6 +25,8 @@ def install_load_hooks(model: nn.Module, moe_impl: str, device: torch.device, ma
     """What a load installs on the model once its weights are placed; ``managers``: the residency
     managers whose streamers the registry attaches from now on."""
     install_moe_dispatch(model, moe_impl)
+    install_static_cache_init(model)
+    install_cache_kwarg_name(model)
     install_mask_alignment(model)
     install_vision_input_alignment(model)
     if device.type == "cpu":

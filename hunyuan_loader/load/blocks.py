@@ -24,7 +24,6 @@ from_pretrained load); from_pretrained would cast them to bf16.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import re
 import time
@@ -40,6 +39,7 @@ from ...memory.residency.packed import PackedBlock
 from ...memory.residency.weights import weight_tensors
 from ..checkpoint.layout import LoadUnit, TensorEntry
 from ..checkpoint.reader import RingAhead, TensorReader
+from ..core import hf_compat
 from ..core.errors import CheckpointError
 from ..core.units import aligned
 from ..formats.quantization import ROUTER_SUFFIX
@@ -71,6 +71,7 @@ class Skeleton:
     tensor_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
     unknown_ok: bool | None = None  # whether transformers casts nothing for a name the model lacks
     _needs_quant: dict[str, bool] = field(default_factory=dict, repr=False)
+    _pending: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)  # see _flush_pending
     _format: list = field(default_factory=list, repr=False)
 
     @property
@@ -90,8 +91,7 @@ class Skeleton:
         the filling each ask it for every tensor."""
         got = self._needs_quant.get(name)
         if got is None:
-            hq = self.hf_quantizer
-            got = self._needs_quant[name] = hq is not None and bool(hq.param_needs_quantization(self.model, name))
+            got = self._needs_quant[name] = hf_compat.needs_quantization(self.model, self.hf_quantizer, name)
         return got
 
 
@@ -137,14 +137,11 @@ def _from_pretrained_kwargs(quant_config: Any, device: torch.device) -> dict[str
 
 def build_skeleton(path: Path, checkpoint_keys: Iterable[str], quant: str, quant_config: Any,
                    device: torch.device) -> Skeleton:
-    """The empty model, step for step as AutoModelForCausalLM.from_pretrained (transformers 4.57)
-    does it for our arguments, with the same functions; no weight is read."""
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+    """The empty model, step for step as AutoModelForCausalLM.from_pretrained (transformers 4.57 or
+    5.x, core/hf_compat.py) does it for our arguments, with the same functions; no weight is read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
-    from transformers.modeling_utils import _find_missing_and_unexpected_keys, _get_dtype
     from transformers.models.auto.auto_factory import add_generation_mixin_to_remote_model
-    from transformers.quantizers.auto import get_hf_quantizer
-    from transformers.utils.generic import ContextManagers
 
     path = Path(path)
     keys = list(checkpoint_keys)
@@ -155,96 +152,26 @@ def build_skeleton(path: Path, checkpoint_keys: Iterable[str], quant: str, quant
                                                       **config_kwargs)
     if "quantization_config" in kwargs:
         model_kwargs["quantization_config"] = kwargs["quantization_config"]
+    for name in ("dtype", "device_map", "attn_implementation"):  # 5.x's config keeps these: from_pretrained's own
+        if name not in model_kwargs and name in kwargs:
+            model_kwargs[name] = kwargs[name]
     class_ref = config.auto_map["AutoModelForCausalLM"]
     model_class = get_class_from_dynamic_module(class_ref, str(path), code_revision=None)
     AutoModelForCausalLM.register(config.__class__, model_class, exist_ok=True)
     model_class.register_for_auto_class(auto_class=AutoModelForCausalLM)
     model_class = add_generation_mixin_to_remote_model(model_class)
 
-    # PreTrainedModel.from_pretrained
-    config = copy.deepcopy(config)
-    model_kwargs.pop("trust_remote_code", None)
-    if "attn_implementation" in model_kwargs:
-        config._attn_implementation = model_kwargs.pop("attn_implementation")
-    dtype = model_kwargs.pop("dtype")
-    device_map = {"": model_kwargs.pop("device_map")[""]}
-    model_kwargs.pop("low_cpu_mem_usage", None)
-    qconf = model_kwargs.pop("quantization_config", None)
-    hf_quantizer, config, dtype, device_map = get_hf_quantizer(config, qconf, dtype, False, False, device_map,
-                                                               True, {})
-    config, dtype, dtype_orig = _get_dtype(model_class, dtype, None, config, None, None, True)
-    try:
-        config.name_or_path = str(path)
-        init_contexts = model_class.get_init_context(hf_quantizer is not None, False)
-        config = copy.deepcopy(config)
-        with ContextManagers(init_contexts):
-            model = model_class(config, **model_kwargs)
-        model.tie_weights()
-        config = model.config
-        keep: list[str] = []
-        if model._keep_in_fp32_modules is not None and (
-            dtype == torch.float16 or getattr(hf_quantizer, "use_keep_in_fp32_modules", False)
-        ):
-            keep.extend(model._keep_in_fp32_modules)
-        if model._keep_in_fp32_modules_strict is not None and dtype in (torch.float16, torch.bfloat16):
-            keep.extend(model._keep_in_fp32_modules_strict)
-        keep_regex = re.compile("|".join(rf"((^|\.){m}($|\.))" for m in keep)) if keep else None
-        if hf_quantizer is not None:
-            with _quick_bnb_replace(hf_quantizer):
-                hf_quantizer.preprocess_model(model=model, device_map=device_map,
-                                              keep_in_fp32_modules=model._keep_in_fp32_modules, config=config,
-                                              use_kernels=False)
-            original = dtype if dtype is not None else torch.get_default_dtype()
-            config._pre_quantization_dtype = original
-            for sub in model.modules():
-                if sub is not model and isinstance(sub, PreTrainedModel):
-                    sub.config._pre_quantization_dtype = original
-    finally:
-        if dtype_orig is not None:
-            torch.set_default_dtype(dtype_orig)
-    missing, unexpected = _find_missing_and_unexpected_keys(model, keys, keys, False, hf_quantizer)
+    built = hf_compat.empty_model(model_class, config, model_kwargs, str(path))
+    model, hf_quantizer = built.model, built.hf_quantizer
+    missing, unexpected = hf_compat.missing_and_unexpected(model, keys, hf_quantizer)
     skipped = set(unexpected)
     if skipped:
         log.warning("%d checkpoint tensors are not used by the model, e.g. %s", len(skipped), sorted(skipped)[0])
-    sk = Skeleton(model, config, path, quant, hf_quantizer, keep_regex, dtype, device_map,
-                  bool(hf_quantizer is not None and hf_quantizer.pre_quantized),
+    sk = Skeleton(model, built.config, path, quant, hf_quantizer, hf_compat.keep_in_fp32_regex(built.keep_in_fp32),
+                  built.dtype, built.device_map, bool(hf_quantizer is not None and hf_quantizer.pre_quantized),
                   [k for k in keys if k not in skipped], list(missing), {})
     _prepare_missing(sk)
     return sk
-
-
-@contextlib.contextmanager
-def _quick_bnb_replace(hf_quantizer: Any):
-    """transformers' bitsandbytes replacement without two per-module costs that change nothing.
-
-    ``replace_with_bnb_linear`` builds every bnb Linear under ``init_empty_weights`` (weights on
-    the meta device) but outside ``no_init_weights``, so nn.Linear's ``reset_parameters`` runs
-    kaiming_uniform_ on a meta tensor (~20 us, computes nothing), and for 4-bit it asks
-    ``inspect.signature(bnb.nn.Linear4bit)`` once per module (~16 us, the same answer every
-    time): ~0.03 s of the NF4 skeleton of 5 real layers (650 Linears) on a 2-core CPU. bnb's
-    Linear layers hold no buffers, so nothing real escapes the skipped init; other quantizers
-    (W8A16) are left as they are."""
-    if not type(hf_quantizer).__module__.startswith("transformers.quantizers.quantizer_bnb"):
-        yield
-        return
-    import functools
-
-    import transformers.integrations.bitsandbytes as bnb_integration
-
-    try:
-        from transformers.modeling_utils import no_init_weights
-    except ImportError:  # moved in another transformers: the replacement as transformers does it
-        no_init_weights = contextlib.nullcontext
-
-    signature = getattr(bnb_integration, "signature", None)  # a module global in transformers 4.57
-    if signature is not None:
-        bnb_integration.signature = functools.lru_cache(maxsize=None)(signature)
-    try:
-        with no_init_weights():
-            yield
-    finally:
-        if signature is not None:
-            bnb_integration.signature = signature
 
 
 def _prepare_missing(sk: Skeleton) -> None:
@@ -255,8 +182,7 @@ def _prepare_missing(sk: Skeleton) -> None:
         log.warning("%d model tensors are not in the checkpoint and get initialised, e.g. %s",
                     len(sk.missing), sk.missing[0])
     with submodule_index(model):  # both look up every tensor's module by name
-        model._move_missing_keys_from_meta_to_cpu(sk.missing, sk.dtype, sk.hf_quantizer)
-        model._initialize_missing_keys(sk.missing, sk.hf_quantizer is not None)
+        hf_compat.prepare_missing(model, sk.missing, sk.dtype, sk.hf_quantizer)
     if sk.keep_in_fp32_regex is not None:
         for name, param in model.named_parameters():
             if sk.keep_in_fp32_regex.search(name):
@@ -288,31 +214,20 @@ def unit_bytes(sk: Skeleton, units: list[LoadUnit]) -> list[int]:
 
 # -- filling -------------------------------------------------------------------------------------------
 def _infer_dtype(sk: Skeleton, name: str, checkpoint_dtype: torch.dtype) -> torch.dtype | None:
-    """transformers' _infer_parameter_dtype (4.57) for a tensor the skeleton holds, answered from
-    ``sk.tensor_dtypes``: that function looks the parameter up by walking the module tree
-    (get_parameter_or_buffer), ~0.1 ms a tensor, which is seconds on the real model's tens of
-    thousands of tensors (NF4 copies: six per Linear). The same rules: float tensors (not
-    float8_e4m3fn) are cast to float32 if the keep-in-fp32 pattern matches, else to the
-    pre-quantization dtype under a quantizer, else to the dtype the model created."""
-    if name not in sk.tensor_dtypes:
-        if sk.unknown_ok is None:  # transformers' own answer (None, or it raises) once; it depends only on the quantizer
-            from transformers.modeling_utils import _infer_parameter_dtype
-
-            empty = torch.empty(0, dtype=checkpoint_dtype, device="meta")
-            _infer_parameter_dtype(sk.model, name, empty, sk.keep_in_fp32_regex, sk.hf_quantizer)
-            sk.unknown_ok = True
-        return None
-    if not checkpoint_dtype.is_floating_point or checkpoint_dtype == getattr(torch, "float8_e4m3fn", None):
-        return None
-    if sk.keep_in_fp32_regex is not None and sk.keep_in_fp32_regex.search(name):
-        return torch.float32
-    if sk.hf_quantizer is not None:
-        return sk.model.config._pre_quantization_dtype
-    return sk.tensor_dtypes[name]
+    """The dtype transformers casts a checkpoint tensor to (``hf_compat.load_dtype``: 4.57's
+    _infer_parameter_dtype, 5.x's loading rule), answered from ``sk.tensor_dtypes``: transformers
+    looks the parameter up by walking the module tree (get_parameter_or_buffer), ~0.1 ms a tensor,
+    which is seconds on the real model's tens of thousands of tensors (NF4 copies: six per Linear)."""
+    created = sk.tensor_dtypes.get(name)
+    if created is None and sk.unknown_ok is None:  # transformers' own answer (None, or it raises) once
+        hf_compat.check_unknown_tensor(sk.model, name, checkpoint_dtype, sk.keep_in_fp32_regex, sk.hf_quantizer)
+        sk.unknown_ok = True
+    return hf_compat.load_dtype(sk.model, name, checkpoint_dtype, created, sk.keep_in_fp32_regex, sk.hf_quantizer,
+                                sk.dtype, sk.needs_quantization(name))
 
 
 def _cast_dtype(sk: Skeleton, name: str, checkpoint_dtype: torch.dtype) -> torch.dtype | None:
-    """transformers' _infer_parameter_dtype, except that routers keep their float32 under bnb."""
+    """transformers' cast, except that routers keep their float32 under bnb (5.x does that itself)."""
     casting = _infer_dtype(sk, name, checkpoint_dtype)
     if sk.hf_quantizer is not None and name.endswith(ROUTER_SUFFIX + ".weight") and casting is not None:
         try:
@@ -324,7 +239,8 @@ def _cast_dtype(sk: Skeleton, name: str, checkpoint_dtype: torch.dtype) -> torch
 
 def _fill(sk: Skeleton, entry: TensorEntry, value: torch.Tensor, device: torch.device) -> None:
     """Put one checkpoint tensor into the model on ``device`` (quantizing it there if its module
-    is a bitsandbytes layer), as transformers' _load_state_dict_into_meta_model does."""
+    is a bitsandbytes layer), as transformers' loading does (4.57 _load_state_dict_into_meta_model,
+    5.x convert_and_load_state_dict_in_model)."""
     from accelerate.utils import set_module_tensor_to_device
 
     name = entry.name
@@ -334,11 +250,15 @@ def _fill(sk: Skeleton, entry: TensorEntry, value: torch.Tensor, device: torch.d
     if sk.needs_quantization(name):
         if casting is not None:
             value = value.to(casting)
-        if sk.pre_quantized and hasattr(hq, "bnb_keys") and value.device != device:
-            # bnb's 4-bit quantizer keeps a module's tensors until all of them have arrived: give it
-            # its own copy, not a view of the read ring (which the reader reuses once released)
+        if sk.pre_quantized and hf_compat.gathers_prequantized(hq) and value.device != device:
+            # the module's stored tensors are kept until all of them have arrived: its own copy, not a
+            # view of the read ring (which the reader reuses once released)
             value = value.to(device) if device.type == "cuda" else value.clone()
-        hq.create_quantized_param(sk.model, value, name, target)
+        if sk.pre_quantized and hf_compat.is_v5():
+            module, key = hf_compat.module_and_key(name, hq)
+            sk._pending.setdefault(module, {})[key] = value
+            return
+        hf_compat.quantize_into(sk.model, hq, name, value, target)
         return
     if casting is not None and device.type == "cuda" and value.dtype != casting:
         value = value.to(device).to(casting)  # cast on the GPU: same rounding, far faster than the CPU
@@ -347,6 +267,14 @@ def _fill(sk: Skeleton, entry: TensorEntry, value: torch.Tensor, device: torch.d
     set_module_tensor_to_device(sk.model, name, device, value=value, dtype=value.dtype, clear_cache=False)
     if hq is not None and name.endswith(ROUTER_SUFFIX + ".weight"):
         sk.model.get_parameter(name).requires_grad_(False)  # as quantization.restore_float32_routers
+
+
+def _flush_pending(sk: Skeleton, device: torch.device) -> None:
+    """5.x: rebuild the pre-quantized modules whose stored tensors _fill gathered (one unit's)."""
+    target: Any = device.index if device.type == "cuda" else device
+    while sk._pending:
+        module, tensors = sk._pending.popitem()
+        hf_compat.deserialize_into(sk.model, sk.hf_quantizer, module, tensors, target)
 
 
 def _unit_modules(sk: Skeleton, unit: LoadUnit) -> list[nn.Module]:
@@ -643,6 +571,7 @@ def materialise(sk: Skeleton, job: LoadJob) -> dict[int, PackedBlock]:
                         finally:
                             item.release()
                         prog.add(entry.nbytes)
+                    _flush_pending(sk, target)
                     _follow_unit(_unit_modules(sk, unit), target)
                     if not cuda:  # give the unit's freed buffers back to the OS (glibc keeps them)
                         malloc_trim()
@@ -705,5 +634,5 @@ def finish(sk: Skeleton) -> Any:
     model.hf_device_map = dict(sk.device_map)
     if sk.hf_quantizer is not None:
         model.hf_quantizer = sk.hf_quantizer
-        sk.hf_quantizer.postprocess_model(model, config=sk.config)
+        hf_compat.postprocess(sk.hf_quantizer, model, sk.config)
     return model

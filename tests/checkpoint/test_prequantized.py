@@ -117,13 +117,13 @@ def test_cli_quantize_writes_a_copy_our_loader_loads(base_checkpoint: Path, tmp_
 
 
 def _bad_copy(base_checkpoint: Path, dest: Path) -> Path:
-    """An INT8 copy whose router (mlp.gate.wg) is quantized: the skip list without 'mlp.gate',
+    """An INT8 copy whose router (mlp.gate.wg) is quantized: the skip list without its router keys (mlp.gate, mlp.gate.wg),
     quantized by plain transformers, written by our writer."""
     from transformers import BitsAndBytesConfig
 
     from hunyuan_image3.hunyuan_loader.formats.quantization import checkpoint_tensor_names, skip_modules_for
 
-    skips = [k for k in skip_modules_for(checkpoint_tensor_names(base_checkpoint)) if k != "mlp.gate"]
+    skips = [k for k in skip_modules_for(checkpoint_tensor_names(base_checkpoint)) if not k.startswith("mlp.gate")]
     model = _plain(base_checkpoint, BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skips))
     assert type(model.model.layers[0].mlp.gate.wg).__name__ == "Linear8bitLt"
     return save_prequantized(model, base_checkpoint, dest)
@@ -136,7 +136,7 @@ def test_a_copy_with_a_quantized_router_is_refused(cache, base_checkpoint: Path,
     assert cache.loaded is None
     # the files quantize the router while the config claims to keep it: refused, naming it
     cfg = json.loads((bad / "config.json").read_text())
-    cfg["quantization_config"]["llm_int8_skip_modules"].append("mlp.gate")
+    cfg["quantization_config"]["llm_int8_skip_modules"] += ["mlp.gate", "mlp.gate.wg"]  # 4.57 and 5.x keys
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"holds quantized weights .* first: model\.layers\.0\.mlp\.gate\.wg"):
         cache.load(_spec(bad, "int8", "bnb"))

@@ -199,7 +199,12 @@ class InstructImageProcessor(_ImageProcessorBase):
     instruct = True
 
     def __init__(self, config) -> None:
-        from transformers.models.siglip2.image_processing_siglip2 import Siglip2ImageProcessor
+        try:  # transformers 5.x: the PIL backend (its Siglip2ImageProcessor needs torchvision)
+            from transformers.models.siglip2.image_processing_pil_siglip2 import (
+                Siglip2ImageProcessorPil as Siglip2ImageProcessor,
+            )
+        except ImportError:  # transformers 4.x: the slow (PIL/numpy) processor
+            from transformers.models.siglip2.image_processing_siglip2 import Siglip2ImageProcessor
 
         super().__init__(config)
         extras = [Resolution(s) for s in EXTRA_RESOLUTIONS]
@@ -208,7 +213,7 @@ class InstructImageProcessor(_ImageProcessorBase):
         self.vae_info = SimpleNamespace(image_type="vae", h_factor=factor, w_factor=factor)
         if config.vit_type != "siglip2-so400m-patch16-naflex":
             raise ValueError(f"Unsupported vit_type: {config.vit_type}")
-        # The official code uses the fast (torchvision) Siglip2 processor; the slow one gives the same
+        # The official code uses the fast (torchvision) Siglip2 processor; the PIL one gives the same
         # interface (patch_size, max_num_patches, pixel_values / spatial_shapes / pixel_attention_mask).
         self.vit_processor = Siglip2ImageProcessor(**dict(config.vit_processor))
         patch = int(self.vit_processor.patch_size)
