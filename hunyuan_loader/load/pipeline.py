@@ -19,17 +19,18 @@ import torch
 
 from ...memory import stats
 from ...memory.unload import strip_module_weights, track_model
-from ..checkpoint.prequantized import check_matches_loader, check_prequantized
+from ..checkpoint.prequantized import check_prequantized
 from ..checkpoint.validate import CheckpointInfo, check_code_dependencies, loadable_path, validate_checkpoint
 from ..core import quiet
 from ..core.errors import DependencyError
 from ..core.spec import LoadedModel, LoadSpec
-from ..formats.builtin import for_config, for_load
+from ..formats import builtin  # noqa: F401 - registers the built-in weight formats (check.py looks them up)
 from ..formats.quantization import restore_float32_routers, skip_modules_for
 from ..formats.registry import check_quantized_modules
 from ..model.variants import detect_variant, read_generation_config
 from . import multi_gpu
 from .adopt import adopt
+from .check import weight_format
 from .placement import (
     accelerate_kwargs,
     place_for_spec,
@@ -52,11 +53,8 @@ def _quant_config(spec: LoadSpec, info: CheckpointInfo, tensor_names: list[str])
     """(quantization_config to pass, whether the checkpoint is pre-quantized). A pre-quantized
     checkpoint brings its own config (None is passed, as to from_pretrained); the weight format is the
     registry's (formats/registry.py): the checkpoint's own, else the loader's (quant, int8_format)."""
-    pre = for_config(info.config.get("quantization_config"))
-    check_matches_loader(pre.quant if pre is not None else None, spec.quant, info.path)
-    fmt = pre if pre is not None else for_load(spec.quant, spec.int8_format)
-    fmt.prepare()  # its dependencies (bitsandbytes), its quant_method registered with transformers
-    if pre is not None:
+    fmt, pre_quantized = weight_format(spec, info)  # its dependencies checked, its quant_method registered
+    if pre_quantized:
         return None, True
     return fmt.quantization_config(skip_modules_for(tensor_names)), False
 

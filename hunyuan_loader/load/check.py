@@ -1,0 +1,144 @@
+"""What a loader checks at once, before the model is built or any weight is read.
+
+The loader nodes return a handle after this check (cache.ModelHandle); the weights load when
+Generate first needs them, after Generate's own checks passed with the variant read here. So a
+request that can never run (a reference image on a base checkpoint, a folder without config.json,
+bitsandbytes missing, a plan this machine cannot hold) fails in seconds, not after minutes of
+loading.
+
+The memory plan here is made against this machine's capacity (each GPU's whole memory, within
+HUNYUAN_VRAM_LIMIT_GB; all of its RAM, within HUNYUAN_RAM_LIMIT_GB): the most room a load could
+ever get, because the load itself first asks ComfyUI's models (and a cached model of another spec)
+to give their memory back. What this check refuses, the load would refuse too; what other programs
+hold at the time is checked again when the weights load (pipeline.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from ...memory import stats
+from ..checkpoint.layout import TensorEntry, load_units, read_layout
+from ..checkpoint.prequantized import check_matches_loader
+from ..checkpoint.validate import CheckpointInfo, check_code_dependencies, validate_checkpoint
+from ..core.devices import handled_here, primary_device, resolve_devices
+from ..core.spec import LoadSpec
+from ..core.units import aligned
+from ..formats.quantization import ROUTER_SUFFIX, is_quantizable
+from ..formats.registry import WeightFormat, for_config, for_load  # pipeline registers the built-ins
+from ..model.variants import Variant, detect_variant, read_generation_config
+from . import multi_gpu
+from .blocks import gpu_staging_bytes, header_nbytes
+from .placement import LoadPlacement, plan_load, uses_accelerate, within_ram_limit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadCheck:
+    """What the check found: the folder, its variant, and the plan at this machine's capacity
+    (None for offload mode accelerate, which plans with accelerate's own device map)."""
+
+    info: CheckpointInfo
+    variant: Variant
+    placement: LoadPlacement | None
+
+
+def weight_format(spec: LoadSpec, info: CheckpointInfo) -> tuple[WeightFormat, bool]:
+    """(the weight format the load uses, whether the checkpoint is pre-quantized): the checkpoint's
+    own (it must match the loader), else the loader's; its dependencies checked (bitsandbytes)."""
+    pre = for_config(info.config.get("quantization_config"))
+    check_matches_loader(pre.quant if pre is not None else None, spec.quant, info.path)
+    fmt = pre if pre is not None else for_load(spec.quant, spec.int8_format)
+    fmt.prepare()
+    return fmt, pre is not None
+
+
+def check_load(spec: LoadSpec) -> LoadCheck:
+    """Everything about loading ``spec`` that can be known without building the model or reading a
+    weight: the folder and its config.json, the variant, the weight format, the model code's
+    imports, and the memory plan. Raises the load's own errors (CheckpointError, DependencyError,
+    NotEnoughVRAMError, NotEnoughRAMError, InputError)."""
+    info = validate_checkpoint(spec.path)
+    layout = read_layout(info.shard_files)  # the safetensors headers: no weight
+    fmt, pre_quantized = weight_format(spec, info)
+    check_code_dependencies(info.path)
+    variant = detect_variant(info.config, read_generation_config(info.path))
+    placement = None if uses_accelerate(spec) else plan_at_capacity(spec, info, layout, fmt, pre_quantized)
+    log.info("checked %s (%s): %s; the weights load at the first Generate", spec.describe(), variant.name,
+             placement.describe() if placement is not None else "placed by accelerate")
+    return LoadCheck(info, variant, placement)
+
+
+def placed_bytes(entry: TensorEntry, fmt: WeightFormat, quantizes: bool) -> int:
+    """Bytes one checkpoint tensor takes once placed, from its header: as the load plans it before the
+    skeleton (``header_nbytes``) when nothing is quantized; else the format's size model where the skip
+    rules quantize (formats/quantization.py), bf16 elsewhere (a router float32)."""
+    if not quantizes:
+        return header_nbytes(entry)
+    module, _, leaf = entry.name.rpartition(".")
+    if leaf == "weight" and len(entry.shape) == 2 and is_quantizable(module):
+        return fmt.placed_bytes(entry.shape, entry.dtype.itemsize, True)
+    if entry.dtype.is_floating_point and entry.dtype.itemsize > 1:
+        itemsize = 4 if module.endswith(ROUTER_SUFFIX) else 2
+        return aligned(entry.nbytes // entry.dtype.itemsize * itemsize)
+    return aligned(entry.nbytes)
+
+
+def header_sizes(layout: dict[str, TensorEntry], fmt: WeightFormat, quantizes: bool) -> tuple[list[int], int, int]:
+    """(placed bytes of each decoder block, of the non-block parts, of those a CFG replica carries
+    (``model.*``)), from the headers (``placed_bytes``)."""
+    units = load_units(layout)
+    block_bytes = [0] * (1 + max((u.block for u in units if u.block is not None), default=-1))
+    other_bytes = replica_other = 0
+    for u in units:
+        sizes = [placed_bytes(e, fmt, quantizes) for e in u.entries]
+        if u.block is None:
+            other_bytes = sum(sizes)
+            replica_other = sum(n for e, n in zip(u.entries, sizes) if e.name.startswith("model."))
+        else:
+            block_bytes[u.block] = sum(sizes)
+    return block_bytes, other_bytes, replica_other
+
+
+def capacity_vram(device: torch.device) -> int:
+    """All of a GPU's memory, within HUNYUAN_VRAM_LIMIT_GB (0 for a CPU)."""
+    if device.type != "cuda":
+        return 0
+    total = int(torch.cuda.mem_get_info(device)[1])
+    limit = stats.vram_limit_bytes()
+    return min(total, limit) if limit is not None else total
+
+
+def capacity_ram() -> int:
+    """All of this machine's RAM, within HUNYUAN_RAM_LIMIT_GB."""
+    return within_ram_limit(int(psutil.virtual_memory().total))
+
+
+def plan_at_capacity(spec: LoadSpec, info: CheckpointInfo, layout: dict[str, TensorEntry], fmt: WeightFormat,
+                     pre_quantized: bool) -> LoadPlacement:
+    """The load plan from the headers with this machine's whole memory as the room: the load's own
+    planners (``placement.plan_load``, ``multi_gpu.plan_devices``), raising as they do."""
+    block_bytes, other_bytes, replica_other = header_sizes(layout, fmt, fmt.quantized and not pre_quantized)
+    device = primary_device(spec)
+    staging = gpu_staging_bytes(layout) if device.type == "cuda" else 0
+    ram = capacity_ram()
+    if not handled_here(spec):
+        return plan_load(spec, block_bytes, other_bytes, device, info.config, staging_bytes=staging,
+                         ram_available=ram, vram_usable=capacity_vram(device), log_plan=False)
+    devices = resolve_devices(spec.devices)
+    rooms = [_room(spec, d) for d in devices]
+    mp = multi_gpu.plan_devices(spec, block_bytes, other_bytes, info.config, replicable=fmt.replicable,
+                                replica_other_bytes=replica_other, devices=devices, rooms=rooms)
+    return multi_gpu.placement_of(spec, mp, block_bytes, other_bytes, staging_bytes=staging, ram_available=ram)
+
+
+def _room(spec: LoadSpec, device: torch.device) -> int:
+    """A device's room in a multi-GPU plan at capacity: the budget when one is set, else its memory."""
+    if device.type == "cuda" and spec.offload == "budget" and spec.vram_budget_gb is not None:
+        return int(spec.vram_budget_gb * stats.GIB)
+    return capacity_vram(device) if device.type == "cuda" else multi_gpu.CPU_ROOM
