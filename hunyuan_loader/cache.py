@@ -153,7 +153,7 @@ class HunyuanModelCache:
         ``prepare_run`` has the offload policy place the run (node -> cache -> policy -> residency)."""
         loads = self.load_count
         loaded = self.bring_back(handle, make_room, progress=load_progress, cancel=cancel)
-        load_note = [f"loaded in {loaded.load_seconds:.1f} s (first run of this model)"] \
+        load_note = [f"loaded in {loaded.load_seconds:.1f} s before this run"] \
             if self.load_count != loads else []
 
         def placement(size: tuple[int, int], notes: list[str], retried: bool, tokens: int):
