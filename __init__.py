@@ -1,5 +1,6 @@
 """ComfyUI-HunyuanImage3: HunyuanImage-3.0 text-to-image nodes. Registers the nodes (nodes/ holds their
-classes) and our entry in ComfyUI's model folders and memory management; nothing else."""
+classes), our entry in ComfyUI's model folders and memory management, and the frontend extension in web/
+(WEB_DIRECTORY) that shows the nodes' text on the canvas; nothing else."""
 
 
 from .hunyuan_loader.cache import get_cache
@@ -35,4 +36,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "HunyuanImage3ForceUnload": "HunyuanImage-3 Force Unload",
 }
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+# The frontend extension that shows the nodes' text on the canvas (ComfyUI serves it under /extensions/).
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -68,11 +68,31 @@ class HunyuanModelCache:
             self._load_id = next(_load_counter)
             return ModelHandle(spec, self._load_id)
 
-    def get(self, handle: ModelHandle) -> LoadedModel:
-        """The live model for a handle: reloaded if dropped, restored if soft-unloaded."""
+    def handle(self, spec: LoadSpec) -> ModelHandle:
+        """What a loader node returns: ``spec`` checked at once (load/check.py: folder, config.json,
+        variant, weight format, the plan against this machine's memory), nothing loaded. The weights
+        load when ``get`` first needs them (Generate, after its own checks). A spec this cache holds
+        loaded already is not checked again."""
+        from .load.check import check_load
+
+        with self._lock:
+            if self.loaded is not None and self.loaded.spec == spec:
+                return ModelHandle(spec, self._load_id)
+        check_load(spec)
+        return ModelHandle(spec)
+
+    def get(
+        self,
+        handle: ModelHandle,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+        cancel: Callable[[], None] | None = None,
+    ) -> LoadedModel:
+        """The live model for a handle: loaded if it is not (``progress`` / ``cancel`` as in ``load``),
+        restored if soft-unloaded."""
         with self._lock:
             if self.loaded is None or self.loaded.spec != handle.spec:
-                self.load(handle.spec)
+                self.load(handle.spec, progress=progress, cancel=cancel)
             assert self.loaded is not None
             residency = self.loaded.residency
             if residency is not None and residency.state == "parked":
@@ -103,13 +123,20 @@ class HunyuanModelCache:
                            extra_tokens=extra_tokens):
             yield loaded
 
-    def bring_back(self, handle: ModelHandle, make_room: Callable[[int], object] | None = None) -> LoadedModel:
-        """The live model for ``handle`` (reloaded / restored from RAM), after ``make_room(bytes)``
+    def bring_back(
+        self,
+        handle: ModelHandle,
+        make_room: Callable[[int], object] | None = None,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+        cancel: Callable[[], None] | None = None,
+    ) -> LoadedModel:
+        """The live model for ``handle`` (loaded / restored from RAM), after ``make_room(bytes)``
         let ComfyUI's own models give back the VRAM its weights need."""
         with self._lock:
             if make_room is not None:
                 make_room(self.bytes_to_bring_back(handle))
-            return self.get(handle)
+            return self.get(handle, progress=progress, cancel=cancel)
 
     def generate(
         self,
@@ -118,17 +145,24 @@ class HunyuanModelCache:
         progress: ProgressFn | None = None,
         cancel: CancelFn | None = None,
         make_room: Callable[[int], object] | None = None,
+        load_progress: Callable[[int, int], None] | None = None,
     ) -> GenerationResult:
-        """The one call a Generate node makes: the model brought back (``make_room(bytes)`` lets ComfyUI's
-        own models yield first), then, for each attempt, ``prepare_run`` has the offload policy place the
-        run (node -> cache -> policy -> residency)."""
-        loaded = self.bring_back(handle, make_room)
+        """The one call a Generate node makes, after its checks: the model loaded if it is not yet
+        (``load_progress(bytes read, bytes total)``, ``cancel`` between blocks) or brought back
+        (``make_room(bytes)`` lets ComfyUI's own models yield first), then, for each attempt,
+        ``prepare_run`` has the offload policy place the run (node -> cache -> policy -> residency)."""
+        loads = self.load_count
+        loaded = self.bring_back(handle, make_room, progress=load_progress, cancel=cancel)
+        load_note = [f"loaded in {loaded.load_seconds:.1f} s before this run"] \
+            if self.load_count != loads else []
 
         def placement(size: tuple[int, int], notes: list[str], retried: bool, tokens: int):
             return self.prepare_run(handle, size, notes, make_room=make_room, extra_margin=retried,
                                     extra_tokens=tokens)
 
-        return generate(loaded, req, progress, cancel, placement=placement)
+        result = generate(loaded, req, progress, cancel, placement=placement)
+        result.notes[:0] = load_note
+        return result
 
     def save_quantized_copy(
         self, handle: ModelHandle, dest: Path, progress: Callable[[int, int], None] | None = None

@@ -152,10 +152,12 @@ class HunyuanImage3Generate:
             max_new_tokens=max_new_tokens,
             infer_align_image_size=infer_align_image_size,
         )
-        # Per variant (guidance; base: no images, no text task), from config.json before any (re)load.
+        # Per variant (guidance; base: no images, no text task), from config.json before any (re)load:
+        # the loaders leave the load to this call, so a request that cannot run loads nothing.
         check_request(request, checkpoint_variant(model.spec.path))
         total = request.steps or checkpoint_variant(model.spec.path).default_steps
         result = get_cache().generate(model, request, comfy_adapter.progress_callback(total),
-                                      comfy_adapter.cancel_check(), make_room=comfy_memory.make_room_on_gpu)
+                                      comfy_adapter.cancel_check(), make_room=comfy_memory.make_room_on_gpu,
+                                      load_progress=comfy_adapter.progress_callback(100))
         text = result.cot_text or ""
         return {"ui": {"text": result_text(result)}, "result": (result.image, text)}

@@ -1,4 +1,6 @@
-"""Loader nodes: INT8, NF4, BF16 and Budget. Each returns a light HUNYUAN_IMAGE3 handle."""
+"""Loader nodes: INT8, NF4, BF16 and Budget. Each returns a light HUNYUAN_IMAGE3 handle, checked at once;
+the weights load when Generate first needs them, after its own checks (a request that can never run
+fails in seconds, before minutes of loading)."""
 
 from __future__ import annotations
 
@@ -37,18 +39,24 @@ INT8_FORMAT_TIP = (
 
 
 def load_through_cache(spec: LoadSpec) -> tuple[ModelHandle]:
-    """Let ComfyUI's own models make room on the GPU, then load (or reuse) through the cache,
-    with the bytes read on ComfyUI's progress bar and its Cancel checked between blocks."""
-    cache = get_cache()
-    comfy_memory.make_room_on_gpu(cache.bytes_to_bring_back(ModelHandle(spec)))
-    progress = comfy_adapter.progress_callback(100)  # called with (bytes read, bytes total)
-    return (cache.load(spec, progress=progress, cancel=comfy_adapter.cancel_check()),)
+    """The handle of ``spec``, checked at once (folder, config.json, variant, weight format, the plan
+    against this machine's memory); the weights load at the first Generate that needs them, after
+    Generate's own checks (cache.HunyuanModelCache.handle)."""
+    return (get_cache().handle(spec),)
+
+
+def load_now(handle: ModelHandle) -> None:
+    """Load the handle's weights here (ComfyUI's own models make room first), with the bytes read on
+    ComfyUI's progress bar and its Cancel checked between blocks."""
+    get_cache().bring_back(handle, comfy_memory.make_room_on_gpu, progress=comfy_adapter.progress_callback(100),
+                           cancel=comfy_adapter.cancel_check())
 
 
 SAVE_COPY_TIP = (
     "After loading a BF16 checkpoint, also write the quantized copy next to it as <name>-INT8 / <name>-NF4 "
     "(about 1/2 / 1/3 of the disk space). Pick that folder next time: it loads without re-quantizing, in a "
-    "fraction of the time. Nothing is written if the folder exists or the checkpoint is already quantized."
+    "fraction of the time. Nothing is written if the folder exists or the checkpoint is already quantized. "
+    "While it writes the copy, this loader loads the model itself instead of leaving that to Generate."
 )
 
 
@@ -74,6 +82,10 @@ class _SavesQuantizedCopy:
             name = default_copy_path(source, self.QUANT).name
             dest = comfy_adapter.resolve_output_folder(name) if comfy_adapter.in_comfyui() \
                 else default_copy_path(source, self.QUANT)
+            if dest.exists():  # nothing to write: the load waits for Generate as usual
+                log.info("quantized copy %s exists already: not written again", dest)
+                return out
+            load_now(out[0])  # the copy is written from the loaded model, so this load cannot wait
             written = get_cache().save_quantized_copy(out[0], dest, progress=comfy_adapter.progress_callback(100))
             if written is not None:
                 log.info("wrote the quantized copy %s: choose '%s' in the loader next time", written, name)

@@ -184,6 +184,20 @@ def plan_load_on_devices(
     mp = plan_devices(spec, block_bytes, other_bytes, sk.config, replicable=replicable,
                       replica_other_bytes=replica_other, devices=devices)
     log.info("load plan for %s: %s", spec.describe(), mp.describe())
+    return placement_of(spec, mp, block_bytes, other_bytes, staging_bytes=staging_bytes, ram_available=ram_available)
+
+
+def placement_of(
+    spec: Any,
+    mp: MultiPlan,
+    block_bytes: Sequence[int],
+    other_bytes: int,
+    *,
+    staging_bytes: int = 0,
+    ram_available: int | None = None,
+) -> LoadPlacement:
+    """A multi-device plan as the LoadPlacement the pipeline follows; refused when the machine lacks its
+    host RAM (``check_load_ram``)."""
     primary = mp.devices[0]
     if mp.mode == "cfg_parallel":
         plan = mp.cfg_plan

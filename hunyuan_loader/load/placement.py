@@ -47,12 +47,14 @@ def accelerate_kwargs(spec: LoadSpec, device: torch.device) -> dict[str, Any]:
     return {"device_map": "auto", "max_memory": {device.index or 0: int(budget_gb * stats.GIB), "cpu": "2000GiB"}}
 
 
-def budget_bytes(spec: LoadSpec) -> int | None:
+def budget_bytes(spec: LoadSpec, usable: int | None = None) -> int | None:
     """The load-time VRAM budget: None (disabled: everything resident), the user's (budget) or
-    the usable VRAM now (smart)."""
+    the usable VRAM (smart: ``usable``, else what is usable now)."""
     if spec.offload == "disabled":
         return None
-    return int(spec.vram_budget_gb * stats.GIB) if spec.vram_budget_gb is not None else stats.usable_vram()
+    if spec.vram_budget_gb is not None:
+        return int(spec.vram_budget_gb * stats.GIB)
+    return stats.usable_vram() if usable is None else usable
 
 
 def headroom_bytes(spec: LoadSpec, config: Any) -> int:
@@ -119,14 +121,16 @@ def plan_load(
     staging_bytes: int = 0,
     ram_available: int | None = None,
     vram_usable: int | None = None,
+    log_plan: bool = True,
 ) -> LoadPlacement:
     """Decide the placement from sizes and budget; raise NotEnoughVRAMError / NotEnoughRAMError
-    (with the numbers and the choices) when the machine cannot hold it. Reads no weight."""
+    (with the numbers and the choices) when the machine cannot hold it. Reads no weight.
+    ``vram_usable``: the VRAM to plan with (default: what is usable now)."""
     total = int(other_bytes) + sum(int(b) for b in block_bytes)
     if device.type != "cuda":
         placement = LoadPlacement(device, None, total, staging_bytes)
     else:
-        budget = budget_bytes(spec)
+        budget = budget_bytes(spec, vram_usable)
         if budget is not None:
             headroom = headroom_bytes(spec, config)
             try:
@@ -148,7 +152,8 @@ def plan_load(
                 )
         placement = LoadPlacement(device, plan, plan.streamed_bytes, staging_bytes)
     check_load_ram(spec, placement, ram_available)
-    log.info("load plan for %s: %s", spec.describe(), placement.describe())
+    if log_plan:
+        log.info("load plan for %s: %s", spec.describe(), placement.describe())
     return placement
 
 

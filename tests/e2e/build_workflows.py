@@ -91,6 +91,16 @@ INSTRUCT = {
 }
 
 
+TITLE_HEIGHT = 30  # the frontend draws a node's title bar above its pos (LiteGraph.NODE_TITLE_HEIGHT)
+GAP = 40  # between a node's bottom and the next node's title bar
+
+
+def loader_size(widgets: list) -> tuple[int, int]:
+    """A loader's saved size: tall enough for all of its widgets (24 px a widget, as the frontend lays them out),
+    so no node placed below it covers them."""
+    return 340, 130 + 24 * (len(widgets) - 3)
+
+
 def _ui_node(node_id, type_, title, pos, widgets, inputs=(), outputs=(), order=0, size=(320, 130)):
     values = []
     for name, value in widgets:
@@ -125,7 +135,7 @@ def build(stem: str, force_unload: bool = False) -> tuple[dict, dict]:
             (40, 120),
             loader_widgets,
             outputs=[{"name": "model", "type": "HUNYUAN_IMAGE3", "links": [1], "slot_index": 0}],
-            size=(340, 130 + 24 * (len(loader_widgets) - 3)),
+            size=loader_size(loader_widgets),
         ),
         _ui_node(
             2,
@@ -170,7 +180,7 @@ def build(stem: str, force_unload: bool = False) -> tuple[dict, dict]:
                 4,
                 "HunyuanImage3ForceUnload",
                 "HunyuanImage-3 Force Unload",
-                (420, 560),
+                (420, 120 + 460 + GAP + TITLE_HEIGHT),  # below Generate (460 tall)
                 [("nuke_orphaned_tensors", False)],
                 order=3,
                 inputs=[{"name": "trigger", "type": "*", "link": 3}],
@@ -214,19 +224,23 @@ def build_instruct(name: str) -> tuple[dict, dict]:
              [3, gen_id, 1, preview_id, 0, "STRING"]]
     gen_inputs = [{"name": "model", "type": "HUNYUAN_IMAGE3", "link": 1}]
     nodes = []
+    loader_w, loader_h = loader_size(loader_widgets)
+    image_h, first_y = 340, 120 + loader_h + GAP + TITLE_HEIGHT  # the images start below the loader's widgets
     for i, (node_id, file) in enumerate(zip(image_ids, images)):
         link_id = 4 + i
         links.append([link_id, node_id, 0, gen_id, 1 + i, "IMAGE"])
         gen_inputs.append({"name": f"image_{i + 1}", "type": "IMAGE", "link": link_id})
+        y = first_y + (image_h + GAP + TITLE_HEIGHT) * i
         nodes.append(_ui_node(
-            node_id, "LoadImage", f"Reference image {i + 1}", (40, 300 + 380 * i), [("image", file), ("upload", "image")],
+            node_id, "LoadImage", f"Reference image {i + 1}", (40, y), [("image", file), ("upload", "image")],
             outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [link_id], "slot_index": 0},
                      {"name": "MASK", "type": "MASK", "links": None, "slot_index": 1}],
-            size=(340, 340),
+            size=(loader_w, image_h),
         ))
     nodes += [
         _ui_node(1, loader_cls, loader_title, (40, 120), loader_widgets,
-                 outputs=[{"name": "model", "type": "HUNYUAN_IMAGE3", "links": [1], "slot_index": 0}], size=(340, 130)),
+                 outputs=[{"name": "model", "type": "HUNYUAN_IMAGE3", "links": [1], "slot_index": 0}],
+                 size=(loader_w, loader_h)),
         _ui_node(gen_id, "HunyuanImage3Generate", "HunyuanImage-3 Generate", (420, 120), generate, order=1,
                  inputs=gen_inputs,
                  outputs=[{"name": "image", "type": "IMAGE", "links": [2], "slot_index": 0},

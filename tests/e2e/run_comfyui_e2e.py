@@ -10,13 +10,19 @@ Without COMFYUI_DIR and COMFYUI_PYTHON it prints SKIPPED and exits 0. Otherwise 
   * starts `main.py` on a free loopback port, with `--cpu` unless it runs on CUDA (--device), plus the
     arguments in COMFYUI_ARGS, e.g. '--front-end-root DIR' (always stopped at the end, also on failure);
   * checks /object_info for our nodes and documented inputs, and the workflows/ files against it;
+  * checks the pack's frontend extension (web/, WEB_DIRECTORY) is listed by /extensions and served, and,
+    where Node.js, playwright-core and Chromium are present (browser_text_check.mjs; skipped saying why
+    otherwise), that after a run queued from ComfyUI's own page the Generate node shows its text on the
+    canvas (a screenshot, --screenshot) and the Instruct edit workflow's nodes do not cover one another;
   * queues every workflows/*.api.json via POST /prompt, follows /ws and /history, fetches each
     image via /view and checks its size, checks 'progress' events (max = steps);
   * Instruct (issue 11): writes an Instruct test checkpoint (models/HunyuanImage-3/HunyuanImage-3-Instruct)
     and the example images into input/, runs the edit / fusion / think+recaption workflows (LoadImage ->
     Generate image_1..) and checks the model's text reaches the UI (/history outputs and the ws 'executed'
     message of the Preview Any node and of Generate), text-stage progress (tokens of max_new_tokens) before
-    the step progress, and that a base checkpoint refuses reference images before loading;
+    the step progress, and that a base checkpoint refuses reference images with no weight read (the
+    loaders only check; Generate loads), after which a text-to-image run loads the model once;
+  * the first Generate of a model shows the bytes read on its progress bar;
   * proves cancel (/interrupt), ComfyUI's own unload (/free; server RSS before/after), bad input
     (missing model folder, steps=0) and repeated queueing (the model loads once);
   * security (issue 15, docs/security.md): uploads a copy of the checkpoint whose remote code writes a
@@ -62,6 +68,10 @@ TEXT_TOKENS = 6  # max_new_tokens of the queued think / recaption runs (random w
 GENERATE_ID = "2"
 LOADER_ID = "1"
 LOAD_LINE = re.compile(r"loaded .+ in [\d.]+ s")  # hunyuan_loader.load.pipeline logs one per load from disk
+# The first Generate of a model loads it and reports bytes read on its progress bar (the test checkpoint:
+# ~2 MB); steps and text tokens count far less.
+LOAD_PROGRESS_MIN = 1 << 20
+EXTENSION = "/extensions/ComfyUI-HunyuanImage3/hunyuan_image3_text.js"  # the pack's WEB_DIRECTORY script
 DROP_LINE = "ComfyUI asked to unload models: dropping the cached HunyuanImage-3 model"
 EXTRA_ROOT = "extra_models/hy3"  # under the base directory, registered through an extra_model_paths yaml
 EXTRA_NAME = "Listed-Through-Extra-Model-Paths"
@@ -115,11 +125,13 @@ class Run:
                 return list((e["data"].get("output") or {}).get("text") or [])
         return None
 
-    def progress(self, node: str = GENERATE_ID) -> list[tuple[int, int]]:
+    def progress(self, node: str = GENERATE_ID, load: bool = False) -> list[tuple[int, int]]:
+        """The node's progress events: text tokens and steps, or (``load``) the bytes of a load."""
         return [
             (e["data"]["value"], e["data"]["max"])
             for e in self.events
             if e["type"] == "progress" and str(e["data"].get("node")) == node
+            and (e["data"]["max"] >= LOAD_PROGRESS_MIN) == load
         ]
 
     def cached(self) -> list[str]:
@@ -210,6 +222,59 @@ class E2E:
         return True, run, f"{len(images)} image(s) {shown} via /view in {run.seconds:.1f} s"
 
     # -- checks -------------------------------------------------------------------
+    def check_extension(self) -> None:
+        """The pack's WEB_DIRECTORY script is listed by GET /extensions and served."""
+        listed = self.server.get_json("/extensions")
+        script = self.server.get_bytes(EXTENSION).decode("utf-8", "replace") if EXTENSION in listed else ""
+        self.check(
+            "frontend extension listed by /extensions and served",
+            "registerExtension" in script and "HunyuanImage3Generate" in script,
+            f"{EXTENSION} {'listed' if EXTENSION in listed else 'NOT listed'}, {len(script)} characters served",
+        )
+
+    def check_browser(self, base: Path, screenshot: Path | None) -> None:
+        """In headless Chromium: after a run queued from ComfyUI's own page, the Generate node shows its text
+        on the canvas (the pack's extension); the Instruct edit workflow laid out by the frontend has no node
+        covering another. Skipped, saying why, without Node.js, playwright-core or Chromium."""
+        chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+        node = shutil.which("node")
+        pw = os.environ.get("PLAYWRIGHT_CORE", "")
+        if node and not pw:
+            found = subprocess.run([node, "-e", "console.log(require.resolve('playwright-core'))"],
+                                   capture_output=True, text=True, cwd=HERE)
+            pw = str(Path(found.stdout.strip()).parent) if found.returncode == 0 else ""
+        missing = [what for what, have in (("node", node), ("playwright-core (PLAYWRIGHT_CORE)", pw),
+                                           (f"Chromium ({chromium})", Path(chromium).is_file())) if not have]
+        if missing:
+            print(f"SKIPPED browser check: {', '.join(missing)} not found (Debian chromium, "
+                  "`npm install playwright-core`, PLAYWRIGHT_CORE=<its folder>)", flush=True)
+            return
+        shot = screenshot or base / "browser_generate_text.png"
+        out = base / "browser_result.json"
+        steps = str(self.steps or 3)
+        res = subprocess.run(
+            [node, str(HERE / "browser_text_check.mjs"), self.server.url,
+             str(PACK_ROOT / "workflows" / "hunyuan_image3_bf16.json"),
+             str(PACK_ROOT / "workflows" / "hunyuan_image3_instruct_edit.json"), str(shot), str(out), steps],
+            capture_output=True, text=True, timeout=self.timeout + 300, env=dict(os.environ, PLAYWRIGHT_CORE=pw),
+        )
+        result = json.loads(out.read_text()) if out.is_file() else {"errors": [res.stderr[-500:]]}
+        text = (result.get("generate") or {}).get("text", "")
+        self.check(
+            "browser: after a run the Generate node shows its text on the canvas",
+            not result["errors"] and text.startswith(f"1024x1024, {steps} steps") and shot.is_file(),
+            f"text {text!r:.120}; errors {result['errors'][:2]}; screenshot {shot}",
+        )
+        boxes = result.get("layout") or []
+        overlaps = [f"{a['title']} / {b['title']}" for i, a in enumerate(boxes) for b in boxes[i + 1:]
+                    if a["box"][0] < b["box"][0] + b["box"][2] and b["box"][0] < a["box"][0] + a["box"][2]
+                    and a["box"][1] < b["box"][1] + b["box"][3] and b["box"][1] < a["box"][1] + a["box"][3]]
+        self.check(
+            "browser: the Instruct edit workflow's nodes do not cover one another",
+            bool(boxes) and not overlaps,
+            "; ".join(overlaps) or f"{len(boxes)} node boxes as the frontend laid them out",
+        )
+
     def check_object_info(self) -> dict:
         info = self.server.get_json("/object_info")
         log = self.server.log_text()
@@ -278,7 +343,7 @@ class E2E:
         return names
 
     def check_workflows(self, names: list[str]) -> None:
-        progress_problems = []
+        progress_problems, load_problems = [], []
         for name in names:
             prompt = self.workflow(name)
             gen = prompt[GENERATE_ID]["inputs"]
@@ -288,6 +353,9 @@ class E2E:
             ok, run, detail = self.good_run(f"workflow {name}", prompt, size)
             self.check(f"queue workflows/{name}.api.json", ok, detail + f" (loads from disk: {run.loads})")
             prog = run.progress()
+            loading = run.progress(load=True)
+            if bool(loading) != bool(run.loads) or (loading and loading[-1][0] != loading[-1][1]):
+                load_problems.append(f"{name}: loads {run.loads}, load progress {loading[:2]}...{loading[-1:]}")
             text_task = gen.get("bot_task", "image") != "image"
             text_prog = [p for p in prog if text_task and p[1] == gen.get("max_new_tokens")]
             step_prog = prog[len(text_prog):]
@@ -307,6 +375,13 @@ class E2E:
             "; ".join(progress_problems)
             if progress_problems
             else f"{len(names)} runs, e.g. {self.runs[-1].progress()[:2]}...{self.runs[-1].progress()[-1:]}",
+        )
+        loaded = [r.progress(load=True)[-1] for r in self.runs[-len(names):] if r.progress(load=True)]
+        self.check(
+            "a loading Generate shows the bytes read on its progress bar (the loaders only check)",
+            not load_problems and bool(loaded),
+            "; ".join(load_problems) if load_problems
+            else f"{len(loaded)} of {len(names)} runs loaded, each to {loaded[0][1] if loaded else 0} bytes",
         )
 
     def check_model_text(self, name: str, run: Run, prompt: dict, text_task: bool) -> None:
@@ -332,16 +407,29 @@ class E2E:
         )
 
     def check_base_refuses_images(self) -> None:
-        """A base checkpoint with a reference image: refused with the message naming the fix, nothing loaded."""
+        """A base checkpoint with a reference image, nothing loaded: refused with the message naming the fix
+        and NO weight read (the loader only checks; Generate refuses before the load). Then a text-to-image
+        run of the same loader loads the model, once."""
+        self.server.free()  # start with nothing loaded
+        self.wait_for_log(DROP_LINE, 30, min_count=self.server.log_text().count(DROP_LINE))
         prompt = self.workflow("hunyuan_image3_instruct_edit")
         prompt[LOADER_ID]["inputs"]["model_name"] = MODEL_NAME
         run = self.run("base checkpoint + reference image", prompt)
         err = run.error()
         message = str(err.get("exception_message", ""))
         self.check(
-            "base checkpoint + reference image -> clear error before loading",
-            run.end == "execution_error" and "take no reference images" in message and run.loads <= 1,
-            f"{run.end}: {err.get('exception_type', '')}: {message[:160]} (loads from disk: {run.loads})",
+            "base checkpoint + reference image -> clear error, no weight read (server log: no load)",
+            run.end == "execution_error" and "take no reference images" in message and run.loads == 0
+            and err.get("node_id") == GENERATE_ID and not run.progress(load=True),
+            f"{run.end} at node {err.get('node_id')}: {err.get('exception_type', '')}: {message[:160]} "
+            f"(loads from disk: {run.loads})",
+        )
+        same_loader = self.workflow("hunyuan_image3_int8")  # the INT8 loader of the edit workflow, base model
+        ok, t2i, detail = self.good_run("base text-to-image after the refusal", same_loader)
+        self.check(
+            "then a text-to-image run of that loader loads the model once",
+            ok and t2i.loads == 1 and bool(t2i.progress(load=True)),
+            detail + f"; loads from disk {t2i.loads}",
         )
 
     def check_repeated(self, name: str, count: int = 5) -> None:
@@ -596,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=600, help="seconds per prompt")
     ap.add_argument("--keep", action="store_true", help="keep the base directory (log, outputs)")
     ap.add_argument("--port", type=int, help="default: a free loopback port")
+    ap.add_argument("--screenshot", type=Path, help="where the browser check saves its screenshot")
     ap.add_argument(
         "--device", choices=("auto", "cpu", "gpu"), default="auto",
         help="ComfyUI on the CPU (--cpu) or its GPU; auto: the GPU when CUDA is available (default)",
@@ -688,10 +777,12 @@ def main(argv: list[str] | None = None) -> int:
             *mem_result,
         )
         info = e2e.check_object_info()
+        e2e.check_extension()
         names = e2e.check_workflow_files(info)
         if all(c in info for c in DOCUMENTED):
             steps = [
                 ("workflows", lambda: e2e.check_workflows(names)),
+                ("browser", lambda: e2e.check_browser(base, args.screenshot)),
                 ("base refuses images", e2e.check_base_refuses_images),
                 ("repeated", lambda: e2e.check_repeated("hunyuan_image3_bf16")),
                 ("cancel", lambda: e2e.check_cancel("hunyuan_image3_bf16", args.cancel_steps)),
