@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .core.errors import InputError
+from .hooks.step_cache import StepCacheSettings, check_settings
 from .model.variants import Variant
 
 CUSTOM_MIN, CUSTOM_MAX, CUSTOM_ALIGN = 256, 4096, 16
@@ -39,6 +40,7 @@ class GenerationRequest:
     images: list[Any] = field(default_factory=list)  # Instruct: PIL reference images (1 edit, 2+ fusion)
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # Instruct: bound of the think / recaption text
     infer_align_image_size: bool = True  # Instruct with images: output in the reference image's aspect
+    step_cache: StepCacheSettings = field(default_factory=StepCacheSettings)  # off: every step in full
 
     @property
     def text_task(self) -> bool:
@@ -84,6 +86,7 @@ def validate_request(req: GenerationRequest) -> None:
         raise InputError(f"steps must be between 1 and {MAX_STEPS} (got {req.steps}).")
     if req.guidance is not None and req.guidance < 0:
         raise InputError(f"guidance_scale must be 0 or more (got {req.guidance}).")
+    check_settings(req.step_cache, req.steps)
     if req.bot_task is not None and req.bot_task not in BOT_TASKS:
         raise InputError(f"bot_task '{req.bot_task}' is not one of {', '.join(BOT_TASKS)}.")
     if not 1 <= req.max_new_tokens <= MAX_NEW_TOKENS:
