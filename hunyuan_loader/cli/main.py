@@ -23,6 +23,7 @@ from ..generation import generate, open_reference_images
 from ..input_checks import check_output_path, check_request, check_resolution, checkpoint_variant, model_sizes
 from ..load.multi_gpu import MODES as MULTI_GPU_MODES
 from ..request import BOT_TASKS, DEFAULT_MAX_NEW_TOKENS, GenerationRequest
+from . import step_cache_args
 
 TEST_VARIANTS = ("base", "instruct", "distil")
 
@@ -70,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="Instruct: image (default), think, recaption or think_recaption (text before drawing)")
     gen.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                      help="Instruct: the most tokens of think / recaption text")
+    step_cache_args.add_arguments(gen)
     pl = sub.add_parser("plan", parents=[common],
                         help="which loaders and offload modes fit a card, host RAM, projected s/step")
     pl.add_argument("--vram-gb", type=float, help="the GPU's memory (GB)")
@@ -123,7 +125,7 @@ def _request(args: argparse.Namespace) -> GenerationRequest:
     return GenerationRequest(prompt=args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
                              resolution=args.resolution, width=args.width or 1024, height=args.height or 1024,
                              bot_task=args.bot_task, images=open_reference_images(args.image),
-                             max_new_tokens=args.max_new_tokens)
+                             max_new_tokens=args.max_new_tokens, step_cache=step_cache_args.settings(args))
 
 
 def _generate(args: argparse.Namespace) -> int:

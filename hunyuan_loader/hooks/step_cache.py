@@ -64,6 +64,31 @@ class StepCacheSettings:
         return self.kind != "off"
 
 
+# The knobs: (settings field, node input / CLI flag name, minimum, maximum, help). The node shows the first four.
+KNOBS: tuple[tuple[str, str, int, int, str], ...] = (
+    ("interval", "cache_interval", 1, 50,
+     "taylor: run the transformer every this many steps after the first ones; the steps between are forecast "
+     "(official 5; 1 = every step, as with off)."),
+    ("order", "cache_order", 0, MAX_ORDER,
+     "taylor: how many differences of past outputs the forecast uses (official 2; 0 = repeat the last one)."),
+    ("first_steps", "cache_first_steps", 2, 200,
+     "taylor: the first steps that always run in full (official 3; at least 2): they set the composition."),
+    ("last_steps", "cache_last_steps", 0, 200,
+     "taylor: the last steps that always run in full (0 = none, the official default; 1-2 sharpen details)."),
+    ("low_order", "cache_low_order", 0, MAX_ORDER,
+     "taylor: the forecast's order for the low token frequencies (official 2; at most cache_order)."),
+    ("high_order", "cache_high_order", 0, MAX_ORDER,
+     "taylor: the forecast's order for the high token frequencies (official 2; at most cache_order)."),
+)
+
+
+def settings_from(kind: str, values: dict[str, Any]) -> StepCacheSettings:
+    """Settings from the choice and the knobs given by input name (``cache_interval`` ...); a knob not
+    given (or None) keeps its default."""
+    given = {field: values[name] for field, name, *_ in KNOBS if values.get(name) is not None}
+    return StepCacheSettings(kind=kind, **{k: int(v) for k, v in given.items()})
+
+
 def check_settings(settings: StepCacheSettings, steps: int | None = None) -> None:
     """InputError naming the problem and the fix (runs before anything loads)."""
     s = settings

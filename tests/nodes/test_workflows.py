@@ -40,3 +40,14 @@ def test_workflow_matches_the_nodes(path: Path) -> None:
         ours = [n for n in data["nodes"] if n["type"] in NODE_CLASS_MAPPINGS]
         assert ours, "no HunyuanImage3 node in the workflow"
         assert _ours(check_ui(data, info)) == []
+
+
+def test_one_workflow_uses_the_step_cache() -> None:
+    """workflows/hunyuan_image3_step_cache: Generate with the official Taylor cache, in both formats."""
+    api = json.loads((ROOT / "workflows" / "hunyuan_image3_step_cache.api.json").read_text(encoding="utf-8"))
+    gen = [n["inputs"] for n in api.values() if n["class_type"] == "HunyuanImage3Generate"]
+    assert len(gen) == 1 and gen[0]["step_cache"] == "taylor" and gen[0]["steps"] == 50
+    ui = json.loads((ROOT / "workflows" / "hunyuan_image3_step_cache.json").read_text(encoding="utf-8"))
+    node = next(n for n in ui["nodes"] if n["type"] == "HunyuanImage3Generate")
+    assert "taylor" in node["widgets_values"]
+    assert _ours(check_api(api, _object_info())) == [] and _ours(check_ui(ui, _object_info())) == []
