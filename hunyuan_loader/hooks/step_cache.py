@@ -76,9 +76,9 @@ KNOBS: tuple[tuple[str, str, int, int, str], ...] = (
     ("last_steps", "cache_last_steps", 0, 200,
      "taylor: the last steps that always run in full (0 = none, the official default; 1-2 sharpen details)."),
     ("low_order", "cache_low_order", 0, MAX_ORDER,
-     "taylor: the forecast's order for the low token frequencies (official 2; at most cache_order)."),
+     "taylor: the forecast's order for the low token frequencies (official 2; capped at cache_order)."),
     ("high_order", "cache_high_order", 0, MAX_ORDER,
-     "taylor: the forecast's order for the high token frequencies (official 2; at most cache_order)."),
+     "taylor: the forecast's order for the high token frequencies (official 2; capped at cache_order)."),
 )
 
 
@@ -101,8 +101,8 @@ def check_settings(settings: StepCacheSettings, steps: int | None = None) -> Non
     if not 0 <= s.order <= MAX_ORDER:
         raise InputError(f"cache_order must be between 0 and {MAX_ORDER} (got {s.order}); 2 is the official value.")
     for name, value in (("cache_low_order", s.low_order), ("cache_high_order", s.high_order)):
-        if not 0 <= value <= s.order:
-            raise InputError(f"{name} must be between 0 and cache_order ({s.order}) (got {value}).")
+        if not 0 <= value <= MAX_ORDER:
+            raise InputError(f"{name} must be between 0 and {MAX_ORDER} (got {value}); 2 is the official value.")
     if s.first_steps < 2:
         raise InputError(
             f"cache_first_steps must be at least 2 (got {s.first_steps}): the model's first step covers the "
@@ -145,7 +145,7 @@ class TaylorState:
         new_low: list[torch.Tensor | None] = [x_low] + [None] * self.order
         new_high: list[torch.Tensor | None] = [x_high] + [None] * self.order
         for new, old, n in ((new_low, self.low, low_order), (new_high, self.high, high_order)):
-            for i in range(n):
+            for i in range(min(n, self.order)):  # official: orders above max_order are computed, never kept
                 if old[i] is not None:
                     new[i + 1] = (new[i] - old[i]) / distance
         for i in range(self.order + 1):  # the official move rule (cache_utils.py:169-177)
