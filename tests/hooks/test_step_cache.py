@@ -240,6 +240,19 @@ def test_cancel_within_a_run_leaves_nothing_and_changed_runs_start_clean(cache, 
     with pytest.raises(GenerationCancelled):
         generate(loaded, req, lambda d, t: seen.append(d), cancel)
     assert "step_cache" not in hook_names(loaded.model) and "forward" not in loaded.model.model.__dict__
+    layer, passes = loaded.model.model.layers[1], [0]
+
+    def fails_inside_a_step(_module, _args):  # an error in the middle of the 4th decoder pass
+        passes[0] += 1
+        if passes[0] == 4:
+            raise RuntimeError("failed inside a step")
+
+    handle = layer.register_forward_pre_hook(fails_inside_a_step)
+    try:
+        with pytest.raises(RuntimeError, match="inside a step"):
+            _image(loaded, SHORT, steps=8, seed=1)
+    finally:
+        handle.remove()
     other, _ = _image(loaded, SHORT, steps=5, seed=2, resolution="1280x768")  # other steps, size, seed
     assert (other.width, other.height) == (1280, 768)
     again, _ = _image(loaded, SHORT, steps=8, seed=1)
