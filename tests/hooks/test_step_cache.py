@@ -306,3 +306,26 @@ def test_instruct_edit_with_text_and_distil(cache, instruct_checkpoint: Path, di
     result, _ = _image(distil, TAYLOR, steps=None, guidance=None)
     assert result.steps == 8 and result.notes == ["step cache (taylor): 4 of 8 steps ran the transformer."]
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("quant", ["bf16", "int8", "nf4"])
+def test_taylor_with_budget_streaming_on_the_gpu(cache, base_checkpoint: Path, quant: str) -> None:
+    probe = cache.get(cache.load(LoadSpec(str(base_checkpoint), quant=quant)))
+    manager = probe.residency  # a budget of the non-block modules, two slots and about half of the blocks
+    budget_gb = (manager.other_bytes + 2 * max(manager.block_bytes) + sum(manager.block_bytes) // 2) / 1024**3
+    loaded = cache.get(cache.load(LoadSpec(str(base_checkpoint), quant=quant, offload="budget",
+                                           vram_budget_gb=budget_gb, headroom_gb=1e-6)))
+    assert loaded.residency.plan.streamed
+    calls, handle = _layer_calls(loaded.model)
+    try:
+        off, _ = _image(loaded, steps=8)
+        n_off, calls[:] = len(calls), []
+        cached, seen = _image(loaded, SHORT, steps=8)
+        n_cached = len(calls)
+        again, _ = _image(loaded, SHORT, steps=8)
+    finally:
+        handle.remove()
+    assert n_off == 8 and n_cached == len(official_full_steps(SHORT, 8)) and [d for d, _ in seen] == list(range(1, 9))
+    assert torch.equal(again.image, cached.image) and torch.isfinite(cached.image).all()
