@@ -38,8 +38,10 @@ import torch
 from ..memory import stats
 from .core.errors import HunyuanError, InputError, NotEnoughRAMError, NotEnoughVRAMError, OutOfMemoryError
 from .core.spec import LoadedModel
+from .core.step_cache_settings import check_settings
 from .hooks.finite_output import DecodeCheck, NonFiniteOutput, check_finite, non_finite_error
 from .hooks.registry import NamedOnly, registry
+from .hooks.step_cache import step_cache
 from .load.per_run import run_placement
 from .request import (  # noqa: F401 - re-exported: the request is part of this module's interface
     BOT_TASKS,
@@ -371,6 +373,7 @@ def generate(
     steps = req.steps if req.steps is not None else loaded.variant.default_steps
     guidance = req.guidance if req.guidance is not None else loaded.variant.default_guidance
     check_guidance(loaded, guidance)
+    check_settings(req.step_cache, steps)
     if cancel is not None:
         cancel()
     asked = target_size(req)
@@ -388,7 +391,7 @@ def generate(
         try:
             with placement(size, notes, retried, tokens), generation_settings(
                 loaded.model, steps, guidance, full_length=loaded.variant.returns_tuple
-            ), step_hooks(loaded.model, steps, progress, cancel):
+            ), step_hooks(loaded.model, steps, progress, cancel), step_cache(loaded.model, req.step_cache, steps, notes):
                 image, cot = _call_model(
                     loaded, req, rendered, steps, guidance, stage, text_progress or progress, cancel
                 )

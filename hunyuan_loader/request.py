@@ -11,6 +11,7 @@ import torch
 
 from .core.choices import BOT_TASKS, DEFAULT_MAX_NEW_TOKENS  # noqa: F401 - part of this interface
 from .core.errors import InputError
+from .core.step_cache_settings import StepCacheSettings, check_settings
 from .model.variants import Variant
 
 CUSTOM_MIN, CUSTOM_MAX, CUSTOM_ALIGN = 256, 4096, 16
@@ -36,6 +37,7 @@ class GenerationRequest:
     images: list[Any] = field(default_factory=list)  # Instruct: PIL reference images (1 edit, 2+ fusion)
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # Instruct: bound of the think / recaption text
     infer_align_image_size: bool = True  # Instruct with images: output in the reference image's aspect
+    step_cache: StepCacheSettings = field(default_factory=StepCacheSettings)  # off: every step in full
 
     @property
     def text_task(self) -> bool:
@@ -81,6 +83,7 @@ def validate_request(req: GenerationRequest) -> None:
         raise InputError(f"steps must be between 1 and {MAX_STEPS} (got {req.steps}).")
     if req.guidance is not None and req.guidance < 0:
         raise InputError(f"guidance_scale must be 0 or more (got {req.guidance}).")
+    check_settings(req.step_cache, req.steps)
     if req.bot_task is not None and req.bot_task not in BOT_TASKS:
         raise InputError(f"bot_task '{req.bot_task}' is not one of {', '.join(BOT_TASKS)}.")
     if not 1 <= req.max_new_tokens <= MAX_NEW_TOKENS:

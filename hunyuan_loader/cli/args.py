@@ -14,6 +14,7 @@ from ..core.choices import (
     OFFLOAD_MODES,
 )
 from ..core.quants import QUANTS
+from . import step_cache_args
 from .gpus import gpu_names
 
 TEST_VARIANTS = ("base", "instruct", "distil")
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Instruct: image (default), think, recaption or think_recaption (text before drawing)")
     gen.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                      help="Instruct: the most tokens of think / recaption text")
+    step_cache_args.add_arguments(gen)
     pl = sub.add_parser("plan", parents=[common],
                         help="which loaders and offload modes fit a card, host RAM, projected s/step")
     pl.add_argument("--gpu", metavar="NAME",

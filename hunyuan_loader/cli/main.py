@@ -22,6 +22,7 @@ from ..core.spec import LoadSpec
 from ..generation import generate, open_reference_images
 from ..input_checks import check_output_path, check_request, check_resolution, checkpoint_variant, model_sizes
 from ..request import GenerationRequest
+from . import step_cache_args
 from .args import TEST_VARIANTS, parse  # noqa: F401 - TEST_VARIANTS is part of this module's interface
 
 CANCELLED_EXIT = 130  # 128 + SIGINT: what a shell reports for a program stopped by Ctrl-C
@@ -52,7 +53,7 @@ def _request(args: argparse.Namespace) -> GenerationRequest:
     return GenerationRequest(prompt=args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
                              resolution=args.resolution, width=args.width or 1024, height=args.height or 1024,
                              bot_task=args.bot_task, images=open_reference_images(args.image),
-                             max_new_tokens=args.max_new_tokens)
+                             max_new_tokens=args.max_new_tokens, step_cache=step_cache_args.settings(args))
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -40,6 +40,7 @@ HOOK_ORDER: tuple[str, ...] = (
     "block_streaming",         # memory BlockStreamer: a streamed block's weights into a GPU slot
     "moe_dispatch",            # moe_dispatch: MoE blocks' forward -> gather_scatter
     "cfg_rows",                # cfg_parallel: decoder.forward -> the row-splitting wrapper
+    "step_cache",              # step_cache, one call: decoder.forward -> a served step runs no block, no replica
     "diffusion_progress",      # generation, one call: scheduler.step -> progress + cancel
     "finite_output",           # finite_output, one call: model.vae.decode -> NaN/inf check of latents, image
     "text_progress",           # generation, one call: the per-token StoppingCriteria

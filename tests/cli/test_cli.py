@@ -61,6 +61,9 @@ BAD_INPUTS = [
     (["--budget-gb", "10"], "--budget-gb applies with --offload budget, smart or accelerate"),
     (["--offload", "budget", "--budget-gb", "0"], "vram_budget_gb must be positive"),
     (["--variant", "instruct"], "with --model the variant is read from its config.json"),
+    (["--step-cache", "taylor", "--cache-first-steps", "1"], "cache_first_steps must be at least 2"),
+    (["--step-cache", "taylor", "--cache-interval", "0"], "cache_interval must be between 1 and 50"),
+    (["--step-cache", "taylor", "--steps", "2"], "cache_first_steps (3) is more than the steps (2): lower it"),
 ]
 
 

@@ -69,7 +69,14 @@ GENERATE = [
     ("bot_task", "image"),
     ("max_new_tokens", 2048),
     ("infer_align_image_size", True),
+    ("step_cache", "off"),
+    ("cache_interval", 5),
+    ("cache_order", 2),
+    ("cache_first_steps", 3),
+    ("cache_last_steps", 0),
 ]
+# Text to image with the official Taylor step cache (about 4x faster at 50 steps): loader stem, overrides
+STEP_CACHE = {"hunyuan_image3_step_cache": ("hunyuan_image3_int8", {"step_cache": "taylor"})}
 INSTRUCT_IMAGES = ("hunyuan_image3_example_1.png", "hunyuan_image3_example_2.png")
 
 # Instruct workflows: stem -> (loader stem, images, Generate widget overrides)
@@ -123,9 +130,11 @@ def _ui_node(node_id, type_, title, pos, widgets, inputs=(), outputs=(), order=0
     }
 
 
-def build(stem: str, force_unload: bool = False) -> tuple[dict, dict]:
+def build(stem: str, force_unload: bool = False, name: str | None = None,
+          overrides: dict | None = None) -> tuple[dict, dict]:
     loader_cls, loader_title, loader_widgets = LOADERS[stem]
-    prefix = stem.replace("hunyuan_image3_", "HunyuanImage3_") + ("_unload" if force_unload else "")
+    prefix = (name or stem).replace("hunyuan_image3_", "HunyuanImage3_") + ("_unload" if force_unload else "")
+    generate = [(k, (overrides or {}).get(k, v)) for k, v in GENERATE]
     image_links = [2, 3] if force_unload else [2]
     nodes = [
         _ui_node(
@@ -142,7 +151,7 @@ def build(stem: str, force_unload: bool = False) -> tuple[dict, dict]:
             "HunyuanImage3Generate",
             "HunyuanImage-3 Generate",
             (420, 120),
-            GENERATE,
+            generate,
             order=1,
             inputs=[{"name": "model", "type": "HUNYUAN_IMAGE3", "link": 1}],
             outputs=[{"name": "image", "type": "IMAGE", "links": image_links, "slot_index": 0},
@@ -165,7 +174,7 @@ def build(stem: str, force_unload: bool = False) -> tuple[dict, dict]:
         "1": {"class_type": loader_cls, "inputs": dict(loader_widgets), "_meta": {"title": loader_title}},
         "2": {
             "class_type": "HunyuanImage3Generate",
-            "inputs": {"model": ["1", 0], **dict(GENERATE)},
+            "inputs": {"model": ["1", 0], **dict(generate)},
             "_meta": {"title": "HunyuanImage-3 Generate"},
         },
         "3": {
@@ -301,9 +310,12 @@ def main() -> None:
     WORKFLOWS.mkdir(exist_ok=True)
     jobs = [(stem, stem, False) for stem in LOADERS] + [
         ("hunyuan_image3_bf16", "hunyuan_image3_force_unload", True)
-    ] + [(None, name, False) for name in INSTRUCT]
+    ] + [(None, name, False) for name in INSTRUCT] + [(stem, name, False) for name, (stem, _) in STEP_CACHE.items()]
     for stem, name, unload in jobs:
-        ui, api = build(stem, unload) if stem is not None else build_instruct(name)
+        if name in STEP_CACHE:
+            ui, api = build(stem, name=name, overrides=STEP_CACHE[name][1])
+        else:
+            ui, api = build(stem, unload) if stem is not None else build_instruct(name)
         (WORKFLOWS / f"{name}.json").write_text(json.dumps(ui, indent=2) + "\n", encoding="utf-8")
         (WORKFLOWS / f"{name}.api.json").write_text(json.dumps(api, indent=2) + "\n", encoding="utf-8")
         print(f"wrote workflows/{name}.json and workflows/{name}.api.json")

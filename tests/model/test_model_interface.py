@@ -542,3 +542,43 @@ def test_instruct_leaves_the_vision_mask_on_the_cpu_and_the_pack_moves_it(models
     install_vision_input_alignment(model)
     assert not install_vision_input_alignment(model)  # idempotent: one hook however often it is asked
     assert len(model.vision_model._forward_pre_hooks) <= hooks + 1
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_decoder_runs_once_per_step_with_mode_and_first_step(models: dict, variant: str) -> None:
+    # The pipeline calls the model once per step with first_step=(i == 0) (P:859; base pipeline :821), and
+    # the model calls its decoder self.model(..., mode=mode, first_step=first_step) (M:2199-2211, M:2232-2244,
+    # H:2019-2032); the text stage with mode="gen_text". The pack's step_cache entry counts steps from these.
+    model = models[variant]
+    seen: list[tuple] = []
+    handle = model.model.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append((kw.get("mode"), kw.get("first_step"))), with_kwargs=True)
+    model.generation_config.diff_infer_steps, model.generation_config.diff_guidance_scale = 3, 2.0
+    try:
+        kwargs = dict(bot_task="think", max_new_tokens=2) if variant != "base" else {}
+        if variant == "base":
+            model.generate_image(prompt="x", seed=1, image_size="1024x1024", diff_infer_steps=3,
+                                 diff_guidance_scale=2.0, **kwargs)
+        else:
+            model.generate_image(prompt="x", seed=1, image_size="1024x1024", **kwargs)
+    finally:
+        handle.remove()
+    image = [first for mode, first in seen if mode == "gen_image"]
+    assert image == [True, False, False]
+    assert all(mode == "gen_text" for mode, _ in seen if mode != "gen_image")
+    assert (variant == "base") == (len(seen) == 3)  # Instruct's think text ran the decoder too
+
+
+def test_the_official_taylor_switch_is_off_unless_asked(models: dict) -> None:
+    # generate_image(use_taylor_cache=False, taylor_cache_interval=None, ...) (M:3234-3242), switched on for
+    # the image stage only when asked (M:3376); the pack never asks (its step_cache entry is the cache), so
+    # the stand-in refuses it and every pack test would fail if the pack passed it.
+    import inspect
+
+    sig = inspect.signature(models["instruct"].generate_image)
+    assert sig.parameters["use_taylor_cache"].default is False
+    for name in ("interval", "order", "enable_first_enhance", "first_enhance_steps", "enable_tailing_enhance",
+                 "tailing_enhance_steps", "low_freqs_order", "high_freqs_order"):
+        assert sig.parameters[f"taylor_cache_{name}"].default is None
+    with pytest.raises(NotImplementedError, match="step_cache"):
+        models["instruct"].generate_image(prompt="x", seed=1, image_size="1024x1024", use_taylor_cache=True)

@@ -61,3 +61,32 @@ def test_run_time_guidance_is_refused_before_the_model_loads(poisoned: Path, cac
     assert cache.load_count == loads and cache.loaded is None
     with pytest.raises(Exception, match="POISON"):  # control: good inputs reach the model code
         _run(poisoned)
+
+
+def test_step_cache_inputs_reach_the_request_and_bad_ones_fail_before_loading(poisoned: Path, cache,
+                                                                               monkeypatch) -> None:
+    optional = HunyuanImage3Generate.INPUT_TYPES()["optional"]
+    assert optional["step_cache"][0] == ["off", "taylor"] and optional["step_cache"][1]["default"] == "off"
+    assert {k: optional[k][1]["default"] for k in ("cache_interval", "cache_order", "cache_first_steps",
+                                                   "cache_last_steps")} == dict(
+        cache_interval=5, cache_order=2, cache_first_steps=3, cache_last_steps=0)
+    loads = cache.load_count
+    with pytest.raises(InputError, match="cache_first_steps must be at least 2"):
+        _run(poisoned, step_cache="taylor", cache_first_steps=1)
+    assert cache.load_count == loads and cache.loaded is None
+    from hunyuan_image3.nodes import generate as node
+
+    seen = []
+
+    class _Cache:
+        def generate(self, handle, request, *args, **kwargs):
+            seen.append(request.step_cache)
+            raise RuntimeError("stop")
+
+    monkeypatch.setattr(node, "get_cache", lambda: _Cache())
+    with pytest.raises(RuntimeError, match="stop"):
+        _run(poisoned, step_cache="taylor", cache_interval=4, cache_last_steps=1, steps=10)
+    with pytest.raises(RuntimeError, match="stop"):
+        _run(poisoned)
+    assert [(s.kind, s.interval, s.order, s.first_steps, s.last_steps) for s in seen] == [
+        ("taylor", 4, 2, 3, 1), ("off", 5, 2, 3, 0)]

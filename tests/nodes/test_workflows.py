@@ -91,3 +91,14 @@ def test_workflow_nodes_are_tall_enough_and_do_not_overlap(path: Path) -> None:
             if ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1:
                 overlaps.append(f"{a['title']} and {b['title']}")
     assert overlaps == []
+
+
+def test_one_workflow_uses_the_step_cache() -> None:
+    """workflows/hunyuan_image3_step_cache: Generate with the official Taylor cache, in both formats."""
+    api = json.loads((ROOT / "workflows" / "hunyuan_image3_step_cache.api.json").read_text(encoding="utf-8"))
+    gen = [n["inputs"] for n in api.values() if n["class_type"] == "HunyuanImage3Generate"]
+    assert len(gen) == 1 and gen[0]["step_cache"] == "taylor" and gen[0]["steps"] == 50
+    ui = json.loads((ROOT / "workflows" / "hunyuan_image3_step_cache.json").read_text(encoding="utf-8"))
+    node = next(n for n in ui["nodes"] if n["type"] == "HunyuanImage3Generate")
+    assert "taylor" in node["widgets_values"]
+    assert _ours(check_api(api, _object_info())) == [] and _ours(check_ui(ui, _object_info())) == []

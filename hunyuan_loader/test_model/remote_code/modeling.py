@@ -575,7 +575,8 @@ class HunyuanImage3Text2ImagePipeline:
         for i, t in enumerate(self.scheduler.timesteps):
             inp = torch.cat([latents] * cfg_factor)
             v = model._denoise(inp, t.reshape(1).expand(inp.shape[0]), ids, guidance_scale,
-                               model_kwargs.get("inputs_embeds"), model_kwargs.get("full_attn_slices"))
+                               model_kwargs.get("inputs_embeds"), model_kwargs.get("full_attn_slices"),
+                               first_step=(i == 0))
             if cfg_factor == 2:
                 v_cond, v_uncond = v.chunk(2, dim=0)
                 v = v_uncond + guidance_scale * (v_cond - v_uncond)
@@ -630,7 +631,8 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
             attention_mask = self._instruct_mask(inputs_embeds.shape[1], full_attn_slices, embeds.device)
             input_ids = None
         hidden = self.model(
-            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids
+            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+            mode="gen_text",
         )
         return CausalLMOutputWithPast(logits=self.lm_head(hidden).float())
 
@@ -662,7 +664,7 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
         return self.model.wte.weight.dtype
 
     def _denoise(self, latents: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, guidance: float,
-                 prefix_embeds: torch.Tensor | None = None, full_attn_slices=None) -> torch.Tensor:
+                 prefix_embeds: torch.Tensor | None = None, full_attn_slices=None, first_step=None) -> torch.Tensor:
         dtype = self._compute_dtype()
         p = self.config.patch_size
         lh, lw = latents.shape[-2:]
@@ -689,7 +691,9 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
         for start, stop in full_attn_slices or ():  # reference images attend to themselves fully
             mask[:, :, start:stop, start:stop] = True
         mask = mask | torch.eye(total, dtype=torch.bool, device=seq.device)[None, None]
-        hidden = self.model(inputs_embeds=seq, attention_mask=mask)
+        # The decoder is called once per step with mode / first_step, as the official code does
+        # (modeling_hunyuan_image_3.py:2199-2211, hunyuan.py:2019-2032; pipeline first_step=(i == 0)).
+        hidden = self.model(inputs_embeds=seq, attention_mask=mask, mode="gen_image", first_step=first_step)
         out = self.final_layer(hidden[:, n_text + 1 :], self.time_embed_2(t).to(dtype), grid)
         return out[..., :lh, :lw].float()
 
@@ -1032,6 +1036,14 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
         bot_task=None,
         infer_align_image_size=False,
         use_taylor_cache=False,
+        taylor_cache_interval=None,
+        taylor_cache_order=None,
+        taylor_cache_enable_first_enhance=None,
+        taylor_cache_first_enhance_steps=None,
+        taylor_cache_enable_tailing_enhance=None,
+        taylor_cache_tailing_enhance_steps=None,
+        taylor_cache_low_freqs_order=None,
+        taylor_cache_high_freqs_order=None,
         **kwargs,
     ):
         """Instruct/Distil: returns (cot_text list or None, [PIL images]), with the official control flow
@@ -1039,7 +1051,11 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
         (1 = edit, 2+ = fusion); ``bot_task`` image | auto | think | recaption | think_recaption (default:
         generation_config.bot_task); ``max_new_tokens`` (default 2048) bounds the text stage; every other
         kwarg (e.g. ``stopping_criteria``) goes to ``self.generate``. Steps / guidance come from
-        generation_config only (the real code's behaviour)."""
+        generation_config only (the real code's behaviour). The official Taylor cache switch and its
+        settings (modeling_hunyuan_image_3.py:3234-3242, off by default) are accepted; the stand-in has no
+        cache of its own (the pack's step_cache entry is the cache), so turning it on is an error here."""
+        if use_taylor_cache:
+            raise NotImplementedError("the test checkpoint has no built-in Taylor cache: use the step_cache option")
         max_new_tokens = kwargs.pop("max_new_tokens", 2048)
         cot_text = kwargs.pop("cot_text", None)
         gen = self.generation_config
