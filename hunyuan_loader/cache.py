@@ -16,9 +16,11 @@ from pathlib import Path
 
 from ..memory import stats
 from ..memory.unload import UnloadReport, collect_garbage, nuke_orphans
+from .core import settings
 from .core.spec import LoadedModel, LoadSpec
 from .generation import CancelFn, GenerationRequest, GenerationResult, ProgressFn, generate
 from .load.pipeline import load_model
+from .preview.stream import PreviewFn
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +120,19 @@ class HunyuanModelCache:
         progress: ProgressFn | None = None,
         cancel: CancelFn | None = None,
         make_room: Callable[[int], object] | None = None,
+        preview: PreviewFn | None = None,
     ) -> GenerationResult:
         """The one call a Generate node makes: the model brought back (``make_room(bytes)`` lets ComfyUI's
         own models yield first), then, for each attempt, ``prepare_run`` has the offload policy place the
-        run (node -> cache -> policy -> residency)."""
+        run (node -> cache -> policy -> residency). ``preview``: see ``generation.generate``."""
         loaded = self.bring_back(handle, make_room)
 
         def placement(size: tuple[int, int], notes: list[str], retried: bool, tokens: int):
             return self.prepare_run(handle, size, notes, make_room=make_room, extra_margin=retried,
                                     extra_tokens=tokens)
 
-        return generate(loaded, req, progress, cancel, placement=placement)
+        return generate(loaded, req, progress, cancel, placement=placement, preview=preview,
+                        preview_every=settings.get(settings.PREVIEW_EVERY))
 
     def save_quantized_copy(
         self, handle: ModelHandle, dest: Path, progress: Callable[[int, int], None] | None = None

@@ -155,7 +155,8 @@ class HunyuanImage3Generate:
         # Per variant (guidance; base: no images, no text task), from config.json before any (re)load.
         check_request(request, checkpoint_variant(model.spec.path))
         total = request.steps or checkpoint_variant(model.spec.path).default_steps
-        result = get_cache().generate(model, request, comfy_adapter.progress_callback(total),
-                                      comfy_adapter.cancel_check(), make_room=comfy_memory.make_room_on_gpu)
+        progress, preview = comfy_adapter.step_reporters(total)
+        result = get_cache().generate(model, request, progress, comfy_adapter.cancel_check(),
+                                      make_room=comfy_memory.make_room_on_gpu, preview=preview)
         text = result.cot_text or ""
         return {"ui": {"text": result_text(result)}, "result": (result.image, text)}

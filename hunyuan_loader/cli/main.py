@@ -22,6 +22,7 @@ from ..core.spec import INT8_FORMATS, MOE_IMPLS, OFFLOAD_MODES, QUANTS, LoadSpec
 from ..generation import generate, open_reference_images
 from ..input_checks import check_output_path, check_request, check_resolution, checkpoint_variant, model_sizes
 from ..load.multi_gpu import MODES as MULTI_GPU_MODES
+from ..preview.files import PreviewFiles, check_preview_dir
 from ..request import BOT_TASKS, DEFAULT_MAX_NEW_TOKENS, GenerationRequest
 
 TEST_VARIANTS = ("base", "instruct", "distil")
@@ -64,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, help="with --resolution custom (default 1024)")
     gen.add_argument("--height", type=int, help="with --resolution custom (default 1024)")
     gen.add_argument("--out", default="hunyuan_image3.png", help="image file; its folder must exist")
+    gen.add_argument("--preview-dir", metavar="DIR",
+                     help="write live previews of the image forming as numbered PNGs into DIR (made if missing)")
     gen.add_argument("--image", action="append", default=[], metavar="PATH",
                      help="Instruct: a reference image (once = edit, 2-3 times = multi-image fusion)")
     gen.add_argument("--bot-task", choices=BOT_TASKS,
@@ -138,6 +141,7 @@ def _generate(args: argparse.Namespace) -> int:
     out = check_output_path(args.out)
     request = _request(args)
     check_request(request)
+    preview_dir = check_preview_dir(args.preview_dir) if args.preview_dir else None
     demo = args.model is None
     if demo:
         model_dir = str(cached_test_model(args.variant or "base"))
@@ -172,7 +176,9 @@ def _generate(args: argparse.Namespace) -> int:
     def text_progress(done: int, total: int) -> None:
         print(f"\rtext token {done}/{total}".ljust(30), end="", flush=True)
 
-    result = generate(cache.get(handle), request, progress=progress, text_progress=text_progress)
+    previews = PreviewFiles(preview_dir, progress) if preview_dir is not None else None
+    result = generate(cache.get(handle), request, progress=progress, text_progress=text_progress, preview=previews,
+                      preview_every=settings.get(settings.PREVIEW_EVERY))
     print()
     image = (result.image[0].numpy() * 255).round().clip(0, 255).astype("uint8")
     Image.fromarray(image).save(out)
@@ -189,6 +195,8 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"note:       {note}")
     if result.cot_text:
         print(f"model text: {result.cot_text}")
+    if previews is not None:
+        print(f"previews:   {len(previews.written)} PNG files in {preview_dir}")
     print(f"image:      {out}" + ("  (noise by design: test checkpoint, random weights)" if demo else ""))
     return 0
 

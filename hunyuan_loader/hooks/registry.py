@@ -39,6 +39,7 @@ HOOK_ORDER: tuple[str, ...] = (
     "moe_dispatch",            # moe_dispatch: MoE blocks' forward -> gather_scatter
     "cfg_rows",                # cfg_parallel: decoder.forward -> the row-splitting wrapper
     "diffusion_progress",      # generation, one call: scheduler.step -> progress + cancel
+    "diffusion_preview",       # preview/stream, one call: scheduler.step -> x0 preview (inside the progress wrap)
     "text_progress",           # generation, one call: the per-token StoppingCriteria
 )
 
