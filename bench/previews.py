@@ -128,6 +128,20 @@ class _WithVAE(nn.Module):
 
 
 # -- the sampling loop -------------------------------------------------------------------------------
+class TinyStack(nn.Module):
+    """--smoke: ``layers`` small MLP blocks (a ``.layers`` list, as the residency manager streams it)."""
+
+    def __init__(self, h: int, n: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(h, 4 * h), nn.GELU(), nn.Linear(4 * h, h))
+                                    for _ in range(n))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
 class Euler:
     """The official flow-matching Euler step (hunyuan_image_3_pipeline.py:273-288, :394-424), shift 3."""
 
@@ -202,8 +216,7 @@ def bench_loop(args, dev) -> None:
 
     if args.smoke:
         h = 64
-        layers = [nn.Sequential(nn.Linear(h, 4 * h), nn.GELU(), nn.Linear(4 * h, h)) for _ in range(args.layers)]
-        stack = nn.Sequential(*layers).to(dev)
+        stack = TinyStack(h, args.layers).to(dev)
         x = torch.randn(2, args.tokens // 2, h, device=dev)
     else:
         stack = Stack([make_layer(dev, seed=i) for i in range(args.layers)], dev)
@@ -211,17 +224,18 @@ def bench_loop(args, dev) -> None:
     every = args.every
     rows = []
     modes = [("resident", None)]
-    if dev.type == "cuda" and args.stream > 0:
+    if args.stream > 0:
         modes.append(("streamed", args.stream))
     for name, stream_n in modes:
         if stream_n:
             from hunyuan_image3.memory.residency import ResidencyManager
 
-            mgr = ResidencyManager(stack, stack.layers, dev)
-            blk = mgr.block_bytes[0]
-            budget = mgr.other_bytes + (args.layers - stream_n + 2) * blk + 8 * 2**30
-            mgr.apply(mgr.plan_for_budget(budget, 8 * 2**30))
-            name = f"streamed ({len(mgr.plan.streamed) if hasattr(mgr, 'plan') else stream_n} of {args.layers})"
+            mgr = ResidencyManager(stack, stack.layers, dev, allow_cpu_streaming=dev.type == "cpu")
+            headroom = 8 * 2**30 if dev.type == "cuda" else 2**20
+            budget = mgr.other_bytes + (args.layers - stream_n + 2) * mgr.block_bytes[0] + headroom
+            plan = mgr.plan_for_budget(budget, headroom, min_streamed=stream_n)
+            mgr.apply(plan)
+            name = f"streamed ({len(plan.streamed)} of {args.layers})"
         sample(stack, x, args.latent, 2, dev, True, every)  # warm-up (kernels, pinned pool)
         off, lat_off, _, _ = sample(stack, x, args.latent, args.steps, dev, False, every)
         on, lat_on, made, spent = sample(stack, x, args.latent, args.steps, dev, True, every)
@@ -280,7 +294,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, any device (CPU smoke test)")
     ap.add_argument("--layers", type=int, help="decoder layers (default 4; smoke 2)")
-    ap.add_argument("--stream", type=int, default=2, help="of them streamed in the second row (CUDA)")
+    ap.add_argument("--stream", type=int, help="of them streamed in the second row (default 2; smoke 1)")
     ap.add_argument("--tokens", type=int, help="tokens per step, both CFG halves (default 8448 = 1 MP)")
     ap.add_argument("--steps", type=int, help="default 50; smoke 4")
     ap.add_argument("--latent", type=int, help="latent side (default 64 = 1024 px)")
@@ -289,6 +303,7 @@ def main() -> int:
     args = ap.parse_args()
     smoke = args.smoke
     args.layers = args.layers or (2 if smoke else 4)
+    args.stream = (1 if smoke else 2) if args.stream is None else args.stream
     args.tokens = args.tokens or (256 if smoke else 8448)
     args.steps = args.steps or (4 if smoke else 50)
     args.latent = args.latent or (8 if smoke else 64)
