@@ -31,8 +31,8 @@ from .projection import FORMAT, Projection, fit_projection
 
 log = logging.getLogger(__name__)
 
-FIT_IMAGES = 8  # synthetic images (one decode each)
-FIT_LATENT = 12  # latent cells per side of each (192 px at the 16x VAE); the border ring is left out
+FIT_IMAGES = 6  # synthetic images (one encode + one decode each: about a third of one 1 MP decode in all)
+FIT_LATENT = 10  # latent cells per side of each (160 px at the 16x VAE); the border ring is left out
 _PROJECTIONS: weakref.WeakKeyDictionary[Any, Projection] = weakref.WeakKeyDictionary()
 
 
