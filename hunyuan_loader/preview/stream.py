@@ -69,7 +69,7 @@ class PreviewStream:
         del self._pending[: newest + 1]
         from PIL import Image
 
-        return Image.fromarray(host.numpy(), mode="RGB")
+        return Image.fromarray(host.numpy().copy(), mode="RGB")  # its own pixels: the pinned block is reused
 
 
 class StepPreview:
