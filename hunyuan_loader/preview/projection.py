@@ -64,6 +64,8 @@ def fit_projection(latents: torch.Tensor, rgb: torch.Tensor) -> Projection:
     c = latents.shape[1]
     x = latents.detach().to("cpu", torch.float64).permute(0, 2, 3, 1).reshape(-1, c)
     y = rgb.detach().to("cpu", torch.float64).permute(0, 2, 3, 1).reshape(-1, rgb.shape[1])
+    if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+        raise ValueError("the VAE gave non-finite values for the fit's images: no preview projection")
     design = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
     solution = torch.linalg.lstsq(design, y, driver="gelsd").solution  # [C + 1, 3]
     residual = y - design @ solution

@@ -48,6 +48,8 @@ def test_fit_projection_least_squares_and_json_round_trip() -> None:
     torch.testing.assert_close(p.weight, w, atol=1e-5, rtol=1e-5)
     back = Projection.from_json(p.to_json())
     assert back is not None and torch.equal(back.weight, p.weight) and torch.equal(back.bias, p.bias)
+    with pytest.raises(ValueError, match="non-finite"):
+        fit_projection(latents, rgb * float("nan"))
     assert Projection.from_json('{"format": -1}') is None and Projection.from_json("not json") is None
     pixels = to_uint8_hwc(torch.tensor([[[-1.0, 1.0]], [[0.0, 2.0]], [[-3.0, 0.5]]]))
     assert pixels.shape == (1, 2, 3) and pixels.dtype == torch.uint8
