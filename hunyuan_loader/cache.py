@@ -16,9 +16,11 @@ from pathlib import Path
 
 from ..memory import stats
 from ..memory.unload import UnloadReport, collect_garbage, nuke_orphans
+from .core import settings
 from .core.spec import LoadedModel, LoadSpec
 from .generation import CancelFn, GenerationRequest, GenerationResult, ProgressFn, generate
 from .load.pipeline import load_model
+from .preview.stream import PreviewFn
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +148,13 @@ class HunyuanModelCache:
         cancel: CancelFn | None = None,
         make_room: Callable[[int], object] | None = None,
         load_progress: Callable[[int, int], None] | None = None,
+        preview: PreviewFn | None = None,
     ) -> GenerationResult:
         """The one call a Generate node makes, after its checks: the model loaded if it is not yet
         (``load_progress(bytes read, bytes total)``, ``cancel`` between blocks) or brought back
         (``make_room(bytes)`` lets ComfyUI's own models yield first), then, for each attempt,
-        ``prepare_run`` has the offload policy place the run (node -> cache -> policy -> residency)."""
+        ``prepare_run`` has the offload policy place the run (node -> cache -> policy -> residency).
+        ``preview``: see ``generation.generate``."""
         loads = self.load_count
         loaded = self.bring_back(handle, make_room, progress=load_progress, cancel=cancel)
         load_note = [f"loaded in {loaded.load_seconds:.1f} s before this run"] \
@@ -160,7 +164,8 @@ class HunyuanModelCache:
             return self.prepare_run(handle, size, notes, make_room=make_room, extra_margin=retried,
                                     extra_tokens=tokens)
 
-        result = generate(loaded, req, progress, cancel, placement=placement)
+        result = generate(loaded, req, progress, cancel, placement=placement, preview=preview,
+                          preview_every=settings.get(settings.PREVIEW_EVERY))
         result.notes[:0] = load_note
         return result
 

@@ -43,6 +43,7 @@ from .hooks.finite_output import DecodeCheck, NonFiniteOutput, check_finite, non
 from .hooks.registry import NamedOnly, registry
 from .hooks.step_cache import step_cache
 from .load.per_run import run_placement
+from .preview.stream import PreviewFn, PreviewStream, StepPreview
 from .request import (  # noqa: F401 - re-exported: the request is part of this module's interface
     BOT_TASKS,
     CUSTOM_ALIGN,
@@ -98,16 +99,27 @@ def seeded_rng(loaded: LoadedModel, seed: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def step_hooks(model: Any, total: int, progress: ProgressFn | None, cancel: CancelFn | None) -> Iterator[list[int]]:
-    """Report progress and check cancel once per diffusion step.
+def step_hooks(
+    model: Any, total: int, progress: ProgressFn | None, cancel: CancelFn | None,
+    previews: tuple[PreviewStream, PreviewFn] | None = None,
+) -> Iterator[list[int]]:
+    """Report progress and check cancel once per diffusion step; with ``previews`` (a stream and the
+    reporter that takes the preview with the progress), the x0 preview of the step too.
 
     generate_image calls its pipeline without a step callback, so we wrap the scheduler's
-    step() on the instance for this call (the pipeline is built lazily: build it first).
+    step() on the instance for this call (the pipeline is built lazily: build it first). The preview
+    wrap goes on first, inside the progress wrap (HOOK_ORDER), so a step's preview is started before
+    its progress is reported.
     """
-    hook = _StepProgress(model.pipeline.scheduler, total, progress, cancel)
-    with registry(model).active("diffusion_progress", hook), registry(model).active(
-        "finite_output", DecodeCheck(model.vae)
-    ):
+    scheduler = model.pipeline.scheduler
+    with contextlib.ExitStack() as stack:
+        if previews is not None:
+            stream, report = previews
+            stack.enter_context(registry(model).active("diffusion_preview", StepPreview(scheduler, stream)))
+            progress = lambda done, steps: report(done, steps, stream.take())  # noqa: E731
+        hook = _StepProgress(scheduler, total, progress, cancel)
+        stack.enter_context(registry(model).active("diffusion_progress", hook))
+        stack.enter_context(registry(model).active("finite_output", DecodeCheck(model.vae)))
         yield hook.done
 
 
@@ -330,6 +342,22 @@ def _call_model(
     return out, None
 
 
+def preview_projection(loaded: LoadedModel) -> Any:
+    """The model's preview projection (fitted from its VAE on first use, hunyuan_loader/preview), or None
+    when it cannot be had: previews are then off for this call, the image is made as usual."""
+    from .preview.vae_fit import projection_for
+
+    try:
+        return projection_for(loaded.model)
+    except torch.OutOfMemoryError:
+        gc.collect()
+        stats.release_cached_memory()
+        log.warning("no previews for this image: the VAE ran out of memory fitting the preview projection")
+    except Exception as exc:  # the preview is an extra: never the reason an image fails
+        log.warning("no previews for this image: %s: %s", type(exc).__name__, exc)
+    return None
+
+
 RunPlacement = Callable[[tuple[int, int], list[str], bool, int], contextlib.AbstractContextManager]
 
 
@@ -357,8 +385,14 @@ def generate(
     cancel: CancelFn | None = None,
     text_progress: ProgressFn | None = None,
     placement: RunPlacement | None = None,
+    preview: PreviewFn | None = None,
+    preview_every: int = 1,
 ) -> GenerationResult:
     """Generate one image with the cached model. Raises InputError / OutOfMemoryError.
+
+    ``preview(step, steps, image)`` replaces ``progress`` for the diffusion steps: the same report, with
+    a PIL preview of the image forming (None at most steps; at most one every ``preview_every`` steps),
+    from the model's own VAE (hunyuan_loader/preview). The image is the same with or without it.
 
     ``progress(step, steps)`` follows the diffusion steps; ``text_progress(tokens, max_new_tokens)``
     the think / recaption text (default: ``progress``); ``cancel()`` is checked once per token and
@@ -381,6 +415,7 @@ def generate(
     size = rendered or AUTO_PLAN_SIZE
     tokens = extra_tokens(loaded, req)
     start = time.perf_counter()
+    projection = preview_projection(loaded) if preview is not None else None
     notes: list[str] = []
     retried = False
     oom_message = None  # CUDA's first line of the first out-of-memory error of this call
@@ -391,7 +426,9 @@ def generate(
         try:
             with placement(size, notes, retried, tokens), generation_settings(
                 loaded.model, steps, guidance, full_length=loaded.variant.returns_tuple
-            ), step_hooks(loaded.model, steps, progress, cancel), step_cache(loaded.model, req.step_cache, steps, notes):
+            ), step_hooks(loaded.model, steps, progress, cancel,
+                          None if projection is None else (PreviewStream(projection, preview_every, steps), preview)
+                          ), step_cache(loaded.model, req.step_cache, steps, notes):
                 image, cot = _call_model(
                     loaded, req, rendered, steps, guidance, stage, text_progress or progress, cancel
                 )

@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from ..hunyuan_loader.checkpoint.validate import WHERE_MODELS_GO
 from ..hunyuan_loader.core import settings
@@ -132,6 +133,36 @@ def progress_callback(total: int) -> Callable[[int, int], None] | None:
         return None
     bar = utils.ProgressBar(total)
     return lambda done, total_: bar.update_absolute(done, total_)
+
+
+def preview_size() -> int | None:
+    """ComfyUI's preview setting: the largest side of a sampler preview (``--preview-size``), or None when
+    previews are off (``--preview-method none``, ComfyUI's own default, or outside ComfyUI). Read when the
+    node runs: newer ComfyUI versions set the method per queued prompt (the frontend's Live Preview
+    setting) through the same ``args.preview_method``."""
+    cli_args = comfy_module("comfy.cli_args")
+    args = getattr(cli_args, "args", None)
+    method = getattr(args, "preview_method", None)
+    if method is None or str(getattr(method, "value", method)).lower() in ("none", "nopreviews"):
+        return None
+    return int(getattr(args, "preview_size", 512) or 512)
+
+
+def step_reporters(total: int) -> tuple[Callable[[int, int], None] | None, Callable[[int, int, Any], None] | None]:
+    """(progress, preview) for Generate, both driving one ComfyUI progress bar: ``progress(done, total)``
+    (the text stage, and the steps without previews) and, when ComfyUI's preview setting is on,
+    ``preview(done, total, image)``: the step's progress with a PIL preview (ComfyUI sends it to the
+    browser as a ``b_preview`` image at ``--preview-size``). (None, None) outside ComfyUI."""
+    utils = comfy_module("comfy.utils")
+    if utils is None:
+        return None, None
+    bar = utils.ProgressBar(total)
+    size = preview_size()
+
+    def preview(done: int, total_: int, image: Any) -> None:
+        bar.update_absolute(done, total_, None if image is None else ("JPEG", image, size))
+
+    return (lambda done, total_: bar.update_absolute(done, total_)), (preview if size is not None else None)
 
 
 def cancel_check() -> Callable[[], None] | None:

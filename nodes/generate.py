@@ -176,8 +176,9 @@ class HunyuanImage3Generate:
         # the loaders leave the load to this call, so a request that cannot run loads nothing.
         check_request(request, checkpoint_variant(model.spec.path))
         total = request.steps or checkpoint_variant(model.spec.path).default_steps
-        result = get_cache().generate(model, request, comfy_adapter.progress_callback(total),
-                                      comfy_adapter.cancel_check(), make_room=comfy_memory.make_room_on_gpu,
+        progress, preview = comfy_adapter.step_reporters(total)
+        result = get_cache().generate(model, request, progress, comfy_adapter.cancel_check(),
+                                      make_room=comfy_memory.make_room_on_gpu, preview=preview,
                                       load_progress=comfy_adapter.progress_callback(100))
         text = result.cot_text or ""
         return {"ui": {"text": result_text(result)}, "result": (result.image, text)}

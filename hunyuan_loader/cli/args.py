@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, help="with --resolution custom (default 1024)")
     gen.add_argument("--height", type=int, help="with --resolution custom (default 1024)")
     gen.add_argument("--out", default="hunyuan_image3.png", help="image file; its folder must exist")
+    gen.add_argument("--preview-dir", metavar="DIR",
+                     help="write live previews of the image forming as numbered PNGs into DIR (made if missing)")
     gen.add_argument("--image", action="append", default=[], metavar="PATH",
                      help="Instruct: a reference image (once = edit, 2-3 times = multi-image fusion)")
     gen.add_argument("--bot-task", choices=BOT_TASKS,

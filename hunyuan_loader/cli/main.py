@@ -21,6 +21,7 @@ from ..core.errors import HunyuanError, InputError
 from ..core.spec import LoadSpec
 from ..generation import generate, open_reference_images
 from ..input_checks import check_output_path, check_request, check_resolution, checkpoint_variant, model_sizes
+from ..preview.files import PreviewFiles, check_preview_dir
 from ..request import GenerationRequest
 from . import step_cache_args
 from .args import TEST_VARIANTS, parse  # noqa: F401 - TEST_VARIANTS is part of this module's interface
@@ -69,6 +70,7 @@ def _generate(args: argparse.Namespace) -> int:
     out = check_output_path(args.out)
     request = _request(args)
     check_request(request)
+    preview_dir = check_preview_dir(args.preview_dir) if args.preview_dir else None
     demo = args.model is None
     if demo:
         model_dir = str(cached_test_model(args.variant or "base"))
@@ -103,7 +105,9 @@ def _generate(args: argparse.Namespace) -> int:
     def text_progress(done: int, total: int) -> None:
         print(f"\rtext token {done}/{total}".ljust(30), end="", flush=True)
 
-    result = generate(cache.get(handle), request, progress=progress, text_progress=text_progress)
+    previews = PreviewFiles(preview_dir, progress) if preview_dir is not None else None
+    result = generate(cache.get(handle), request, progress=progress, text_progress=text_progress, preview=previews,
+                      preview_every=settings.get(settings.PREVIEW_EVERY))
     print()
     image = (result.image[0].numpy() * 255).round().clip(0, 255).astype("uint8")
     try:
@@ -124,6 +128,8 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"note:       {note}")
     if result.cot_text:
         print(f"model text: {result.cot_text}")
+    if previews is not None:
+        print(f"previews:   {len(previews.written)} PNG files in {preview_dir}")
     if save_error is not None:
         print(f"error: {save_error}", file=sys.stderr)
         return 1

@@ -35,6 +35,7 @@ MOE_PAIR_DEQUANT = "HY3_MOE_PAIR_DEQUANT"
 DEQUANT_KERNEL = "HY3_DEQUANT_KERNEL"
 W8A16_KERNEL = "HY3_W8A16_KERNEL"
 CACHE_HOME = "XDG_CACHE_HOME"
+PREVIEW_EVERY = "HUNYUAN_PREVIEW_EVERY"
 HUB_OFFLINE = "HF_HUB_OFFLINE"  # written (the CLI), never read: huggingface_hub reads it
 
 
@@ -139,8 +140,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "bits; rows is faster on an H200).", _choice("rows", "flat"), "rows"),
     Setting(W8A16_KERNEL, "auto or torch", "auto", "INT8 (W8A16) Linears: auto uses the fused Triton kernel where "
             "it runs; torch always uses the plain PyTorch path.", _choice("auto", "torch"), "auto"),
-    Setting(CACHE_HOME, "folder", "~/.cache", "The CLI demo keeps its test checkpoint in "
-            "<this folder>/hunyuan_image3.", Path, None),
+    Setting(CACHE_HOME, "folder", "~/.cache", "The pack's cache is <this folder>/hunyuan_image3: the CLI "
+            "demo's test checkpoint and the live previews' projection fitted for each checkpoint's VAE.", Path, None),
+    Setting(PREVIEW_EVERY, "whole number >= 1", "1", "Live previews while an image samples (when ComfyUI's "
+            "preview method is not none, or the CLI's --preview-dir): at most one every this many steps.",
+            _whole(1, "a whole number >= 1"), 1),
 )}
 
 _cache: dict[str, Any] = {}
@@ -164,6 +168,11 @@ def get(name: str) -> Any:
             raise ValueError(f"{name}={raw!r} is not a valid value: {exc}") from None
     _cache[name] = value
     return value
+
+
+def cache_root() -> Path:
+    """The pack's cache folder: ``$XDG_CACHE_HOME/hunyuan_image3`` (default ``~/.cache/hunyuan_image3``)."""
+    return (get(CACHE_HOME) or Path.home() / ".cache") / "hunyuan_image3"
 
 
 def refresh() -> None:

@@ -168,6 +168,7 @@ def test_values(monkeypatch, name: str, text: str, expected: object) -> None:
     (settings.MOE_SCRATCH_MB, "0", "positive whole number of MiB"),
     (settings.DEQUANT_KERNEL, "fast", "rows or flat"),
     (settings.W8A16_KERNEL, "triton", "auto or torch"),
+    (settings.PREVIEW_EVERY, "0", "whole number >= 1"),
 ])
 def test_a_bad_value_names_the_variable_and_the_allowed_values(monkeypatch, name: str, text: str,
                                                                allowed: str) -> None:
@@ -185,7 +186,7 @@ def test_defaults_when_unset(monkeypatch) -> None:
         settings.RAM_LIMIT_GB: None, settings.MIN_STREAMED_BLOCKS: 0, settings.MODELS_DIR: [],
         settings.MOE_GROUPED: "auto", settings.MOE_SCRATCH_MB: None, settings.MOE_OVERLAP: False,
         settings.MOE_PAIR_DEQUANT: True, settings.DEQUANT_KERNEL: "rows", settings.W8A16_KERNEL: "auto",
-        settings.CACHE_HOME: None,
+        settings.CACHE_HOME: None, settings.PREVIEW_EVERY: 1,
     }
 
 

@@ -253,7 +253,8 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 
 class WebSocket:
-    """Minimal RFC 6455 client for ComfyUI's /ws: text frames as JSON, binary frames (previews) skipped."""
+    """Minimal RFC 6455 client for ComfyUI's /ws: text frames as JSON; binary frames (previews) are kept
+    in ``binary`` as (monotonic time, payload), never returned by ``recv``."""
 
     def __init__(self, host: str, port: int, client_id: str | None = None, timeout: float = 30.0) -> None:
         self.client_id = client_id or uuid.uuid4().hex
@@ -270,6 +271,7 @@ class WebSocket:
             if not chunk:
                 raise ConnectionError("websocket handshake: connection closed")
             head += chunk
+        self.binary: list[tuple[float, bytes]] = []
         header, self._buf = head.split(b"\r\n\r\n", 1)
         if b" 101 " not in header.split(b"\r\n", 1)[0]:
             raise ConnectionError(f"websocket handshake failed: {header[:200]!r}")
@@ -324,7 +326,8 @@ class WebSocket:
                 if fin and opcode is not None:
                     if opcode == 0x1:
                         return json.loads(message.decode())
-                    message, opcode = b"", None  # binary preview: skip
+                    self.binary.append((time.monotonic(), bytes(message)))  # a preview: kept aside
+                    message, opcode = b"", None
         except TimeoutError:
             return None
 

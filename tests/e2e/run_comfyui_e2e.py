@@ -32,6 +32,9 @@ Without COMFYUI_DIR and COMFYUI_PYTHON it prints SKIPPED and exits 0. Otherwise 
     --extra-model-paths-config yaml is listed, a hidden one is not;
   * on CUDA only (cuda_oom_check.py): a second process fills the GPU, a queued prompt hits a real
     CUDA out-of-memory inside the server (execution_error, server up), and the next prompt succeeds;
+  * live previews (issue 24, preview_check.py): a second server with --preview-method auto sends binary
+    JPEG previews over /ws while Generate samples (counted, sizes checked); the main server (ComfyUI's
+    default, none) sends none; the final image is identical with and without;
   * prints a summary table and exits 1 if any check failed.
 Stdlib only: runs with any Python 3.10+.
 """
@@ -59,6 +62,7 @@ sys.path.insert(0, str(HERE))
 
 from comfy_client import ComfyServer, WebSocket, collect_until_done, once_at_progress, png_size  # noqa: E402
 from cuda_oom_check import check_cuda_oom  # noqa: E402
+from preview_check import check_previews  # noqa: E402
 from workflow_check import check_api, check_ui  # noqa: E402
 
 PACK_DIR_NAME = "ComfyUI-HunyuanImage3"
@@ -794,6 +798,9 @@ def main(argv: list[str] | None = None) -> int:
                     if gpu
                     else []
                 ),
+                ("previews", lambda: check_previews(
+                    e2e, Path(comfy_dir), python, base, server.env,
+                    e2e.workflow("hunyuan_image3_bf16", steps=4, resolution="1152x896"), 4, (1152, 896))),
                 ("bad input", lambda: e2e.check_bad_input("hunyuan_image3_bf16")),
                 ("security", lambda: e2e.check_security(model_dir, base)),
             ]

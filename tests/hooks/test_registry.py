@@ -183,6 +183,18 @@ def test_per_call_hooks_are_listed_during_a_generate_call_only(cache, request, o
     assert not any(n in per_call for n in hook_names(loaded.model))
 
 
+def test_the_preview_entry_is_listed_inside_the_progress_wrap_during_a_call_only(
+    cache, base_checkpoint: Path, one_thread, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    loaded = cache.get(cache.load(LoadSpec(str(base_checkpoint))))
+    seen: list[list[str]] = []
+    req = GenerationRequest("a red fox", seed=1, steps=2, resolution="1024x1024")
+    generate(loaded, req, preview=lambda *_: seen.append(hook_names(loaded.model)))
+    assert seen and all(names[-2:] == ["diffusion_progress", "diffusion_preview"] for names in seen), seen
+    assert not any(n.startswith("diffusion_") for n in hook_names(loaded.model))
+
+
 # -- remove_all: the official model's forward, bit for bit ---------------------------------------------
 @pytest.mark.parametrize("kw", [dict(quant="bf16"), dict(quant="bf16", devices="cpu,cpu", multi_gpu="split"),
                                 dict(quant="bf16", devices="cpu,cpu", multi_gpu="cfg_parallel")],

@@ -582,3 +582,22 @@ def test_the_official_taylor_switch_is_off_unless_asked(models: dict) -> None:
         assert sig.parameters[f"taylor_cache_{name}"].default is None
     with pytest.raises(NotImplementedError, match="step_cache"):
         models["instruct"].generate_image(prompt="x", seed=1, image_size="1024x1024", use_taylor_cache=True)
+
+
+def test_vae_has_the_official_interface_and_the_pipeline_scales(models: dict) -> None:
+    """AutoencoderKLConv3D (autoencoder_kl_3d.py:438-464, :770-834): config.scaling_factor / shift_factor,
+    ffactor_spatial / ffactor_temporal, encode -> latent_dist (mode()), decode of [B, C, 1, h, w] -> the
+    last frame [B, 3, 1, H, W]; the pipeline unscales, unshifts and adds the time axis (P:880-892), and the
+    model's vae_encode shifts and scales (M:2412-2431). The previews drive the VAE the same way."""
+    vae = models["base"].vae
+    assert vae.config.scaling_factor and hasattr(vae, "ffactor_temporal") and vae.ffactor_spatial == 16
+    x = torch.rand(1, 3, 64, 96) * 2 - 1
+    with torch.inference_mode():
+        dist = vae.encode(x.to(torch.bfloat16)).latent_dist
+        z = dist.mode()
+        assert z.shape == (1, 32, 1, 4, 6)
+        (decoded,) = vae.decode(z, return_dict=False)
+        assert decoded.shape == (1, 3, 1, 64, 96)
+        latents = models["base"].vae_encode(x.to(torch.bfloat16))
+        assert latents.shape == (1, 32, 4, 6)
+        torch.testing.assert_close(latents.float(), z[:, :, 0].float() * vae.config.scaling_factor, atol=0.02, rtol=0.02)

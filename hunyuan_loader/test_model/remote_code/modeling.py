@@ -413,25 +413,64 @@ class VAEEncoder(nn.Module):
         return self.conv_out(F.silu(self.norm(self.conv_in(h))))
 
 
+class _VAEConfig:
+    """The fields of the official VAE's diffusers config that the model and its pipeline read
+    (``vae.config.scaling_factor`` / ``shift_factor``: hunyuan_image_3_pipeline.py:880-883)."""
+
+    def __init__(self, scaling_factor: float | None, shift_factor: float | None) -> None:
+        self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
+
+
+class _LatentDist:
+    """The part of the official DiagonalGaussianDistribution the model uses (mean and log-variance)."""
+
+    def __init__(self, moments: torch.Tensor) -> None:
+        self.mean, self.logvar = moments.chunk(2, dim=1)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = randn_tensor(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + torch.exp(0.5 * self.logvar.clamp(-30, 20)) * noise
+
+
+class _VAEOutput:
+    """``latent_dist`` (encode) or ``sample`` (decode), like diffusers' output classes."""
+
+    def __init__(self, latent_dist: _LatentDist | None = None, sample: torch.Tensor | None = None) -> None:
+        self.latent_dist, self.sample = latent_dist, sample
+
+
 class HunyuanVAE(nn.Module):
-    """3D-conv VAE (time dim 1), runs in float32."""
+    """3D-conv VAE (time dim 1), runs in float32, with the official AutoencoderKLConv3D's interface
+    (autoencoder_kl_3d.py:438-464, :770-834): ``config.scaling_factor`` / ``shift_factor``,
+    ``ffactor_spatial`` / ``ffactor_temporal``, ``encode(x)`` of [B, 3, H, W] or [B, 3, T, H, W] images
+    -> ``latent_dist`` of raw VAE latents [B, C, 1, h, w], ``decode(z)`` of raw latents [B, C, 1, h, w]
+    -> ``sample`` [B, 3, 1, H, W] (the last frame; :830). Scaling and shifting are the model's and the
+    pipeline's job, as in the official code."""
 
     def __init__(self, config: HunyuanImage3Config) -> None:
         super().__init__()
         factor = int(config.vae_downsample_factor[0])
-        self.scaling_factor = config.vae_scaling_factor
+        self.config = _VAEConfig(config.vae_scaling_factor, getattr(config, "vae_shift_factor", None))
+        self.ffactor_spatial, self.ffactor_temporal = factor, 1
         self.encoder = VAEEncoder(config.vae_latent_channels, factor)
         self.decoder = VAEDecoder(config.vae_latent_channels, factor)
         if torch.cuda.is_available():  # the real constructor allocates on CUDA unconditionally
             self._cuda_probe = torch.empty(0, device="cuda")
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        z = (latents / self.scaling_factor).to(self.decoder.conv_in.weight.dtype)
-        return self.decoder(z.unsqueeze(2)).squeeze(2).float()
+    def decode(self, z: torch.Tensor, return_dict: bool = True, generator=None):
+        decoded = self.decoder(z.to(self.decoder.conv_in.weight.dtype)).float()
+        if z.shape[-3] == 1:
+            decoded = decoded[:, :, -1:]
+        return _VAEOutput(sample=decoded) if return_dict else (decoded,)
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        moments = self.encoder(images.unsqueeze(2).to(self.encoder.conv_in.weight.dtype)).squeeze(2)
-        return moments.chunk(2, dim=1)[0] * self.scaling_factor
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        if x.ndim != 5:
+            x = x[:, :, None]
+        posterior = _LatentDist(self.encoder(x.to(self.encoder.conv_in.weight.dtype)))
+        return _VAEOutput(latent_dist=posterior) if return_dict else (posterior,)
 
 
 class VisionEmbeddings(nn.Module):
@@ -583,7 +622,17 @@ class HunyuanImage3Text2ImagePipeline:
             latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
             if callback_on_step_end is not None:
                 callback_on_step_end(self, i, t, {"latents": latents})
-        return model.vae.decode(latents.float())
+        # As the official pipeline (hunyuan_image_3_pipeline.py:880-892): unscale, unshift, add the time axis.
+        vae = model.vae
+        latents = latents.float()
+        if getattr(vae.config, "scaling_factor", None):
+            latents = latents / vae.config.scaling_factor
+        if getattr(vae.config, "shift_factor", None):
+            latents = latents + vae.config.shift_factor
+        if hasattr(vae, "ffactor_temporal"):
+            latents = latents.unsqueeze(2)
+        image = vae.decode(latents, return_dict=False, generator=generator)[0]
+        return image.squeeze(2) if hasattr(vae, "ffactor_temporal") else image
 
 
 # --------------------------------------------------------------------------- the model
@@ -862,8 +911,15 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
         return ids + list(tail), blocks
 
     def vae_encode(self, image: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] in -1..1 -> latents [B, C, H/16, W/16] (the mean; the official samples with the seed)."""
-        return self.vae.encode(image)
+        """[B, 3, H, W] in -1..1 -> latents [B, C, H/16, W/16] (the mean; the official samples with the seed),
+        shifted and scaled as the official vae_encode does (modeling_hunyuan_image_3.py:2412-2431)."""
+        latents = self.vae.encode(image).latent_dist.mode()
+        config = self.vae.config
+        if getattr(config, "shift_factor", None):
+            latents = latents - config.shift_factor
+        if getattr(config, "scaling_factor", None):
+            latents = latents * config.scaling_factor
+        return latents.squeeze(2) if hasattr(self.vae, "ffactor_temporal") else latents
 
     def _forward_vision_encoder(self, images: torch.Tensor, **image_kwargs) -> torch.Tensor:
         return self.vision_aligner(self.vision_model(images, **image_kwargs).last_hidden_state)
