@@ -58,15 +58,16 @@ def test_the_link_folder_is_private_to_one_process(base_checkpoint: Path, tmp_pa
     assert _left(tmp_path) == []  # removed at exit
 
 
-def test_the_link_folder_is_readable_by_its_user_only(base_checkpoint: Path) -> None:
-    from hunyuan_image3.hunyuan_loader.checkpoint.validate import loadable_path, validate_checkpoint
+def test_the_link_folder_is_readable_by_its_user_only(base_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
+    from hunyuan_image3.hunyuan_loader.checkpoint import validate
 
-    link = loadable_path(validate_checkpoint(base_checkpoint))
+    link = validate.loadable_path(validate.validate_checkpoint(base_checkpoint))
     folder = link.parent
     assert folder != Path(tempfile.gettempdir()) / "hunyuan_image3_links"
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and folder.stat().st_uid == os.getuid()
     assert link.resolve() == base_checkpoint.resolve()
-    os.unlink(link)
-    folder.rmdir()  # a temp cleaner took it: the next load makes a new private folder
-    again = loadable_path(validate_checkpoint(base_checkpoint))
-    assert again.parent != folder and stat.S_IMODE(again.parent.stat().st_mode) == 0o700
+    gone = tmp_path / "hunyuan_image3_links_gone"  # the process's folder, after a temp cleaner took it
+    monkeypatch.setattr(validate, "_link_folder", gone)
+    again = validate.loadable_path(validate.validate_checkpoint(base_checkpoint))
+    assert again.parent not in (gone, folder) and not gone.exists()
+    assert stat.S_IMODE(again.parent.stat().st_mode) == 0o700 and again.resolve() == base_checkpoint.resolve()
