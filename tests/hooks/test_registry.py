@@ -191,7 +191,9 @@ def test_the_preview_entry_is_listed_inside_the_progress_wrap_during_a_call_only
     seen: list[list[str]] = []
     req = GenerationRequest("a red fox", seed=1, steps=2, resolution="1024x1024")
     generate(loaded, req, preview=lambda *_: seen.append(hook_names(loaded.model)))
-    assert seen and all(names[-2:] == ["diffusion_progress", "diffusion_preview"] for names in seen), seen
+    # the preview right after (inside) the progress wrap; then the call's decode check (HOOK_ORDER)
+    assert seen and all(names[-3:] == ["diffusion_progress", "diffusion_preview", "finite_output"]
+                        for names in seen), seen
     assert not any(n.startswith("diffusion_") for n in hook_names(loaded.model))
 
 
