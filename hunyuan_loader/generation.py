@@ -119,7 +119,8 @@ def step_hooks(
             progress = lambda done, steps: report(done, steps, stream.take())  # noqa: E731
         hook = _StepProgress(scheduler, total, progress, cancel)
         stack.enter_context(registry(model).active("diffusion_progress", hook))
-        stack.enter_context(registry(model).active("finite_output", DecodeCheck(model.vae)))
+        if getattr(model, "vae", None) is not None:  # the decode's NaN/inf check (a bare decoder has no VAE)
+            stack.enter_context(registry(model).active("finite_output", DecodeCheck(model.vae)))
         yield hook.done
 
 
