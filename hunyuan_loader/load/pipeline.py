@@ -160,6 +160,7 @@ def _prepare(model: Any, spec: LoadSpec, info: CheckpointInfo, device: torch.dev
         install_mask_alignment,
         install_static_cache_init,
         install_vision_input_alignment,
+        install_vit_return_tensors,
     )
 
     with st.phase("tokenizer"):
@@ -169,6 +170,7 @@ def _prepare(model: Any, spec: LoadSpec, info: CheckpointInfo, device: torch.dev
         install_moe_dispatch(model, spec.moe_impl)
         install_static_cache_init(model)
         install_cache_kwarg_name(model)
+        install_vit_return_tensors(model)
         install_mask_alignment(model)
         install_vision_input_alignment(model)
         if device.type == "cpu":
