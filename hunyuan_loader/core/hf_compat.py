@@ -396,6 +396,12 @@ def cache_kwarg_renamed() -> bool:
     return bool(names) and names[0] == "cache"
 
 
+def image_processors_return_lists() -> bool:
+    """Whether an image processor called without ``return_tensors`` returns lists (5.x) rather than
+    tensors (4.57's fast processors)."""
+    return is_v5()
+
+
 # -- finishing ------------------------------------------------------------------------------------------
 def postprocess(hf_quantizer: Any, model: Any, config: Any) -> None:
     """The quantizer's post-processing after the weights (4.57 passes the config as well)."""

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 HOOK_ORDER: tuple[str, ...] = (
     "static_cache_init",       # remote_code_fixes: the official KV cache's layers initialised as 5.x asks
     "cache_kwarg_name",        # remote_code_fixes: the KV cache handed back as past_key_values (5.x: "cache")
+    "vit_return_tensors",      # remote_code_fixes: the Instruct ViT processor returns tensors (5.x: lists)
     "mask_alignment",          # remote_code_fixes: the decoder's CPU-built text mask to its device
     "vision_input_alignment",  # remote_code_fixes: the vision tower's tensor kwargs to its device
     "cpu_input_casts",         # remote_code_fixes: image modules' float inputs cast as CUDA autocast would

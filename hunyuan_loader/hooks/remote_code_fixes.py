@@ -195,6 +195,8 @@ def _kwargs_keeping_past_key_values(update: Any) -> Any:
         updated = update(self, outputs, model_kwargs, *args, **kwargs)
         if "cache" in updated and "past_key_values" not in updated:
             updated["past_key_values"] = updated.pop("cache")  # the name the official forward reads
+        if "use_cache" in model_kwargs and "use_cache" not in updated:  # 5.x's _sample reads it every token
+            updated["use_cache"] = model_kwargs["use_cache"]
         return updated
 
     return patched
@@ -243,10 +245,12 @@ def install_cache_kwarg_name(model: Any) -> bool:
       stores the step's cache under the first of ``ALL_CACHE_NAMES`` the output holds, ``cache`` on 5.x, so
       the second diffusion step ran without the cache and its attention failed ("The size of tensor a
       (257) must match the size of tensor b (267)");
+    - the same method keeps only its own keys (hunyuan.py:2447-2450), dropping ``use_cache``, which 5.x's
+      ``_sample`` reads after every token (KeyError: 'use_cache' in the think / recaption text stage);
     - ``_generate`` passes ``past_key_values=cache`` to ``generate`` (hunyuan.py:2355, 2559), which 5.x
       refuses before the text stage ("model_kwargs are not used by the model: ['cache']") because
       ``prepare_inputs_for_generation`` (hunyuan.py:2403) has no such parameter.
-    The patched methods rename the entry back and take ``cache`` as ``past_key_values``. Installed only
+    The patched methods rename the entry back, keep ``use_cache`` and take ``cache`` as ``past_key_values``. Installed only
     where transformers lists "cache" first, on a model class that defines the methods. Idempotent; True
     when installed now."""
     names = ("_update_model_kwargs_for_generation", "prepare_inputs_for_generation")
@@ -260,3 +264,39 @@ def install_cache_kwarg_name(model: Any) -> bool:
     if not patches or not hf_compat.cache_kwarg_renamed():
         return False
     return registry(model).install("cache_kwarg_name", _MethodPatches(patches))
+
+
+class _AttributeSet:
+    """A Hook that sets one attribute of an object of the model (no torch hook); detach restores it."""
+
+    torch_hooks = False
+
+    def __init__(self, obj: Any, name: str, value: Any) -> None:
+        self.obj, self.name, self.value = obj, name, value
+        self.saved: list[Any] = []
+
+    def attach(self) -> None:
+        if not self.saved:
+            self.saved.append(getattr(self.obj, self.name, None))
+            setattr(self.obj, self.name, self.value)
+
+    def detach(self) -> None:
+        if self.saved:
+            setattr(self.obj, self.name, self.saved.pop())
+
+
+def install_vit_return_tensors(model: Any) -> bool:
+    """Make the Instruct ViT image processor return tensors, as it did on transformers 4.57.
+
+    The official ``vit_process_image`` calls its Siglip2 processor without ``return_tensors`` and then
+    ``inputs["pixel_values"].squeeze(0)`` (Instruct image_processor.py:434-435). On 5.x the processor returns
+    lists by default, so every reference image (edit, fusion) fails with "'list' object has no attribute
+    'squeeze'". Setting the processor's default ``return_tensors = "pt"`` gives the 4.57 result. Installed
+    only on 5.x and on a model with that processor. Idempotent; True when installed now."""
+    info = getattr(getattr(model, "image_processor", None), "vit_info", None)
+    processor = getattr(info, "processor", None)
+    if processor is None or not hf_compat.image_processors_return_lists():
+        return False
+    if getattr(processor, "return_tensors", None) is not None:
+        return False
+    return registry(model).install("vit_return_tensors", _AttributeSet(processor, "return_tensors", "pt"))

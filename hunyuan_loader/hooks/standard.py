@@ -17,6 +17,7 @@ from .remote_code_fixes import (
     install_mask_alignment,
     install_static_cache_init,
     install_vision_input_alignment,
+    install_vit_return_tensors,
 )
 from .streaming import connect_streaming
 
@@ -27,6 +28,7 @@ def install_load_hooks(model: nn.Module, moe_impl: str, device: torch.device, ma
     install_moe_dispatch(model, moe_impl)
     install_static_cache_init(model)
     install_cache_kwarg_name(model)
+    install_vit_return_tensors(model)
     install_mask_alignment(model)
     install_vision_input_alignment(model)
     if device.type == "cpu":

@@ -12,6 +12,7 @@ from model_compare import logits
 from residency_models import inputs, make_model
 from torch import nn
 
+from hunyuan_image3.hunyuan_loader.core import hf_compat
 from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
 from hunyuan_image3.hunyuan_loader.generation import GenerationRequest, generate
 from hunyuan_image3.hunyuan_loader.hooks.registry import (
@@ -31,8 +32,12 @@ from hunyuan_image3.memory import devices as dv
 from hunyuan_image3.memory.residency.multi import MultiDeviceResidency
 
 CUDA = torch.cuda.is_available()
-FIXES_CPU = ["mask_alignment", "vision_input_alignment", "cpu_input_casts"]  # every CPU load
-FIXES_GPU = ["mask_alignment", "vision_input_alignment"]
+# transformers 5.x: the test model's prepare_inputs_for_generation takes 5.x generate's ``cache`` keyword too
+_V5 = ["cache_kwarg_name"] if hf_compat.cache_kwarg_renamed() else []
+FIXES_CPU = [*_V5, "mask_alignment", "vision_input_alignment", "cpu_input_casts"]  # every CPU load
+FIXES_GPU = [*_V5, "mask_alignment", "vision_input_alignment"]
+# ... and the Instruct test model's ViT processor is told to return tensors, as the official one needs
+_V5_INSTRUCT = ["vit_return_tensors"] if hf_compat.image_processors_return_lists() else []
 
 
 # -- the registry on its own ----------------------------------------------------------------------
@@ -142,7 +147,7 @@ LOADS = [  # (variant, spec keywords, the model's hooks on a CPU, the CFG replic
      [*FIXES_CPU, "split_boundaries", "moe_dispatch"], None),
     ("base", dict(quant="bf16", devices="cpu,cpu", multi_gpu="cfg_parallel"),
      [*FIXES_CPU, "moe_dispatch", "cfg_rows"], ["moe_dispatch"]),
-    ("instruct", dict(quant="bf16"), [*FIXES_CPU, "moe_dispatch"], None),
+    ("instruct", dict(quant="bf16"), [*_V5, *_V5_INSTRUCT, *FIXES_CPU[len(_V5):], "moe_dispatch"], None),
 ]
 
 

@@ -120,8 +120,10 @@ def test_the_cache_goes_back_to_the_forward_as_past_key_values() -> None:
         else:
             assert before["past_key_values"] is cache
             assert install_cache_kwarg_name(model) is False
-        after = model._update_model_kwargs_for_generation(out, {"mode": "gen_image"})
+        after = model._update_model_kwargs_for_generation(out, {"mode": "gen_image", "use_cache": True})
         assert after["past_key_values"] is cache and "cache" not in after
+        if hf_compat.cache_kwarg_renamed():  # 5.x's _sample reads model_kwargs["use_cache"] every token
+            assert after["use_cache"] is True
         if hf_compat.cache_kwarg_renamed():  # 5.x generate hands the cache over as ``cache``
             assert model.prepare_inputs_for_generation(torch.zeros(1, 2), cache=cache)["past_key_values"] is cache
             # generate() validates its keywords against this signature: the official ones stay, ``cache`` joins
@@ -157,3 +159,23 @@ def test_two_models_of_one_code_share_the_patch() -> None:
         remove_all_hooks(first)
         remove_all_hooks(second)
         sys.modules.pop(mod.__name__, None)
+
+
+def test_the_vit_processor_returns_tensors() -> None:
+    from types import SimpleNamespace
+
+    from hunyuan_image3.hunyuan_loader.hooks.remote_code_fixes import install_vit_return_tensors
+
+    processor = SimpleNamespace(return_tensors=None)
+    model = torch.nn.Linear(1, 1)
+    model.image_processor = SimpleNamespace(vit_info=SimpleNamespace(processor=processor))
+    try:
+        if hf_compat.image_processors_return_lists():
+            assert install_vit_return_tensors(model) is True
+            assert processor.return_tensors == "pt"
+            remove_all_hooks(model)
+            assert processor.return_tensors is None
+        else:
+            assert install_vit_return_tensors(model) is False
+    finally:
+        remove_all_hooks(model)
