@@ -265,8 +265,10 @@ def _fill(sk: Skeleton, entry: TensorEntry, value: torch.Tensor, device: torch.d
     elif casting is not None:
         value = value.to(casting)
     set_module_tensor_to_device(sk.model, name, device, value=value, dtype=value.dtype, clear_cache=False)
-    if hq is not None and name.endswith(ROUTER_SUFFIX + ".weight"):
-        sk.model.get_parameter(name).requires_grad_(False)  # as quantization.restore_float32_routers
+    if hq is not None and name.endswith(ROUTER_SUFFIX + ".weight") and not hf_compat.is_v5():
+        # as quantization.restore_float32_routers after from_pretrained on 4.57, which casts the router to
+        # bf16; 5.x keeps it float32 (restore then changes nothing) and leaves requires_grad as created
+        sk.model.get_parameter(name).requires_grad_(False)
 
 
 def _flush_pending(sk: Skeleton, device: torch.device) -> None:
