@@ -19,6 +19,7 @@ from model_compare import differences, logits
 from hunyuan_image3.hunyuan_loader.checkpoint.layout import block_of, load_units, read_layout
 from hunyuan_image3.hunyuan_loader.checkpoint.reader import TensorReader
 from hunyuan_image3.hunyuan_loader.checkpoint.validate import validate_checkpoint
+from hunyuan_image3.hunyuan_loader.core import hf_compat
 from hunyuan_image3.hunyuan_loader.core.errors import GenerationCancelled, NotEnoughRAMError
 from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
 from hunyuan_image3.hunyuan_loader.load import blocks as block_loader
@@ -402,6 +403,8 @@ def test_a_run_stops_at_a_gap_or_another_file(tmp_path: Path) -> None:
             assert torch.equal(t, a[e.name] if e.name in a else torch.arange(5, dtype=torch.int64))
 
 
+@pytest.mark.skipif(hf_compat.is_v5(), reason="4.57's per-tensor _infer_parameter_dtype is gone in 5.x; there "
+                    "test_block_order_load_is_the_model_from_pretrained_gives compares every dtype with from_pretrained")
 @pytest.mark.parametrize(("quant", "fmt"), FORMATS)
 def test_cast_dtype_is_what_transformers_infers(base_checkpoint: Path, quant: str, fmt: str) -> None:
     """The skeleton's dtype table gives, for every checkpoint tensor, the cast transformers'
@@ -675,7 +678,7 @@ def test_header_sizes_bound_the_placed_sizes(base_checkpoint: Path, tmp_path: Pa
     qconfig, pre_quantized = _qconfig(_spec(path, quant))
     assert qconfig is None and pre_quantized is pre  # the early path's loads
     sk = block_loader.build_skeleton(loadable_path(info), layout.keys(), quant, qconfig, torch.device("cpu"))
-    assert sk.model._keep_in_fp32_modules is None
+    assert not sk.model._keep_in_fp32_modules  # None on 4.57, an empty set on 5.x
     short = [(e.name, block_loader.header_nbytes(e), block_loader.placed_nbytes(sk, e)) for e in layout.values()
              if block_loader.header_nbytes(e) < block_loader.placed_nbytes(sk, e)]
     assert short == []
