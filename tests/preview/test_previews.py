@@ -56,7 +56,7 @@ def test_base_previews_come_and_the_image_is_bit_identical(cache, one_thread, ba
     assert [c[:2] for c in rec.calls] == [(1, 4), (2, 4), (3, 4), (4, 4)]  # progress as before
     # on a CPU every preview is ready at its own step: one per step but the last, at the latent grid (16x)
     assert rec.previews == [(1, 4, (72, 56)), (2, 4, (72, 56)), (3, 4, (72, 56))]
-    assert all(n[-2:] == ["diffusion_progress", "diffusion_preview"] for n in rec.names)
+    assert all(n[-3:] == ["diffusion_progress", "diffusion_preview", "finite_output"] for n in rec.names)
     assert "diffusion_preview" not in hook_names(loaded.model)
 
 
