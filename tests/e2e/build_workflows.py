@@ -102,6 +102,9 @@ TITLE_HEIGHT = 30  # the frontend draws a node's title bar above its pos (LiteGr
 GAP = 40  # between a node's bottom and the next node's title bar
 
 
+GENERATE_HEIGHT = 560  # Generate's sockets and widgets (the step cache's included), as the frontend lays them out
+
+
 def loader_size(widgets: list) -> tuple[int, int]:
     """A loader's saved size: tall enough for all of its widgets (24 px a widget, as the frontend lays them out),
     so no node placed below it covers them."""
@@ -156,7 +159,7 @@ def build(stem: str, force_unload: bool = False, name: str | None = None,
             inputs=[{"name": "model", "type": "HUNYUAN_IMAGE3", "link": 1}],
             outputs=[{"name": "image", "type": "IMAGE", "links": image_links, "slot_index": 0},
                      {"name": "text", "type": "STRING", "links": None, "slot_index": 1}],
-            size=(400, 460),
+            size=(400, GENERATE_HEIGHT),
         ),
         _ui_node(
             3,
@@ -189,7 +192,7 @@ def build(stem: str, force_unload: bool = False, name: str | None = None,
                 4,
                 "HunyuanImage3ForceUnload",
                 "HunyuanImage-3 Force Unload",
-                (420, 120 + 460 + GAP + TITLE_HEIGHT),  # below Generate (460 tall)
+                (420, 120 + GENERATE_HEIGHT + GAP + TITLE_HEIGHT),  # below Generate
                 [("nuke_orphaned_tensors", False)],
                 order=3,
                 inputs=[{"name": "trigger", "type": "*", "link": 3}],
@@ -254,7 +257,7 @@ def build_instruct(name: str) -> tuple[dict, dict]:
                  inputs=gen_inputs,
                  outputs=[{"name": "image", "type": "IMAGE", "links": [2], "slot_index": 0},
                           {"name": "text", "type": "STRING", "links": [3], "slot_index": 1}],
-                 size=(400, 520)),
+                 size=(400, GENERATE_HEIGHT)),
         _ui_node(save_id, "SaveImage", "Save Image", (860, 120), [("filename_prefix", prefix)], order=2,
                  inputs=[{"name": "images", "type": "IMAGE", "link": 2}], size=(512, 560)),
         _ui_node(preview_id, "PreviewAny", "Model text", (860, 720), [], order=3,
