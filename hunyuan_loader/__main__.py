@@ -11,9 +11,17 @@ from pathlib import Path
 CANCELLED_EXIT = 130  # 128 + SIGINT, what a shell reports for a program stopped by Ctrl-C
 
 
+def pack_root_on_path(path: list[str], here: Path) -> list[str]:
+    """``sys.path`` for a run as a folder (`python .../hunyuan_loader`): Python put the folder itself
+    first, which makes its sub-packages top-level modules (its ``kernels`` then hides the PyPI package
+    ``kernels`` that transformers 5.x imports); the pack's root goes there instead."""
+    folder = here.resolve()
+    return [str(folder.parent)] + [p for p in path if Path(p or ".").resolve() != folder]
+
+
 def _run() -> int:
-    if not __package__:  # run as a folder (`python .../hunyuan_loader`): the pack's root onto the path
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    if not __package__:  # run as a folder: the pack's root onto the path, not the folder
+        sys.path[:] = pack_root_on_path(sys.path, Path(__file__).parent)
     from hunyuan_loader.cli.args import parse
 
     parse(sys.argv[1:])  # --help and usage errors exit here, before torch is imported
