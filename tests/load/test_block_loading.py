@@ -124,7 +124,7 @@ info = validate_checkpoint({path!r})
 layout = read_layout(info.shard_files)
 qc = quantization_config("nf4", skip_modules_for(list(layout)))
 dev = torch.device("cpu")
-sk = block_loader.build_skeleton(loadable_path(info), layout.keys(), "nf4", qc, dev)
+sk = block_loader.build_skeleton(loadable_path(info), layout, "nf4", qc, dev)
 units = load_units(layout, sk.to_load)
 placed = sum(block_loader.unit_bytes(sk, units))
 # warm up bnb's CPU kernels on one small tensor so their one-time allocations are not counted
@@ -417,7 +417,7 @@ def test_cast_dtype_is_what_transformers_infers(base_checkpoint: Path, quant: st
     layout = read_layout(info.shard_files)
     spec = _spec(base_checkpoint, quant, fmt)
     qconfig, _ = _qconfig(spec)
-    sk = block_loader.build_skeleton(loadable_path(info), layout.keys(), quant, qconfig, torch.device("cpu"))
+    sk = block_loader.build_skeleton(loadable_path(info), layout, quant, qconfig, torch.device("cpu"))
     for name in sk.to_load:
         e = layout[name]
         empty = torch.empty(0, dtype=e.dtype, device="meta")
@@ -436,7 +436,7 @@ def test_submodule_index_answers_as_the_walk_and_leaves_no_trace(base_checkpoint
     info = validate_checkpoint(base_checkpoint)
     layout = read_layout(info.shard_files)
     qconfig, _ = _qconfig(_spec(base_checkpoint, quant, fmt))
-    sk = block_loader.build_skeleton(loadable_path(info), layout.keys(), quant, qconfig, torch.device("cpu"))
+    sk = block_loader.build_skeleton(loadable_path(info), layout, quant, qconfig, torch.device("cpu"))
     model = sk.model
     paths = [name for name, _ in model.named_modules(remove_duplicate=False)]
     with block_loader.submodule_index(model):
@@ -484,7 +484,7 @@ def test_a_ring_made_ahead_is_used_when_large_enough(base_checkpoint: Path, enou
     layout = read_layout(info.shard_files)
     qconfig, _ = _qconfig(_spec(base_checkpoint, "nf4"))
     cpu = torch.device("cpu")
-    sk = block_loader.build_skeleton(loadable_path(info), layout.keys(), "nf4", qconfig, cpu)
+    sk = block_loader.build_skeleton(loadable_path(info), layout, "nf4", qconfig, cpu)
     units = load_units(layout, sk.to_load)
     staging = block_loader.staging_bytes(sk, units, cpu)
     assert staging > 0  # nf4 from bf16 on the CPU passes the bf16 weights through a ring
@@ -677,7 +677,7 @@ def test_header_sizes_bound_the_placed_sizes(base_checkpoint: Path, tmp_path: Pa
     layout = read_layout(info.shard_files)
     qconfig, pre_quantized = _qconfig(_spec(path, quant))
     assert qconfig is None and pre_quantized is pre  # the early path's loads
-    sk = block_loader.build_skeleton(loadable_path(info), layout.keys(), quant, qconfig, torch.device("cpu"))
+    sk = block_loader.build_skeleton(loadable_path(info), layout, quant, qconfig, torch.device("cpu"))
     assert not sk.model._keep_in_fp32_modules  # None on 4.57, an empty set on 5.x
     short = [(e.name, block_loader.header_nbytes(e), block_loader.placed_nbytes(sk, e)) for e in layout.values()
              if block_loader.header_nbytes(e) < block_loader.placed_nbytes(sk, e)]
