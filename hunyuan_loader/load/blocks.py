@@ -74,7 +74,7 @@ class Skeleton:
     # (_ask_transformers): the plan, the reader and the filling look them up
     _needs_quant: dict[str, bool] = field(default_factory=dict, repr=False)
     casts: dict[str, torch.dtype | None] = field(default_factory=dict, repr=False)  # see _cast_dtype
-    _pending: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)  # see _flush_pending
+    _pending: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)  # see _fill
     # the registered weight format the model's quantization_config names (formats/registry.py; None:
     # nothing quantized), looked up when the skeleton is built
     weight_format: Any = None
@@ -279,22 +279,6 @@ def _fill(sk: Skeleton, entry: TensorEntry, value: torch.Tensor, device: torch.d
         # as quantization.restore_float32_routers after from_pretrained on 4.57, which casts the router to
         # bf16; 5.x keeps it float32 (restore then changes nothing) and leaves requires_grad as created
         sk.model.get_parameter(name).requires_grad_(False)
-
-
-def _finish_unit(sk: Skeleton, unit: LoadUnit, device: torch.device) -> None:
-    """After a unit's last tensor: what the checkpoint does not hold follows the unit to ``device``,
-    then the pre-quantized modules gathered on the way are rebuilt there (on ``device`` already, so
-    the order of the two changes nothing)."""
-    _follow_unit(_unit_modules(sk, unit), device)
-    _flush_pending(sk, device)
-
-
-def _flush_pending(sk: Skeleton, device: torch.device) -> None:
-    """5.x: rebuild the pre-quantized modules whose stored tensors _fill gathered (one unit's)."""
-    target: Any = device.index if device.type == "cuda" else device
-    while sk._pending:
-        module, tensors = sk._pending.popitem()
-        hf_compat.deserialize_into(sk.model, sk.hf_quantizer, module, tensors, target)
 
 
 def _unit_modules(sk: Skeleton, unit: LoadUnit) -> list[nn.Module]:
@@ -592,7 +576,10 @@ def materialise(sk: Skeleton, job: LoadJob) -> dict[int, PackedBlock]:
                         finally:
                             item.release()
                         prog.add(entry.nbytes)
-                    _finish_unit(sk, unit, target)
+                    # 5.x: the pre-quantized modules whose stored tensors _fill gathered, rebuilt on the unit's device
+                    hf_compat.deserialize_gathered(sk.model, sk.hf_quantizer, sk._pending,
+                                                   target.index if target.type == "cuda" else target)
+                    _follow_unit(_unit_modules(sk, unit), target)
                     if not cuda:  # give the unit's freed buffers back to the OS (glibc keeps them)
                         malloc_trim()
                     if unit.block is not None and unit.block in streamed:
