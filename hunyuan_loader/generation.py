@@ -42,6 +42,7 @@ from .core.step_cache_settings import StepCacheSettings, check_settings
 from .hooks.finite_output import NonFiniteOutput, check_finite, non_finite_error
 from .hooks.standard import call_hooks
 from .load.per_run import run_placement
+from .model.resolution import rendered_size
 from .preview.stream import PreviewFn, PreviewStream
 from .request import (  # noqa: F401 - re-exported: the request is part of this module's interface
     BOT_TASKS,
@@ -73,8 +74,6 @@ AUTO_PLAN_SIZE = (1024, 1024)  # every bucket is ~1 MP: what "auto" is planned f
 
 def planned_size(loaded: LoadedModel, req: GenerationRequest) -> tuple[int, int]:
     """The (width, height) the model will really render (its image processor snaps every size)."""
-    from .model.resolution import rendered_size
-
     asked = target_size(req)
     return AUTO_PLAN_SIZE if asked is None else rendered_size(loaded.model, *asked)
 
@@ -411,7 +410,7 @@ def generate(
     if cancel is not None:
         cancel()
     asked = target_size(req)
-    rendered = None if asked is None else planned_size(loaded, req)
+    rendered = None if asked is None else rendered_size(loaded.model, *asked)  # as planned_size
     size = rendered or AUTO_PLAN_SIZE
     tokens = extra_tokens(loaded, req)
     start = time.perf_counter()

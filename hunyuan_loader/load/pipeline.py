@@ -194,13 +194,13 @@ def _load_blocks(spec, found, device, progress, cancel, st):
                 reader.close()  # the model leaves some tensors out: read them in its order instead
                 reader = None
             ram_available = ram if early else _ram_available(ring)
-            if not single:
+            if single:
+                placement = plan_load(spec, block_bytes, other_bytes, device, sk.config, staging_bytes=staging,
+                                      ram_available=ram_available)
+            else:
                 placement = multi_gpu.plan_load_on_devices(
                     spec, sk, units, block_bytes, other_bytes, devices=devices,
                     replicable=found.weight_format.replicable, staging_bytes=staging, ram_available=ram_available)
-            else:
-                placement = plan_load(spec, block_bytes, other_bytes, device, sk.config, staging_bytes=staging,
-                                      ram_available=ram_available)
             sizes = {i: placement.plan.block_bytes[i] for i in placement.streamed} if placement.plan is not None \
                 else None
         with st.phase("read+place"):
