@@ -497,6 +497,35 @@ def test_a_ring_made_ahead_is_used_when_large_enough(base_checkpoint: Path, enou
     assert torch.equal(logits(block_loader.finish(sk)), logits(ref.model))
 
 
+def test_transformers_answers_each_tensor_once_when_the_skeleton_is_built(base_checkpoint: Path, one_thread,
+                                                                        monkeypatch) -> None:
+    """Whether the quantizer replaces a tensor and the dtype it is cast to are asked when the skeleton is
+    built, for every tensor the model loads; the plan, the reader and the filling look the answers up
+    (transformers asked again afterwards fails here), and the model is the one load_model gives."""
+    from hunyuan_image3.hunyuan_loader.checkpoint.validate import loadable_path
+
+    info = validate_checkpoint(base_checkpoint)
+    layout = read_layout(info.shard_files)
+    qconfig, _ = _qconfig(_spec(base_checkpoint, "nf4"))
+    cpu = torch.device("cpu")
+    sk = block_loader.build_skeleton(loadable_path(info), layout, "nf4", qconfig, cpu)
+    assert set(sk._needs_quant) == set(sk.casts) == set(sk.to_load)
+    assert any(sk._needs_quant.values()) and not all(sk._needs_quant.values())
+
+    def asked(*args, **kwargs):
+        raise AssertionError("transformers was asked about a tensor after the skeleton was built")
+
+    with monkeypatch.context() as patch:
+        for name in ("needs_quantization", "load_dtype", "check_unknown_tensor"):
+            patch.setattr(hf_compat, name, asked)
+        units = load_units(layout, sk.to_load)
+        assert sum(block_loader.unit_bytes(sk, units)) > 0
+        staging = block_loader.staging_bytes(sk, units, cpu)
+        block_loader.materialise(sk, block_loader.LoadJob(units, cpu, ring_bytes=staging))
+    ref = load_model(_spec(base_checkpoint, "nf4"))
+    assert torch.equal(logits(block_loader.finish(sk)), logits(ref.model))
+
+
 @pytest.mark.gpu
 def test_gpu_load_makes_its_ring_while_the_skeleton_is_built(base_checkpoint: Path) -> None:
     st = load_model(_spec(base_checkpoint, "nf4", multi_gpu="off")).load_stats
