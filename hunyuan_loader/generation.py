@@ -38,12 +38,12 @@ import torch
 from ..memory import stats
 from .core.errors import HunyuanError, InputError, NotEnoughRAMError, NotEnoughVRAMError, OutOfMemoryError
 from .core.spec import LoadedModel
-from .core.step_cache_settings import check_settings
-from .hooks.finite_output import DecodeCheck, NonFiniteOutput, check_finite, non_finite_error
-from .hooks.registry import NamedOnly, registry
-from .hooks.step_cache import step_cache
+from .core.step_cache_settings import StepCacheSettings, check_settings
+from .hooks.finite_output import NonFiniteOutput, check_finite, non_finite_error
+from .hooks.standard import call_hooks
 from .load.per_run import run_placement
-from .preview.stream import PreviewFn, PreviewStream, StepPreview
+from .model.resolution import rendered_size
+from .preview.stream import PreviewFn, PreviewStream
 from .request import (  # noqa: F401 - re-exported: the request is part of this module's interface
     BOT_TASKS,
     CUSTOM_ALIGN,
@@ -74,8 +74,6 @@ AUTO_PLAN_SIZE = (1024, 1024)  # every bucket is ~1 MP: what "auto" is planned f
 
 def planned_size(loaded: LoadedModel, req: GenerationRequest) -> tuple[int, int]:
     """The (width, height) the model will really render (its image processor snaps every size)."""
-    from .model.resolution import rendered_size
-
     asked = target_size(req)
     return AUTO_PLAN_SIZE if asked is None else rendered_size(loaded.model, *asked)
 
@@ -101,10 +99,13 @@ def seeded_rng(loaded: LoadedModel, seed: int) -> Iterator[None]:
 @contextlib.contextmanager
 def step_hooks(
     model: Any, total: int, progress: ProgressFn | None, cancel: CancelFn | None,
-    previews: tuple[PreviewStream, PreviewFn] | None = None,
+    previews: tuple[PreviewStream, PreviewFn] | None = None, *, cache: StepCacheSettings | None = None,
+    notes: list[str] | None = None, text_stage: bool = False,
 ) -> Iterator[list[int]]:
     """Report progress and check cancel once per diffusion step; with ``previews`` (a stream and the
-    reporter that takes the preview with the progress), the x0 preview of the step too.
+    reporter that takes the preview with the progress), the x0 preview of the step too; ``cache``:
+    the step cache's settings (its count goes to ``notes``); ``text_stage``: the text stage's
+    per-token entry is listed for the call. Every hook goes on in one call (hooks/standard.py).
 
     generate_image calls its pipeline without a step callback, so we wrap the scheduler's
     step() on the instance for this call (the pipeline is built lazily: build it first). The preview
@@ -112,15 +113,13 @@ def step_hooks(
     its progress is reported.
     """
     scheduler = model.pipeline.scheduler
-    with contextlib.ExitStack() as stack:
-        if previews is not None:
-            stream, report = previews
-            stack.enter_context(registry(model).active("diffusion_preview", StepPreview(scheduler, stream)))
-            progress = lambda done, steps: report(done, steps, stream.take())  # noqa: E731
-        hook = _StepProgress(scheduler, total, progress, cancel)
-        stack.enter_context(registry(model).active("diffusion_progress", hook))
-        if getattr(model, "vae", None) is not None:  # the decode's NaN/inf check (a bare decoder has no VAE)
-            stack.enter_context(registry(model).active("finite_output", DecodeCheck(model.vae)))
+    stream = None
+    if previews is not None:  # the progress report carries the step's preview
+        stream, report = previews
+        progress = lambda done, steps: report(done, steps, stream.take())  # noqa: E731
+    hook = _StepProgress(scheduler, total, progress, cancel)
+    with call_hooks(model, scheduler, hook, preview=stream, cache=cache, steps=total, notes=notes,
+                    text_stage=text_stage):
         yield hook.done
 
 
@@ -309,8 +308,7 @@ def _call_model(
         kwargs["bot_task"] = req.bot_task
     if variant.honours_step_kwargs:
         kwargs.update(diff_infer_steps=steps, diff_guidance_scale=guidance)
-    per_token = registry(model).active("text_progress", NamedOnly()) if "stopping_criteria" in kwargs else None
-    with torch.inference_mode(), seeded_rng(loaded, req.seed), per_token or contextlib.nullcontext():
+    with torch.inference_mode(), seeded_rng(loaded, req.seed):  # the per-token entry: step_hooks(text_stage=)
         try:
             out = model.generate_image(prompt=req.prompt, **kwargs)
         except ValueError as exc:
@@ -407,12 +405,12 @@ def generate(
     check_variant_request(loaded.variant, req)
     steps = req.steps if req.steps is not None else loaded.variant.default_steps
     guidance = req.guidance if req.guidance is not None else loaded.variant.default_guidance
-    check_guidance(loaded, guidance)
+    check_variant_guidance(loaded.variant, guidance)  # what check_guidance checks
     check_settings(req.step_cache, steps)
     if cancel is not None:
         cancel()
     asked = target_size(req)
-    rendered = None if asked is None else planned_size(loaded, req)
+    rendered = None if asked is None else rendered_size(loaded.model, *asked)  # as planned_size
     size = rendered or AUTO_PLAN_SIZE
     tokens = extra_tokens(loaded, req)
     start = time.perf_counter()
@@ -428,8 +426,8 @@ def generate(
             with placement(size, notes, retried, tokens), generation_settings(
                 loaded.model, steps, guidance, full_length=loaded.variant.returns_tuple
             ), step_hooks(loaded.model, steps, progress, cancel,
-                          None if projection is None else (PreviewStream(projection, preview_every, steps), preview)
-                          ), step_cache(loaded.model, req.step_cache, steps, notes):
+                          None if projection is None else (PreviewStream(projection, preview_every, steps), preview),
+                          cache=req.step_cache, notes=notes, text_stage=loaded.variant.returns_tuple):
                 image, cot = _call_model(
                     loaded, req, rendered, steps, guidance, stage, text_progress or progress, cancel
                 )

@@ -174,8 +174,9 @@ class HunyuanImage3Generate:
         )
         # Per variant (guidance; base: no images, no text task), from config.json before any (re)load:
         # the loaders leave the load to this call, so a request that cannot run loads nothing.
-        check_request(request, checkpoint_variant(model.spec.path))
-        total = request.steps or checkpoint_variant(model.spec.path).default_steps
+        variant = checkpoint_variant(model.spec.path)
+        check_request(request, variant)
+        total = request.steps or variant.default_steps
         progress, preview = comfy_adapter.step_reporters(total)
         result = get_cache().generate(model, request, progress, comfy_adapter.cancel_check(),
                                       make_room=comfy_memory.make_room_on_gpu, preview=preview,

@@ -307,6 +307,15 @@ def deserialize_into(model: Any, hf_quantizer: Any, module_name: str, tensors: d
         set_param(model, f"{module_name}.{key}", param[0] if isinstance(param, list) else param)
 
 
+def deserialize_gathered(model: Any, hf_quantizer: Any, gathered: dict[str, dict[str, torch.Tensor]],
+                         target: Any) -> None:
+    """5.x: every pre-quantized module whose stored tensors were gathered (``gathered``: module name ->
+    its tensors, emptied here) rebuilt on ``target`` (``deserialize_into``); nothing is gathered on 4.57."""
+    while gathered:
+        module_name, tensors = gathered.popitem()
+        deserialize_into(model, hf_quantizer, module_name, tensors, target)
+
+
 def needs_quantization(model: Any, hf_quantizer: Any, name: str) -> bool:
     """The quantizer's ``param_needs_quantization`` for a checkpoint tensor name; on 5.x a pre-quantized
     checkpoint's metadata tensors (``x.weight.absmax``) are asked about through their module's weight."""

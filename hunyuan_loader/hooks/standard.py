@@ -1,16 +1,23 @@
 """The hooks every loaded model gets, in one call: the loader's MoE dispatch, the remote-code fixes
-and block streaming (each a named entry of the registry, which keeps their documented order
-whatever order they are installed in: docs/hooks.md)."""
+and block streaming; and those one Generate call gets, in one call: the step preview, the step
+progress, the decode's NaN/inf check, the step cache and the text stage's per-token entry (each a
+named entry of the registry, which keeps their documented order whatever order they are installed
+in: docs/hooks.md)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..core.step_cache_settings import StepCacheSettings
+from ..preview.stream import PreviewStream, StepPreview
+from .finite_output import DecodeCheck
 from .moe_dispatch import install_moe_dispatch
+from .registry import Hook, NamedOnly, registry
 from .remote_code_fixes import (
     install_cache_kwarg_name,
     install_cpu_input_casts,
@@ -19,6 +26,7 @@ from .remote_code_fixes import (
     install_vision_input_alignment,
     install_vit_return_tensors,
 )
+from .step_cache import step_cache
 from .streaming import connect_streaming
 
 
@@ -39,3 +47,32 @@ def install_load_hooks(model: nn.Module, moe_impl: str, device: torch.device, ma
 def replica_hooks(moe_impl: str) -> Callable[[nn.Module], None]:
     """What a CFG-parallel decoder replica gets installed (the model's own come from install_load_hooks)."""
     return lambda decoder: install_moe_dispatch(decoder, moe_impl)
+
+
+@contextlib.contextmanager
+def call_hooks(
+    model: Any, scheduler: Any, progress: Hook, *, preview: PreviewStream | None = None,
+    cache: StepCacheSettings | None = None, steps: int = 0, notes: list[str] | None = None,
+    text_stage: bool = False,
+) -> Iterator[None]:
+    """The hooks of one generate call, on for the ``with`` block and off after it: the x0 preview of
+    each step into ``preview`` (its stream), ``progress`` (the diffusion_progress wrap of
+    ``scheduler.step``), the NaN/inf check of the VAE decode (a bare decoder has no VAE), the step
+    cache (``cache``, for ``steps`` steps; its count goes to ``notes``) and, with ``text_stage``, the
+    per-token entry of the text stage's StoppingCriteria. Installed in that order, so the preview
+    wrap sits inside the progress wrap (HOOK_ORDER) and a step's preview is started before its
+    progress is reported; taken off in the reverse order."""
+    check = DecodeCheck(model.vae) if getattr(model, "vae", None) is not None else None
+    step_preview = StepPreview(scheduler, preview) if preview is not None else None
+    reg = registry(model)
+    with contextlib.ExitStack() as stack:
+        if step_preview is not None:
+            stack.enter_context(reg.active("diffusion_preview", step_preview))
+        stack.enter_context(reg.active("diffusion_progress", progress))
+        if check is not None:
+            stack.enter_context(reg.active("finite_output", check))
+        if cache is not None:
+            stack.enter_context(step_cache(model, cache, steps, notes))
+        if text_stage:
+            stack.enter_context(reg.active("text_progress", NamedOnly()))
+        yield

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,29 +70,24 @@ class Skeleton:
     # name -> dtype of every parameter and buffer once the skeleton is built (see _cast_dtype)
     tensor_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
     unknown_ok: bool | None = None  # whether transformers casts nothing for a name the model lacks
+    # transformers' answers for every tensor in ``to_load``, asked once when the skeleton is built
+    # (_ask_transformers): the plan, the reader and the filling look them up
     _needs_quant: dict[str, bool] = field(default_factory=dict, repr=False)
-    _pending: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)  # see _flush_pending
-    _format: list = field(default_factory=list, repr=False)
+    casts: dict[str, torch.dtype | None] = field(default_factory=dict, repr=False)  # see _cast_dtype
+    _pending: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)  # see _fill
+    # the registered weight format the model's quantization_config names (formats/registry.py; None:
+    # nothing quantized), looked up when the skeleton is built
+    weight_format: Any = None
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.model.layers
 
-    def weight_format(self) -> Any:
-        """The registered weight format the model's quantization_config names (formats/registry.py;
-        None: nothing quantized), looked up once."""
-        if not self._format:
-            self._format.append(for_model(self.model))
-        return self._format[0]
-
     def needs_quantization(self, name: str) -> bool:
-        """The quantizer's ``param_needs_quantization`` for a checkpoint tensor, asked once per name:
-        it depends only on the name and the (final) module class there, and the plan, the reader and
-        the filling each ask it for every tensor."""
-        got = self._needs_quant.get(name)
-        if got is None:
-            got = self._needs_quant[name] = hf_compat.needs_quantization(self.model, self.hf_quantizer, name)
-        return got
+        """The quantizer's ``param_needs_quantization`` for a tensor the model loads, as asked when
+        the skeleton was built (it depends only on the name and the final module class there). A
+        name the model does not load is quantized by nothing: False."""
+        return self._needs_quant.get(name, False)
 
 
 @contextlib.contextmanager
@@ -135,16 +130,18 @@ def _from_pretrained_kwargs(quant_config: Any, device: torch.device) -> dict[str
     return kwargs
 
 
-def build_skeleton(path: Path, checkpoint_keys: Iterable[str], quant: str, quant_config: Any,
+def build_skeleton(path: Path, layout: Mapping[str, TensorEntry], quant: str, quant_config: Any,
                    device: torch.device) -> Skeleton:
     """The empty model, step for step as AutoModelForCausalLM.from_pretrained (transformers 4.57 or
-    5.x, core/hf_compat.py) does it for our arguments, with the same functions; no weight is read."""
+    5.x, core/hf_compat.py) does it for our arguments, with the same functions; no weight is read.
+    ``layout``: the checkpoint's header entries by name. Every per-tensor question the load asks
+    transformers is answered here, once (``_ask_transformers``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
     from transformers.models.auto.auto_factory import add_generation_mixin_to_remote_model
 
     path = Path(path)
-    keys = list(checkpoint_keys)
+    keys = list(layout)
     kwargs = _from_pretrained_kwargs(quant_config, device)
     # auto_factory: the config takes every kwarg but quantization_config; what it does not use goes on.
     config_kwargs = {k: v for k, v in kwargs.items() if k != "quantization_config"}
@@ -171,6 +168,8 @@ def build_skeleton(path: Path, checkpoint_keys: Iterable[str], quant: str, quant
                   built.dtype, built.device_map, bool(hf_quantizer is not None and hf_quantizer.pre_quantized),
                   [k for k in keys if k not in skipped], list(missing), {})
     _prepare_missing(sk)
+    _ask_transformers(sk, layout)
+    sk.weight_format = for_model(model)
     return sk
 
 
@@ -192,24 +191,35 @@ def _prepare_missing(sk: Skeleton) -> None:
         sk.tensor_dtypes.setdefault(name, t.dtype)
 
 
+def _ask_transformers(sk: Skeleton, layout: Mapping[str, TensorEntry]) -> None:
+    """transformers' per-tensor answers for every tensor the model loads, in one pass: whether the
+    quantizer replaces it and the dtype it is cast to. Neither changes once the skeleton is built,
+    and the plan, the reader and the filling ask both for every tensor: from here on they look
+    them up instead of walking the module tree again."""
+    with submodule_index(sk.model):  # the quantizer looks up every tensor's module by name
+        for name in sk.to_load:
+            sk._needs_quant[name] = hf_compat.needs_quantization(sk.model, sk.hf_quantizer, name)
+        for name in sk.to_load:
+            sk.casts[name] = _cast_dtype(sk, name, layout[name].dtype)
+
+
 # -- sizes for the plan ------------------------------------------------------------------------------
 def placed_nbytes(sk: Skeleton, entry: TensorEntry) -> int:
     """Bytes ``entry`` will take once placed (quantized or cast), as the residency engine counts
     them (256-byte aligned), from the header only."""
     if not sk.needs_quantization(entry.name):
         if entry.dtype.is_floating_point and entry.dtype.itemsize > 1:
-            dtype = _cast_dtype(sk, entry.name, entry.dtype) or entry.dtype
+            dtype = sk.casts.get(entry.name) or entry.dtype
             return aligned(entry.nbytes // entry.dtype.itemsize * dtype.itemsize)
         return aligned(entry.nbytes)
     if sk.pre_quantized:  # stored as it will live; bnb's packed metadata becomes python values
-        return sk.weight_format().stored_bytes(entry.name, entry.nbytes)
-    return sk.weight_format().placed_bytes(entry.shape, entry.dtype.itemsize, True)  # the format's size model
+        return sk.weight_format.stored_bytes(entry.name, entry.nbytes)
+    return sk.weight_format.placed_bytes(entry.shape, entry.dtype.itemsize, True)  # the format's size model
 
 
 def unit_bytes(sk: Skeleton, units: list[LoadUnit]) -> list[int]:
     """Placed bytes of each unit (see placed_nbytes), from the headers only."""
-    with submodule_index(sk.model):
-        return [sum(placed_nbytes(sk, e) for e in u.entries) for u in units]
+    return [sum(placed_nbytes(sk, e) for e in u.entries) for u in units]
 
 
 # -- filling -------------------------------------------------------------------------------------------
@@ -244,7 +254,7 @@ def _fill(sk: Skeleton, entry: TensorEntry, value: torch.Tensor, device: torch.d
     from accelerate.utils import set_module_tensor_to_device
 
     name = entry.name
-    casting = _cast_dtype(sk, name, entry.dtype)
+    casting = sk.casts[name]
     target: Any = device.index if device.type == "cuda" else device
     hq = sk.hf_quantizer
     if sk.needs_quantization(name):
@@ -269,14 +279,6 @@ def _fill(sk: Skeleton, entry: TensorEntry, value: torch.Tensor, device: torch.d
         # as quantization.restore_float32_routers after from_pretrained on 4.57, which casts the router to
         # bf16; 5.x keeps it float32 (restore then changes nothing) and leaves requires_grad as created
         sk.model.get_parameter(name).requires_grad_(False)
-
-
-def _flush_pending(sk: Skeleton, device: torch.device) -> None:
-    """5.x: rebuild the pre-quantized modules whose stored tensors _fill gathered (one unit's)."""
-    target: Any = device.index if device.type == "cuda" else device
-    while sk._pending:
-        module, tensors = sk._pending.popitem()
-        hf_compat.deserialize_into(sk.model, sk.hf_quantizer, module, tensors, target)
 
 
 def _unit_modules(sk: Skeleton, unit: LoadUnit) -> list[nn.Module]:
@@ -389,19 +391,19 @@ def gpu_staging_bytes(layout: dict[str, TensorEntry]) -> int:
     return _gpu_ring(max(e.nbytes for e in layout.values()), max(units.values()))
 
 
-def start_reader(sk: Skeleton | None, entries: list[TensorEntry], device: torch.device, ring_bytes: int,
-                 ring: Any = None) -> TensorReader:
+def start_reader(transient: Collection[str] | None, entries: list[TensorEntry], device: torch.device,
+                 ring_bytes: int, ring: Any = None) -> TensorReader:
     """The reader of ``entries`` for a load to ``device``: a ``ring_bytes`` ring (``ring`` made ahead: a
-    HostBuffer or a RingAhead) for the tensors only passing through host memory (``_transient``;
-    ``sk`` None: a load that quantizes nothing, whose transient tensors are known without the
-    skeleton: all of them on a GPU, none on the CPU), a ``CPU_READ_AHEAD`` window on the CPU."""
+    HostBuffer or a RingAhead) for the tensors only passing through host memory (``transient``: their
+    names, see ``_transient``; None: a load that quantizes nothing, whose transient tensors are known
+    without the skeleton: all of them on a GPU, none on the CPU), a ``CPU_READ_AHEAD`` window on the CPU."""
     cuda = device.type == "cuda"
-    if sk is None:
+    if transient is None:
         def to_ring(e: TensorEntry) -> bool:
             return cuda
     else:
         def to_ring(e: TensorEntry) -> bool:
-            return _transient(sk, e, device)
+            return e.name in transient
     return TensorReader(entries, to_ring=to_ring, ring_bytes=ring_bytes, pin=cuda,
                         window=max(ring_bytes, CPU_READ_AHEAD if not cuda else 0), ring=ring)
 
@@ -547,7 +549,8 @@ def materialise(sk: Skeleton, job: LoadJob) -> dict[int, PackedBlock]:
             ring.close()
         if made is None and ring_bytes > 0:
             t_ring = time.perf_counter()
-        reader = start_reader(sk, entries, device, ring_bytes, made)
+        transient = {e.name for e in entries if _transient(sk, e, device)}
+        reader = start_reader(transient, entries, device, ring_bytes, made)
         if made is None and ring_bytes > 0:
             stats.ring_seconds = time.perf_counter() - t_ring
     stats.tensors = len(entries)
@@ -573,7 +576,9 @@ def materialise(sk: Skeleton, job: LoadJob) -> dict[int, PackedBlock]:
                         finally:
                             item.release()
                         prog.add(entry.nbytes)
-                    _flush_pending(sk, target)
+                    # 5.x: the pre-quantized modules whose stored tensors _fill gathered, rebuilt on the unit's device
+                    hf_compat.deserialize_gathered(sk.model, sk.hf_quantizer, sk._pending,
+                                                   target.index if target.type == "cuda" else target)
                     _follow_unit(_unit_modules(sk, unit), target)
                     if not cuda:  # give the unit's freed buffers back to the OS (glibc keeps them)
                         malloc_trim()

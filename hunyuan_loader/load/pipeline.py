@@ -167,7 +167,7 @@ def _load_blocks(spec, found, device, progress, cancel, st):
         elif device.type == "cuda":
             ring = RingAhead(blocks.gpu_staging_bytes(layout), pin=True)
         with st.phase("skeleton"):
-            sk = blocks.build_skeleton(found.loadable, layout.keys(), spec.quant, qconfig, device)
+            sk = blocks.build_skeleton(found.loadable, layout, spec.quant, qconfig, device)
             units = load_units(layout, sk.to_load)
         with st.phase("checks"):
             if sk.hf_quantizer is not None:

@@ -124,7 +124,7 @@ info = validate_checkpoint({path!r})
 layout = read_layout(info.shard_files)
 qc = quantization_config("nf4", skip_modules_for(list(layout)))
 dev = torch.device("cpu")
-sk = block_loader.build_skeleton(loadable_path(info), layout.keys(), "nf4", qc, dev)
+sk = block_loader.build_skeleton(loadable_path(info), layout, "nf4", qc, dev)
 units = load_units(layout, sk.to_load)
 placed = sum(block_loader.unit_bytes(sk, units))
 # warm up bnb's CPU kernels on one small tensor so their one-time allocations are not counted
@@ -417,7 +417,7 @@ def test_cast_dtype_is_what_transformers_infers(base_checkpoint: Path, quant: st
     layout = read_layout(info.shard_files)
     spec = _spec(base_checkpoint, quant, fmt)
     qconfig, _ = _qconfig(spec)
-    sk = block_loader.build_skeleton(loadable_path(info), layout.keys(), quant, qconfig, torch.device("cpu"))
+    sk = block_loader.build_skeleton(loadable_path(info), layout, quant, qconfig, torch.device("cpu"))
     for name in sk.to_load:
         e = layout[name]
         empty = torch.empty(0, dtype=e.dtype, device="meta")
@@ -436,7 +436,7 @@ def test_submodule_index_answers_as_the_walk_and_leaves_no_trace(base_checkpoint
     info = validate_checkpoint(base_checkpoint)
     layout = read_layout(info.shard_files)
     qconfig, _ = _qconfig(_spec(base_checkpoint, quant, fmt))
-    sk = block_loader.build_skeleton(loadable_path(info), layout.keys(), quant, qconfig, torch.device("cpu"))
+    sk = block_loader.build_skeleton(loadable_path(info), layout, quant, qconfig, torch.device("cpu"))
     model = sk.model
     paths = [name for name, _ in model.named_modules(remove_duplicate=False)]
     with block_loader.submodule_index(model):
@@ -484,7 +484,7 @@ def test_a_ring_made_ahead_is_used_when_large_enough(base_checkpoint: Path, enou
     layout = read_layout(info.shard_files)
     qconfig, _ = _qconfig(_spec(base_checkpoint, "nf4"))
     cpu = torch.device("cpu")
-    sk = block_loader.build_skeleton(loadable_path(info), layout.keys(), "nf4", qconfig, cpu)
+    sk = block_loader.build_skeleton(loadable_path(info), layout, "nf4", qconfig, cpu)
     units = load_units(layout, sk.to_load)
     staging = block_loader.staging_bytes(sk, units, cpu)
     assert staging > 0  # nf4 from bf16 on the CPU passes the bf16 weights through a ring
@@ -493,6 +493,35 @@ def test_a_ring_made_ahead_is_used_when_large_enough(base_checkpoint: Path, enou
     block_loader.materialise(sk, block_loader.LoadJob(units, cpu, ring_bytes=staging, ring=ring, stats=st))
     assert st.ring_ahead is enough and st.ring_seconds > 0
     assert ring.wait() == 0  # taken or freed
+    ref = load_model(_spec(base_checkpoint, "nf4"))
+    assert torch.equal(logits(block_loader.finish(sk)), logits(ref.model))
+
+
+def test_transformers_answers_each_tensor_once_when_the_skeleton_is_built(base_checkpoint: Path, one_thread,
+                                                                        monkeypatch) -> None:
+    """Whether the quantizer replaces a tensor and the dtype it is cast to are asked when the skeleton is
+    built, for every tensor the model loads; the plan, the reader and the filling look the answers up
+    (transformers asked again afterwards fails here), and the model is the one load_model gives."""
+    from hunyuan_image3.hunyuan_loader.checkpoint.validate import loadable_path
+
+    info = validate_checkpoint(base_checkpoint)
+    layout = read_layout(info.shard_files)
+    qconfig, _ = _qconfig(_spec(base_checkpoint, "nf4"))
+    cpu = torch.device("cpu")
+    sk = block_loader.build_skeleton(loadable_path(info), layout, "nf4", qconfig, cpu)
+    assert set(sk._needs_quant) == set(sk.casts) == set(sk.to_load)
+    assert any(sk._needs_quant.values()) and not all(sk._needs_quant.values())
+
+    def asked(*args, **kwargs):
+        raise AssertionError("transformers was asked about a tensor after the skeleton was built")
+
+    with monkeypatch.context() as patch:
+        for name in ("needs_quantization", "load_dtype", "check_unknown_tensor"):
+            patch.setattr(hf_compat, name, asked)
+        units = load_units(layout, sk.to_load)
+        assert sum(block_loader.unit_bytes(sk, units)) > 0
+        staging = block_loader.staging_bytes(sk, units, cpu)
+        block_loader.materialise(sk, block_loader.LoadJob(units, cpu, ring_bytes=staging))
     ref = load_model(_spec(base_checkpoint, "nf4"))
     assert torch.equal(logits(block_loader.finish(sk)), logits(ref.model))
 
@@ -677,7 +706,7 @@ def test_header_sizes_bound_the_placed_sizes(base_checkpoint: Path, tmp_path: Pa
     layout = read_layout(info.shard_files)
     qconfig, pre_quantized = _qconfig(_spec(path, quant))
     assert qconfig is None and pre_quantized is pre  # the early path's loads
-    sk = block_loader.build_skeleton(loadable_path(info), layout.keys(), quant, qconfig, torch.device("cpu"))
+    sk = block_loader.build_skeleton(loadable_path(info), layout, quant, qconfig, torch.device("cpu"))
     assert not sk.model._keep_in_fp32_modules  # None on 4.57, an empty set on 5.x
     short = [(e.name, block_loader.header_nbytes(e), block_loader.placed_nbytes(sk, e)) for e in layout.values()
              if block_loader.header_nbytes(e) < block_loader.placed_nbytes(sk, e)]

@@ -29,7 +29,7 @@ def test_header_sizes_are_the_sizes_the_load_plans(base_checkpoint: Path, quant:
     mine_blocks, mine_other, _ = check.header_sizes(layout, weight_format,
                                                     weight_format.quantized and not found.pre_quantized)
     qconfig = found.quantization_config
-    sk = blocks.build_skeleton(found.loadable, layout.keys(), quant, qconfig, torch.device("cpu"))
+    sk = blocks.build_skeleton(found.loadable, layout, quant, qconfig, torch.device("cpu"))
     units = load_units(layout, sk.to_load)
     real = dict(zip([u.block for u in units], blocks.unit_bytes(sk, units)))
     real_blocks, real_other = [real[i] for i in range(len(mine_blocks))], real[None]
