@@ -40,6 +40,7 @@ from .core.errors import HunyuanError, InputError, NotEnoughRAMError, NotEnoughV
 from .core.spec import LoadedModel
 from .core.step_cache_settings import StepCacheSettings, check_settings
 from .hooks.finite_output import NonFiniteOutput, check_finite, non_finite_error
+from .hooks.registry import MethodWrap
 from .hooks.standard import call_hooks
 from .load.per_run import run_placement
 from .model.resolution import rendered_size
@@ -123,20 +124,18 @@ def step_hooks(
         yield hook.done
 
 
-class _StepProgress:
+class _StepProgress(MethodWrap):
     """The hook registry's entry ``diffusion_progress``: ``scheduler.step`` wrapped on the instance."""
 
-    torch_hooks = False
-
     def __init__(self, scheduler: Any, total: int, progress: ProgressFn | None, cancel: CancelFn | None) -> None:
+        super().__init__(scheduler, "step")
         self.scheduler = scheduler
         self.done = [0]
-        self._step: Any = None
         self._args = total, progress, cancel
 
-    def attach(self) -> None:
+    def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         total, progress, cancel = self._args
-        original, done = self.scheduler.step, self.done
+        done = self.done
 
         def step(*args: Any, **kwargs: Any) -> Any:
             if cancel is not None:
@@ -148,13 +147,7 @@ class _StepProgress:
                 progress(done[0], total)
             return out
 
-        self._step = step
-        self.scheduler.step = step
-
-    def detach(self) -> None:
-        if self._step is not None and self.scheduler.__dict__.get("step") is self._step:
-            del self.scheduler.step
-        self._step = None
+        return step
 
 
 @contextlib.contextmanager

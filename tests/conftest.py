@@ -14,6 +14,15 @@ os.environ.setdefault("HF_HOME", _HF_TMP)
 os.environ.setdefault("HF_MODULES_CACHE", os.path.join(_HF_TMP, "modules"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The pack's own cache (preview projections, ...) in the same temp folder: never the user's, and one per
+# test process (pytest-xdist workers write no file another one reads).
+os.environ["XDG_CACHE_HOME"] = os.path.join(_HF_TMP, "xdg")
+# pytest-xdist (CI: -n <cores>): the cores are shared by its workers, so each worker's torch, and the
+# subprocesses the tests start (they inherit this), use their share; read by torch at its import.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent  # the shared fixtures (fixtures_model, ...) for tests in sub-folders
@@ -28,7 +37,7 @@ load_pack()
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(_THREADS)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

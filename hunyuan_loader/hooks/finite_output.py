@@ -12,11 +12,13 @@ modeling_hunyuan_image_3.py:1788 pass ``vae=self.vae``). One ``isfinite`` reduct
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..core.errors import CheckpointError
+from .registry import MethodWrap
 
 
 class NonFiniteOutput(Exception):
@@ -47,31 +49,21 @@ def check_finite(value: Any, what: str, step: int | None = None) -> None:
         raise NonFiniteOutput(what, step)
 
 
-class DecodeCheck:
+class DecodeCheck(MethodWrap):
     """``model.vae.decode`` wrapped on the instance: its latents in and its image out must be finite."""
 
-    torch_hooks = False
-
     def __init__(self, vae: Any) -> None:
+        super().__init__(vae, "decode")
         self.vae = vae
-        self._decode: Any = None
 
-    def attach(self) -> None:
-        original = self.vae.decode
-
+    def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def decode(latents: Any, *args: Any, **kwargs: Any) -> Any:
             check_finite(latents, "latents")
             out = original(latents, *args, **kwargs)
             check_finite(out, "image")
             return out
 
-        self._decode = decode
-        self.vae.decode = decode
-
-    def detach(self) -> None:
-        if self._decode is not None and self.vae.__dict__.get("decode") is self._decode:
-            del self.vae.decode
-        self._decode = None
+        return decode
 
 
 def non_finite_error(spec: Any, exc: NonFiniteOutput) -> CheckpointError:

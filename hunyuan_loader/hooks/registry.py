@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import types
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from torch import nn
@@ -85,6 +86,65 @@ class ModuleHooks:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+
+
+_ABSENT = object()  # MethodWrap: the instance had no attribute of that name
+
+
+class MethodWrap:
+    """A Hook made of one method wrapped on one instance: subclasses give ``wrap(original)``, the
+    function that stands as ``target.<name>`` in the instance's ``__dict__`` while attached (the class
+    and its other instances are untouched). ``detach`` puts back exactly what the instance had: its own
+    earlier attribute, or none (the class's method shows through again). Attaching an attached entry
+    is refused. Wraps of one method nest, the later outside; one detached while a later one is still
+    around it passes calls straight through from then on and is skipped when that one restores (the
+    registry's ``remove_all`` detaches in reverse ``HOOK_ORDER``, not in reverse attach order)."""
+
+    torch_hooks = False
+
+    def __init__(self, target: Any, name: str) -> None:
+        self.target, self.name = target, name
+        self._wrapper: Callable[..., Any] | None = None
+
+    @property
+    def attached(self) -> bool:
+        return self._wrapper is not None
+
+    def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        """The function to call instead of ``original`` (the method as the instance had it)."""
+        raise NotImplementedError
+
+    def attach(self) -> None:
+        if self._wrapper is not None:
+            raise RuntimeError(f"{type(self).__name__}: {type(self.target).__name__}.{self.name} is already "
+                               "wrapped by this entry; detach it before attaching it again")
+        before = vars(self.target).get(self.name, _ABSENT)
+        original = getattr(self.target, self.name)
+        inner = self.wrap(original)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if self._wrapper is not wrapper:  # detached under a later wrap: the method as it was
+                return original(*args, **kwargs)
+            return inner(*args, **kwargs)
+
+        wrapper._method_wrap = (self, before)  # type: ignore[attr-defined]  # for a later wrap's restore
+        setattr(self.target, self.name, wrapper)
+        self._wrapper = wrapper
+
+    def detach(self) -> None:
+        wrapper, self._wrapper = self._wrapper, None
+        if wrapper is None or vars(self.target).get(self.name, _ABSENT) is not wrapper:
+            return  # not attached, or a later wrap stands around this one: its detach skips this one
+        restore = wrapper._method_wrap[1]  # type: ignore[attr-defined]
+        while isinstance(restore, types.FunctionType) and hasattr(restore, "_method_wrap"):
+            owner, before = restore._method_wrap
+            if owner._wrapper is restore:
+                break
+            restore = before  # an earlier wrap, already detached: what it had found instead
+        if restore is _ABSENT:
+            delattr(self.target, self.name)
+        else:
+            setattr(self.target, self.name, restore)
 
 
 class NamedOnly:

@@ -43,7 +43,7 @@ from ..core.step_cache_settings import (  # noqa: F401 - part of this module's i
     check_settings,
     settings_from,
 )
-from .registry import registry
+from .registry import MethodWrap, registry
 
 CUTOFF_RATIO = 0.1  # official cache_utils.py:209
 
@@ -111,20 +111,18 @@ def _with_hidden(last: Any, hidden: torch.Tensor) -> Any:
     return type(last)(last_hidden_state=hidden, past_key_values=getattr(last, "past_key_values", None))
 
 
-class StepCache:
+class StepCache(MethodWrap):
     """The registry entry ``step_cache``: ``decoder.forward`` wrapped on the instance for one call.
 
     ``computed`` / ``served`` count the diffusion steps that ran the decoder / came from the cache."""
 
-    torch_hooks = False
-
     def __init__(self, decoder: nn.Module, settings: StepCacheSettings, steps: int) -> None:
+        super().__init__(decoder, "forward")
         self.decoder = decoder
         self.settings = settings
         self.steps = int(steps)
         self.computed = 0
         self.served = 0
-        self._forward: Callable[..., Any] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -137,20 +135,18 @@ class StepCache:
     def attach(self) -> None:
         self.detach()
         self._reset()
-        original = self.decoder.forward
+        super().attach()
 
+    def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
             if kwargs.get("mode") != "gen_image":
                 return original(*args, **kwargs)
             return self._diffusion_step(original, bool(kwargs.get("first_step")), args, kwargs)
 
-        self._forward = forward
-        self.decoder.forward = forward
+        return forward
 
     def detach(self) -> None:
-        if self._forward is not None and self.decoder.__dict__.get("forward") is self._forward:
-            del self.decoder.forward
-        self._forward = None
+        super().detach()
         self._reset()  # a cancelled run leaves nothing behind: no differences, no KV cache reference
 
     def is_full(self, step: int) -> bool:

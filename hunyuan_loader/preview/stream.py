@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..hooks.registry import MethodWrap
 from .projection import Projection, to_uint8_hwc
 
 log = logging.getLogger(__name__)
@@ -72,20 +73,18 @@ class PreviewStream:
         return Image.fromarray(host.numpy().copy(), mode="RGB")  # its own pixels: the pinned block is reused
 
 
-class StepPreview:
+class StepPreview(MethodWrap):
     """The hook registry's entry ``diffusion_preview``: ``scheduler.step`` wrapped on the instance for one
     call; after each step that is due, x0 goes to the stream. A failure turns previews off for the rest
     of the run (logged once) and never reaches the image."""
 
-    torch_hooks = False
-
     def __init__(self, scheduler: Any, stream: PreviewStream) -> None:
+        super().__init__(scheduler, "step")
         self.scheduler, self.stream = scheduler, stream
         self.steps = 0
-        self._step: Any = None
 
-    def attach(self) -> None:
-        original, scheduler, stream = self.scheduler.step, self.scheduler, self.stream
+    def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        scheduler, stream = self.scheduler, self.stream
 
         def step(*args: Any, **kwargs: Any) -> Any:
             out = original(*args, **kwargs)
@@ -101,10 +100,4 @@ class StepPreview:
                     log.warning("previews stopped: %s: %s", type(exc).__name__, exc)
             return out
 
-        self._step = step
-        self.scheduler.step = step
-
-    def detach(self) -> None:
-        if self._step is not None and self.scheduler.__dict__.get("step") is self._step:
-            del self.scheduler.step
-        self._step = None
+        return step

@@ -178,8 +178,9 @@ def test_per_call_hooks_are_listed_during_a_generate_call_only(cache, request, o
     path = request.getfixturevalue(f"{variant}_checkpoint")
     loaded = cache.get(cache.load(LoadSpec(str(path))))
     seen: list[list[str]] = []
+    # a few think tokens: the text stage runs under text_progress (more tokens only take minutes)
     req = GenerationRequest("a red fox", seed=1, steps=2, resolution="1024x1024",
-                            bot_task="think" if variant == "instruct" else None)
+                            bot_task="think" if variant == "instruct" else None, max_new_tokens=4)
     generate(loaded, req, progress=lambda *_: seen.append(hook_names(loaded.model)))
     # Instruct: the per-token criteria is handed to the whole generate_image call (text, then image)
     per_call = ("diffusion_progress", "finite_output", "text_progress")

@@ -630,20 +630,25 @@ def test_a_skeleton_that_fails_while_reading_leaves_no_reader(base_checkpoint: P
     thread has stopped and its tensors are freed; the next load works."""
     import threading
 
-    build = block_loader.build_skeleton
-    started: list[int] = []
+    build, start = block_loader.build_skeleton, block_loader.start_reader
+    readers: list[TensorReader] = []
+    started: list[bool] = []
+
+    def recording(*args, **kwargs):
+        readers.append(start(*args, **kwargs))
+        return readers[-1]
 
     def failing(*args, **kwargs):
-        deadline = time.monotonic() + 10
-        while not [t for t in threading.enumerate() if t.name == "hunyuan-tensor-reader"] and time.monotonic() < deadline:
-            time.sleep(0.005)
-        started.append(len([t for t in threading.enumerate() if t.name == "hunyuan-tensor-reader"]))
+        # the reader was started and not closed (its thread may already have read the few-MB checkpoint)
+        started.append(len(readers) == 1 and not readers[0]._stop)
         raise RuntimeError("the model's code failed")
 
+    monkeypatch.setattr(block_loader, "start_reader", recording)
     monkeypatch.setattr(block_loader, "build_skeleton", failing)
     with pytest.raises(RuntimeError, match="the model's code failed"):
         load_model(_spec(base_checkpoint, "bf16"))
-    assert started == [1]
+    assert started == [True]
+    assert readers[0]._stop and not readers[0]._thread.is_alive()  # closed, its thread joined
     assert not [t for t in threading.enumerate() if t.name == "hunyuan-tensor-reader"]
     monkeypatch.setattr(block_loader, "build_skeleton", build)
     assert load_model(_spec(base_checkpoint, "bf16")).model is not None
