@@ -2,7 +2,7 @@
 
     python bench/e2e.py [--model DIR | --layers N] [--variant base|instruct|distil] [--quant bf16|int8|nf4]
                         [--offload disabled|smart] [--size 1024x1024] [--steps N] [--think]
-                        [--edit] [--dir /tmp/hy3_e2e] [--cpu]
+                        [--edit] [--dir /tmp/hy3_e2e] [--cpu] [--profile]
 
 Without --model it builds the test model at the real model's layer widths (hidden 4096, 64 experts
 x 3072, top-8; random weights, N decoder layers; its VAE and vision encoder stay small) under --dir.
@@ -13,7 +13,9 @@ layers); the input preparation before the first diffusion step; each diffusion s
 decoder layers (CUDA events around every layer) and the rest; the VAE decode. Next to each stage:
 its peak GPU memory above the weights, and what the plan reserved for activations
 (memory/estimator.py for this size and the text / reference tokens). Last, a projection to the real
-model's 32 layers from the measured per-layer and outside-the-layers parts. On the CPU (--cpu) the
+model's 32 layers from the measured per-layer and outside-the-layers parts. ``--profile`` then runs the
+same image again under torch.profiler (bench/e2e_profile.py): the top ops by GPU and host time, kernel
+launches and host syncs per decoder pass. On the CPU (--cpu) the
 stages are those of the CPU run (a smoke run; its timings say nothing). Asserts nothing.
 """
 
@@ -240,6 +242,8 @@ def main() -> int:
     ap.add_argument("--edit", action="store_true", help="Instruct: edit a reference image")
     ap.add_argument("--dir", default="/tmp/hy3_e2e")
     ap.add_argument("--cpu", action="store_true", help="a smoke run on the CPU (tiny test model unless --model)")
+    ap.add_argument("--profile", action="store_true",
+                    help="then the same image again under torch.profiler: top ops, launches and host syncs per pass")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.cpu
     if not cuda and not args.cpu:
@@ -275,6 +279,10 @@ def main() -> int:
                                         extra_tokens=len(tl.token_times)) * 1024**3)
     steps = result.steps
     report(f"{loaded.variant.name} {args.quant} {args.offload}", tl, stages(tl), n_layers, steps, weights, reserve)
+    if args.profile:
+        from e2e_profile import print_profile, profile_image
+
+        print_profile(profile_image(loaded, req, run_image, Timeline(dev)))
     return 0
 
 

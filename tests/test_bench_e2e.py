@@ -53,3 +53,42 @@ def test_timeline_of_one_image_on_the_test_checkpoint(e2e, base_checkpoint: Path
     assert {m: (dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in loaded.model.modules()} == before
     assert "decode" not in loaded.model.vae.__dict__
     assert n_layers >= 1
+
+
+@pytest.fixture(scope="module")
+def e2e_profile():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import e2e_profile as module
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def test_profile_summary_counts_host_syncs_and_ranks_the_ops(e2e_profile) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    a = torch.randn(256, 256)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            a.sum().item()  # three values read back: three host syncs on a GPU
+        for _ in range(20):
+            a = torch.mm(a, a) / 256
+    s = e2e_profile.summarise(prof.key_averages(), passes=4, rows=3)
+    assert s.passes == 4 and s.syncs.get("aten::item") == 3
+    assert len(s.top_host) == 3 and s.top_host[0].ms >= s.top_host[-1].ms
+    assert "aten::mm" in [op.name for op in s.top_host]
+    assert s.top_device == [] and s.launches == 0  # a CPU profile has no device time and no launches
+
+
+def test_profile_of_one_image_on_the_test_checkpoint(e2e, e2e_profile, base_checkpoint: Path) -> None:
+    from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
+    from hunyuan_image3.hunyuan_loader.load.pipeline import load_model
+    from hunyuan_image3.hunyuan_loader.request import GenerationRequest
+
+    loaded = load_model(LoadSpec(str(base_checkpoint)))
+    req = GenerationRequest("a fox", seed=1, steps=2, resolution="256x256")
+    s = e2e_profile.profile_image(loaded, req, e2e.run_image, e2e.Timeline(torch.device("cpu")), rows=5)
+    assert s.passes == 2  # base: one decoder pass per step, both CFG rows in one batch
+    assert len(s.top_host) == 5 and all(op.calls > 0 for op in s.top_host)
+    assert "decode" not in loaded.model.vae.__dict__  # the bench's wraps came off
