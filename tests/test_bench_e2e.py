@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -11,14 +12,18 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-@pytest.fixture(scope="module")
-def e2e():
+def _bench_module(name: str):
+    """A module of bench/ (its scripts import each other by plain name)."""
     sys.path.insert(0, str(BENCH))
     try:
-        import e2e as module
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCH))
-    return module
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    return _bench_module("e2e")
 
 
 def test_projection_scales_the_layers_and_keeps_the_rest(e2e) -> None:
@@ -57,12 +62,7 @@ def test_timeline_of_one_image_on_the_test_checkpoint(e2e, base_checkpoint: Path
 
 @pytest.fixture(scope="module")
 def e2e_profile():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import e2e_profile as module
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    return _bench_module("e2e_profile")
 
 
 def test_profile_summary_counts_host_syncs_and_ranks_the_ops(e2e_profile) -> None:
