@@ -15,6 +15,11 @@ the worst case). This model's MoE term is ~51.7 KB per token for the real config
 measured case; the residual stream (~24 KB per token) comes on top. ``OVERHEAD_GB``
 is the CUDA context and cuBLAS workspace.
 
+Beside the transient peak, what lives through the whole generation, exactly as the official code
+allocates it (no calibration): the KV cache (``kv_cache_bytes``: keys and values of every token of
+every CFG row in every layer, 128 KiB per token for the real model: ~1 GiB at 1 MP; it is still held
+while the VAE decodes) and the 2D RoPE tables (``rope_bytes``: cos and sin over every position, per row).
+
 Reference images (Instruct edit / fusion) and the think / recaption text lengthen every
 sequence: ``extra_tokens`` per CFG half (``reference_image_tokens`` counts the images: VAE
 tokens at the size the model snaps each image to, its ViT tokens, 6 special tokens) enter the
@@ -50,6 +55,8 @@ REAL_DEFAULTS: dict[str, Any] = {
     "intermediate_size": 3072,
     "vae_downsample_factor": [16, 16],
     "patch_size": 1,
+    "num_hidden_layers": 32,
+    "max_position_embeddings": 22800,
 }
 
 
@@ -101,6 +108,24 @@ def reference_image_tokens(
     return sum((h // fh) * (w // fw) + int(vit_tokens) + SPECIAL_TOKENS_PER_REFERENCE_IMAGE for w, h in sizes)
 
 
+def kv_cache_bytes(config: Any, tokens: int) -> float:
+    """The official KV cache for ``tokens`` (all rows): ``HunyuanStaticCache`` holds keys and values of
+    every token in every layer, in the model's dtype (bf16), for the whole generation. Image stage:
+    max_cache_len = the sequence, max_batch_size = batch x cfg_factor (Instruct
+    modeling_hunyuan_image_3.py:2773-2785; base hunyuan.py:2318-2331). The text stage's cache (one row,
+    the prompt + max_new_tokens, M:2778) is shorter than the image stage's, which carries that text too."""
+    layers = int(_get(config, "num_hidden_layers"))
+    kv, d = int(_get(config, "num_key_value_heads")), int(_get(config, "attention_head_dim"))
+    return layers * 2 * kv * d * tokens * 2
+
+
+def rope_bytes(config: Any, rows: int) -> float:
+    """The 2D RoPE tables: cos and sin (float32) over every position, per row. Instruct builds them over
+    ``max_position_embeddings`` and keeps them (M:2146-2150, CachedRoPE M:973); base over the sequence
+    (hunyuan.py:2306-2316): the Instruct size bounds both."""
+    return rows * int(_get(config, "max_position_embeddings")) * int(_get(config, "attention_head_dim")) * 4 * 2
+
+
 def _layer_peak_bytes(config: Any, tokens: int, batch: int) -> float:
     h = int(_get(config, "hidden_size"))
     heads, kv, d = (int(_get(config, n)) for n in ("num_attention_heads", "num_key_value_heads", "attention_head_dim"))
@@ -141,7 +166,9 @@ def estimate_inference_gb(
         return reference_inference_gb(megapixels(width, height) * scale)
     if moe_impl != "gather_scatter":
         raise ValueError(f"moe_impl must be 'reference' or 'gather_scatter', got {moe_impl!r}")
+    rows = 2 if cfg else 1
     tokens = tokens_for_image(config, width, height, cfg=cfg, extra_tokens=extra_tokens)
-    layer = _layer_peak_bytes(config, tokens, 2 if cfg else 1)
+    layer = _layer_peak_bytes(config, tokens, rows)
     vae = width * height * VAE_BYTES_PER_PIXEL
-    return max(layer, vae) * CALIBRATION / GIB + OVERHEAD_GB
+    held = kv_cache_bytes(config, tokens) + rope_bytes(config, rows)
+    return max(layer, vae) * CALIBRATION / GIB + held / GIB + OVERHEAD_GB

@@ -23,7 +23,8 @@ def moe_memory_block() -> str:
     return "\n".join(rows) + (
         "\n\nActivation memory of one generation (both CFG halves), as `memory/estimator.py` plans it for the "
         "real model: the reference dispatch's field formula, and the figure derived from the config for "
-        "gather_scatter (its largest layer's live tensors, or the VAE decode's, x 1.3, + 0.5 GB)."
+        "gather_scatter (its largest layer's live tensors, or the VAE decode's, x 1.3, + the KV cache and RoPE "
+        "tables the whole generation holds, + 0.5 GB)."
     )
 
 

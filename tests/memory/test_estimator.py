@@ -55,3 +55,36 @@ def test_moe_part_agrees_with_the_measured_calibration() -> None:
 def test_bad_impl() -> None:
     with pytest.raises(ValueError):
         est.estimate_inference_gb(1024, 1024, moe_impl="flashinfer")
+
+
+@pytest.mark.parametrize("rows,length", [(2, 10), (1, 7)])
+def test_kv_cache_is_what_the_official_cache_allocates(rows: int, length: int) -> None:
+    """The official HunyuanStaticCache is a transformers StaticCache (modeling_hunyuan_image_3.py:895) made
+    with max_cache_len = the sequence and one row per CFG half (M:2779-2785); its layers allocate keys and
+    values of that many positions on the first update, in the model's dtype."""
+    import torch
+    from transformers import PretrainedConfig
+    from transformers.cache_utils import StaticCache
+
+    ours = {"num_hidden_layers": 3, "num_key_value_heads": 2, "attention_head_dim": 4}
+    config = PretrainedConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=16,
+                              head_dim=4)
+    cache = StaticCache(config=config, max_batch_size=rows, max_cache_len=length, dtype=torch.bfloat16)
+    for layer in range(3):
+        k = torch.zeros(rows, 2, 1, 4, dtype=torch.bfloat16)
+        cache.update(k, k, layer, {"cache_position": torch.tensor([0])})
+    allocated = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert est.kv_cache_bytes(ours, rows * length) == allocated
+
+
+def test_the_plan_holds_the_kv_cache_and_rope_beside_the_layer_peak() -> None:
+    tokens = est.tokens_for_image(None, 1024, 1024)
+    held = est.kv_cache_bytes(None, tokens) + est.rope_bytes(None, 2)
+    layer = est._layer_peak_bytes(None, tokens, 2)
+    vae = 1024 * 1024 * est.VAE_BYTES_PER_PIXEL
+    expected = max(layer, vae) * est.CALIBRATION / est.GIB + held / est.GIB + est.OVERHEAD_GB
+    assert est.estimate_inference_gb(1024, 1024, moe_impl="gather_scatter") == pytest.approx(expected)
+    assert 0.9 < est.kv_cache_bytes(None, tokens) / est.GIB < 1.2  # 128 KiB per token for the real model
+    longer = est.estimate_inference_gb(1024, 1024, moe_impl="gather_scatter", extra_tokens=1000)
+    grown = longer - est.estimate_inference_gb(1024, 1024, moe_impl="gather_scatter")
+    assert grown >= est.kv_cache_bytes(None, 2000) / est.GIB - 1e-9  # think text / references: both rows' caches
