@@ -33,10 +33,10 @@ log = logging.getLogger(__name__)
 # same module; a wrapper outside a later wrapper). Every name the pack installs is listed here.
 HOOK_ORDER: tuple[str, ...] = (
     "static_cache_init",       # remote_code_fixes: the official KV cache's layers initialised as 5.x asks
-    "cache_end_once",          # official_caches: the text stage's KV cache end read once per forward, not per layer
+    "cache_end_once",          # needless_work: the text stage's KV cache end read once per forward, not per layer
     "cache_kwarg_name",        # remote_code_fixes: the KV cache handed back as past_key_values (5.x: "cache")
     "vit_return_tensors",      # remote_code_fixes: the Instruct ViT processor returns tensors (5.x: lists)
-    "rope_cache",              # official_caches: the 2D RoPE table built once per generation, not per forward
+    "rope_cache",              # needless_work: the 2D RoPE table built once per generation, not per forward
     "mask_alignment",          # remote_code_fixes: the decoder's CPU-built text mask to its device
     "vision_input_alignment",  # remote_code_fixes: the vision tower's tensor kwargs to its device
     "cpu_input_casts",         # remote_code_fixes: image modules' float inputs cast as CUDA autocast would
@@ -49,6 +49,7 @@ HOOK_ORDER: tuple[str, ...] = (
     "diffusion_preview",       # preview/stream, one call: scheduler.step -> x0 preview (inside the progress wrap)
     "finite_output",           # finite_output, one call: model.vae.decode -> NaN/inf check of latents, image
     "text_progress",           # generation, one call: the per-token StoppingCriteria
+    "last_logits",             # needless_work, one call: lm_head gets the last position only (all generate reads)
 )
 
 

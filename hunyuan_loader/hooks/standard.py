@@ -17,7 +17,7 @@ from ..core.step_cache_settings import StepCacheSettings
 from ..preview.stream import PreviewStream, StepPreview
 from .finite_output import DecodeCheck
 from .moe_dispatch import install_moe_dispatch
-from .official_caches import install_cache_end_once, install_rope_cache
+from .needless_work import install_cache_end_once, install_rope_cache, last_logits
 from .registry import Hook, NamedOnly, registry
 from .remote_code_fixes import (
     install_cache_kwarg_name,
@@ -62,7 +62,7 @@ def call_hooks(
     each step into ``preview`` (its stream), ``progress`` (the diffusion_progress wrap of
     ``scheduler.step``), the NaN/inf check of the VAE decode (a bare decoder has no VAE), the step
     cache (``cache``, for ``steps`` steps; its count goes to ``notes``) and, with ``text_stage``, the
-    per-token entry of the text stage's StoppingCriteria. Installed in that order, so the preview
+    per-token entry of the text stage's StoppingCriteria and the last position's logits only. Installed in that order, so the preview
     wrap sits inside the progress wrap (HOOK_ORDER) and a step's preview is started before its
     progress is reported; taken off in the reverse order."""
     check = DecodeCheck(model.vae) if getattr(model, "vae", None) is not None else None
@@ -78,4 +78,7 @@ def call_hooks(
             stack.enter_context(step_cache(model, cache, steps, notes))
         if text_stage:
             stack.enter_context(reg.active("text_progress", NamedOnly()))
+            head = last_logits(model)
+            if head is not None:
+                stack.enter_context(reg.active("last_logits", head))
         yield

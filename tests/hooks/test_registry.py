@@ -182,8 +182,8 @@ def test_per_call_hooks_are_listed_during_a_generate_call_only(cache, request, o
     req = GenerationRequest("a red fox", seed=1, steps=2, resolution="1024x1024",
                             bot_task="think" if variant == "instruct" else None, max_new_tokens=4)
     generate(loaded, req, progress=lambda *_: seen.append(hook_names(loaded.model)))
-    # Instruct: the per-token criteria is handed to the whole generate_image call (text, then image)
-    per_call = ("diffusion_progress", "finite_output", "text_progress")
+    # Instruct: the per-token criteria and the last-position logits for the whole generate_image call
+    per_call = ("diffusion_progress", "finite_output", "text_progress", "last_logits")
     expected = list(per_call) if variant == "instruct" else list(per_call[:2])
     assert seen and all([n for n in names if n in per_call] == expected for names in seen), seen
     assert not any(n in per_call for n in hook_names(loaded.model))

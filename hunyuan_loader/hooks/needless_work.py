@@ -1,4 +1,4 @@
-"""The official code's own caches made to do what they say: two registry entries, same numbers.
+"""Work the official code does that its result does not need: three registry entries.
 
 - ``rope_cache``: ``CachedRoPE`` ("If cache miss, compute and cache it", Instruct
   modeling_hunyuan_image_3.py:973-1022) never stores the ``seq_len`` / ``rope_image_info`` it compares
@@ -11,8 +11,16 @@
   ``cache_position[-1].item()`` in EVERY layer (M:947-951, 964-968; base hunyuan.py:941-944, 957-961):
   32 host syncs per text token, each stalling the launch of the next layer. All layers of one forward get
   the same ``cache_position`` tensor, so the entry reads its end once and slices the same way after.
+- ``last_logits`` (one generate call): the text stage's first forward puts EVERY prompt token through
+  ``lm_head`` and upcasts the result (M:2276-2285: ``self.lm_head(hidden_states)``, then ``logits.float()``),
+  while generation reads the last position only (transformers' ``_sample``: ``outputs.logits[:, -1, :]``).
+  At 133,120 words that is 0.8 MB per prompt token: ~4.6 GB for an edit with one 1 MP reference image
+  (~5,800 tokens), ~8.5 GB with two; the entry hands ``lm_head`` the last position only.
 
-Both give bit-identical outputs (the same tables, the same slices): tests/hooks/test_official_caches.py.
+The first two give bit-identical outputs (the same tables, the same slices); ``last_logits`` the same
+last-position logits up to the rounding of a GEMM over one row instead of many (every later text token
+is a one-row GEMM anyway); the test checkpoint's think text and image come out identical.
+Tests: tests/hooks/test_needless_work.py.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .registry import ClassMethodPatch, registry
+from .registry import ClassMethodPatch, ModuleHooks, registry
 
 
 class _RopeMemory:
@@ -122,3 +130,28 @@ def install_cache_end_once(model: Any) -> bool:
     if not isinstance(cls, type) or "update" not in cls.__dict__:
         return False
     return registry(model).install("cache_end_once", ClassMethodPatch("cache_end_once", cls, "update", _cache_end))
+
+
+class LastLogits(ModuleHooks):
+    """A one-call entry: ``lm_head`` of a forward over several positions gets the last one only (module
+    docstring). Its output is ``[rows, 1, vocab]``, which is all ``generate`` reads."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def hooks(self) -> list[tuple[torch.nn.Module, str, Any]]:
+        return [(self.head, "pre", _last_position)]
+
+
+def _last_position(_module: torch.nn.Module, args: tuple) -> tuple | None:
+    hidden = args[0] if args else None
+    if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and hidden.shape[1] > 1:
+        return (hidden[:, -1:, :], *args[1:])
+    return None
+
+
+def last_logits(model: Any) -> LastLogits | None:
+    """The ``last_logits`` entry for one generate call, or None for a model without an ``lm_head``."""
+    head = getattr(model, "lm_head", None)
+    return LastLogits(head) if isinstance(head, torch.nn.Module) else None

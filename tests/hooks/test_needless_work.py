@@ -15,12 +15,12 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from hunyuan_image3.hunyuan_loader.hooks.official_caches import install_cache_end_once, install_rope_cache
+from hunyuan_image3.hunyuan_loader.hooks.needless_work import install_cache_end_once, install_rope_cache
 from hunyuan_image3.hunyuan_loader.hooks.registry import hook_names, registry, remove_all_hooks
 
 
 def _official_like_module() -> types.ModuleType:
-    mod = types.ModuleType("_hy3_official_caches_like")
+    mod = types.ModuleType("_hy3_needless_work_like")
     mod.builds = 0
 
     def build_table(seq_len: int, n_elem: int, image_infos: list | None, device: torch.device) -> tuple:
@@ -266,3 +266,46 @@ def test_two_models_and_another_entry_on_one_method_compose_in_the_order(mod: ty
         remove_all_hooks(first)
         remove_all_hooks(second)
     assert mod.HunyuanStaticCache.__dict__["update"] is shipped
+
+
+def test_last_logits_hands_lm_head_the_last_position_only() -> None:
+    from hunyuan_image3.hunyuan_loader.hooks.needless_work import last_logits
+
+    model = torch.nn.Module()
+    model.lm_head = torch.nn.Linear(4, 6, bias=False)
+    hidden = torch.randn(2, 5, 4)
+    full = model.lm_head(hidden)
+    entry = last_logits(model)
+    with registry(model).active("last_logits", entry):
+        assert hook_names(model) == ["last_logits"]
+        out = model.lm_head(hidden)
+        # the same row, up to the rounding of a GEMM over 2 rows instead of 10
+        assert out.shape == (2, 1, 6) and torch.allclose(out[:, -1], full[:, -1], rtol=1e-5, atol=1e-6)
+        assert torch.equal(model.lm_head(hidden[:, -1:]), out)  # one position: as it is
+    assert model.lm_head(hidden).shape == (2, 5, 6) and hook_names(model) == []
+    assert last_logits(torch.nn.Linear(2, 2)) is None
+
+
+def test_the_text_stage_reads_the_same_logits_from_one_position(cache, instruct_checkpoint, one_thread,
+                                                                monkeypatch) -> None:
+    """Think text and image with the entry equal those without it; the prompt's forward put one position
+    through lm_head instead of all of them."""
+    from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
+    from hunyuan_image3.hunyuan_loader.generation import generate
+    from hunyuan_image3.hunyuan_loader.hooks import standard
+    from hunyuan_image3.hunyuan_loader.request import GenerationRequest
+
+    loaded = cache.get(cache.load(LoadSpec(str(instruct_checkpoint))))
+    positions: list[int] = []
+    spy = loaded.model.lm_head.register_forward_hook(lambda _m, _a, out: positions.append(out.shape[1]))
+    req = GenerationRequest("a red fox", seed=3, steps=2, resolution="1024x1024", bot_task="think", max_new_tokens=6)
+    try:
+        with_entry = generate(loaded, req)
+        seen_with, positions[:] = list(positions), []
+        monkeypatch.setattr(standard, "last_logits", lambda model: None)
+        without = generate(loaded, req)
+    finally:
+        spy.remove()
+    assert with_entry.cot_text == without.cot_text and with_entry.text_tokens == without.text_tokens
+    assert torch.equal(with_entry.image, without.image)
+    assert max(positions) > 1 and set(seen_with) == {1}  # the prompt: every position without, one with
