@@ -65,3 +65,38 @@ def test_expert_streaming_on_cuda_is_bit_identical_and_copies_less(fmt) -> None:
             assert st.copied_bytes - before < 0.5 * whole
     assert st.part_copies > 0
     mgr.close()
+
+
+@pytest.mark.parametrize("quant", ["bf16", "int8", "nf4"])
+def test_a_smart_offload_load_wires_expert_streaming_and_a_token_copies_less(
+        cache, instruct_checkpoint, monkeypatch, quant) -> None:
+    """Through the real load (smart offload, about half the blocks streamed): the streamer has each
+    streamed block's expert split; a one-token decoder forward (what the official decode step runs)
+    copies less than the streamed blocks and gives the resident bits."""
+    from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
+
+    gib = 1024**3
+    cache.force_unload()
+    resident = cache.get(cache.load(LoadSpec(str(instruct_checkpoint), quant=quant)))
+    manager = resident.residency
+    budget = manager.other_bytes + 2 * max(manager.block_bytes) + sum(manager.block_bytes) // 2
+    cache.force_unload()
+    monkeypatch.setenv("HUNYUAN_VRAM_LIMIT_GB", str((torch.cuda.memory_allocated() + budget) / gib))
+    smart = cache.get(cache.load(LoadSpec(str(instruct_checkpoint), quant=quant, offload="smart", headroom_gb=1e-6)))
+    manager = smart.residency
+    assert manager.plan.streamed, manager.plan.describe()
+    st = manager.streamer
+    assert set(st._parts) == set(manager.plan.streamed)
+    token = torch.tensor([[5]], device=DEV)
+    with torch.no_grad():
+        st.reset()
+        before = st.copied_bytes
+        out = smart.model.model(input_ids=token)
+        torch.cuda.synchronize()
+    copied = st.copied_bytes - before
+    assert 0 < copied < sum(st.packed[i].nbytes for i in manager.plan.streamed)
+    monkeypatch.delenv("HUNYUAN_VRAM_LIMIT_GB")
+    manager.apply(ResidencyPlan.uniform(Placement.GPU, manager.block_bytes, manager.other_bytes))
+    with torch.no_grad():
+        again = smart.model.model(input_ids=token)
+    assert torch.equal(out, again)
