@@ -17,8 +17,9 @@ Expert-granular copies (``set_parts``): a block whose buffer splits into a base 
 caller gives, per block, ``wanted(rows)``: True when a forward of that many input rows should copy
 parts only, and only if the forward will call ``fetch(idx, part_ids)`` before it reads any part
 (the hook layer wires that to the MoE dispatch, which knows after routing which experts have
-tokens). Then the pre-hook copies the base alone (the next block's base is prefetched), ``fetch``
-copies the parts not yet in the slot and makes the compute stream wait for them; parts stay
+tokens). Then the pre-hook copies the base alone, ``fetch`` copies the parts not yet in the slot,
+makes the compute stream wait for them and only then queues the prefetch of the next block's base
+(the block in flight needs its experts first; the base copy overlaps their compute); parts stay
 valid in the slot while the slot keeps the block (a later token reusing an expert copies nothing).
 A large forward copies the whole buffer as before (a slot holding part of the block gets the whole
 buffer again). Counters: ``copies`` (block loads into a slot, whole or base), ``part_copies``
@@ -182,19 +183,17 @@ class BlockStreamer:
         slot = self.slot_of[idx]
         have = self.loaded[slot]
         missing = [i for i in ids if i not in have]
-        entry = self._parts.get(idx)
-        pb = self.packed[idx]
-        if not missing:
-            pass
-        elif entry is None:  # its split was taken off during the forward: the whole buffer
-            self._copy(slot, pb, ((0, pb.nbytes),))
-            self.loaded[slot] = None
-        else:
-            self._copy(slot, pb, entry[0].ranges(missing))
-            have.update(missing)
-            self.part_copies += len(missing)
-        if missing and self.cuda:
-            torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
+        if missing:
+            pb, entry = self.packed[idx], self._parts.get(idx)
+            if entry is None:  # its split was taken off during the forward: the whole buffer
+                self._copy(slot, pb, ((0, pb.nbytes),))
+                self.loaded[slot] = None
+            else:
+                self._copy(slot, pb, entry[0].ranges(missing))
+                have.update(missing)
+                self.part_copies += len(missing)
+            if self.cuda:
+                torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
         self._prefetch_pending()  # the next block's base queues behind this block's experts
 
     def before(self, idx: int, rows: int | None = None) -> None:
