@@ -83,6 +83,7 @@ def test_one_token_copies_the_base_and_its_experts_only_and_matches_resident(fmt
     parts = {i: block_parts(st.packed[i], model.model.layers[i], list(model.model.layers[i].mlp.experts))[0]
              for i in streamed}
     assert all(p is not None for p in parts.values())
+    assert all(len(r) == 1 for p in parts.values() for r in p.parts)  # one expert: one memcpy
     used, handles = _used_experts(model, streamed)
     try:
         st.reset()
