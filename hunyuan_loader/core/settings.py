@@ -34,6 +34,7 @@ MOE_OVERLAP = "HY3_MOE_OVERLAP"
 MOE_PAIR_DEQUANT = "HY3_MOE_PAIR_DEQUANT"
 DEQUANT_KERNEL = "HY3_DEQUANT_KERNEL"
 W8A16_KERNEL = "HY3_W8A16_KERNEL"
+EXPERT_STREAMING = "HY3_EXPERT_STREAMING"
 CACHE_HOME = "XDG_CACHE_HOME"
 PREVIEW_EVERY = "HUNYUAN_PREVIEW_EVERY"
 HUB_OFFLINE = "HF_HUB_OFFLINE"  # written (the CLI), never read: huggingface_hub reads it
@@ -140,6 +141,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "bits; rows is faster on an H200).", _choice("rows", "flat"), "rows"),
     Setting(W8A16_KERNEL, "auto or torch", "auto", "INT8 (W8A16) Linears: auto uses the fused Triton kernel where "
             "it runs; torch always uses the plain PyTorch path.", _choice("auto", "torch"), "auto"),
+    Setting(EXPERT_STREAMING, "boolean", "on", "With streamed decoder blocks, a forward of a few tokens (the "
+            "Instruct text stage) copies only the experts its tokens use (off: whole blocks).", parse_bool, True),
     Setting(CACHE_HOME, "folder", "~/.cache", "The pack's cache is <this folder>/hunyuan_image3: the CLI "
             "demo's test checkpoint and the live previews' projection fitted for each checkpoint's VAE.", Path, None),
     Setting(PREVIEW_EVERY, "whole number >= 1", "1", "Live previews while an image samples (when ComfyUI's "

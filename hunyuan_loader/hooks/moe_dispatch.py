@@ -23,6 +23,17 @@ and fails on 2-D input. Works with bnb Linear8bitLt / Linear4bit experts and wit
 the decoder layer (the block's module calls are kept).
 
 W8A16 experts run together in chunks when they can (``moe_grouped.py``: engines, chunking, choice).
+
+Expert fetch, the one coupling with block streaming (per MoE block, weakly kept): each call hands
+the experts that have tokens to the block's fetch callback, if one is set, once routing knows them
+(after ``plan_dispatch``'s one host sync) and before any expert runs; the entry marks the blocks it
+dispatches (``set_dispatched``, with the block's top-k; both in registry.py, a leaf that both entries
+import). Block streaming (hooks/streaming.py) sets the
+callback for a streamed block's MoE (``set_expert_fetch``: copy those experts into the block's GPU
+slot) and asks ``dispatched_topk`` whether a forward will call it. Both look up at call time, so the
+order in which the two registry entries are installed does not matter; at run time
+``block_streaming``'s pre-hook (the block's base) runs before this forward (the experts), as
+HOOK_ORDER says.
 """
 
 from __future__ import annotations
@@ -42,7 +53,7 @@ from torch import nn
 
 from ..model.topology import find_moe_blocks, is_moe_block
 from .moe_grouped import grouped_chunks, grouped_w8a16_reason
-from .registry import registry
+from .registry import expert_fetch, registry, set_dispatched
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +183,9 @@ def gather_scatter_forward(self: nn.Module, hidden_states: torch.Tensor, *, rule
     grouped = grouped_w8a16_reason(experts, x) is None
     top_idx, weights = route(router_logits(self.gate, x), rule)
     tok, w, counts = plan_dispatch(top_idx, weights, len(experts), rule)
+    fetch = expert_fetch(self)
+    if fetch is not None:  # a streamed block's experts with tokens into its slot, before they run
+        fetch([e for e, n in enumerate(counts) if n])
     w = w.to(hidden_states.dtype).float()  # the reference casts its combine weights to the hidden dtype
     del top_idx, weights
     out = torch.zeros(x.shape[0], shape[-1], dtype=torch.float32, device=x.device)
@@ -220,8 +234,11 @@ class MoeDispatch:
             owner, attr = _forward_owner(block)
             self._saved.append((owner, attr, owner.__dict__.get(attr)))
             setattr(owner, attr, types.MethodType(functools.partial(gather_scatter_forward, rule=rule), block))
+            set_dispatched(block, rule.topk)  # its forward calls the block's expert fetch from now on
 
     def detach(self) -> None:
+        for block, _ in self.blocks:
+            set_dispatched(block, None)
         for owner, attr, saved in reversed(self._saved):
             if saved is None:
                 owner.__dict__.pop(attr, None)

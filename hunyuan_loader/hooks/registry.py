@@ -322,3 +322,36 @@ def forward_hook_count(model: nn.Module) -> int:
     """Forward hooks and pre-hooks left on any module of ``model`` (tests, diagnostics)."""
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
 
+
+# -- the expert fetch: the one coupling of two entries (moe_dispatch calls it, block_streaming sets it),
+# kept here, below both, so that streaming imports nothing of the MoE dispatch (hooks/moe_dispatch.py).
+Fetch = Callable[[list[int]], None]  # expert ids with tokens -> (copied into the block's slot)
+
+_FETCH: weakref.WeakKeyDictionary[nn.Module, Fetch] = weakref.WeakKeyDictionary()
+_TOPK: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+
+
+def set_expert_fetch(block: nn.Module, fetch: Fetch | None) -> None:
+    """``fetch(expert ids with tokens)`` runs in each gather_scatter call of ``block`` before its experts
+    do (None: no callback)."""
+    if fetch is None:
+        _FETCH.pop(block, None)
+    else:
+        _FETCH[block] = fetch
+
+
+def expert_fetch(block: nn.Module) -> Fetch | None:
+    return _FETCH.get(block)
+
+
+def set_dispatched(block: nn.Module, topk: int | None) -> None:
+    """``block``'s forward is the pack's gather_scatter with ``topk`` (None: its own forward again)."""
+    if topk is None:
+        _TOPK.pop(block, None)
+    else:
+        _TOPK[block] = topk
+
+
+def dispatched_topk(block: nn.Module) -> int | None:
+    """The top-k of ``block`` when its forward is gather_scatter (it calls the fetch); else None."""
+    return _TOPK.get(block)

@@ -25,6 +25,12 @@ streaming (``streaming.py``)
     ``BlockStreamer(blocks, packed, device, n_slots)``: forward hooks that copy each
     streamed block's flat pinned buffer into a reusable GPU slot on a copy stream,
     one block ahead, with events; bit-identical output. ``StreamingUnavailableError``.
+    ``set_parts(idx, parts, wanted)`` / ``fetch(idx, ids)``: a small forward copies the block's
+    base plus the parts it fetches (a MoE block's experts); ``copies``, ``part_copies``,
+    ``copied_bytes`` count what moved.
+parts (``parts.py``)
+    ``block_parts(packed, block, groups) -> (BlockParts | None, why)``: a packed block's buffer
+    split into a base and one byte range set per group (expert); shared tensors stay in the base.
 manager (``manager.py``)
     ``ResidencyManager(model, blocks, device, *, prefetch_slots=2)`` with
     ``apply(plan)``, ``plan_for_budget(budget_bytes, headroom_bytes)``,

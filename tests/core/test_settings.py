@@ -85,7 +85,7 @@ def test_only_the_settings_module_reads_the_environment() -> None:
 # -- booleans: one rule everywhere ------------------------------------------------------------------
 def test_the_boolean_settings() -> None:
     assert set(BOOLEANS) == {settings.VERBOSE, settings.LOGICAL_DEVICES, settings.MOE_OVERLAP,
-                             settings.MOE_PAIR_DEQUANT}
+                             settings.MOE_PAIR_DEQUANT, settings.EXPERT_STREAMING}
 
 
 @pytest.mark.parametrize("name", BOOLEANS)
@@ -186,7 +186,7 @@ def test_defaults_when_unset(monkeypatch) -> None:
         settings.RAM_LIMIT_GB: None, settings.MIN_STREAMED_BLOCKS: 0, settings.MODELS_DIR: [],
         settings.MOE_GROUPED: "auto", settings.MOE_SCRATCH_MB: None, settings.MOE_OVERLAP: False,
         settings.MOE_PAIR_DEQUANT: True, settings.DEQUANT_KERNEL: "rows", settings.W8A16_KERNEL: "auto",
-        settings.CACHE_HOME: None, settings.PREVIEW_EVERY: 1,
+        settings.CACHE_HOME: None, settings.PREVIEW_EVERY: 1, settings.EXPERT_STREAMING: True,
     }
 
 
