@@ -19,6 +19,9 @@ Beside the transient peak, what lives through the whole generation, exactly as t
 allocates it (no calibration): the KV cache (``kv_cache_bytes``: keys and values of every token of
 every CFG row in every layer, 128 KiB per token for the real model: ~1 GiB at 1 MP; it is still held
 while the VAE decodes) and the 2D RoPE tables (``rope_bytes``: cos and sin over every position, per row).
+With the step cache on (``step_cache_order``), its differences are held through the steps and its
+frequency split after a full step briefly needs several float32 / complex copies of the decoder's
+output (``step_cache_bytes``).
 
 Reference images (Instruct edit / fusion) and the think / recaption text lengthen every
 sequence: ``extra_tokens`` per CFG half (``reference_image_tokens`` counts the images: VAE
@@ -126,6 +129,20 @@ def rope_bytes(config: Any, rows: int) -> float:
     return rows * int(_get(config, "max_position_embeddings")) * int(_get(config, "attention_head_dim")) * 4 * 2
 
 
+FFT_BYTES_PER_ELEMENT = 40  # step cache's split: float32 input, complex spectrum, two masked inverse FFTs, outputs
+
+
+def step_cache_bytes(config: Any, tokens: int, order: int) -> tuple[float, float]:
+    """(held, during the update) for the step cache of ``order`` over ``tokens`` decoder outputs (all rows):
+    held: the low and high parts' differences up to ``order`` and the last full step's output, in bf16
+    (hooks/step_cache.py TaylorState, after the official cache_utils.py:204-222); during the update after a
+    full step, beside the held ones, first the frequency split's temporaries (split_frequencies, official
+    cache_utils.py:100-140), then the new differences (freed only as the old are replaced)."""
+    h = int(_get(config, "hidden_size"))
+    held = (2 * (order + 1) + 1) * tokens * h * 2
+    return held, held + max(FFT_BYTES_PER_ELEMENT * tokens * h, held)
+
+
 def _layer_peak_bytes(config: Any, tokens: int, batch: int) -> float:
     h = int(_get(config, "hidden_size"))
     heads, kv, d = (int(_get(config, n)) for n in ("num_attention_heads", "num_key_value_heads", "attention_head_dim"))
@@ -154,9 +171,10 @@ def estimate_inference_gb(
     moe_impl: str = "reference",
     cfg: bool = True,
     extra_tokens: int = 0,
+    step_cache_order: int | None = None,
 ) -> float:
     """Inference VRAM (GB, activations) for a width x height image, with ``extra_tokens`` more per
-    CFG half (reference images, think / recaption text)."""
+    CFG half (reference images, think / recaption text) and, with ``step_cache_order``, the step cache."""
     if moe_impl == "reference":
         scale = 1.0
         if extra_tokens:
@@ -171,4 +189,8 @@ def estimate_inference_gb(
     layer = _layer_peak_bytes(config, tokens, rows)
     vae = width * height * VAE_BYTES_PER_PIXEL
     held = kv_cache_bytes(config, tokens) + rope_bytes(config, rows)
-    return max(layer, vae) * CALIBRATION / GIB + held / GIB + OVERHEAD_GB
+    peak = max(layer, vae) * CALIBRATION
+    if step_cache_order is not None:  # its differences live through the steps (dropped before the decode)
+        cache_held, cache_update = step_cache_bytes(config, tokens, step_cache_order)
+        peak = max(layer * CALIBRATION + cache_held, vae * CALIBRATION, cache_update)
+    return peak / GIB + held / GIB + OVERHEAD_GB

@@ -88,3 +88,24 @@ def test_the_plan_holds_the_kv_cache_and_rope_beside_the_layer_peak() -> None:
     longer = est.estimate_inference_gb(1024, 1024, moe_impl="gather_scatter", extra_tokens=1000)
     grown = longer - est.estimate_inference_gb(1024, 1024, moe_impl="gather_scatter")
     assert grown >= est.kv_cache_bytes(None, 2000) / est.GIB - 1e-9  # think text / references: both rows' caches
+
+
+def test_the_step_cache_adds_its_differences_and_its_frequency_split() -> None:
+    """hooks/step_cache.py holds low and high differences up to the order (+ the last output) in bf16; the
+    split after a full step needs ~40 bytes per output element (float32 input, complex spectrum, inverse
+    FFTs): ~1 GB at 1 MP, as the H200 run of the step cache bench saw."""
+    tokens = est.tokens_for_image(None, 1024, 1024)
+    held, update = est.step_cache_bytes(None, tokens, 2)
+    assert held == pytest.approx((2 * 3 + 1) * tokens * 4096 * 2)
+    assert 0.9 < (update - held) / est.GIB < 1.5
+    layer = est._layer_peak_bytes(None, tokens, 2) * est.CALIBRATION
+    vae = 1024 * 1024 * est.VAE_BYTES_PER_PIXEL * est.CALIBRATION
+    kept = est.kv_cache_bytes(None, tokens) + est.rope_bytes(None, 2)
+    for order in (2, 4):
+        held, update = est.step_cache_bytes(None, tokens, order)
+        expected = (max(layer + held, vae, update) + kept) / est.GIB + est.OVERHEAD_GB
+        assert est.estimate_inference_gb(1024, 1024, moe_impl="gather_scatter", step_cache_order=order) == (
+            pytest.approx(expected))
+    off = est.estimate_inference_gb(1024, 1024, moe_impl="gather_scatter")
+    on = [est.estimate_inference_gb(1024, 1024, moe_impl="gather_scatter", step_cache_order=o) for o in (2, 4)]
+    assert off <= on[0] < on[1]  # the VAE decode may still be the larger peak; more differences kept count
