@@ -1,7 +1,7 @@
 """The offload policy per Generate: make room (ComfyUI's own models first), estimate the inference
 memory of the target size and stream just enough extra blocks for that run (INT8 auto-switch above
 1.2 MP, a bigger margin on an OOM retry). Load time is placement.py's; both read the LoadSpec.
-Path of a Generate: node -> cache.prepare_run -> run_placement -> residency, each once.
+Path of a Generate: node -> cache.generate -> generation.generate -> run_placement (each attempt) -> residency.
 """
 
 from __future__ import annotations
