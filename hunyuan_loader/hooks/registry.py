@@ -45,7 +45,7 @@ HOOK_ORDER: tuple[str, ...] = (
     "cfg_rows",                # cfg_parallel: decoder.forward -> the row-splitting wrapper
     "step_cache",              # step_cache, one call: decoder.forward -> a served step runs no block, no replica
     "diffusion_progress",      # generation, one call: scheduler.step -> progress + cancel
-    "diffusion_preview",       # preview/stream, one call: scheduler.step -> x0 preview (inside the progress wrap)
+    "diffusion_preview",       # standard, one call: scheduler.step -> x0 preview (inside the progress wrap)
     "finite_output",           # finite_output, one call: model.vae.decode -> NaN/inf check of latents, image
     "text_progress",           # generation, one call: the per-token StoppingCriteria
 )
