@@ -13,15 +13,12 @@ tensors is written and no RNG is touched, so the image is the same with previews
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from .projection import Projection, to_uint8_hwc
-
-log = logging.getLogger(__name__)
 
 PreviewFn = Callable[[int, int, Any], None]  # (step, steps, PIL image or None): progress with a preview
 
