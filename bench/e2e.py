@@ -2,7 +2,7 @@
 
     python bench/e2e.py [--model DIR | --layers N] [--variant base|instruct|distil] [--quant bf16|int8|nf4]
                         [--offload disabled|smart] [--size 1024x1024] [--steps N] [--think]
-                        [--edit] [--dir /tmp/hy3_e2e] [--cpu] [--profile]
+                        [--edit] [--dir /tmp/hy3_e2e] [--cpu] [--profile] [--without ENTRY,...]
 
 Without --model it builds the test model at the real model's layer widths (hidden 4096, 64 experts
 x 3072, top-8; random weights, N decoder layers; its VAE and vision encoder stay small) under --dir.
@@ -15,7 +15,9 @@ its peak GPU memory above the weights, and what the plan reserved for activation
 (memory/estimator.py for this size and the text / reference tokens). Last, a projection to the real
 model's 32 layers from the measured per-layer and outside-the-layers parts. ``--profile`` then runs the
 same image again under torch.profiler (bench/e2e_profile.py): the top ops by GPU and host time, kernel
-launches and host syncs per decoder pass. On the CPU (--cpu) the
+launches and host syncs per decoder pass. ``--without rope_cache,cache_end_once`` then takes those entries of
+the hook registry off, runs the same image again, puts them back and runs it once more: each stage
+without / with them, as ratios from one run (what an entry saves on this checkpoint). On the CPU (--cpu) the
 stages are those of the CPU run (a smoke run; its timings say nothing). Asserts nothing.
 """
 
@@ -228,6 +230,47 @@ def report(label: str, tl: Timeline, st: Stages, n_layers: int, steps: int, weig
           f"think {p['token_ms']:.1f} ms/token, image ~{p['image_s']:.1f} s")
 
 
+def check_installed(loaded, names: list[str]) -> None:
+    """Refuse (SystemExit) entries this model does not have, before an image is timed."""
+    from hunyuan_image3.hunyuan_loader.hooks.registry import hook_names
+
+    installed = hook_names(loaded.model)
+    missing = [n for n in names if n not in installed]
+    if missing:
+        raise SystemExit(f"--without: {', '.join(missing)} not installed on this model (installed: "
+                         f"{', '.join(installed)})")
+
+
+def compare_without(loaded, req, names: list[str], dev: torch.device) -> tuple[Stages, Stages, dict[str, float]]:
+    """The same image without the registry entries ``names``, then with them again (so neither side is
+    the warm-up): (without, with again, the ratios without / with of the text's ms per token, the later
+    steps' median and the whole image; 0 where a stage is absent)."""
+    from hunyuan_image3.hunyuan_loader.hooks.registry import registry
+
+    reg = registry(loaded.model)
+    check_installed(loaded, names)
+    hooks = {name: reg.get(name) for name in names}
+    for name in names:
+        reg.remove(name)
+    try:
+        tl = Timeline(dev)
+        run_image(loaded, req, tl)
+        off = stages(tl)
+    finally:
+        for name, hook in hooks.items():
+            reg.install(name, hook)
+    tl = Timeline(dev)
+    run_image(loaded, req, tl)
+    on = stages(tl)
+    on_steps, off_steps = on.step_ms[1:] or on.step_ms, off.step_ms[1:] or off.step_ms
+    return off, on, {
+        "text_ms_per_token": (off.text_ms_per_token / on.text_ms_per_token) if on.text_tokens else 0.0,
+        "step_ms": (statistics.median(off_steps) / statistics.median(on_steps)) if on_steps else 0.0,
+        "total_s": off.total_s / on.total_s,
+        "same_tokens": float(off.text_tokens == on.text_tokens),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="a checkpoint folder (default: the test model at real layer widths)")
@@ -244,12 +287,21 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true", help="a smoke run on the CPU (tiny test model unless --model)")
     ap.add_argument("--profile", action="store_true",
                     help="then the same image again under torch.profiler: top ops, launches and host syncs per pass")
+    ap.add_argument("--without", default="",
+                    help="then the same image again without these hook entries (comma-separated names of "
+                         "docs/hooks.md, e.g. rope_cache,cache_end_once): without / with per stage")
     args = ap.parse_args()
+    without = [n for n in args.without.split(",") if n]
     cuda = torch.cuda.is_available() and not args.cpu
     if not cuda and not args.cpu:
         print("bench/e2e.py needs a CUDA GPU (or --cpu for a smoke run); nothing to measure here.")
         return 0
     load_pack()
+    from hunyuan_image3.hunyuan_loader.hooks.registry import HOOK_ORDER
+
+    unknown = [n for n in without if n not in HOOK_ORDER]
+    if unknown:  # before anything loads
+        ap.error(f"--without: unknown entry {', '.join(unknown)}; the names: {', '.join(HOOK_ORDER)}")
     from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
     from hunyuan_image3.hunyuan_loader.load.pipeline import load_model
     from hunyuan_image3.hunyuan_loader.request import GenerationRequest
@@ -272,13 +324,22 @@ def main() -> int:
     req = GenerationRequest(prompt="a red fox in the snow, photograph", seed=1, steps=args.steps, resolution=args.size,
                             width=w, height=h, bot_task="think" if args.think else None, images=images,
                             max_new_tokens=args.max_new_tokens)
+    check_installed(loaded, without)
     tl = Timeline(dev)
     print(f"load {load_s:.1f} s ({loaded.spec.describe()})")
     result = run_image(loaded, req, tl)
     reserve = int(estimate_inference_gb(w, h, config=loaded.model.config, moe_impl=loaded.spec.moe_impl,
                                         extra_tokens=len(tl.token_times)) * 1024**3)
     steps = result.steps
-    report(f"{loaded.variant.name} {args.quant} {args.offload}", tl, stages(tl), n_layers, steps, weights, reserve)
+    st = stages(tl)
+    report(f"{loaded.variant.name} {args.quant} {args.offload}", tl, st, n_layers, steps, weights, reserve)
+    if without:
+        off, on, ratios = compare_without(loaded, req, without, dev)
+        for label, st_ in ((f"the same without {', '.join(without)}", off), ("and with them again", on)):
+            report(label, Timeline(dev), st_, n_layers, steps, weights, reserve)
+        text = f"text {ratios['text_ms_per_token']:.2f}x ms per token, " if ratios["text_ms_per_token"] else ""
+        print(f"without / with: {text}later steps {ratios['step_ms']:.2f}x, the whole image {ratios['total_s']:.2f}x"
+              + ("" if ratios["same_tokens"] else " (the text had another length: compare per token only)"))
     if args.profile:
         from e2e_profile import print_profile, profile_image
 

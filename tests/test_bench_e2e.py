@@ -92,3 +92,33 @@ def test_profile_of_one_image_on_the_test_checkpoint(e2e, e2e_profile, base_chec
     assert s.passes == 2  # base: one decoder pass per step, both CFG rows in one batch
     assert len(s.top_host) == 5 and all(op.calls > 0 for op in s.top_host)
     assert "decode" not in loaded.model.vae.__dict__  # the bench's wraps came off
+
+
+def test_without_runs_the_image_without_the_named_entries_then_with_them(e2e, base_checkpoint: Path) -> None:
+    from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
+    from hunyuan_image3.hunyuan_loader.hooks.registry import hook_names
+    from hunyuan_image3.hunyuan_loader.load.pipeline import load_model
+    from hunyuan_image3.hunyuan_loader.request import GenerationRequest
+
+    loaded = load_model(LoadSpec(str(base_checkpoint)))
+    names = hook_names(loaded.model)
+    assert "moe_dispatch" in names
+    seen = []
+    real_run = e2e.run_image
+
+    def spying_run(loaded_, req_, tl_):
+        seen.append(hook_names(loaded_.model))
+        return real_run(loaded_, req_, tl_)
+
+    req = GenerationRequest("a fox", seed=1, steps=3, resolution="256x256")
+    e2e.run_image, saved = spying_run, e2e.run_image
+    try:
+        off, on, ratios = e2e.compare_without(loaded, req, ["moe_dispatch"], torch.device("cpu"))
+    finally:
+        e2e.run_image = saved
+    assert seen == [[n for n in names if n != "moe_dispatch"], names]  # without it, then with it again
+    assert hook_names(loaded.model) == names
+    assert len(off.step_ms) == len(on.step_ms) == 3
+    assert ratios["step_ms"] > 0 and ratios["total_s"] > 0 and ratios["text_ms_per_token"] == 0.0
+    with pytest.raises(SystemExit, match="rope_cache not installed"):
+        e2e.compare_without(loaded, req, ["rope_cache"], torch.device("cpu"))

@@ -34,8 +34,10 @@ log = logging.getLogger(__name__)
 # same module; a wrapper outside a later wrapper). Every name the pack installs is listed here.
 HOOK_ORDER: tuple[str, ...] = (
     "static_cache_init",       # remote_code_fixes: the official KV cache's layers initialised as 5.x asks
+    "cache_end_once",          # official_caches: the text stage's KV cache end read once per forward, not per layer
     "cache_kwarg_name",        # remote_code_fixes: the KV cache handed back as past_key_values (5.x: "cache")
     "vit_return_tensors",      # remote_code_fixes: the Instruct ViT processor returns tensors (5.x: lists)
+    "rope_cache",              # official_caches: the 2D RoPE table built once per generation, not per forward
     "mask_alignment",          # remote_code_fixes: the decoder's CPU-built text mask to its device
     "vision_input_alignment",  # remote_code_fixes: the vision tower's tensor kwargs to its device
     "cpu_input_casts",         # remote_code_fixes: image modules' float inputs cast as CUDA autocast would
@@ -146,6 +148,66 @@ class MethodWrap:
             delattr(self.target, self.name)
         else:
             setattr(self.target, self.name, restore)
+
+
+class _ClassPatches:
+    """The patches of one method of one class: the shipped function and, per entry name, the
+    function that wraps it and how many models use that entry."""
+
+    def __init__(self, shipped: Any) -> None:
+        self.shipped = shipped
+        self.entries: dict[str, list[Any]] = {}  # entry name -> [make, models attached]
+
+
+_CLASS_PATCHES: dict[tuple[type, str], _ClassPatches] = {}
+
+
+class ClassMethodPatch:
+    """A Hook that wraps one method of a class of the checkpoint's own code (no torch hook).
+
+    The class is shared by every model loaded from that code (a reload, two checkpoints of one code),
+    so the patch is counted per entry: the first model that attaches an entry puts it on, the last
+    that detaches takes it off. Several entries on one method compose in ``HOOK_ORDER`` (an earlier
+    entry's wrapper outside a later one's) whatever order they come and go in; with none left the
+    class has its shipped function again. ``make(inner)`` returns the wrapper of ``inner``."""
+
+    torch_hooks = False
+
+    def __init__(self, entry: str, cls: type, name: str, make: Callable[[Any], Any]) -> None:
+        _position(entry)
+        self.entry, self.cls, self.name, self.make = entry, cls, name, make
+        self.attached = False
+
+    def attach(self) -> None:
+        if self.attached:
+            return
+        key = (self.cls, self.name)
+        patches = _CLASS_PATCHES.get(key)
+        if patches is None:
+            patches = _CLASS_PATCHES[key] = _ClassPatches(self.cls.__dict__[self.name])
+        patches.entries.setdefault(self.entry, [self.make, 0])[1] += 1
+        self.attached = True
+        self._compose(patches)
+
+    def detach(self) -> None:
+        if not self.attached:
+            return
+        self.attached = False
+        key = (self.cls, self.name)
+        patches = _CLASS_PATCHES[key]
+        count = patches.entries[self.entry]
+        count[1] -= 1
+        if count[1] == 0:
+            del patches.entries[self.entry]
+        if not patches.entries:
+            del _CLASS_PATCHES[key]
+        self._compose(patches)
+
+    def _compose(self, patches: _ClassPatches) -> None:
+        function = patches.shipped
+        for entry in sorted(patches.entries, key=_position, reverse=True):  # the last in the order innermost
+            function = patches.entries[entry][0](function)
+        setattr(self.cls, self.name, function)
 
 
 class NamedOnly:

@@ -1,7 +1,7 @@
 """Work-arounds for the official remote code, applied to a loaded model without editing its files.
 
 Each is a named entry of the model's hook registry (registry.py): static_cache_init, cache_kwarg_name,
-mask_alignment, vision_input_alignment, cpu_input_casts."""
+vit_return_tensors, mask_alignment, vision_input_alignment, cpu_input_casts."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..core import hf_compat
-from .registry import ModuleHooks, registry
+from .registry import ClassMethodPatch, ModuleHooks, registry
 
 log = logging.getLogger(__name__)
 
@@ -124,44 +124,6 @@ def install_vision_input_alignment(model: Any) -> bool:
     return registry(model).install("vision_input_alignment", _PreHooks([vision], _move_tensor_inputs))
 
 
-_PATCHED: dict[tuple[type, str], list[Any]] = {}  # (class, method) -> [shipped function, models using the patch]
-
-
-class _MethodPatch:
-    """A Hook that swaps one method of a class of the checkpoint's own module (no torch hook).
-
-    The class is shared by every model loaded from that code (a reload, two checkpoints of one code), so
-    the swap is counted: the first model that attaches wraps the shipped method, later ones share that
-    wrapper, and the shipped method comes back when the last one detaches."""
-
-    torch_hooks = False
-
-    def __init__(self, cls: type, name: str, make: Any) -> None:
-        self.cls, self.name, self.make = cls, name, make
-        self.attached = False
-
-    def attach(self) -> None:
-        if self.attached:
-            return
-        entry = _PATCHED.get((self.cls, self.name))
-        if entry is None:
-            shipped = self.cls.__dict__[self.name]
-            entry = _PATCHED[(self.cls, self.name)] = [shipped, 0]
-            setattr(self.cls, self.name, self.make(shipped))
-        entry[1] += 1
-        self.attached = True
-
-    def detach(self) -> None:
-        if not self.attached:
-            return
-        self.attached = False
-        entry = _PATCHED[(self.cls, self.name)]
-        entry[1] -= 1
-        if entry[1] == 0:
-            setattr(self.cls, self.name, entry[0])
-            del _PATCHED[(self.cls, self.name)]
-
-
 def _update_initialising_both(update: Any) -> Any:
     def patched(self: Any, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                 cache_kwargs: Any = None) -> Any:
@@ -187,7 +149,8 @@ def install_static_cache_init(model: Any) -> bool:
     cls = getattr(module, "HunyuanStaticCache", None)
     if not isinstance(cls, type) or "update" not in cls.__dict__ or not hf_compat.lazy_init_takes_values():
         return False
-    return registry(model).install("static_cache_init", _MethodPatch(cls, "update", _update_initialising_both))
+    patch = ClassMethodPatch("static_cache_init", cls, "update", _update_initialising_both)
+    return registry(model).install("static_cache_init", patch)
 
 
 def _kwargs_keeping_past_key_values(update: Any) -> Any:
@@ -219,11 +182,11 @@ def _inputs_taking_cache(prepare: Any) -> Any:
 
 
 class _MethodPatches:
-    """Several _MethodPatch of one class as one entry."""
+    """Several ClassMethodPatch of one entry as one Hook."""
 
     torch_hooks = False
 
-    def __init__(self, patches: list[_MethodPatch]) -> None:
+    def __init__(self, patches: list[ClassMethodPatch]) -> None:
         self.patches = patches
 
     def attach(self) -> None:
@@ -260,7 +223,7 @@ def install_cache_kwarg_name(model: Any) -> bool:
         cls = next((c for c in type(model).__mro__ if name in c.__dict__ and c.__module__ == type(model).__module__),
                    None)
         if cls is not None:
-            patches.append(_MethodPatch(cls, name, makes[name]))
+            patches.append(ClassMethodPatch("cache_kwarg_name", cls, name, makes[name]))
     if not patches or not hf_compat.cache_kwarg_renamed():
         return False
     return registry(model).install("cache_kwarg_name", _MethodPatches(patches))

@@ -18,6 +18,7 @@ from ..core.step_cache_settings import StepCacheSettings
 from ..preview.stream import PreviewStream, flow_x0
 from .finite_output import DecodeCheck
 from .moe_dispatch import install_moe_dispatch
+from .official_caches import install_cache_end_once, install_rope_cache
 from .registry import Hook, MethodWrap, NamedOnly, registry
 from .remote_code_fixes import (
     install_cache_kwarg_name,
@@ -38,8 +39,10 @@ def install_load_hooks(model: nn.Module, moe_impl: str, device: torch.device, ma
     managers whose streamers the registry attaches from now on."""
     install_moe_dispatch(model, moe_impl)
     install_static_cache_init(model)
+    install_cache_end_once(model)
     install_cache_kwarg_name(model)
     install_vit_return_tensors(model)
+    install_rope_cache(model)
     install_mask_alignment(model)
     install_vision_input_alignment(model)
     if device.type == "cpu":
