@@ -152,20 +152,15 @@ class HunyuanModelCache:
     ) -> GenerationResult:
         """The one call a Generate node makes, after its checks: the model loaded if it is not yet
         (``load_progress(bytes read, bytes total)``, ``cancel`` between blocks) or brought back
-        (``make_room(bytes)`` lets ComfyUI's own models yield first), then, for each attempt,
-        ``prepare_run`` has the offload policy place the run (node -> cache -> policy -> residency).
+        (``make_room(bytes)`` lets ComfyUI's own models yield first), then ``generation.generate``, where
+        the offload policy places each attempt (node -> cache -> generation -> policy -> residency).
         ``preview``: see ``generation.generate``."""
         loads = self.load_count
         loaded = self.bring_back(handle, make_room, progress=load_progress, cancel=cancel)
         load_note = [f"loaded in {loaded.load_seconds:.1f} s before this run"] \
             if self.load_count != loads else []
-
-        def placement(size: tuple[int, int], notes: list[str], retried: bool, tokens: int):
-            return self.prepare_run(handle, size, notes, make_room=make_room, extra_margin=retried,
-                                    extra_tokens=tokens)
-
-        result = generate(loaded, req, progress, cancel, placement=placement, preview=preview,
-                          preview_every=settings.get(settings.PREVIEW_EVERY))
+        result = generate(loaded, req, progress, cancel, preview=preview,
+                          preview_every=settings.get(settings.PREVIEW_EVERY), make_room=make_room)
         result.notes[:0] = load_note
         return result
 

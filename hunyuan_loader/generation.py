@@ -42,7 +42,7 @@ from .core.step_cache_settings import StepCacheSettings, check_settings
 from .hooks.finite_output import NonFiniteOutput, check_finite, non_finite_error
 from .hooks.registry import MethodWrap
 from .hooks.standard import call_hooks
-from .load.per_run import run_placement
+from .load.per_run import MakeRoom, run_placement
 from .model.resolution import rendered_size
 from .preview.stream import PreviewFn, PreviewStream
 from .request import (  # noqa: F401 - re-exported: the request is part of this module's interface
@@ -379,6 +379,7 @@ def generate(
     placement: RunPlacement | None = None,
     preview: PreviewFn | None = None,
     preview_every: int = 1,
+    make_room: MakeRoom | None = None,
 ) -> GenerationResult:
     """Generate one image with the cached model. Raises InputError / OutOfMemoryError.
 
@@ -389,10 +390,14 @@ def generate(
     ``progress(step, steps)`` follows the diffusion steps; ``text_progress(tokens, max_new_tokens)``
     the think / recaption text (default: ``progress``); ``cancel()`` is checked once per token and
     once per step (it raises to stop; the model stays usable). ``placement(size, notes, retried,
-    extra_tokens)`` places each attempt (default: the offload policy's run placement)."""
+    extra_tokens)`` places each attempt (default: the offload policy's run placement, which first lets
+    ``make_room(bytes)`` have ComfyUI's own models yield)."""
     if placement is None:
+        cache_order = req.step_cache.order if req.step_cache is not None and req.step_cache.enabled else None
+
         def placement(size: tuple[int, int], notes: list[str], retried: bool, tokens: int):
-            return run_placement(loaded, size, notes, extra_margin=retried, extra_tokens=tokens)
+            return run_placement(loaded, size, notes, extra_margin=retried, make_room=make_room, extra_tokens=tokens,
+                                 step_cache_order=cache_order)
 
     validate_request(req)
     check_variant_request(loaded.variant, req)

@@ -145,7 +145,7 @@ def test_distil_takes_any_guidance(cache, distil_checkpoint: Path) -> None:
 
 
 def test_generate_node_path_is_one_call_through_the_cache(cache, base_checkpoint: Path) -> None:
-    """node -> cache.generate -> cache (bring back, prepare_run) -> policy -> residency."""
+    """node -> cache.generate (bring back) -> generation -> policy -> residency: the cache is crossed once."""
 
     handle = cache.load(LoadSpec(str(base_checkpoint)))
     asked: list[int] = []

@@ -43,8 +43,7 @@ from ...memory.residency.packed import PackedBlock
 from ...memory.residency.streaming import BlockStreamer
 from ...memory.residency.weights import TensorRef, weight_tensors
 from ..core.units import GIB
-from .registry import registry
-from .split_exec import move_to
+from .registry import move_to, registry
 from .streaming import StreamingHooks
 
 log = logging.getLogger(__name__)

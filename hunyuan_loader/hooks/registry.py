@@ -25,6 +25,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ HOOK_ORDER: tuple[str, ...] = (
     "cfg_rows",                # cfg_parallel: decoder.forward -> the row-splitting wrapper
     "step_cache",              # step_cache, one call: decoder.forward -> a served step runs no block, no replica
     "diffusion_progress",      # generation, one call: scheduler.step -> progress + cancel
-    "diffusion_preview",       # preview/stream, one call: scheduler.step -> x0 preview (inside the progress wrap)
+    "diffusion_preview",       # standard, one call: scheduler.step -> x0 preview (inside the progress wrap)
     "finite_output",           # finite_output, one call: model.vae.decode -> NaN/inf check of latents, image
     "text_progress",           # generation, one call: the per-token StoppingCriteria
     "last_logits",             # needless_work, one call: lm_head gets the last position only (all generate reads)
@@ -322,6 +323,34 @@ def forward_hook_count(model: nn.Module) -> int:
     """Forward hooks and pre-hooks left on any module of ``model`` (tests, diagnostics)."""
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
 
+# -- for entries that move a call's values to another device (split_boundaries, cfg_rows) ---------
+def move_to(value: Any, device: torch.device, memo: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Any:
+    """``value`` with every tensor in it (through tuples, lists and dicts) on ``device``; other
+    objects (a KV cache, numbers, strings) as they are. ``memo`` reuses copies of the same tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.device == device:
+            return value
+        if memo is not None:
+            hit = memo.get(id(value))
+            if hit is not None and hit[0] is value and hit[1].device == device:
+                return hit[1]
+        # to a GPU asynchronously (stream-ordered); to the CPU synchronously: an asynchronous
+        # device-to-host copy may still be running when the CPU reads the result
+        moved = value.to(device, non_blocking=device.type == "cuda")
+        if memo is not None:
+            memo[id(value)] = (value, moved)  # keeps the source alive, so its id is not reused
+        return moved
+    if isinstance(value, (tuple, list)):
+        items = [move_to(v, device, memo) for v in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value  # nothing moved: the same object
+        if isinstance(value, list):
+            return items
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, dict) and type(value) is dict:
+        moved = {k: move_to(v, device, memo) for k, v in value.items()}
+        return value if all(moved[k] is value[k] for k in value) else moved
+    return value
 
 # -- the expert fetch: the one coupling of two entries (moe_dispatch calls it, block_streaming sets it),
 # kept here, below both, so that streaming imports nothing of the MoE dispatch (hooks/moe_dispatch.py).

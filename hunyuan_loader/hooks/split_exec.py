@@ -17,6 +17,10 @@ Tensors shared by every block (the mask, rope, position ids) are copied once per
 pass over the stack, not once per block: copies are remembered from block 0's hook to the end
 of the pass. The CUDA current device follows the block (code that allocates on "cuda"
 inside a block gets the block's GPU) and is put back after the last block.
+
+``SplitResidency`` is the residency of a split model: one ResidencyManager per device over its run
+of blocks (``memory.residency.multi``) with this entry installed, as ``cfg_parallel.CfgParallelResidency``
+is CFG-parallel's beside its entry.
 """
 
 from __future__ import annotations
@@ -28,38 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .registry import ModuleHooks
+from ...memory import devices as dv
+from ...memory.residency.multi import MultiDeviceResidency
+from .registry import ModuleHooks, move_to, registry
 
 log = logging.getLogger(__name__)
-
-
-def move_to(value: Any, device: torch.device, memo: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Any:
-    """``value`` with every tensor in it (through tuples, lists and dicts) on ``device``; other
-    objects (a KV cache, numbers, strings) as they are. ``memo`` reuses copies of the same tensor."""
-    if isinstance(value, torch.Tensor):
-        if value.device == device:
-            return value
-        if memo is not None:
-            hit = memo.get(id(value))
-            if hit is not None and hit[0] is value and hit[1].device == device:
-                return hit[1]
-        # to a GPU asynchronously (stream-ordered); to the CPU synchronously: an asynchronous
-        # device-to-host copy may still be running when the CPU reads the result
-        moved = value.to(device, non_blocking=device.type == "cuda")
-        if memo is not None:
-            memo[id(value)] = (value, moved)  # keeps the source alive, so its id is not reused
-        return moved
-    if isinstance(value, (tuple, list)):
-        items = [move_to(v, device, memo) for v in value]
-        if all(a is b for a, b in zip(items, value)):
-            return value  # nothing moved: the same object
-        if isinstance(value, list):
-            return items
-        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
-    if isinstance(value, dict) and type(value) is dict:
-        moved = {k: move_to(v, device, memo) for k, v in value.items()}
-        return value if all(moved[k] is value[k] for k in value) else moved
-    return value
 
 
 class SplitExecution(ModuleHooks):
@@ -136,3 +113,30 @@ class SplitExecution(ModuleHooks):
 
     def close(self) -> None:
         self.detach()
+
+
+# -- residency ------------------------------------------------------------------------------------
+class SplitResidency(MultiDeviceResidency):
+    """MultiDeviceResidency plus the activation moves at the device boundaries."""
+
+    def __init__(self, model: Any, blocks: Sequence[Any], split: dv.SplitPlan, **kwargs: Any) -> None:
+        super().__init__(model, blocks, split, **kwargs)
+        starts = [a for a, b in split.ranges if b > a]
+        self.execution = (SplitExecution(blocks, split.block_devices, split.devices[0], starts=starts, attach=False)
+                          if len(split.devices) > 1 else None)
+        if self.execution is not None:
+            registry(model).install("split_boundaries", self.execution)
+
+    def extra_needed(self, need: int, notes: list[str] | None = None) -> tuple[int, int]:
+        result = super().extra_needed(need, notes)
+        if notes is not None and self.execution is not None:
+            notes.append(self.split.describe() + ".")
+        return result
+
+    def close(self) -> None:
+        if self.execution is not None:
+            if registry(self.model).get("split_boundaries") is self.execution:
+                registry(self.model).remove("split_boundaries")
+            self.execution.close()
+            self.execution = None
+        super().close()

@@ -7,6 +7,7 @@ in: docs/hooks.md)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -14,11 +15,11 @@ import torch
 from torch import nn
 
 from ..core.step_cache_settings import StepCacheSettings
-from ..preview.stream import PreviewStream, StepPreview
+from ..preview.stream import PreviewStream, flow_x0
 from .finite_output import DecodeCheck
 from .moe_dispatch import install_moe_dispatch
 from .needless_work import install_cache_end_once, install_rope_cache, last_logits
-from .registry import Hook, NamedOnly, registry
+from .registry import Hook, MethodWrap, NamedOnly, registry
 from .remote_code_fixes import (
     install_cache_kwarg_name,
     install_cpu_input_casts,
@@ -29,6 +30,8 @@ from .remote_code_fixes import (
 )
 from .step_cache import step_cache
 from .streaming import connect_streaming
+
+log = logging.getLogger(__name__)
 
 
 def install_load_hooks(model: nn.Module, moe_impl: str, device: torch.device, managers: Sequence[Any]) -> None:
@@ -82,3 +85,33 @@ def call_hooks(
             if head is not None:
                 stack.enter_context(reg.active("last_logits", head))
         yield
+
+
+class StepPreview(MethodWrap):
+    """The hook registry's entry ``diffusion_preview``: ``scheduler.step`` wrapped on the instance for one
+    call; after each step that is due, x0 goes to the stream. A failure turns previews off for the rest
+    of the run (logged once) and never reaches the image."""
+
+    def __init__(self, scheduler: Any, stream: PreviewStream) -> None:
+        super().__init__(scheduler, "step")
+        self.scheduler, self.stream = scheduler, stream
+        self.steps = 0
+
+    def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        scheduler, stream = self.scheduler, self.stream
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            self.steps += 1
+            if stream.due(self.steps):
+                try:
+                    model_output = kwargs["model_output"] if "model_output" in kwargs else args[0]
+                    timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+                    sample = kwargs["sample"] if "sample" in kwargs else args[2]
+                    stream.submit(self.steps, flow_x0(scheduler, model_output, timestep, sample))
+                except Exception as exc:  # a preview must never cost the image
+                    stream.failed = True
+                    log.warning("previews stopped: %s: %s", type(exc).__name__, exc)
+            return out
+
+        return step

@@ -1,49 +1,22 @@
 """The adopt step of the load pipeline: the residency a placed model gets, by its LoadPlacement's
 layout. One device: a ResidencyManager over the resident and the already packed blocks. A split
 (``layout="split"``): one manager per device over its run of blocks, the activation moves at the
-boundaries (``SplitResidency``). CFG-parallel: the first device's manager plus a decoder replica
-on each other device (hooks/cfg_parallel.py). Every one is a ``memory.residency.Residency``."""
+boundaries (``hooks/split_exec.SplitResidency``). CFG-parallel: the first device's manager plus a decoder
+replica on each other device (``hooks/cfg_parallel.CfgParallelResidency``). Every one is a
+``memory.residency.Residency``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
 
 from ...memory import devices as dv
-from ...memory.residency.multi import MultiDeviceResidency
 from ...memory.residency.protocol import Residency
 from ..hooks.cfg_parallel import CfgParallelResidency
-from ..hooks.registry import registry
-from ..hooks.split_exec import SplitExecution
+from ..hooks.split_exec import SplitResidency
 from .placement import LoadPlacement, adopt_load
-
-
-class SplitResidency(MultiDeviceResidency):
-    """MultiDeviceResidency plus the activation moves at the device boundaries."""
-
-    def __init__(self, model: Any, blocks: Sequence[Any], split: dv.SplitPlan, **kwargs: Any) -> None:
-        super().__init__(model, blocks, split, **kwargs)
-        starts = [a for a, b in split.ranges if b > a]
-        self.execution = (SplitExecution(blocks, split.block_devices, split.devices[0], starts=starts, attach=False)
-                          if len(split.devices) > 1 else None)
-        if self.execution is not None:
-            registry(model).install("split_boundaries", self.execution)
-
-    def extra_needed(self, need: int, notes: list[str] | None = None) -> tuple[int, int]:
-        result = super().extra_needed(need, notes)
-        if notes is not None and self.execution is not None:
-            notes.append(self.split.describe() + ".")
-        return result
-
-    def close(self) -> None:
-        if self.execution is not None:
-            if registry(self.model).get("split_boundaries") is self.execution:
-                registry(self.model).remove("split_boundaries")
-            self.execution.close()
-            self.execution = None
-        super().close()
 
 
 def adopt(model: nn.Module, placement: LoadPlacement, packed: Mapping[int, Any], *,

@@ -33,7 +33,7 @@ from ..formats.registry import WeightFormat
 from ..model.variants import Variant
 from . import multi_gpu
 from .blocks import gpu_staging_bytes, header_nbytes
-from .placement import LoadPlacement, plan_load, uses_accelerate, within_ram_limit
+from .placement import LoadPlacement, check_load_ram, plan_load, uses_accelerate, within_ram_limit
 
 log = logging.getLogger(__name__)
 
@@ -109,19 +109,21 @@ def capacity_ram() -> int:
 def plan_at_capacity(spec: LoadSpec, info: CheckpointInfo, layout: dict[str, TensorEntry], fmt: WeightFormat,
                      pre_quantized: bool) -> LoadPlacement:
     """The load plan from the headers with this machine's whole memory as the room: the load's own
-    planners (``placement.plan_load``, ``multi_gpu.plan_devices``), raising as they do."""
+    planners (``placement.plan_load``, ``multi_gpu.plan_devices``) and RAM check, raising as they do."""
     block_bytes, other_bytes, replica_other = header_sizes(layout, fmt, fmt.quantized and not pre_quantized)
     device = primary_device(spec)
     staging = gpu_staging_bytes(layout) if device.type == "cuda" else 0
-    ram = capacity_ram()
     if not handled_here(spec):
-        return plan_load(spec, block_bytes, other_bytes, device, info.config, staging_bytes=staging,
-                         ram_available=ram, vram_usable=capacity_vram(device), log_plan=False)
-    devices = resolve_devices(spec.devices)
-    rooms = [_room(spec, d) for d in devices]
-    mp = multi_gpu.plan_devices(spec, block_bytes, other_bytes, info.config, replicable=fmt.replicable,
-                                replica_other_bytes=replica_other, devices=devices, rooms=rooms)
-    return multi_gpu.placement_of(spec, mp, block_bytes, other_bytes, staging_bytes=staging, ram_available=ram)
+        placement = plan_load(spec, block_bytes, other_bytes, device, info.config, staging_bytes=staging,
+                              vram_usable=capacity_vram(device), log_plan=False)
+    else:
+        devices = resolve_devices(spec.devices)
+        rooms = [_room(spec, d) for d in devices]
+        mp = multi_gpu.plan_devices(spec, block_bytes, other_bytes, info.config, replicable=fmt.replicable,
+                                    replica_other_bytes=replica_other, devices=devices, rooms=rooms)
+        placement = multi_gpu.placement_of(mp, block_bytes, other_bytes, staging_bytes=staging)
+    check_load_ram(spec, placement, capacity_ram())
+    return placement
 
 
 def _room(spec: LoadSpec, device: torch.device) -> int:

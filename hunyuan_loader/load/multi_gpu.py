@@ -39,7 +39,7 @@ from ..core.devices import (  # noqa: F401 - part of this module's interface
     resolve_devices,
 )
 from ..core.errors import InputError, NotEnoughVRAMError
-from .placement import LoadPlacement, check_load_ram
+from .placement import LoadPlacement
 
 log = logging.getLogger(__name__)
 
@@ -173,31 +173,27 @@ def plan_load_on_devices(
     devices: Sequence[torch.device],
     replicable: bool = True,
     staging_bytes: int = 0,
-    ram_available: int | None = None,
 ) -> LoadPlacement:
     """``placement.plan_load`` for the spec's ``devices`` (several, or one that is not the current;
     resolved by ``resolve_devices``): the mode and each device's plan (``plan_devices``), as a
-    LoadPlacement the load pipeline reads, places and adopts like a one-device one; refused (RAM,
-    VRAM) before any read. ``replicable``: the weight format's (whether CFG replicas can copy its
-    modules)."""
+    LoadPlacement the load pipeline checks (``check_load_ram``), reads, places and adopts like a
+    one-device one; refused (VRAM) before any read. ``replicable``: the weight format's (whether CFG
+    replicas can copy its modules)."""
     replica_other = _replica_other_bytes(sk, units)
     mp = plan_devices(spec, block_bytes, other_bytes, sk.config, replicable=replicable,
                       replica_other_bytes=replica_other, devices=devices)
     log.info("load plan for %s: %s", spec.describe(), mp.describe())
-    return placement_of(spec, mp, block_bytes, other_bytes, staging_bytes=staging_bytes, ram_available=ram_available)
+    return placement_of(mp, block_bytes, other_bytes, staging_bytes=staging_bytes)
 
 
 def placement_of(
-    spec: Any,
     mp: MultiPlan,
     block_bytes: Sequence[int],
     other_bytes: int,
     *,
     staging_bytes: int = 0,
-    ram_available: int | None = None,
 ) -> LoadPlacement:
-    """A multi-device plan as the LoadPlacement the pipeline follows; refused when the machine lacks its
-    host RAM (``check_load_ram``)."""
+    """A multi-device plan as the LoadPlacement the pipeline follows."""
     primary = mp.devices[0]
     if mp.mode == "cfg_parallel":
         plan = mp.cfg_plan
@@ -211,5 +207,4 @@ def placement_of(
         placement = LoadPlacement(primary, whole, split.streamed_bytes, staging_bytes, layout="split",
                                   devices=mp.devices, block_devices=tuple(torch.device(d) for d in split.block_devices),
                                   split=split)
-    check_load_ram(spec, placement, ram_available)
     return placement

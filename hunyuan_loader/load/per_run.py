@@ -1,7 +1,7 @@
 """The offload policy per Generate: make room (ComfyUI's own models first), estimate the inference
 memory of the target size and stream just enough extra blocks for that run (INT8 auto-switch above
 1.2 MP, a bigger margin on an OOM retry). Load time is placement.py's; both read the LoadSpec.
-Path of a Generate: node -> cache.prepare_run -> run_placement -> residency, each once.
+Path of a Generate: node -> cache.generate -> generation.generate -> run_placement (each attempt) -> residency.
 """
 
 from __future__ import annotations
@@ -29,15 +29,18 @@ def needs_auto_switch(spec: LoadSpec, width: int, height: int) -> bool:
     return spec.quant == "int8" and spec.offload == "disabled" and megapixels(width, height) > AUTO_SWITCH_MP
 
 
-def inference_bytes(loaded: LoadedModel, width: int, height: int, extra_tokens: int = 0) -> int:
+def inference_bytes(loaded: LoadedModel, width: int, height: int, extra_tokens: int = 0,
+                    step_cache_order: int | None = None) -> int:
     """Estimated activation memory of one run at this size, for the active MoE implementation;
     ``extra_tokens`` per CFG half: reference images, think / recaption text (generation.extra_tokens);
-    plus the grouped W8A16 experts' workspace where they run that way (moe_grouped.workspace_bytes)."""
+    ``step_cache_order``: the step cache's order when it is on; plus the grouped W8A16 experts'
+    workspace where they run that way (moe_grouped.workspace_bytes)."""
     from ..hooks.moe_dispatch import active_moe_impl
     from ..hooks.moe_grouped import workspace_bytes
 
     impl = active_moe_impl(loaded.model)
-    gb = estimate_inference_gb(width, height, config=loaded.model.config, moe_impl=impl, extra_tokens=extra_tokens)
+    gb = estimate_inference_gb(width, height, config=loaded.model.config, moe_impl=impl, extra_tokens=extra_tokens,
+                               step_cache_order=step_cache_order)
     workspace = workspace_bytes(loaded.model) if impl == "gather_scatter" else 0
     return int(gb * stats.GIB) + workspace
 
@@ -51,6 +54,7 @@ def run_placement(
     extra_margin: bool = False,
     make_room: MakeRoom | None = None,
     extra_tokens: int = 0,
+    step_cache_order: int | None = None,
 ) -> Iterator[None]:
     """For one run: make room (``make_room(bytes)``: ComfyUI's own models yield first), then
     stream just enough extra blocks that the inference memory fits; restore after the run."""
@@ -66,7 +70,8 @@ def run_placement(
             )
         yield
         return
-    need = inference_bytes(loaded, width, height, extra_tokens) * (OOM_RETRY_FACTOR if extra_margin else 1.0)
+    need = inference_bytes(loaded, width, height, extra_tokens, step_cache_order) * (
+        OOM_RETRY_FACTOR if extra_margin else 1.0)
     if make_room is not None:
         make_room(int(need))
     available, extra = manager.extra_needed(int(need), notes)  # each device of a model on several

@@ -32,6 +32,7 @@ from . import multi_gpu
 from .adopt import adopt
 from .placement import (
     accelerate_kwargs,
+    check_load_ram,
     place_for_spec,
     plan_load,
     uses_accelerate,
@@ -193,14 +194,13 @@ def _load_blocks(spec, found, device, progress, cancel, st):
                                        or any(a is not b for a, b in zip(entries, reader.entries))):
                 reader.close()  # the model leaves some tensors out: read them in its order instead
                 reader = None
-            ram_available = ram if early else _ram_available(ring)
             if single:
-                placement = plan_load(spec, block_bytes, other_bytes, device, sk.config, staging_bytes=staging,
-                                      ram_available=ram_available)
+                placement = plan_load(spec, block_bytes, other_bytes, device, sk.config, staging_bytes=staging)
             else:
                 placement = multi_gpu.plan_load_on_devices(
                     spec, sk, units, block_bytes, other_bytes, devices=devices,
-                    replicable=found.weight_format.replicable, staging_bytes=staging, ram_available=ram_available)
+                    replicable=found.weight_format.replicable, staging_bytes=staging)
+            check_load_ram(spec, placement, ram if early else _ram_available(ring))
             sizes = {i: placement.plan.block_bytes[i] for i in placement.streamed} if placement.plan is not None \
                 else None
         with st.phase("read+place"):
@@ -242,7 +242,8 @@ def _plan_from_headers_and_read(spec, info, layout, device) -> tuple[int, Any]:
     cuda = device.type == "cuda"
     staging = gpu_staging_bytes(layout) if cuda else 0
     ram = available_ram()  # before the ring is pinned: the plan counts the ring as staging
-    plan_load(spec, block_bytes, other_bytes, device, info.config, staging_bytes=staging, ram_available=ram)
+    placement = plan_load(spec, block_bytes, other_bytes, device, info.config, staging_bytes=staging)
+    check_load_ram(spec, placement, ram)
     ring = RingAhead(staging, pin=True) if staging else None
     return ram, start_reader(None, [e for u in units for e in u.entries], device, staging, ring)
 

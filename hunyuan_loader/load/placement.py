@@ -3,7 +3,8 @@
 The residency engine (memory/residency) executes plans; this module decides them before any
 weight is read (``plan_load``, one device; ``multi_gpu.plan_load_on_devices``, several): which
 decoder blocks stay on the GPU and which stream from pinned RAM, refusing, with the numbers and
-the choices, a plan whose VRAM or host RAM the machine does not have. The plan is a
+the choices, a plan whose VRAM (the planners) or host RAM (``check_load_ram``, after either) the
+machine does not have. The plan is a
 ``LoadPlacement``, which the load pipeline reads, places and adopts the same way for one device
 or several (``adopt.adopt``). Run time (each Generate) is per_run.py's.
 """
@@ -119,13 +120,12 @@ def plan_load(
     config: Any,
     *,
     staging_bytes: int = 0,
-    ram_available: int | None = None,
     vram_usable: int | None = None,
     log_plan: bool = True,
 ) -> LoadPlacement:
-    """Decide the placement from sizes and budget; raise NotEnoughVRAMError / NotEnoughRAMError
-    (with the numbers and the choices) when the machine cannot hold it. Reads no weight.
-    ``vram_usable``: the VRAM to plan with (default: what is usable now)."""
+    """Decide the placement from sizes and budget; raise NotEnoughVRAMError (with the numbers and the
+    choices) when the GPU cannot hold it. Reads no weight. ``vram_usable``: the VRAM to plan with
+    (default: what is usable now). Whether the host RAM holds it is the next step's (``check_load_ram``)."""
     total = int(other_bytes) + sum(int(b) for b in block_bytes)
     if device.type != "cuda":
         placement = LoadPlacement(device, None, total, staging_bytes)
@@ -151,14 +151,14 @@ def plan_load(
                     "fit from RAM), or the NF4 / INT8 loaders, whose weights are 4x / 2x smaller."
                 )
         placement = LoadPlacement(device, plan, plan.streamed_bytes, staging_bytes)
-    check_load_ram(spec, placement, ram_available)
     if log_plan:
         log.info("load plan for %s: %s", spec.describe(), placement.describe())
     return placement
 
 
 def check_load_ram(spec: LoadSpec, placement: LoadPlacement, ram_available: int | None = None) -> None:
-    """Refuse, before any read, a placement whose host RAM the machine does not have."""
+    """Refuse, before any read, a placement (of either planner) whose host RAM the machine does not
+    have: ``ram_available`` bytes (default: ``available_ram()``)."""
     need = placement.ram_bytes + placement.staging_bytes + RAM_MARGIN_BYTES
     avail = available_ram() if ram_available is None else int(ram_available)
     if need <= avail:

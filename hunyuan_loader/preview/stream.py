@@ -1,5 +1,5 @@
-"""Previews during sampling: the registry entry ``diffusion_preview`` on the scheduler's ``step``, and
-the stream of preview images it feeds.
+"""Previews during sampling: the stream of preview images that the registry entry ``diffusion_preview``
+(hooks/standard.py ``StepPreview``, on the scheduler's ``step``) feeds, and the x0 estimate it feeds them from.
 
 The official pipeline calls ``scheduler.step(pred, t, latents)`` once per step
 (hunyuan_image_3_pipeline.py:873) with the guided flow prediction; its Euler step is
@@ -13,16 +13,12 @@ tensors is written and no RNG is touched, so the image is the same with previews
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ..hooks.registry import MethodWrap
 from .projection import Projection, to_uint8_hwc
-
-log = logging.getLogger(__name__)
 
 PreviewFn = Callable[[int, int, Any], None]  # (step, steps, PIL image or None): progress with a preview
 
@@ -71,33 +67,3 @@ class PreviewStream:
         from PIL import Image
 
         return Image.fromarray(host.numpy().copy(), mode="RGB")  # its own pixels: the pinned block is reused
-
-
-class StepPreview(MethodWrap):
-    """The hook registry's entry ``diffusion_preview``: ``scheduler.step`` wrapped on the instance for one
-    call; after each step that is due, x0 goes to the stream. A failure turns previews off for the rest
-    of the run (logged once) and never reaches the image."""
-
-    def __init__(self, scheduler: Any, stream: PreviewStream) -> None:
-        super().__init__(scheduler, "step")
-        self.scheduler, self.stream = scheduler, stream
-        self.steps = 0
-
-    def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        scheduler, stream = self.scheduler, self.stream
-
-        def step(*args: Any, **kwargs: Any) -> Any:
-            out = original(*args, **kwargs)
-            self.steps += 1
-            if stream.due(self.steps):
-                try:
-                    model_output = kwargs["model_output"] if "model_output" in kwargs else args[0]
-                    timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-                    sample = kwargs["sample"] if "sample" in kwargs else args[2]
-                    stream.submit(self.steps, flow_x0(scheduler, model_output, timestep, sample))
-                except Exception as exc:  # a preview must never cost the image
-                    stream.failed = True
-                    log.warning("previews stopped: %s: %s", type(exc).__name__, exc)
-            return out
-
-        return step

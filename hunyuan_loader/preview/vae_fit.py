@@ -155,9 +155,10 @@ def projection_for(model: Any) -> Projection:
     """The projection for ``model.vae``: remembered for this model object, else read from the user's
     cache, else fitted (and stored). Raises what the VAE raises when it cannot run."""
     vae = model.vae
-    known = _PROJECTIONS.get(vae)
-    if known is not None:
-        return known
+    try:
+        return _PROJECTIONS[vae]  # this model object's VAE was seen before
+    except KeyError:
+        pass
     t0 = time.perf_counter()
     key = vae_fingerprint(vae)
     path = cache_folder() / f"{key}.json"

@@ -329,3 +329,22 @@ def test_taylor_with_budget_streaming_on_the_gpu(cache, base_checkpoint: Path, q
         handle.remove()
     assert n_off == 8 and n_cached == len(official_full_steps(SHORT, 8)) and [d for d, _ in seen] == list(range(1, 9))
     assert torch.equal(again.image, cached.image) and torch.isfinite(cached.image).all()
+
+
+def test_the_run_placement_plans_for_the_step_cache(cache, base_checkpoint: Path, one_thread, monkeypatch) -> None:
+    """With the step cache on, the run's plan counts its memory (memory/estimator.step_cache_bytes):
+    Generate hands the cache's order to the run placement; off, none."""
+    from hunyuan_image3.hunyuan_loader import generation
+
+    loaded = cache.get(cache.load(LoadSpec(str(base_checkpoint))))
+    seen: list[int | None] = []
+    real = generation.run_placement
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("step_cache_order"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "run_placement", spy)
+    for settings in (StepCacheSettings("taylor", order=3, first_steps=2), OFF):
+        generate(loaded, GenerationRequest("a fox", seed=1, steps=4, resolution="1024x1024", step_cache=settings))
+    assert seen == [3, None]

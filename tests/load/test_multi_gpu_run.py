@@ -22,9 +22,9 @@ from hunyuan_image3.hunyuan_loader.hooks.cfg_parallel import (
     merge_rows,
     take_rows,
 )
-from hunyuan_image3.hunyuan_loader.hooks.split_exec import SplitExecution, move_to
+from hunyuan_image3.hunyuan_loader.hooks.registry import move_to
+from hunyuan_image3.hunyuan_loader.hooks.split_exec import SplitExecution, SplitResidency
 from hunyuan_image3.hunyuan_loader.load import multi_gpu
-from hunyuan_image3.hunyuan_loader.load.adopt import SplitResidency
 from hunyuan_image3.memory import devices as dv
 from hunyuan_image3.memory.residency import ResidencyState, weight_tensors
 from hunyuan_image3.memory.residency.multi import MultiDeviceResidency

@@ -13,7 +13,7 @@ import torch
 from residency_models import inputs, make_model
 
 from hunyuan_image3.hunyuan_loader.hooks.cfg_parallel import CfgParallelResidency
-from hunyuan_image3.hunyuan_loader.load.adopt import SplitResidency
+from hunyuan_image3.hunyuan_loader.hooks.split_exec import SplitResidency
 from hunyuan_image3.memory import devices as dv
 from hunyuan_image3.memory import stats
 from hunyuan_image3.memory.residency import Residency, ResidencyManager

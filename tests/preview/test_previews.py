@@ -93,12 +93,12 @@ def test_a_failing_preview_never_fails_the_image(cache, one_thread, base_checkpo
     assert torch.equal(plain.image, previewed.image) and rec.calls == []  # progress goes the plain way
     monkeypatch.undo()
 
-    from hunyuan_image3.hunyuan_loader.preview import stream as stream_mod
+    from hunyuan_image3.hunyuan_loader.hooks import standard
 
     def raising(*args, **kwargs):
         raise ValueError("projection broke mid-run")
 
-    monkeypatch.setattr(stream_mod, "flow_x0", raising)
+    monkeypatch.setattr(standard, "flow_x0", raising)
     plain, previewed, rec = _pair(loaded, steps=3, resolution="1024x1024")
     assert torch.equal(plain.image, previewed.image)
     assert [c[:2] for c in rec.calls] == [(1, 3), (2, 3), (3, 3)] and rec.previews == []
