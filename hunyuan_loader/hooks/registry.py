@@ -360,13 +360,18 @@ _FETCH: weakref.WeakKeyDictionary[nn.Module, Fetch] = weakref.WeakKeyDictionary(
 _TOPK: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
 
 
+def _put(table: weakref.WeakKeyDictionary, block: nn.Module, value: Any) -> None:
+    """``table[block] = value``; None takes the block out."""
+    if value is None:
+        table.pop(block, None)
+    else:
+        table[block] = value
+
+
 def set_expert_fetch(block: nn.Module, fetch: Fetch | None) -> None:
     """``fetch(expert ids with tokens)`` runs in each gather_scatter call of ``block`` before its experts
     do (None: no callback)."""
-    if fetch is None:
-        _FETCH.pop(block, None)
-    else:
-        _FETCH[block] = fetch
+    _put(_FETCH, block, fetch)
 
 
 def expert_fetch(block: nn.Module) -> Fetch | None:
@@ -375,10 +380,7 @@ def expert_fetch(block: nn.Module) -> Fetch | None:
 
 def set_dispatched(block: nn.Module, topk: int | None) -> None:
     """``block``'s forward is the pack's gather_scatter with ``topk`` (None: its own forward again)."""
-    if topk is None:
-        _TOPK.pop(block, None)
-    else:
-        _TOPK[block] = topk
+    _put(_TOPK, block, topk)
 
 
 def dispatched_topk(block: nn.Module) -> int | None:
