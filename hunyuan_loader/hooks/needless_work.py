@@ -80,7 +80,7 @@ class _RopeMemory:
 
 def install_rope_cache(model: Any) -> bool:
     """Let the Instruct / Distil ``CachedRoPE`` hit its cache (module docstring). Installed on a model
-    whose ``cached_rope`` is the official class (the test stand-in and the base model have none).
+    whose ``cached_rope`` is the official class (Instruct and Distil; the base model has none).
     Idempotent; True when installed now."""
     rope = getattr(model, "cached_rope", None)
     if isinstance(rope, _RopeMemory) or type(rope).__name__ != "CachedRoPE":
@@ -123,8 +123,8 @@ def _end_of(cache: Any, position: torch.Tensor, layer_idx: int) -> int:
 
 def install_cache_end_once(model: Any) -> bool:
     """Read the text stage's KV cache end once per forward instead of once per layer (module docstring).
-    Installed on a model whose module defines ``HunyuanStaticCache`` with its own ``update`` (the test
-    stand-in has none). Idempotent; True when installed now."""
+    Installed on a model whose module defines ``HunyuanStaticCache`` with its own ``update`` (the official
+    code and the test checkpoint). Idempotent; True when installed now."""
     module = sys.modules.get(type(model).__module__)
     cls = getattr(module, "HunyuanStaticCache", None)
     if not isinstance(cls, type) or "update" not in cls.__dict__:
