@@ -14,7 +14,10 @@ Distil's ``guidance_emb`` / ``timestep_r_emb``, two CFG rows always built for ba
 while the pipeline batches ``1 + (guidance > 1)`` latents, sizes snapped by the model's own
 image processor (no exact sizes), the base text-stage attention mask built on the CPU, the
 CoT/recaption text sampled on the global torch RNG, a float32 router with no
-``_keep_in_fp32_modules`` (so bitsandbytes loads cast it to bf16), and a diffusers import.
+``_keep_in_fp32_modules`` (so bitsandbytes loads cast it to bf16), a diffusers import, and the
+Instruct/Distil text stage decoding with the official KV cache (``HunyuanStaticCache``, dynamic,
+its layers initialised with the one-argument ``lazy_initialization``) and ``model.cached_rope``
+(a ``CachedRoPE`` that never stores its key): the prompt's forward, then one token per forward.
 
 Like the real Instruct code, the Instruct/Distil ``generate_image`` ignores the
 ``diff_infer_steps`` / ``diff_guidance_scale`` kwargs and reads
@@ -1193,7 +1196,8 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def generate(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None,
                  stage_transitions=None, final_stop_tokens=None, decode_text=False, **kwargs):
-        """gen_text: transformers' generate (sampling on the global RNG, one forward per new token), with
+        """gen_text: transformers' generate (sampling on the global RNG; the prompt's forward, then one forward
+        per new token with the KV cache that prepare_model_inputs built), with
         the caller's ``logits_processor`` / ``stopping_criteria`` and the stage transitions; gen_image: the
         diffusion pipeline (logits processors and stopping criteria do not apply)."""
         from transformers import LogitsProcessorList
