@@ -45,22 +45,7 @@ VARIANTS = ("base", "instruct", "distil")
 @pytest.fixture(scope="module")
 def models(base_checkpoint: Path, instruct_checkpoint: Path, distil_checkpoint: Path) -> dict:
     paths = {"base": base_checkpoint, "instruct": instruct_checkpoint, "distil": distil_checkpoint}
-    return {name: _with_version_fixes(load_test_model(path)) for name, path in paths.items()}
-
-
-def _with_version_fixes(model):
-    """The pack's fixes of the official code for the installed transformers (each installs on 5.x only,
-    where the official code needs it: hooks/remote_code_fixes.py): the stand-in runs as the pack runs it."""
-    from hunyuan_image3.hunyuan_loader.hooks.remote_code_fixes import (
-        install_cache_kwarg_name,
-        install_static_cache_init,
-        install_vit_return_tensors,
-    )
-
-    install_static_cache_init(model)
-    install_cache_kwarg_name(model)
-    install_vit_return_tensors(model)
-    return model
+    return {name: load_test_model(path) for name, path in paths.items()}  # with the 5.x fixes
 
 
 def test_expert_mlp_takes_3d_input(models: dict) -> None:
@@ -647,8 +632,8 @@ def test_the_text_cache_writes_at_cache_position_and_a_dynamic_one_ends_at_the_l
     # index_copy_ at cache_position, 1-D (M:944-946) or one row per batch row (M:953-962), and in dynamic
     # mode returns the cache up to cache_position[-1].item() + 1 (M:947-951, 964-968), else all of it.
     from hunyuan_image3.hunyuan_loader.core import hf_compat
-    from hunyuan_image3.hunyuan_loader.hooks.registry import registry
-    from hunyuan_image3.hunyuan_loader.hooks.remote_code_fixes import install_static_cache_init
+    from hunyuan_image3.hunyuan_loader.hooks.registry import _CLASS_PATCHES as class_patches
+    from hunyuan_image3.hunyuan_loader.hooks.registry import hook_names
 
     model = models["instruct"]
     cls = _module_of(model).HunyuanStaticCache
@@ -661,13 +646,16 @@ def test_the_text_cache_writes_at_cache_position_and_a_dynamic_one_ends_at_the_l
     def cache(dynamic: bool):
         return cls(config=model.config, max_batch_size=1, max_cache_len=8, dtype=torch.float32, dynamic=dynamic)
 
-    registry(model).remove("static_cache_init")
-    try:
-        if hf_compat.lazy_init_takes_values():  # 5.x: the official one-argument call fails as shipped ...
-            with pytest.raises(TypeError):
-                cache(True).update(states(3, 0), states(3, 0), 0, {"cache_position": torch.arange(3)[None]})
-    finally:  # ... and runs once the pack's fix is in (installed where transformers needs it)
-        assert install_static_cache_init(model) == hf_compat.lazy_init_takes_values()
+    # the class as shipped (a loaded model's static_cache_init wraps it while any model of this code holds it)
+    patches = class_patches.get((cls, "update"))
+    shipped = patches.shipped if patches is not None else cls.__dict__["update"]
+    prompt = (states(3, 0), states(3, 0), 0, {"cache_position": torch.arange(3)[None]})
+    if hf_compat.lazy_init_takes_values():  # 5.x: the official one-argument call fails as shipped ...
+        with pytest.raises(TypeError):
+            shipped(cache(True), *prompt)
+        assert "static_cache_init" in hook_names(model)  # ... and runs with the pack's fix (load_test_model)
+    else:
+        assert shipped(cache(True), *prompt)[0].shape[2] == 3 and "static_cache_init" not in hook_names(model)
     items = _count_items(monkeypatch)
     dyn = cache(True)
     assert dyn.dynamic and not cache(False).dynamic
