@@ -42,21 +42,25 @@ class _RopeMemory:
     torch_hooks = False
 
     def __init__(self, model: Any) -> None:
-        self.model = model
+        # held weakly: the registry (kept beside the model, weakly keyed by it) holds this entry, and a
+        # strong reference here would keep every unloaded model alive through it
+        self.model_ref = weakref.ref(model)
         self.rope = model.cached_rope
         self.key: tuple | None = None
 
     def attach(self) -> None:
-        if self.model.__dict__.get("cached_rope") is not self:
-            self.model.cached_rope = self  # a plain attribute of the model (not a module)
+        model = self.model_ref()
+        if model is not None and model.__dict__.get("cached_rope") is not self:
+            model.cached_rope = self  # a plain attribute of the model (not a module)
 
     def detach(self) -> None:
-        if self.model.__dict__.get("cached_rope") is self:
-            self.model.cached_rope = self.rope
+        model = self.model_ref()
+        if model is not None and model.__dict__.get("cached_rope") is self:
+            model.cached_rope = self.rope
         self.key = None
 
     def __getattr__(self, name: str) -> Any:  # config, cos_cache, ...: the official object's
-        if name in ("model", "rope", "key"):  # not set yet (a copy): no recursion through self.rope
+        if name in ("model_ref", "rope", "key"):  # not set yet (a copy): no recursion through self.rope
             raise AttributeError(name)
         return getattr(self.rope, name)
 

@@ -369,3 +369,18 @@ def test_on_the_instruct_think_path_the_entries_change_no_output_and_read_less(i
     assert n_on == n_off == 6 and layers > 1  # the prompt's forward, then one per token
     assert items_off - items_on == (layers - 1) * n_on  # every layer read the end; now the first one
     assert tables_off == n_off and tables_on == 1
+
+
+def test_rope_cache_keeps_no_unloaded_model_alive(mod: types.ModuleType) -> None:
+    """The registry is kept beside the model, weakly keyed by it: an entry that held the model strongly
+    kept every unloaded Instruct model (and its weights) alive."""
+    import gc
+    import weakref
+
+    model = mod.Model()
+    assert install_rope_cache(model) is True
+    model.cached_rope(16, "cpu", rope_image_info=[None], position_ids=torch.arange(4)[None])
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
