@@ -18,7 +18,8 @@ def build(tmp_path_factory: pytest.TempPathFactory, variant: str, **overrides: A
 
 
 def load_test_model(path: Path, quant: str | None = None, **kwargs: Any):
-    """Load the test checkpoint on CPU: quant None (bf16), "int8" or "nf4"; tokenizer loaded."""
+    """Load the test checkpoint on CPU: quant None (bf16), "int8" or "nf4"; tokenizer loaded; with the
+    pack's fixes of the official code for the installed transformers (with_version_fixes)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -35,6 +36,22 @@ def load_test_model(path: Path, quant: str | None = None, **kwargs: Any):
         str(path), trust_remote_code=True, dtype=torch.bfloat16, device_map="cpu", **kwargs
     )
     model.load_tokenizer(str(path))
+    return with_version_fixes(model)
+
+
+def with_version_fixes(model):
+    """The pack's load-time fixes of the official code that the installed transformers needs, and nothing
+    else (each installs on 5.x only; none on 4.57): the test checkpoint's text stage, like the official
+    one, runs its KV cache through them there (hooks/remote_code_fixes.py)."""
+    from hunyuan_image3.hunyuan_loader.hooks.remote_code_fixes import (
+        install_cache_kwarg_name,
+        install_static_cache_init,
+        install_vit_return_tensors,
+    )
+
+    install_static_cache_init(model)
+    install_cache_kwarg_name(model)
+    install_vit_return_tensors(model)
     return model
 
 

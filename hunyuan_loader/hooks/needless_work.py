@@ -42,21 +42,25 @@ class _RopeMemory:
     torch_hooks = False
 
     def __init__(self, model: Any) -> None:
-        self.model = model
+        # held weakly: the registry (kept beside the model, weakly keyed by it) holds this entry, and a
+        # strong reference here would keep every unloaded model alive through it
+        self.model_ref = weakref.ref(model)
         self.rope = model.cached_rope
         self.key: tuple | None = None
 
     def attach(self) -> None:
-        if self.model.__dict__.get("cached_rope") is not self:
-            self.model.cached_rope = self  # a plain attribute of the model (not a module)
+        model = self.model_ref()
+        if model is not None and model.__dict__.get("cached_rope") is not self:
+            model.cached_rope = self  # a plain attribute of the model (not a module)
 
     def detach(self) -> None:
-        if self.model.__dict__.get("cached_rope") is self:
-            self.model.cached_rope = self.rope
+        model = self.model_ref()
+        if model is not None and model.__dict__.get("cached_rope") is self:
+            model.cached_rope = self.rope
         self.key = None
 
     def __getattr__(self, name: str) -> Any:  # config, cos_cache, ...: the official object's
-        if name in ("model", "rope", "key"):  # not set yet (a copy): no recursion through self.rope
+        if name in ("model_ref", "rope", "key"):  # not set yet (a copy): no recursion through self.rope
             raise AttributeError(name)
         return getattr(self.rope, name)
 
@@ -80,7 +84,7 @@ class _RopeMemory:
 
 def install_rope_cache(model: Any) -> bool:
     """Let the Instruct / Distil ``CachedRoPE`` hit its cache (module docstring). Installed on a model
-    whose ``cached_rope`` is the official class (the test stand-in and the base model have none).
+    whose ``cached_rope`` is the official class (Instruct and Distil; the base model has none).
     Idempotent; True when installed now."""
     rope = getattr(model, "cached_rope", None)
     if isinstance(rope, _RopeMemory) or type(rope).__name__ != "CachedRoPE":
@@ -123,8 +127,8 @@ def _end_of(cache: Any, position: torch.Tensor, layer_idx: int) -> int:
 
 def install_cache_end_once(model: Any) -> bool:
     """Read the text stage's KV cache end once per forward instead of once per layer (module docstring).
-    Installed on a model whose module defines ``HunyuanStaticCache`` with its own ``update`` (the test
-    stand-in has none). Idempotent; True when installed now."""
+    Installed on a model whose module defines ``HunyuanStaticCache`` with its own ``update`` (the official
+    code and the test checkpoint). Idempotent; True when installed now."""
     module = sys.modules.get(type(model).__module__)
     cls = getattr(module, "HunyuanStaticCache", None)
     if not isinstance(cls, type) or "update" not in cls.__dict__:

@@ -144,7 +144,7 @@ def install_static_cache_init(model: Any) -> bool:
     raises a TypeError there. The patched ``update`` initialises the layer with both tensors first,
     so the official line is not reached; everything else of it runs as shipped. Installed only where
     the installed transformers needs it (4.57's takes one tensor) and on a model whose module defines
-    the class (the test stand-in has none). Idempotent; True when installed now."""
+    the class (the official code and the test checkpoint). Idempotent; True when installed now."""
     module = sys.modules.get(type(model).__module__)
     cls = getattr(module, "HunyuanStaticCache", None)
     if not isinstance(cls, type) or "update" not in cls.__dict__ or not hf_compat.lazy_init_takes_values():

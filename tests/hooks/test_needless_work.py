@@ -1,10 +1,10 @@
 """rope_cache and cache_end_once: the official CachedRoPE hits its cache and the text stage's KV cache
 reads its end once per forward, with the same numbers as the shipped code.
 
-The classes below are shaped like the official ones (the test stand-in has neither): ``CachedRoPE`` as
+The classes below are shaped like the official ones: ``CachedRoPE`` as
 Instruct modeling_hunyuan_image_3.py:973-1022 (the miss test compares ``seq_len`` / ``rope_image_info``,
 which it never stores), ``HunyuanStaticCache.update`` as M:933-970 (``.item()`` of the last position in
-every layer in ``dynamic`` mode)."""
+every layer in ``dynamic`` mode). The last tests run them on the test checkpoint's Instruct think path."""
 
 from __future__ import annotations
 
@@ -309,3 +309,78 @@ def test_the_text_stage_reads_the_same_logits_from_one_position(cache, instruct_
     assert with_entry.cot_text == without.cot_text and with_entry.text_tokens == without.text_tokens
     assert torch.equal(with_entry.image, without.image)
     assert max(positions) > 1 and set(seen_with) == {1}  # the prompt: every position without, one with
+
+
+def test_on_the_instruct_think_path_the_entries_change_no_output_and_read_less(instruct_checkpoint, one_thread,
+                                                                               monkeypatch, tmp_path) -> None:
+    """The test checkpoint's Instruct text stage decodes as the official one does (its own HunyuanStaticCache
+    and CachedRoPE: tests/model/test_model_interface.py pins them), so a load installs both entries (and
+    static_cache_init where transformers is 5.x). Think text and image with them equal those without them;
+    the cache's end is read once per text forward instead of once per layer, and the RoPE table is built
+    once for the whole text stage instead of once per forward.
+
+    A copy of the checkpoint in its own folder: its code is a module of its own (the loader names it by
+    path), so no other test's model shares the classes the entries patch (a class patch stays while any
+    model of that code holds it)."""
+    import shutil
+
+    from hunyuan_image3.hunyuan_loader.core import hf_compat
+    from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
+    from hunyuan_image3.hunyuan_loader.generation import generate
+    from hunyuan_image3.hunyuan_loader.load.pipeline import load_model
+    from hunyuan_image3.hunyuan_loader.request import GenerationRequest
+
+    folder = shutil.copytree(instruct_checkpoint, tmp_path / instruct_checkpoint.name)
+    loaded = load_model(LoadSpec(str(folder)))
+    model = loaded.model
+    names = hook_names(model)
+    assert {"cache_end_once", "rope_cache"} <= set(names)
+    assert ("static_cache_init" in names) == hf_compat.lazy_init_takes_values()
+    code = sys.modules[type(model).__module__]
+    table_len = model.config.max_position_embeddings
+    forwards, tables = [0], [0]
+    rope = code._rope
+
+    def counting_rope(positions, *args):
+        tables[0] += positions.shape[-1] == table_len  # the text stage's table (the image stage: its positions)
+        return rope(positions, *args)
+
+    monkeypatch.setattr(code, "_rope", counting_rope)
+    spy = model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    items = _count_items(monkeypatch)
+    req = GenerationRequest("a red fox", seed=3, steps=2, resolution="1024x1024", bot_task="think", max_new_tokens=6)
+
+    def run() -> tuple:
+        forwards[0] = tables[0] = items[0] = 0
+        torch.manual_seed(0)
+        out = generate(loaded, req)
+        return out, forwards[0], tables[0], items[0]
+
+    try:
+        installed, n_on, tables_on, items_on = run()
+        assert registry(model).remove("cache_end_once") and registry(model).remove("rope_cache")
+        shipped, n_off, tables_off, items_off = run()
+    finally:
+        spy.remove()
+        remove_all_hooks(model)  # the class patches off with the only model of this code
+    assert installed.cot_text == shipped.cot_text and installed.text_tokens == shipped.text_tokens == 6
+    assert torch.equal(installed.image, shipped.image)
+    layers = len(model.model.layers)
+    assert n_on == n_off == 6 and layers > 1  # the prompt's forward, then one per token
+    assert items_off - items_on == (layers - 1) * n_on  # every layer read the end; now the first one
+    assert tables_off == n_off and tables_on == 1
+
+
+def test_rope_cache_keeps_no_unloaded_model_alive(mod: types.ModuleType) -> None:
+    """The registry is kept beside the model, weakly keyed by it: an entry that held the model strongly
+    kept every unloaded Instruct model (and its weights) alive."""
+    import gc
+    import weakref
+
+    model = mod.Model()
+    assert install_rope_cache(model) is True
+    model.cached_rope(16, "cpu", rope_image_info=[None], position_ids=torch.arange(4)[None])
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

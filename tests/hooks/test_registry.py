@@ -34,10 +34,15 @@ from hunyuan_image3.memory.residency.multi import MultiDeviceResidency
 CUDA = torch.cuda.is_available()
 # transformers 5.x: the test model's prepare_inputs_for_generation takes 5.x generate's ``cache`` keyword too
 _V5 = ["cache_kwarg_name"] if hf_compat.cache_kwarg_renamed() else []
-FIXES_CPU = [*_V5, "mask_alignment", "vision_input_alignment", "cpu_input_casts"]  # every CPU load
-FIXES_GPU = [*_V5, "mask_alignment", "vision_input_alignment"]
-# ... and the Instruct test model's ViT processor is told to return tensors, as the official one needs
+# the test model's code defines the official HunyuanStaticCache (base and Instruct code both do): its end is
+# read once per forward, and on 5.x its one-argument lazy_initialization is fixed
+_CACHE = [*(["static_cache_init"] if hf_compat.lazy_init_takes_values() else []), "cache_end_once"]
+FIXES_CPU = [*_CACHE, *_V5, "mask_alignment", "vision_input_alignment", "cpu_input_casts"]  # every CPU load
+FIXES_GPU = [*_CACHE, *_V5, "mask_alignment", "vision_input_alignment"]
+# ... and the Instruct test model's ViT processor is told to return tensors, as the official one needs, and
+# its CachedRoPE (M:973-1022) hits its cache
 _V5_INSTRUCT = ["vit_return_tensors"] if hf_compat.image_processors_return_lists() else []
+_INSTRUCT_CPU = [*_CACHE, *_V5, *_V5_INSTRUCT, "rope_cache", *FIXES_CPU[len(_CACHE) + len(_V5):]]
 
 
 # -- the registry on its own ----------------------------------------------------------------------
@@ -147,7 +152,7 @@ LOADS = [  # (variant, spec keywords, the model's hooks on a CPU, the CFG replic
      [*FIXES_CPU, "split_boundaries", "moe_dispatch"], None),
     ("base", dict(quant="bf16", devices="cpu,cpu", multi_gpu="cfg_parallel"),
      [*FIXES_CPU, "moe_dispatch", "cfg_rows"], ["moe_dispatch"]),
-    ("instruct", dict(quant="bf16"), [*_V5, *_V5_INSTRUCT, *FIXES_CPU[len(_V5):], "moe_dispatch"], None),
+    ("instruct", dict(quant="bf16"), [*_INSTRUCT_CPU, "moe_dispatch"], None),
 ]
 
 

@@ -171,11 +171,13 @@ def test_instruct_think_with_expert_streaming_matches_resident_and_a_token_copie
         instruct_checkpoint, one_thread, monkeypatch) -> None:
     """The Instruct checkpoint loaded by the pack, every block but the first streamed, expert streaming
     wired as a load wires it. (1) think + image: the same text and image as resident and as whole-block
-    streaming. The stand-in decodes without a KV cache (test_model/remote_code/modeling.py, generate:
-    ``use_cache=False``), so each of its text forwards re-reads the whole sequence: none is small and
-    every forward copies whole blocks, as before. (2) What the official decode step runs instead
-    (modeling_hunyuan_image_3.py:2883-2884: one new token per forward, past keys cached): a one-token
-    decoder forward copies the base plus the experts its token routes to, with the resident output."""
+    streaming. The text stage decodes as the official one does (modeling_hunyuan_image_3.py:2872-2990: the
+    prompt's forward, then one new token per forward, past keys cached; pinned in
+    tests/model/test_model_interface.py), so each text token after the first is a one-token forward: it
+    copies the base plus its routed experts of each streamed block, less than the whole blocks that the
+    prompt's forward, every diffusion step and every forward with expert streaming off copy. (2) A
+    one-token decoder forward on its own copies exactly the base plus the experts its token routes to,
+    with the resident output."""
     from hunyuan_image3.hunyuan_loader.core.spec import LoadSpec
     from hunyuan_image3.hunyuan_loader.generation import GenerationRequest, generate
     from hunyuan_image3.hunyuan_loader.load.pipeline import load_model
@@ -196,20 +198,26 @@ def test_instruct_think_with_expert_streaming_matches_resident_and_a_token_copie
     st = mgr.streamer
     whole = sum(st.packed[i].nbytes for i in streamed)
     forwards: list[int] = []  # copied bytes when each forward started
+    tokens: list[int] = []  # the tokens of each forward
 
-    handle = layers[0].register_forward_pre_hook(lambda *_: forwards.append(st.copied_bytes))
+    def started(_module, args):
+        forwards.append(st.copied_bytes)
+        tokens.append(args[0].shape[1])
+
+    handle = layers[0].register_forward_pre_hook(started)
 
     def run():
         forwards.clear()
+        tokens.clear()
         st.reset()
         result = generate(loaded, req)
         ends = forwards[1:] + [st.copied_bytes]
-        return result, [end - begin for begin, end in zip(forwards, ends)]
+        return result, [end - begin for begin, end in zip(forwards, ends)], list(tokens)
 
     try:
-        on, per_on = run()
+        on, per_on, tokens_on = run()
         monkeypatch.setenv("HY3_EXPERT_STREAMING", "0")
-        off, per_off = run()
+        off, per_off, tokens_off = run()
         monkeypatch.delenv("HY3_EXPERT_STREAMING")
         parts = {i: block_parts(st.packed[i], layers[i], list(layers[i].mlp.experts))[0] for i in streamed}
         used, hooks = _used_experts(model, streamed)
@@ -223,7 +231,14 @@ def test_instruct_think_with_expert_streaming_matches_resident_and_a_token_copie
         mgr.close()
     assert on.cot_text == off.cot_text == ref.cot_text
     assert torch.equal(on.image, ref.image) and torch.equal(off.image, ref.image)
-    assert per_on == per_off and len(per_on) > 4 and all(b == whole for b in per_on[1:])
+    # the prompt's forward, 3 one-token forwards (4 think tokens), then the diffusion steps
+    assert tokens_on == tokens_off and tokens_on[1:4] == [1, 1, 1] and all(t > 1 for t in tokens_on[4:])
+    assert all(b == whole for b in per_off[1:])  # expert streaming off: whole blocks, every forward
+    text_on, text_off = per_on[1:4], per_off[1:4]
+    assert all(b < 0.5 * whole for b in text_on) and sum(text_on) < 0.5 * sum(text_off)  # per text token
+    # many-token forwards (the steps) copy whole blocks either way (the first one after a token copies the
+    # first block again: the token's last block prefetched only its base)
+    assert all(b >= whole for b in per_on[4:]) and per_on[5:] == per_off[5:]
     assert torch.equal(out_token, ref_token)
     topk = model.config.moe_topk
     assert all(0 < len(used[i]) <= topk < len(layers[i].mlp.experts) for i in streamed)

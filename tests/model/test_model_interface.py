@@ -6,7 +6,8 @@ M = modeling_hunyuan_image_3.py, P = hunyuan_image_3_pipeline.py, IP = image_pro
 base IP = image_processor.py, TW = tokenizer_wrapper.py (base, Tencent-Hunyuan/HunyuanImage-3.0
 @1d011c8). docs/model_interface.md has the table. Each test fails against the stand-in's old
 behaviour (2-D experts, a (t, dtype) embedder, one CFG row at guidance <= 1, exact sizes,
-log-ratio snapping, a device-built base mask, greedy CoT, a float32-kept router under bnb).
+log-ratio snapping, a device-built base mask, greedy CoT, a float32-kept router under bnb, a text stage
+that re-ran the whole sequence per token without a KV cache).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ VARIANTS = ("base", "instruct", "distil")
 @pytest.fixture(scope="module")
 def models(base_checkpoint: Path, instruct_checkpoint: Path, distil_checkpoint: Path) -> dict:
     paths = {"base": base_checkpoint, "instruct": instruct_checkpoint, "distil": distil_checkpoint}
-    return {name: load_test_model(path) for name, path in paths.items()}
+    return {name: load_test_model(path) for name, path in paths.items()}  # with the 5.x fixes
 
 
 def test_expert_mlp_takes_3d_input(models: dict) -> None:
@@ -316,14 +317,14 @@ class _Recorder:
 
 
 def _scripted(model, script: dict[int, int]):
-    """Make the text stage emit script[k] as its k-th new token (a large logit on it); other steps sample."""
-    start: list[int] = []
+    """Make the text stage emit script[k] as its k-th new token (a large logit on it); other steps sample.
+    The k-th new token comes from the k-th forward of the text stage (the prompt's, then one per token:
+    M:2872-2990), so the forwards are counted (one text stage per hook)."""
+    calls = [0]
 
     def hook(module, args, out):
-        length = out.shape[1]
-        if not start:
-            start.append(length)
-        token = script.get(length - start[0])
+        token = script.get(calls[0])
+        calls[0] += 1
         if token is None:
             return out
         out = out.clone()
@@ -605,3 +606,131 @@ def test_vae_has_the_official_interface_and_the_pipeline_scales(models: dict) ->
         latents = models["base"].vae_encode(x.to(torch.bfloat16))
         assert latents.shape == (1, 32, 4, 6)
         torch.testing.assert_close(latents.float(), z[:, :, 0].float() * vae.config.scaling_factor, atol=0.02, rtol=0.02)
+
+
+# -- the Instruct text stage's KV cache, RoPE object and decode steps ------------------------------------
+def _module_of(model):
+    return sys.modules[type(model).__module__]
+
+
+def _count_items(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls = [0]
+    item = torch.Tensor.item
+
+    def counting(self):
+        calls[0] += 1
+        return item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting)
+    return calls
+
+
+def test_the_text_cache_writes_at_cache_position_and_a_dynamic_one_ends_at_the_last(models: dict,
+                                                                                  monkeypatch) -> None:
+    # M:895-970 HunyuanStaticCache(StaticCache): ``dynamic`` popped from the kwargs (M:902-904); update
+    # initialises a layer with lazy_initialization(key_states) on first use (M:932-933), writes with
+    # index_copy_ at cache_position, 1-D (M:944-946) or one row per batch row (M:953-962), and in dynamic
+    # mode returns the cache up to cache_position[-1].item() + 1 (M:947-951, 964-968), else all of it.
+    from hunyuan_image3.hunyuan_loader.core import hf_compat
+    from hunyuan_image3.hunyuan_loader.hooks.registry import _CLASS_PATCHES as class_patches
+    from hunyuan_image3.hunyuan_loader.hooks.registry import hook_names
+
+    model = models["instruct"]
+    cls = _module_of(model).HunyuanStaticCache
+    assert issubclass(cls, __import__("transformers").cache_utils.StaticCache) and "update" in cls.__dict__
+    heads, dim = model.config.num_key_value_heads, model.config.attention_head_dim
+
+    def states(n: int, start: int) -> torch.Tensor:
+        return torch.arange(start, start + n, dtype=torch.float32)[None, None, :, None].expand(1, heads, n, dim)
+
+    def cache(dynamic: bool):
+        return cls(config=model.config, max_batch_size=1, max_cache_len=8, dtype=torch.float32, dynamic=dynamic)
+
+    # the class as shipped (a loaded model's static_cache_init wraps it while any model of this code holds it)
+    patches = class_patches.get((cls, "update"))
+    shipped = patches.shipped if patches is not None else cls.__dict__["update"]
+    prompt = (states(3, 0), states(3, 0), 0, {"cache_position": torch.arange(3)[None]})
+    if hf_compat.lazy_init_takes_values():  # 5.x: the official one-argument call fails as shipped ...
+        with pytest.raises(TypeError):
+            shipped(cache(True), *prompt)
+        assert "static_cache_init" in hook_names(model)  # ... and runs with the pack's fix (load_test_model)
+    else:
+        assert shipped(cache(True), *prompt)[0].shape[2] == 3 and "static_cache_init" not in hook_names(model)
+    items = _count_items(monkeypatch)
+    dyn = cache(True)
+    assert dyn.dynamic and not cache(False).dynamic
+    keys, values = dyn.update(states(3, 0), states(3, 100), 0, {"cache_position": torch.arange(3)[None]})
+    assert keys.shape[2] == 3 and items[0] == 1  # the prompt: its 3 positions, the end read once
+    keys, values = dyn.update(states(1, 3), states(1, 103), 0, {"cache_position": torch.tensor([[3]])})
+    assert keys.shape[2] == 4 and items[0] == 2  # one decode token: one more position
+    assert torch.equal(keys[0, 0, :, 0], torch.arange(4.0))
+    assert torch.equal(values[0, 0, :, 0], 100 + torch.arange(4.0))
+    keys, _ = dyn.update(states(2, 50), states(2, 50), 0, {"cache_position": torch.tensor([5, 6])})  # 1-D
+    assert keys.shape[2] == 7 and torch.equal(keys[0, 0, 5:, 0], torch.tensor([50.0, 51.0])) and items[0] == 3
+    static = cache(False)
+    keys, _ = static.update(states(3, 0), states(3, 0), 0, {"cache_position": torch.arange(3)[None]})
+    assert keys.shape[2] == 8 and items[0] == 3  # not dynamic: the whole cache, no end read
+    assert dyn.layers[1].keys is None  # each layer initialised on its own first use
+
+
+def test_cached_rope_never_stores_its_key_and_gathers_by_position(models: dict) -> None:
+    # M:973-1022 CachedRoPE: __init__ sets seq_len / rope_image_info to None (M:980-981) and __call__ compares
+    # against them (M:997) but never assigns them, so every call rebuilds cos_cache / sin_cache ("If cache miss,
+    # compute and cache it"); with position_ids [rows, tokens] it gathers the table's rows (M:1016-1020). The
+    # Instruct model holds it as model.cached_rope (M:1736) and calls it with max_position_embeddings
+    # positions at inference (M:2143-2153). The base code has none (H:2310 builds its RoPE per generation).
+    model = models["instruct"]
+    rope = model.cached_rope
+    assert type(rope).__name__ == "CachedRoPE" and not hasattr(models["base"], "cached_rope")
+    seq_len, layout = model.config.max_position_embeddings, [[slice(2, 5)]]
+    positions = torch.tensor([[0, 1, 7, seq_len - 1]])
+    cos, sin = rope(seq_len, "cpu", rope_image_info=layout, position_ids=positions)
+    first = rope.cos_cache
+    assert rope.seq_len is None and rope.rope_image_info is None  # the key is never stored ...
+    assert first.shape[1] == seq_len
+    again, _ = rope(seq_len, "cpu", rope_image_info=layout, position_ids=positions)
+    assert rope.cos_cache is not first and torch.equal(again, cos)  # ... so the same call builds it again
+    # the stand-in's table is its 1-D RoPE: the image stage's values for the same positions
+    ref_cos, ref_sin = _module_of(model)._rope(positions, model.config.attention_head_dim, model.config.rope_theta)
+    assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin) and cos.shape == (1, 4, ref_cos.shape[-1])
+    full, _ = rope(seq_len, "cpu")  # no position ids: the whole table
+    assert full.shape[1] == seq_len
+
+
+def test_the_text_stage_decodes_one_token_per_forward_after_the_prompt(models: dict) -> None:
+    # M:2775-2786: the text stage's HunyuanStaticCache holds prompt + max_new_tokens positions, dynamic; M:2788-2790
+    # the prompt's position ids. prepare_inputs_for_generation (M:2872-2910): with a cache, a decode step gathers
+    # the ids at position_ids (the new token only). _update_model_kwargs_for_generation (M:2912-2990): after the
+    # prompt's forward position_ids = real_pos (the first position after the prompt), then position_ids + 1 per
+    # step, and no attention mask (M:2981-2984: attention over the whole cache). M:2276-2285: lm_head over every
+    # position of the forward, logits upcast.
+    model = models["instruct"]
+    model.generation_config.diff_infer_steps, model.generation_config.diff_guidance_scale = 1, 2.0
+    seen: list[dict] = []
+
+    def record(_m, _args, kw):
+        ids, pos, cache = kw.get("input_ids"), kw.get("position_ids"), kw.get("past_key_values")
+        seen.append(dict(ids=tuple(ids.shape), pos=pos.tolist(), cache=cache, mask=kw.get("attention_mask"),
+                         prompt=kw.get("prefix_embeds") is not None))
+
+    logits: list[torch.Tensor] = []
+    handles = [model.register_forward_pre_hook(record, with_kwargs=True),
+               model.register_forward_hook(lambda _m, _a, out: logits.append(out.logits))]
+    try:
+        torch.manual_seed(0)  # the text samples on the global RNG (M:2762): no early stop with this one
+        model.generate_image(prompt="a cat", seed=1, image_size="1024x1024", bot_task="think", max_new_tokens=5)
+    finally:
+        for handle in handles:
+            handle.remove()
+    first, steps = seen[0], seen[1:]
+    n = first["ids"][1]
+    assert first["prompt"] and first["pos"] == [list(range(n))]  # its mask is built from the image slices
+    assert len(steps) == 4  # 5 tokens: the prompt's forward gives the first
+    for k, step in enumerate(steps):
+        assert step["ids"] == (1, 1) and step["pos"] == [[n + k]] and step["mask"] is None and not step["prompt"]
+        assert step["cache"] is first["cache"]
+    cache = first["cache"]
+    assert type(cache).__name__ == "HunyuanStaticCache" and cache.dynamic
+    assert cache.layers[0].keys.shape[2] == n + 5  # prompt + max_new_tokens
+    assert logits[0].shape[1] == n and logits[0].dtype == torch.float32
+    assert all(out.shape[1] == 1 for out in logits[1:])

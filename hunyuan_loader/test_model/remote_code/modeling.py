@@ -14,7 +14,10 @@ Distil's ``guidance_emb`` / ``timestep_r_emb``, two CFG rows always built for ba
 while the pipeline batches ``1 + (guidance > 1)`` latents, sizes snapped by the model's own
 image processor (no exact sizes), the base text-stage attention mask built on the CPU, the
 CoT/recaption text sampled on the global torch RNG, a float32 router with no
-``_keep_in_fp32_modules`` (so bitsandbytes loads cast it to bf16), and a diffusers import.
+``_keep_in_fp32_modules`` (so bitsandbytes loads cast it to bf16), a diffusers import, and the
+Instruct/Distil text stage decoding with the official KV cache (``HunyuanStaticCache``, dynamic,
+its layers initialised with the one-argument ``lazy_initialization``) and ``model.cached_rope``
+(a ``CachedRoPE`` that never stores its key): the prompt's forward, then one token per forward.
 
 Like the real Instruct code, the Instruct/Distil ``generate_image`` ignores the
 ``diff_infer_steps`` / ``diff_guidance_scale`` kwargs and reads
@@ -35,6 +38,7 @@ from diffusers.utils.torch_utils import randn_tensor  # every official code file
 from PIL import Image
 from torch import nn
 from transformers import GenerationMixin, LogitsProcessor, PreTrainedModel
+from transformers.cache_utils import StaticCache
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
 
 from .configuration import HunyuanImage3Config
@@ -105,6 +109,83 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return (x.float() * cos + rotated * sin).to(x.dtype)
 
 
+class CachedRoPE:
+    """The Instruct text stage's RoPE table, with the official object's interface and miss test
+    (modeling_hunyuan_image_3.py:973-1022): ``__call__(seq_len, device, rope_image_info, position_ids)``
+    rebuilds ``cos_cache`` / ``sin_cache`` unless ``seq_len`` and ``rope_image_info`` equal the ones it
+    holds, and, like the official one, never stores them (they stay ``None``), so every call rebuilds.
+    The table is this model's 1-D RoPE (``_rope``) over ``seq_len`` positions, gathered by
+    ``position_ids`` [rows, tokens]: the same values ``_rope`` gives those positions directly."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.cos_cache = None
+        self.sin_cache = None
+        self.seq_len = None  # compared, never assigned (the official M:980-981, 997)
+        self.rope_image_info = None
+
+    def __call__(self, seq_len, device, rope_image_info=None, position_ids=None):
+        changed = self.seq_len != seq_len
+        if rope_image_info is not None and self.rope_image_info != rope_image_info:
+            changed = True
+        if changed:  # always, as shipped: nothing above was ever stored
+            rows = 1 if rope_image_info is None else len(rope_image_info)
+            table = torch.arange(seq_len, device=device)[None]
+            cos, sin = _rope(table, self.config.attention_head_dim, self.config.rope_theta)
+            self.cos_cache, self.sin_cache = cos.expand(rows, -1, -1), sin.expand(rows, -1, -1)
+        if position_ids is None:
+            return self.cos_cache, self.sin_cache
+        if position_ids.dim() != 2:
+            raise ValueError(f"position_ids must be [rows, tokens], got shape {tuple(position_ids.shape)}")
+        width = self.cos_cache.shape[-1]
+        index = position_ids[..., None].expand(-1, -1, width)
+        cos = self.cos_cache.expand(position_ids.shape[0], -1, -1) if self.cos_cache.shape[0] == 1 else self.cos_cache
+        sin = self.sin_cache.expand(position_ids.shape[0], -1, -1) if self.sin_cache.shape[0] == 1 else self.sin_cache
+        return torch.gather(cos, 1, index), torch.gather(sin, 1, index)
+
+
+class HunyuanStaticCache(StaticCache):
+    """The text stage's KV cache, with the official class's interface (modeling_hunyuan_image_3.py:895-970):
+    a ``StaticCache`` whose ``update`` writes the new keys / values at ``cache_position`` (one index per
+    row position, 1-D, or [rows, tokens]) and, in ``dynamic`` mode (the text stage), hands attention the
+    cache up to the last written position only (its end read from the device, ``.item()``, in every
+    layer). Its layers are initialised on first use with ``lazy_initialization(key_states)``, the one
+    argument the official code passes: transformers 5.x asks for two, and the pack's load-time fix
+    (static_cache_init) is what makes this run there, as on the official code."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.dynamic = kwargs.pop("dynamic", False)
+        super().__init__(*args, **kwargs)
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        position = (cache_kwargs or {}).get("cache_position")
+        layer = self.layers[layer_idx]
+        if layer.keys is None:
+            layer.lazy_initialization(key_states)  # as the official M:933 (one argument)
+        keys, values = layer.keys, layer.values
+        if position is None:  # the whole cache at once
+            keys.copy_(key_states)
+            values.copy_(value_states)
+            return keys, values
+        if position.dim() == 1:  # the same positions for every row
+            keys.index_copy_(2, position, key_states)
+            values.index_copy_(2, position, value_states)
+            last = position[-1]
+        else:  # [rows, tokens]: each row at its own positions
+            if position.dim() != 2 or not (len(position) == len(keys) == len(key_states)):
+                raise ValueError(f"cache_position {tuple(position.shape)} does not match the cache's rows")
+            for row in range(len(position)):
+                keys[row].index_copy_(1, position[row], key_states[row])
+                values[row].index_copy_(1, position[row], value_states[row])
+            if self.dynamic and len(position) != 1:
+                raise ValueError("a dynamic cache holds one row")
+            last = position[0, -1]
+        if self.dynamic:  # up to the last written position (the official M:947-951, 964-968)
+            end = last.item() + 1
+            keys, values = keys[:, :, :end], values[:, :, :end]
+        return keys, values
+
+
 # --------------------------------------------------------------------------- transformer
 class HunyuanImage3Attention(nn.Module):
     def __init__(self, config: HunyuanImage3Config, layer_idx: int) -> None:
@@ -122,7 +203,8 @@ class HunyuanImage3Attention(nn.Module):
             self.query_layernorm = HunyuanRMSNorm(self.head_dim, config.rms_norm_eps)
             self.key_layernorm = HunyuanRMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, hidden_states, attention_mask=None, position_embeddings=None):
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, position_ids=None,
+                past_key_value=None):
         bsz, seq, _ = hidden_states.shape
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split(
@@ -137,10 +219,15 @@ class HunyuanImage3Attention(nn.Module):
         if position_embeddings is not None:
             cos, sin = position_embeddings
             q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        causal = attention_mask is None
+        if past_key_value is not None:  # the text stage: new keys into the cache, attend over what it holds
+            # (official M:1332-1335: the position ids are the cache positions); no mask = every cached key
+            k, v = past_key_value.update(k, v, self.layer_idx, {"cache_position": position_ids})
+            causal = False
         rep = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         out = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=attention_mask, is_causal=attention_mask is None
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=attention_mask, is_causal=causal
         )
         out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)
         return self.o_proj(out)
@@ -263,9 +350,11 @@ class HunyuanImage3DecoderLayer(nn.Module):
         self.post_attention_layernorm = HunyuanRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = HunyuanMoE(config, layer_idx)
 
-    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, position_ids=None,
+                past_key_value=None, **kwargs):
         residual = hidden_states
-        h = self.self_attn(self.input_layernorm(hidden_states), attention_mask, position_embeddings)
+        h = self.self_attn(self.input_layernorm(hidden_states), attention_mask, position_embeddings,
+                           position_ids=position_ids, past_key_value=past_key_value)
         hidden_states = residual + h
         residual = hidden_states
         hidden_states = residual + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -312,16 +401,25 @@ class HunyuanImage3Model(HunyuanImage3PreTrainedModel):
     def set_input_embeddings(self, value):
         self.wte = value
 
-    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, **kwargs):
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
+                past_key_values=None, custom_pos_emb=None, **kwargs):
+        """``custom_pos_emb``: the (cos, sin) of the text stage's CachedRoPE, [rows, tokens, head_dim]
+        (official M:2151-2153, 2207); without it the positions' RoPE is computed here (the image stage).
+        ``past_key_values``: the text stage's KV cache, written at ``position_ids`` by every layer."""
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
         hidden = inputs_embeds
-        if position_ids is None:
-            position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
-        cos, sin = _rope(position_ids, self.config.attention_head_dim, self.config.rope_theta)
+        if custom_pos_emb is not None:
+            cos, sin = custom_pos_emb
+        else:
+            positions = position_ids
+            if positions is None:
+                positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+            cos, sin = _rope(positions, self.config.attention_head_dim, self.config.rope_theta)
         cos, sin = cos[:, None], sin[:, None]
         for layer in self.layers:
-            hidden = layer(hidden, attention_mask=attention_mask, position_embeddings=(cos, sin))[0]
+            hidden = layer(hidden, attention_mask=attention_mask, position_embeddings=(cos, sin),
+                           position_ids=position_ids, past_key_value=past_key_values)[0]
         return self.ln_f(hidden)
 
 
@@ -656,6 +754,8 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
         self.time_embed = TimestepEmbedder(config.hidden_size)
         self.final_layer = FinalLayer(config)
         self.time_embed_2 = TimestepEmbedder(config.hidden_size)
+        if self.is_instruct:  # the Instruct code's RoPE object (official M:1736); the base code has none
+            self.cached_rope = CachedRoPE(config)
         self._pipeline = None
         self.scheduler = None
         self._tokenizer = None
@@ -671,19 +771,33 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
-                prefix_embeds=None, full_attn_slices=None, **kwargs):
-        if prefix_embeds is not None:  # Instruct text stage: the prompt's rows carry the reference images
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, prefix_embeds=None, full_attn_slices=None, rope_image_info=None, mode=None,
+                first_step=None, use_cache=None, **kwargs):
+        """The text stage's forward. The prompt's forward gets ``prefix_embeds`` (its rows' embeddings, with
+        the reference images) and builds its mask; a decode step gets the new token's ids at
+        ``position_ids`` and no mask (official M:2872-2990). On the Instruct model the RoPE comes from
+        ``cached_rope`` over ``max_position_embeddings`` positions, gathered by ``position_ids`` (official
+        M:2143-2153). ``lm_head`` runs over every position of the forward, logits upcast (M:2276-2285)."""
+        if prefix_embeds is not None:  # the prompt's forward: its rows carry the reference images
             embeds = self.model.wte(input_ids)
             n = prefix_embeds.shape[1]
             inputs_embeds = torch.cat([prefix_embeds.to(embeds.dtype), embeds[:, n:]], dim=1)
             attention_mask = self._instruct_mask(inputs_embeds.shape[1], full_attn_slices, embeds.device)
             input_ids = None
+        pos_emb = None
+        rope = getattr(self, "cached_rope", None)
+        if rope is not None:
+            ref = input_ids if input_ids is not None else inputs_embeds
+            if position_ids is None:
+                position_ids = torch.arange(ref.shape[1], device=ref.device)[None].expand(ref.shape[0], -1)
+            pos_emb = rope(self.config.max_position_embeddings, ref.device, rope_image_info=rope_image_info,
+                           position_ids=position_ids)
         hidden = self.model(
             input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-            mode="gen_text",
+            past_key_values=past_key_values, custom_pos_emb=pos_emb, mode="gen_text",
         )
-        return CausalLMOutputWithPast(logits=self.lm_head(hidden).float())
+        return CausalLMOutputWithPast(logits=self.lm_head(hidden).float(), past_key_values=past_key_values)
 
     @property
     def is_instruct(self) -> bool:
@@ -1017,10 +1131,25 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
         input_ids = torch.tensor(rows, device=dev)
         seed = kwargs.get("seed")
         seed = random.randint(0, 10_000_000) if seed is None else int(seed)
+        slices = [(start - 1, start + n_vae + 1 + n_vit) for _, start, n_vae, n_vit in blocks]
+        text = {}
+        if mode == "gen_text":
+            # the KV cache of the text stage: prompt + max_new_tokens positions, dynamic (official M:2775-2786);
+            # the prompt's positions, one row each (M:2788-2790); the per-row image layout the RoPE is keyed by
+            # (the stand-in's RoPE is 1-D: the layout names the reference images' positions, not a 2-D grid)
+            extra = max_new_tokens if max_new_tokens is not None else getattr(self.generation_config, "max_length", 0)
+            text = dict(
+                past_key_values=HunyuanStaticCache(config=self.config, max_batch_size=len(rows),
+                                                   max_cache_len=len(ids) + int(extra), dtype=self.dtype,
+                                                   dynamic=True),
+                position_ids=torch.arange(len(ids), dtype=torch.long, device=dev)[None].expand(len(rows), -1),
+                rope_image_info=[[slice(a, b) for a, b in slices] for _ in rows],
+            )
         return dict(
             input_ids=input_ids,
             prefix_embeds=self._embed_rows(input_ids, conds[0], blocks),
-            full_attn_slices=[(start - 1, start + n_vae + 1 + n_vit) for _, start, n_vae, n_vit in blocks],
+            full_attn_slices=slices,
+            **text,
             mode=mode,
             eos_token_id=None if mode == "gen_image" else self._stop_token_ids(bot_task, image_size),
             max_new_tokens=max_new_tokens,
@@ -1029,13 +1158,46 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
             generator=[torch.Generator("cpu").manual_seed(seed)],
         )
 
-    def prepare_inputs_for_generation(self, input_ids, prefix_embeds=None, full_attn_slices=None, **kwargs):
-        return {"input_ids": input_ids, "prefix_embeds": prefix_embeds, "full_attn_slices": full_attn_slices}
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
+                                      prefix_embeds=None, full_attn_slices=None, **kwargs):
+        """The official split (M:2872-2910): the prompt's forward takes the whole prompt; a decode step takes
+        the ids at ``position_ids`` only (the token just sampled), with the cache and no mask."""
+        position_ids = kwargs.get("position_ids")
+        inputs = {"input_ids": input_ids, "prefix_embeds": prefix_embeds, "full_attn_slices": full_attn_slices}
+        if past_key_values is not None:
+            if position_ids is None:
+                raise ValueError("position_ids must be given with past_key_values")
+            if input_ids.shape[1] != position_ids.shape[1]:  # a decode step
+                inputs["input_ids"] = torch.gather(input_ids, 1, position_ids)
+        inputs.update(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
+                      rope_image_info=kwargs.get("rope_image_info"), mode=kwargs.get("mode", "gen_text"))
+        return inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False,
+                                            num_new_tokens=1):
+        """After each forward, as the official one (M:2912-2990, gen_text): the cache under the first name
+        transformers gives the outputs' cache; after the prompt's forward the next position (the official
+        ``real_pos``: no padding here, so the prompt's length), after a decode step ``position_ids + 1``; no
+        mask, no prompt embeddings. Only these keys go on to the next forward."""
+        from transformers.generation.utils import ALL_CACHE_NAMES
+
+        updated = {"mode": model_kwargs.get("mode", "gen_text"), "rope_image_info": model_kwargs.get("rope_image_info")}
+        for name in ALL_CACHE_NAMES:
+            if name in outputs:
+                updated["past_key_values" if name in ("past_buckets_states", "mems") else name] = outputs[name]
+                break
+        position_ids = model_kwargs["position_ids"]
+        if "prefix_embeds" in model_kwargs:  # after the prompt's forward
+            updated["position_ids"] = position_ids[:, -1:] + 1
+        else:
+            updated["position_ids"] = position_ids + 1
+        return updated
 
     @torch.no_grad()
     def generate(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None,
                  stage_transitions=None, final_stop_tokens=None, decode_text=False, **kwargs):
-        """gen_text: transformers' generate (sampling on the global RNG, one forward per new token), with
+        """gen_text: transformers' generate (sampling on the global RNG; the prompt's forward, then one forward
+        per new token with the KV cache that prepare_model_inputs built), with
         the caller's ``logits_processor`` / ``stopping_criteria`` and the stage transitions; gen_image: the
         diffusion pipeline (logits processors and stopping criteria do not apply)."""
         from transformers import LogitsProcessorList
@@ -1052,8 +1214,7 @@ class HunyuanImage3ForCausalMM(HunyuanImage3PreTrainedModel, GenerationMixin):
             processors.append(_StageTransitions(stage_transitions, kwargs["input_ids"].shape[0]))
             kwargs["eos_token_id"] = final_stop_tokens
         out = super().generate(inputs=inputs, generation_config=generation_config or self.generation_config,
-                               logits_processor=processors, stopping_criteria=stopping_criteria, use_cache=False,
-                               **kwargs)
+                               logits_processor=processors, stopping_criteria=stopping_criteria, **kwargs)
         if decode_text:
             return [self.tokenizer.decode(row[kwargs["input_ids"].shape[1]:]) for row in out]
         return out
